@@ -1,0 +1,80 @@
+"""Checkpoints: atomic writes, Distillery metadata, and loading a student alone.
+
+A Distillery checkpoint is a Lightning checkpoint whose ``state_dict`` holds the
+student (``student.*``), its input normalisation (``student_norm.*``) and any
+trainable part of the objective (``objective.*``), never the teacher. The extra
+entry ``checkpoint["distillery"]`` holds:
+
+* ``config``: the resolved run config (plain containers),
+* ``teacher``: the teacher's provenance (source, config, sha256) or ``None``,
+* ``params``: parameter counts of student and teacher.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+META_KEY = "distillery"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary file in the target directory, then renames it.
+
+    A crash or a serialisation error mid-write leaves the previous checkpoint (or
+    nothing) in place, never a truncated file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """Load a Distillery checkpoint on the CPU, with errors that name the config key."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: checkpoint not found: {p}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(f"{key}: {p} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if META_KEY not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{key}: {p} is not a Distillery checkpoint (no '{META_KEY}' entry)")
+    return ckpt
+
+
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
+    """The trained student of a run, without teacher or Lightning: a
+    ``Sequential(InputNorm, student)`` in eval mode that takes raw inputs."""
+    from hydra.utils import instantiate
+
+    from distillery.preprocess import InputNorm
+
+    ckpt = read_checkpoint(path, key)
+    config = ckpt[META_KEY]["config"]
+    student = instantiate(config["student"])
+    norm = InputNorm.from_config((config.get("data") or {}).get("input_norm"))
+    student.load_state_dict(sub_state_dict(ckpt["state_dict"], "student."))
+    norm.load_state_dict(sub_state_dict(ckpt["state_dict"], "student_norm."))
+    return nn.Sequential(norm, student).eval()

@@ -1,0 +1,176 @@
+"""Config checking and building.
+
+:func:`validate` runs before any model or data is loaded and reports every problem
+at once: missing values (``???``), interpolations that do not resolve, unknown
+arguments and values whose type does not fit the annotated signature of the
+``_target_`` they are passed to. :func:`build` instantiates one config node and
+prefixes any failure with the node's key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the offending key(s)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# Top-level keys of train.yaml with the types they must have.
+TOP_LEVEL_TYPES: dict[str, Any] = {
+    "task_name": str,
+    "seed": int | None,
+    "train": bool,
+    "test": bool,
+    "ckpt_path": str | None,
+}
+
+
+def _locate(target: str):
+    from hydra._internal.utils import _locate as hydra_locate
+
+    return hydra_locate(target)
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a config value fits a type annotation. Unknown annotations pass."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    if isinstance(annotation, str):
+        return True  # unresolved forward reference: cannot check
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    base = origin or annotation
+    if base in (list, tuple, Sequence, typing.Sequence) or base is getattr(typing, "List", None):
+        return isinstance(value, list | tuple | ListConfig)
+    if base in (dict, Mapping, typing.Mapping):
+        return isinstance(value, dict | DictConfig)
+    return True
+
+
+def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
+    target = node.get("_target_")
+    try:
+        fn = _locate(target)
+    except Exception as e:  # noqa: BLE001 - reported with the key
+        problems.append(f"{key}._target_: cannot import {target!r} ({e})")
+        return
+    try:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except (TypeError, ValueError, NameError):
+        return
+    params = sig.parameters
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for name in node:
+        if str(name).startswith("_"):
+            continue
+        if name not in params:
+            if not takes_kwargs:
+                problems.append(f"{key}.{name}: unexpected argument for {target} (accepts: {', '.join(params)})")
+            continue
+        if OmegaConf.is_missing(node, name):
+            continue
+        raw = node._get_node(name)
+        if isinstance(raw, DictConfig) and "_target_" in raw:
+            continue  # built by instantiate, checked on its own
+        value = node[name]
+        annotation = hints.get(name, params[name].annotation)
+        if not _fits(value, annotation):
+            shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            problems.append(f"{key}.{name}: expected {shown}, got {type(value).__name__} {value!r}")
+    if not node.get("_partial_", False):
+        for name, p in params.items():
+            if (p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and name not in node):
+                problems.append(f"{key}.{name}: required argument of {target} is not set")
+
+
+def _walk(node: Any, key: str, problems: list[str]) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node and not OmegaConf.is_missing(node, "_target_"):
+            _check_node(node, key, problems)
+        for name in node:
+            if OmegaConf.is_missing(node, name) or OmegaConf.is_interpolation(node, name):
+                continue
+            _walk(node._get_node(name), f"{key}.{name}" if key else str(name), problems)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if not OmegaConf.is_missing(node, i) and not OmegaConf.is_interpolation(node, i):
+                _walk(node._get_node(i), f"{key}[{i}]", problems)
+
+
+def validate(cfg: DictConfig, top_level: Mapping[str, Any] = TOP_LEVEL_TYPES) -> None:
+    """Raise one :class:`ConfigError` listing every problem found in ``cfg``."""
+    problems = [f"{k}: missing value (???)" for k in sorted(OmegaConf.missing_keys(cfg))]
+    # Interpolations that do not resolve (missing values inside them are reported above).
+    def resolve_all(node, key):
+        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+        for name, _ in items:
+            child_key = f"{key}.{name}" if key and isinstance(node, DictConfig) else (f"{key}[{name}]" if key else str(name))
+            if OmegaConf.is_missing(node, name):
+                continue
+            try:
+                child = node[name]
+            except Exception as e:  # noqa: BLE001
+                if "MissingMandatoryValue" not in type(e).__name__:
+                    problems.append(f"{child_key}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                continue
+            if isinstance(child, DictConfig | ListConfig):
+                resolve_all(child, child_key)
+    resolve_all(cfg, "")
+    for name, expected in top_level.items():
+        if name in cfg and not OmegaConf.is_missing(cfg, name):
+            try:
+                value = cfg[name]
+            except Exception:  # noqa: BLE001 - reported above
+                continue
+            if not _fits(value, expected):
+                problems.append(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    _walk(cfg, "", problems)
+    if problems:
+        raise ConfigError(sorted(set(problems), key=problems.index))
+
+
+def build(node: DictConfig | None, key: str, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` with failures re-raised as errors naming ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if node is None:
+        return None
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError([f"{key}: {type(cause).__name__}: {cause}"]) from cause
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError([f"{key}: {type(e).__name__}: {e}"]) from e
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

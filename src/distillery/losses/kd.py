@@ -1,0 +1,35 @@
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillery.objective import LossTerm, Outputs
+
+
+def kl_teacher_student(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """Per-sample KL(p_T || q_S) at a temperature, in float32: shape [B]."""
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    log_p = F.log_softmax(t, dim=-1)
+    log_q = F.log_softmax(s, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class HintonKD(LossTerm):
+    """Hinton et al. (2015) soft-target distillation.
+
+    loss_i = T^2 * KL(p_i || q_i) = T^2 * sum_c p_ic (log p_ic - log q_ic)
+
+    with p = softmax(teacher_logits / T) (the target) and q = softmax(student_logits / T).
+    The T^2 factor keeps the gradient scale independent of T. The objective averages
+    loss_i over samples (``batchmean``), labeled or not. Computed in float32.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, out: Outputs) -> Tensor:
+        return self.temperature**2 * kl_teacher_student(out.teacher, out.student, self.temperature)

@@ -1,0 +1,30 @@
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillery.objective import LossTerm, Outputs
+
+
+class CrossEntropy(LossTerm):
+    """Supervised task loss on labeled samples.
+
+    loss_i = -sum_c q_ic * log softmax(z_i)_c,  q_i = (1 - eps) * onehot(y_i) + eps / C
+
+    with ``eps = label_smoothing``. Unlabeled samples never reach this term.
+    Computed in float32 whatever the logits' dtype.
+    """
+
+    needs_labels = True
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, out: Outputs) -> Tensor:
+        return F.cross_entropy(
+            out.student.float(),
+            out.labels,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+        )

@@ -1,0 +1,160 @@
+"""The LightningModule: orchestrates teacher, student and objective.
+
+Batch flow (training): raw inputs -> teacher (no_grad, eval) and student ->
+:class:`~distillery.objective.Outputs` -> objective (named loss terms) -> total loss.
+The teacher is a submodule (it follows the device) but never enters the optimizer
+or the checkpoint: ``state_dict`` drops it and ``load_state_dict`` refills it from
+the live teacher, so a student checkpoint loads with or without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from distillery.checkpoint import META_KEY
+from distillery.data.batch import merge_sources
+from distillery.losses.kd import kl_teacher_student
+from distillery.objective import Objective, Outputs
+from distillery.preprocess import InputNorm
+from distillery.teacher import Teacher
+
+TEACHER_PREFIX = "teacher."
+
+
+class EvalMetrics(nn.Module):
+    """accuracy, nll, ece (15 bins) and, with a teacher, agreement and kl_to_teacher."""
+
+    def __init__(self, num_classes: int, with_teacher: bool):
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes, average="micro")
+        self.ece = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
+        self.nll = MeanMetric()
+        self.with_teacher = with_teacher
+        if with_teacher:
+            self.agreement = MeanMetric()
+            self.kl_to_teacher = MeanMetric()
+
+    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+        logits = logits.float()
+        self.acc.update(logits, labels)
+        self.ece.update(logits.softmax(-1), labels)
+        self.nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        if self.with_teacher:
+            self.agreement.update((logits.argmax(-1) == teacher.argmax(-1)).float())
+            self.kl_to_teacher.update(kl_teacher_student(teacher, logits, 1.0))
+
+    def items(self):
+        names = ["acc", "nll", "ece"] + (["agreement", "kl_to_teacher"] if self.with_teacher else [])
+        return [(n, getattr(self, n)) for n in names]
+
+
+class DistillationModule(L.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        num_classes: int,
+        teacher: Teacher | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        student_norm: InputNorm | None = None,
+        run_config: dict | None = None,
+    ):
+        super().__init__()
+        if objective.needs_teacher and teacher is None:
+            needing = [n for n, t in objective.terms.items() if t.needs_teacher]
+            raise ValueError(f"distill.terms {needing} need a teacher, but `teacher` is null")
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise TypeError(f"teacher: expected a distillery.teacher.Teacher, got {type(teacher).__name__}")
+        self.student = student
+        self.student_norm = student_norm if student_norm is not None else InputNorm()
+        self.teacher = teacher
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.run_config = run_config or {}
+        self.val_metrics = EvalMetrics(num_classes, teacher is not None)
+        self.test_metrics = EvalMetrics(num_classes, teacher is not None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(self.student_norm(x))
+
+    # --- steps -----------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        batch = merge_sources(batch)
+        x, labels = batch["inputs"], batch["labels"]
+        teacher_logits = self.teacher(x) if self.teacher is not None else None
+        n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
+        progress = batch_idx / n_batches if n_batches and n_batches != float("inf") else 0.0
+        out = Outputs(self(x), labels, teacher_logits, epoch=self.current_epoch + progress)
+        total, terms = self.objective(out)
+        bs = x.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            self.log(f"train/loss/{name}", value, batch_size=bs)
+        return total
+
+    def _eval_step(self, batch, metrics: EvalMetrics, stage: str) -> None:
+        x, labels = batch["inputs"], batch["labels"]
+        teacher_logits = self.teacher(x) if self.teacher is not None else None
+        metrics.update(self(x), labels, teacher_logits)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "acc", batch_size=x.shape[0])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    # --- optimisation ----------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and objective parameters; the teacher's are excluded by construction."""
+        params = list(self.student.parameters()) + list(self.objective.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # --- checkpoints: never the teacher ----------------------------------------
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "") + TEACHER_PREFIX
+        for k in [k for k in sd if k.startswith(prefix)]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        stray = [k for k in state_dict if k.startswith(TEACHER_PREFIX)]
+        if stray:
+            raise ValueError(f"checkpoint holds teacher weights ({stray[:3]}...); refusing to load them")
+        if self.teacher is not None:
+            state_dict = {**state_dict, **self.teacher.state_dict(prefix=TEACHER_PREFIX, keep_vars=True)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = {
+            "format": 1,
+            "config": self.run_config,
+            "teacher": None if self.teacher is None else dict(self.teacher.provenance),
+            "params": {
+                "student": count_params(self.student),
+                "teacher": None if self.teacher is None else count_params(self.teacher),
+            },
+        }
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

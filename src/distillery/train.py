@@ -1,0 +1,154 @@
+"""Train a student (with or without a teacher): ``python -m distillery.train experiment=...``.
+
+``teacher: null`` and a task-only objective train a plain model: that is how a
+teacher is trained and how the no-teacher baseline runs. Same code path for all three.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from distillery import resolvers
+from distillery.config import ConfigError, build, to_container, validate
+
+log = logging.getLogger(__name__)
+
+
+def build_teacher(cfg: DictConfig):
+    """The teacher from ``cfg.teacher`` with its config recorded in its provenance."""
+    from distillery.teacher import Teacher
+
+    teacher = build(cfg.get("teacher"), "teacher")
+    if teacher is None:
+        return None
+    if not isinstance(teacher, Teacher):
+        raise ConfigError([f"teacher: the teacher source must return a distillery.teacher.Teacher, got {type(teacher).__name__}"])
+    teacher.provenance["config"] = to_container(cfg.teacher)
+    return teacher
+
+
+def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
+    """Dry-run forward on a zero batch: student (and teacher) must give [B, num_classes]."""
+    import torch
+
+    x = torch.zeros(2, *input_shape)
+    student.eval()
+    problems = []
+    for key, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        try:
+            with torch.no_grad():
+                y = model(x)
+        except Exception as e:  # noqa: BLE001 - reported with the key
+            problems.append(f"{key}: forward on an input of shape {tuple(x.shape)} (data.input_shape) failed: {e}")
+            continue
+        if y.shape != (2, num_classes):
+            problems.append(f"{key}: outputs shape {tuple(y.shape[1:])} per sample, but data has {num_classes} classes")
+    student.train()
+    if problems:
+        raise ConfigError(problems)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, build, fit, test. Returns the final metrics (floats)."""
+    validate(cfg)
+    import lightning as L
+    from torch import nn
+
+    from distillery.checkpoint import AtomicCheckpointIO
+    from distillery.module import DistillationModule, count_params
+    from distillery.preprocess import InputNorm
+    from distillery.utils import build_list, finish_loggers, log_hyperparameters
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build(cfg.data, "data")
+    student = build(cfg.student, "student")
+    teacher = build_teacher(cfg)
+    objective = build(cfg.distill, "distill")
+    student_norm = InputNorm.from_config(cfg.data.get("input_norm"))
+    check_compatible(teacher, nn.Sequential(student_norm, student), datamodule.input_shape, datamodule.num_classes)
+
+    try:
+        module = DistillationModule(
+            student=student,
+            objective=objective,
+            optimizer=build(cfg.optimizer, "optimizer"),
+            scheduler=build(cfg.get("scheduler"), "scheduler"),
+            num_classes=datamodule.num_classes,
+            teacher=teacher,
+            student_norm=student_norm,
+            run_config=to_container(cfg),
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError([str(e)]) from e
+
+    callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    loggers = build_list(cfg.get("logger"), "logger")
+    strategy = cfg.trainer.get("strategy", "auto")
+    plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
+
+    log_hyperparameters(trainer, cfg, {
+        "params/student": count_params(student),
+        "params/teacher": count_params(teacher) if teacher is not None else None,
+        "params/compression": count_params(teacher) / count_params(student) if teacher is not None else None,
+    })
+
+    metrics: dict[str, Any] = {}
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            metrics.update(trainer.callback_metrics)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("test", True):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update(trainer.callback_metrics)
+        if cfg.get("export_ckpt") and trainer.is_global_zero:
+            src = best or (trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else "")
+            if not src:
+                raise RuntimeError("export_ckpt is set but the run saved no checkpoint (callbacks disabled?)")
+            export(Path(src), Path(cfg.export_ckpt))
+        metrics["best_ckpt"] = best
+    finally:
+        finish_loggers(loggers)
+    return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+def export(src: Path, dst: Path) -> None:
+    """Copy a checkpoint atomically (never a half-written file at ``dst``)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    log.info("exported %s -> %s", src, dst)
+
+
+@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from distillery.utils import apply_extras
+
+    apply_extras(cfg)
+    try:
+        metrics = train(cfg)
+    except ConfigError as e:
+        log.error(str(e))
+        raise
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return None
+    if name not in metrics:
+        raise ConfigError([f"optimized_metric: {name!r} was not logged (logged: {sorted(metrics)})"])
+    return metrics[name]
+
+
+if __name__ == "__main__":
+    main()

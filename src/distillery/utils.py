@@ -1,0 +1,62 @@
+"""Small helpers for the entry points: callbacks/loggers lists, hparams, extras."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distillery.config import build
+
+log = logging.getLogger(__name__)
+
+
+def build_list(node: DictConfig | None, key: str) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a group such as ``callbacks`` or ``logger``."""
+    if not node:
+        return []
+    return [build(v, f"{key}.{k}") for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def log_hyperparameters(trainer, cfg: DictConfig, extra: dict[str, Any]) -> None:
+    """Send the resolved config plus parameter counts to every logger."""
+    if not trainer.loggers:
+        return
+    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams.update({k: v for k, v in extra.items() if v is not None})
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
+
+
+def finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B runs so each job of a multirun gets its own run."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        print_config(cfg)
+
+
+def print_config(cfg: DictConfig) -> None:
+    """Print the config as a rich tree (unresolved, so ??? values show)."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("CONFIG")
+    for key in cfg:
+        node = cfg._get_node(key)
+        body = OmegaConf.to_yaml(node) if isinstance(node, DictConfig) else str(node._value())
+        tree.add(str(key)).add(rich.syntax.Syntax(body, "yaml"))
+    rich.print(tree)
