@@ -1,0 +1,77 @@
+"""The main job behind ``make distill``: teacher -> scratch baseline -> distilled
+student -> report card, in one process.
+
+1. teacher: reuses ``teacher_ckpt`` if it exists, else trains ``stages.teacher`` and
+   exports its best checkpoint there;
+2. baseline: the student with the task loss alone (``stages.baseline``);
+3. student: the student distilled from that teacher (``stages.student``);
+4. report: all three on the test split -> ``report.json``, ``report.md`` and a table.
+
+Each stage is a ``distillery.train`` run composed from ``conf/train.yaml`` with the
+stage's overrides, then ``overrides`` (shared by all stages), writing into
+``<output_dir>/<stage>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from distillery import resolvers
+from distillery.config import ConfigError, validate
+
+log = logging.getLogger(__name__)
+
+
+def stage_config(name: str, stage_overrides: list[str], cfg: DictConfig, out_dir: Path) -> DictConfig:
+    overrides = [*stage_overrides, *cfg.overrides, f"seed={cfg.seed}",
+                 f"paths.output_dir={out_dir / name}", "extras.print_config=false"]
+    try:
+        return compose(config_name="train", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - re-raised with the stage's key
+        raise ConfigError([f"stages.{name}: cannot compose {overrides}: {e}"]) from e
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    validate(cfg, top_level={})
+    from distillery.evaluate import evaluate
+    from distillery.train import train
+
+    out_dir = Path(cfg.output_dir)
+    teacher_ckpt = Path(cfg.teacher_ckpt)
+    ckpts: dict[str, str] = {}
+
+    if teacher_ckpt.is_file() and not cfg.retrain_teacher:
+        log.info("reusing teacher checkpoint %s", teacher_ckpt)
+    else:
+        log.info("no teacher checkpoint at %s: training the teacher", teacher_ckpt)
+        tcfg = stage_config("teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir)
+        train(tcfg)
+
+    for name in ("baseline", "student"):
+        extra = [f"teacher.ckpt_path={teacher_ckpt}"] if name == "student" else []
+        scfg = stage_config(name, [*cfg.stages[name], *extra], cfg, out_dir)
+        metrics = train(scfg)
+        if not metrics.get("best_ckpt"):
+            raise RuntimeError(f"stages.{name}: the run saved no checkpoint; the report needs one")
+        ckpts[name] = metrics["best_ckpt"]
+
+    ecfg = compose(config_name="evaluate", overrides=[
+        f"ckpt_path={ckpts['student']}", f"+compare.baseline={ckpts['baseline']}", f"output_dir={out_dir}",
+    ])
+    return evaluate(ecfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    run_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()
