@@ -98,7 +98,10 @@ def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
         raw = node._get_node(name)
         if isinstance(raw, DictConfig) and "_target_" in raw:
             continue  # built by instantiate, checked on its own
-        value = node[name]
+        try:
+            value = node[name]
+        except Exception:  # noqa: BLE001 - unresolvable interpolation, reported by validate()
+            continue
         annotation = hints.get(name, params[name].annotation)
         if not _fits(value, annotation):
             shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")

@@ -62,7 +62,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         ckpts[name] = metrics["best_ckpt"]
 
     ecfg = compose(config_name="evaluate", overrides=[
-        f"ckpt_path={ckpts['student']}", f"+compare.baseline={ckpts['baseline']}", f"output_dir={out_dir}",
+        f"ckpt_path={ckpts['student']}", f"+compare.baseline={ckpts['baseline']}", f"paths.output_dir={out_dir}",
     ])
     return evaluate(ecfg)
 

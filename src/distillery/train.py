@@ -56,8 +56,8 @@ def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
         raise ConfigError(problems)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, build, fit, test. Returns the final metrics (floats)."""
+def build_run(cfg: DictConfig):
+    """Validate the config, then build (datamodule, module, trainer, loggers)."""
     validate(cfg)
     import lightning as L
     from torch import nn
@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from distillery.checkpoint import AtomicCheckpointIO
     from distillery.module import DistillationModule, count_params
     from distillery.preprocess import InputNorm
-    from distillery.utils import build_list, finish_loggers, log_hyperparameters
+    from distillery.utils import build_list, log_hyperparameters
 
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -76,7 +76,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     objective = build(cfg.distill, "distill")
     student_norm = InputNorm.from_config(cfg.data.get("input_norm"))
     check_compatible(teacher, nn.Sequential(student_norm, student), datamodule.input_shape, datamodule.num_classes)
-
     try:
         module = DistillationModule(
             student=student,
@@ -96,24 +95,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
-
     log_hyperparameters(trainer, cfg, {
         "params/student": count_params(student),
         "params/teacher": count_params(teacher) if teacher is not None else None,
         "params/compression": count_params(teacher) / count_params(student) if teacher is not None else None,
     })
+    return datamodule, module, trainer, loggers
 
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
+    Returns the final metrics as floats plus ``best_ckpt``."""
+    from distillery.utils import finish_loggers
+
+    datamodule, module, trainer, loggers = build_run(cfg)
     metrics: dict[str, Any] = {}
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             metrics.update(trainer.callback_metrics)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        callback = trainer.checkpoint_callback
+        best = callback.best_model_path if callback else ""
         if cfg.get("test", True):
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(trainer.callback_metrics)
         if cfg.get("export_ckpt") and trainer.is_global_zero:
-            src = best or (trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else "")
+            src = best or (callback.last_model_path if callback else "")
             if not src:
                 raise RuntimeError("export_ckpt is set but the run saved no checkpoint (callbacks disabled?)")
             export(Path(src), Path(cfg.export_ckpt))

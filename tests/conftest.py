@@ -1,0 +1,88 @@
+import os
+
+# Nothing may be downloaded in tests (the Makefile exports these too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["WANDB_MODE"] = os.environ.get("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from distillery.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+
+SMALL_MNIST1D = ["data.num_samples=1000", "data.val_size=200"]
+
+
+def compose_cfg(config_name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One generated-data cache for the whole session."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def train_cfg(tmp_path, data_dir):
+    """compose conf/train.yaml with outputs under tmp_path and quiet extras."""
+
+    def make(*overrides: str, out: Path | None = None):
+        out = out or tmp_path / "run"
+        return compose_cfg("train", [
+            *overrides,
+            f"paths.output_dir={out}",
+            f"paths.data_dir={data_dir}",
+            f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+            "extras.print_config=false",
+        ])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mnist1d_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
+    """A small trained MNIST-1D CNN teacher checkpoint (a real Distillery run)."""
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("mnist1d_teacher")
+    ckpt = out / "teacher.ckpt"
+    cfg = compose_cfg("train", [
+        "experiment=mnist1d_teacher", *SMALL_MNIST1D, "trainer.max_epochs=2", "logger=csv",
+        f"paths.output_dir={out}", f"paths.data_dir={data_dir}", f"export_ckpt={ckpt}",
+        "extras.print_config=false",
+    ])
+    train(cfg)
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("digits_teacher")
+    ckpt = out / "teacher.ckpt"
+    cfg = compose_cfg("train", [
+        "experiment=digits_teacher", "trainer.max_epochs=2", f"paths.output_dir={out}",
+        f"paths.data_dir={data_dir}", f"export_ckpt={ckpt}", "extras.print_config=false",
+    ])
+    train(cfg)
+    return ckpt
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+__all__ = ["PROJECT_ROOT", "SMALL_MNIST1D", "compose_cfg"]

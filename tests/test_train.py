@@ -1,0 +1,225 @@
+"""End-to-end training runs in-process: teacher invariants, every experiment under
+debug=fdr, resume, W&B offline, bad input, and the `make distill` pipeline."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import SMALL_MNIST1D, compose_cfg
+from distillery.checkpoint import META_KEY, load_student, read_checkpoint
+from distillery.config import ConfigError
+from distillery.module import DistillationModule
+from distillery.train import build_run, train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+LIMIT = ["trainer.max_epochs=1", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
+         "+trainer.limit_test_batches=2"]
+
+
+def kd_cfg(train_cfg, ckpt, *extra):
+    return train_cfg("experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400",
+                     f"teacher.ckpt_path={ckpt}", *extra)
+
+
+def test_teacher_invariants_after_real_training(train_cfg, mnist1d_teacher_ckpt, tmp_path):
+    cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, *LIMIT)
+    datamodule, module, trainer, _ = build_run(cfg)
+    teacher = module.teacher
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in teacher.modules())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    trainer.fit(module, datamodule=datamodule)
+
+    after = teacher.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:  # parameters and BatchNorm buffers, byte for byte
+        assert torch.equal(before[k], after[k]), k
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    opt_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert opt_ids and not (opt_ids & teacher_ids)
+    assert opt_ids == {id(p) for p in module.student.parameters()}
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    trainer.validate(module, datamodule=datamodule)
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+
+    ckpt_path = Path(trainer.checkpoint_callback.last_model_path)
+    ckpt = read_checkpoint(ckpt_path)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher")]
+    assert any(k.startswith("student.") for k in ckpt["state_dict"])
+    meta = ckpt[META_KEY]
+    assert meta["teacher"]["sha256"] == teacher.provenance["sha256"]
+    assert meta["teacher"]["config"]["ckpt_path"] == str(mnist1d_teacher_ckpt)
+    assert meta["config"]["student"]["_target_"] == "distillery.models.MLP"
+    assert meta["params"]["teacher"] > meta["params"]["student"] > 0
+
+    # The student loads without the teacher, alone or inside a teacher-less module.
+    x = datamodule.test_set.inputs[:8]
+    student = load_student(ckpt_path)
+    module.eval()
+    torch.testing.assert_close(student(x), module(x))
+
+
+def test_student_checkpoint_loads_strictly_with_and_without_teacher(train_cfg, mnist1d_teacher_ckpt):
+    cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, *LIMIT)
+    datamodule, module, trainer, _ = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    state = read_checkpoint(trainer.checkpoint_callback.last_model_path)["state_dict"]
+    module.load_state_dict(state)  # strict, teacher refilled from the live teacher
+    from distillery.losses import CrossEntropy
+    from distillery.models import MLP
+    from distillery.objective import Objective
+
+    bare = DistillationModule(MLP(), Objective({"task": CrossEntropy(), "kd": CrossEntropy()}),
+                              optimizer=torch.optim.SGD, num_classes=10)
+    bare.load_state_dict(state)  # strict, no teacher at all
+    with pytest.raises(ValueError, match="teacher weights"):
+        bare.load_state_dict({**state, "teacher.model.0.mean": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_debug_fdr_runs_every_experiment(name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, tmp_path):
+    extra = {
+        "mnist1d_teacher": SMALL_MNIST1D,
+        "mnist1d_baseline": SMALL_MNIST1D,
+        "mnist1d_kd": [*SMALL_MNIST1D, "data.transfer_size=300", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"],
+        "mnist1d_dkd": [*SMALL_MNIST1D, "data.transfer_size=300", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"],
+        "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
+    }.get(name, [])
+    if name.startswith("cifar100"):
+        # The real CIFAR-100 files cannot be downloaded here: same experiment, a tiny
+        # 100-class image folder in CIFAR's format, and a RepDistiller-style teacher file.
+        from test_data import make_image_folder
+
+        from distillery.models import resnet32x4
+
+        make_image_folder(tmp_path / "imgs", classes=100, per_class=1, size=32)
+        torch.save({"model": resnet32x4(num_classes=100).state_dict()}, tmp_path / "resnet32x4.pth")
+        extra = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=100",
+                 "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
+                 "trainer.accelerator=cpu", "trainer.precision=32-true", f"teacher.path={tmp_path / 'resnet32x4.pth'}"]
+    cfg = train_cfg(f"experiment={name}", "debug=fdr", *extra)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_resume_from_last_ckpt(train_cfg, tmp_path):
+    first = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=1", out=tmp_path / "a")
+    train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    steps_one_epoch = read_checkpoint(last)["global_step"]
+    assert steps_one_epoch > 0
+    second = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=2",
+                       f"ckpt_path={last}", out=tmp_path / "b")
+    train(second)
+    resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * steps_one_epoch
+    # The resolved config is stored in the checkpoint.
+    assert resumed[META_KEY]["config"]["trainer"]["max_epochs"] == 2
+
+
+def test_wandb_offline_run_writes_its_files(train_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, *LIMIT, "logger=wandb")
+    train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None  # finished, so the next multirun job gets its own run
+
+
+def test_hyperparameters_include_param_counts(train_cfg, mnist1d_teacher_ckpt, tmp_path):
+    cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, *LIMIT)
+    train(cfg)
+    hparams = (tmp_path / "run" / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert "params/student: 15210" in hparams and "params/compression:" in hparams
+
+
+def test_bad_teacher_path_names_the_key_and_writes_nothing(train_cfg, tmp_path):
+    cfg = kd_cfg(train_cfg, tmp_path / "nope.ckpt")
+    with pytest.raises(ConfigError, match="teacher.*ckpt_path"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_model_name_names_the_key(train_cfg):
+    cfg = train_cfg("experiment=mnist1d_baseline", "student=timm", "student.model_name=no_such_net")
+    with pytest.raises(ConfigError, match="student"):
+        train(cfg)
+
+
+def test_teacher_student_shape_mismatch_is_reported(train_cfg, mnist1d_teacher_ckpt):
+    cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, "student.num_classes=7")
+    with pytest.raises(ConfigError, match=r"student: outputs shape \(7,\)"):
+        build_run(cfg)
+    cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, "student.input_dim=64")
+    with pytest.raises(ConfigError, match="student: forward on an input of shape"):
+        build_run(cfg)
+
+
+def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from distillery.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"a": torch.zeros(3)}, target)
+    good = target.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"a": torch.ones(3)}, target)
+    assert target.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_overfit_debug_drives_the_loss_down(train_cfg):
+    cfg = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "debug=overfit", "trainer.max_epochs=150",
+                    "optimizer.lr=0.01", "scheduler=null",
+                    "callbacks=none", "test=false")
+    with open_dict(cfg):
+        cfg.trainer.overfit_batches = 1
+    datamodule, module, trainer, _ = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert float(trainer.callback_metrics["train/loss"]) < 0.3
+
+
+def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from distillery.pipeline import run_pipeline
+    from distillery.resolvers import CONFIG_DIR
+
+    shrink = [*SMALL_MNIST1D, "trainer.max_epochs=2", f"paths.data_dir={data_dir}"]
+    teacher_ckpt = tmp_path / "artifacts" / "teacher.ckpt"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        overrides = [f"teacher_ckpt={teacher_ckpt}", f"paths.output_dir={tmp_path / 'out'}",
+                     "overrides=[" + ",".join(f"'{o}'" for o in shrink) + "]",
+                     "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']"]
+        cfg = compose(config_name="pipeline", overrides=overrides)
+        report = run_pipeline(cfg)
+        assert teacher_ckpt.is_file()
+        stamp = teacher_ckpt.stat().st_mtime_ns
+        cfg2 = compose(config_name="pipeline", overrides=[*overrides[:1], f"paths.output_dir={tmp_path / 'out2'}", *overrides[2:]])
+        run_pipeline(cfg2)
+        assert teacher_ckpt.stat().st_mtime_ns == stamp  # reused, not retrained
+        assert not (tmp_path / "out2" / "teacher").exists()
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(saved["models"]) == {"teacher", "student", "baseline"}
+    keys = {"accuracy", "nll", "ece", "agreement", "kl_to_teacher", "params", "size_mb", "latency_ms", "throughput"}
+    for row in saved["models"].values():
+        assert set(row) == keys
+    assert saved["models"]["teacher"]["agreement"] == 1.0
+    assert (tmp_path / "out" / "report.md").read_text().count("|") > 20
+    assert report["models"]["student"]["params"] == saved["models"]["baseline"]["params"]
