@@ -35,13 +35,16 @@ def train_cfg(tmp_path, data_dir):
 
     def make(*overrides: str, out: Path | None = None):
         out = out or tmp_path / "run"
-        return compose_cfg("train", [
-            *overrides,
-            f"paths.output_dir={out}",
-            f"paths.data_dir={data_dir}",
-            f"paths.artifacts_dir={tmp_path / 'artifacts'}",
-            "extras.print_config=false",
-        ])
+        return compose_cfg(
+            "train",
+            [
+                *overrides,
+                f"paths.output_dir={out}",
+                f"paths.data_dir={data_dir}",
+                f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+                "extras.print_config=false",
+            ],
+        )
 
     return make
 
@@ -53,11 +56,19 @@ def mnist1d_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
 
     out = tmp_path_factory.mktemp("mnist1d_teacher")
     ckpt = out / "teacher.ckpt"
-    cfg = compose_cfg("train", [
-        "experiment=mnist1d_teacher", *SMALL_MNIST1D, "trainer.max_epochs=2", "logger=csv",
-        f"paths.output_dir={out}", f"paths.data_dir={data_dir}", f"export_ckpt={ckpt}",
-        "extras.print_config=false",
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            "experiment=mnist1d_teacher",
+            *SMALL_MNIST1D,
+            "trainer.max_epochs=2",
+            "logger=csv",
+            f"paths.output_dir={out}",
+            f"paths.data_dir={data_dir}",
+            f"export_ckpt={ckpt}",
+            "extras.print_config=false",
+        ],
+    )
     train(cfg)
     return ckpt
 
@@ -68,10 +79,17 @@ def digits_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
 
     out = tmp_path_factory.mktemp("digits_teacher")
     ckpt = out / "teacher.ckpt"
-    cfg = compose_cfg("train", [
-        "experiment=digits_teacher", "trainer.max_epochs=2", f"paths.output_dir={out}",
-        f"paths.data_dir={data_dir}", f"export_ckpt={ckpt}", "extras.print_config=false",
-    ])
+    cfg = compose_cfg(
+        "train",
+        [
+            "experiment=digits_teacher",
+            "trainer.max_epochs=2",
+            f"paths.output_dir={out}",
+            f"paths.data_dir={data_dir}",
+            f"export_ckpt={ckpt}",
+            "extras.print_config=false",
+        ],
+    )
     train(cfg)
     return ckpt
 

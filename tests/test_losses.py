@@ -12,6 +12,7 @@ from distillery.objective import UNLABELED, Objective, Outputs
 
 def hand_kd(t_logits, s_logits, T):
     """Plain-python KL(p_T || q_S) * T^2 for one sample."""
+
     def softmax(z):
         e = [math.exp(v / T) for v in z]
         return [v / sum(e) for v in e]
@@ -55,7 +56,9 @@ def test_kd_is_computed_in_float32_for_bf16_logits():
     t, s = torch.randn(4, 50).bfloat16(), torch.randn(4, 50).bfloat16()
     got = HintonKD(2.0)(Outputs(student=s, labels=torch.zeros(4).long(), teacher=t))
     assert got.dtype == torch.float32
-    want = torch.tensor([hand_kd(t[i].float().tolist(), s[i].float().tolist(), 2.0) for i in range(4)])
+    want = torch.tensor(
+        [hand_kd(t[i].float().tolist(), s[i].float().tolist(), 2.0) for i in range(4)]
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -79,12 +82,15 @@ def test_label_smoothing_matches_torch():
 
 def naive_dkd(t, s, target, alpha, beta, T):
     """DKD per the paper's definitions, one sample, plain python."""
+
     def softmax(z):
         e = [math.exp(v / T) for v in z]
         return [v / sum(e) for v in e]
 
     def kl(p, q):
-        return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True) if pi > 0)
+        return sum(
+            pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True) if pi > 0
+        )
 
     p, q = softmax(t), softmax(s)
     tckd = kl([p[target], 1 - p[target]], [q[target], 1 - q[target]])
@@ -101,7 +107,9 @@ def test_dkd_matches_its_formula():
     term = DKD(alpha=1.0, beta=8.0, temperature=4.0)
     got = term(Outputs(s, y, t))
     targets = [0, 3, 5, 2, int(t[4].argmax())]  # unlabeled: teacher's top-1 class
-    want = torch.tensor([naive_dkd(t[i].tolist(), s[i].tolist(), targets[i], 1.0, 8.0, 4.0) for i in range(5)])
+    want = torch.tensor(
+        [naive_dkd(t[i].tolist(), s[i].tolist(), targets[i], 1.0, 8.0, 4.0) for i in range(5)]
+    )
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -57,7 +57,9 @@ def test_from_state_dict_with_key_and_prefix(tmp_path):
     src = resnet8x4(num_classes=10)
     path = tmp_path / "t.pth"
     torch.save({"model": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
-    teacher = from_state_dict(resnet8x4(num_classes=10), str(path), key="model", strip_prefix="module.")
+    teacher = from_state_dict(
+        resnet8x4(num_classes=10), str(path), key="model", strip_prefix="module."
+    )
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(teacher(x), src.eval()(x))
     assert teacher.provenance["source"] == "state_dict"
@@ -80,8 +82,12 @@ def test_from_timm_with_checkpoint_file(tmp_path):
     src = timm.create_model("test_resnet", pretrained=False, num_classes=5)
     path = tmp_path / "timm.pth"
     torch.save(src.state_dict(), path)
-    teacher = from_timm("test_resnet", checkpoint_path=str(path), num_classes=5,
-                        input_norm={"mean": [0.5] * 3, "std": [0.25] * 3})
+    teacher = from_timm(
+        "test_resnet",
+        checkpoint_path=str(path),
+        num_classes=5,
+        input_norm={"mean": [0.5] * 3, "std": [0.25] * 3},
+    )
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(teacher(x), src.eval()((x - 0.5) / 0.25))
     with pytest.raises(ValueError, match="teacher.model_name"):

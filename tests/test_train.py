@@ -7,20 +7,31 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import SMALL_MNIST1D, compose_cfg
+from conftest import SMALL_MNIST1D
 from distillery.checkpoint import META_KEY, load_student, read_checkpoint
 from distillery.config import ConfigError
 from distillery.module import DistillationModule
 from distillery.train import build_run, train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
-LIMIT = ["trainer.max_epochs=1", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=2",
-         "+trainer.limit_test_batches=2"]
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
+)
+LIMIT = [
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=4",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+]
 
 
 def kd_cfg(train_cfg, ckpt, *extra):
-    return train_cfg("experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400",
-                     f"teacher.ckpt_path={ckpt}", *extra)
+    return train_cfg(
+        "experiment=mnist1d_kd",
+        *SMALL_MNIST1D,
+        "data.transfer_size=400",
+        f"teacher.ckpt_path={ckpt}",
+        *extra,
+    )
 
 
 def test_teacher_invariants_after_real_training(train_cfg, mnist1d_teacher_ckpt, tmp_path):
@@ -61,7 +72,9 @@ def test_teacher_invariants_after_real_training(train_cfg, mnist1d_teacher_ckpt,
     torch.testing.assert_close(student(x), module(x))
 
 
-def test_student_checkpoint_loads_strictly_with_and_without_teacher(train_cfg, mnist1d_teacher_ckpt):
+def test_student_checkpoint_loads_strictly_with_and_without_teacher(
+    train_cfg, mnist1d_teacher_ckpt
+):
     cfg = kd_cfg(train_cfg, mnist1d_teacher_ckpt, *LIMIT)
     datamodule, module, trainer, _ = build_run(cfg)
     trainer.fit(module, datamodule=datamodule)
@@ -71,34 +84,55 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(train_cfg, m
     from distillery.models import MLP
     from distillery.objective import Objective
 
-    bare = DistillationModule(MLP(), Objective({"task": CrossEntropy(), "kd": CrossEntropy()}),
-                              optimizer=torch.optim.SGD, num_classes=10)
+    bare = DistillationModule(
+        MLP(),
+        Objective({"task": CrossEntropy(), "kd": CrossEntropy()}),
+        optimizer=torch.optim.SGD,
+        num_classes=10,
+    )
     bare.load_state_dict(state)  # strict, no teacher at all
     with pytest.raises(ValueError, match="teacher weights"):
         bare.load_state_dict({**state, "teacher.model.0.mean": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_debug_fdr_runs_every_experiment(name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, tmp_path):
+def test_debug_fdr_runs_every_experiment(
+    name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, tmp_path
+):
     extra = {
         "mnist1d_teacher": SMALL_MNIST1D,
         "mnist1d_baseline": SMALL_MNIST1D,
-        "mnist1d_kd": [*SMALL_MNIST1D, "data.transfer_size=300", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"],
-        "mnist1d_dkd": [*SMALL_MNIST1D, "data.transfer_size=300", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"],
+        "mnist1d_kd": [
+            *SMALL_MNIST1D,
+            "data.transfer_size=300",
+            f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        ],
+        "mnist1d_dkd": [
+            *SMALL_MNIST1D,
+            "data.transfer_size=300",
+            f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        ],
         "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
     }.get(name, [])
     if name.startswith("cifar100"):
         # The real CIFAR-100 files cannot be downloaded here: same experiment, a tiny
         # 100-class image folder in CIFAR's format, and a RepDistiller-style teacher file.
-        from test_data import make_image_folder
-
         from distillery.models import resnet32x4
+        from test_data import make_image_folder
 
         make_image_folder(tmp_path / "imgs", classes=100, per_class=1, size=32)
         torch.save({"model": resnet32x4(num_classes=100).state_dict()}, tmp_path / "resnet32x4.pth")
-        extra = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=100",
-                 "data.image_size=32", "data.num_workers=0", "data.batch_size=4",
-                 "trainer.accelerator=cpu", "trainer.precision=32-true", f"teacher.path={tmp_path / 'resnet32x4.pth'}"]
+        extra = [
+            "data=imagefolder",
+            f"data.root={tmp_path / 'imgs'}",
+            "data.num_classes=100",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            f"teacher.path={tmp_path / 'resnet32x4.pth'}",
+        ]
     cfg = train_cfg(f"experiment={name}", "debug=fdr", *extra)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -106,13 +140,20 @@ def test_debug_fdr_runs_every_experiment(name, train_cfg, mnist1d_teacher_ckpt, 
 
 
 def test_resume_from_last_ckpt(train_cfg, tmp_path):
-    first = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=1", out=tmp_path / "a")
+    first = train_cfg(
+        "experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=1", out=tmp_path / "a"
+    )
     train(first)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     steps_one_epoch = read_checkpoint(last)["global_step"]
     assert steps_one_epoch > 0
-    second = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=2",
-                       f"ckpt_path={last}", out=tmp_path / "b")
+    second = train_cfg(
+        "experiment=mnist1d_baseline",
+        *SMALL_MNIST1D,
+        "trainer.max_epochs=2",
+        f"ckpt_path={last}",
+        out=tmp_path / "b",
+    )
     train(second)
     resumed = read_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * steps_one_epoch
@@ -181,9 +222,16 @@ def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_overfit_debug_drives_the_loss_down(train_cfg):
-    cfg = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "debug=overfit", "trainer.max_epochs=150",
-                    "optimizer.lr=0.01", "scheduler=null",
-                    "callbacks=none", "test=false")
+    cfg = train_cfg(
+        "experiment=mnist1d_baseline",
+        *SMALL_MNIST1D,
+        "debug=overfit",
+        "trainer.max_epochs=150",
+        "optimizer.lr=0.01",
+        "scheduler=null",
+        "callbacks=none",
+        "test=false",
+    )
     with open_dict(cfg):
         cfg.trainer.overfit_batches = 1
     datamodule, module, trainer, _ = build_run(cfg)
@@ -204,20 +252,36 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     teacher_ckpt = tmp_path / "artifacts" / "teacher.ckpt"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        overrides = [f"teacher_ckpt={teacher_ckpt}", f"paths.output_dir={tmp_path / 'out'}",
-                     "overrides=[" + ",".join(f"'{o}'" for o in shrink) + "]",
-                     "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']"]
+        overrides = [
+            f"teacher_ckpt={teacher_ckpt}",
+            f"paths.output_dir={tmp_path / 'out'}",
+            "overrides=[" + ",".join(f"'{o}'" for o in shrink) + "]",
+            "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']",
+        ]
         cfg = compose(config_name="pipeline", overrides=overrides)
         report = run_pipeline(cfg)
         assert teacher_ckpt.is_file()
         stamp = teacher_ckpt.stat().st_mtime_ns
-        cfg2 = compose(config_name="pipeline", overrides=[*overrides[:1], f"paths.output_dir={tmp_path / 'out2'}", *overrides[2:]])
+        cfg2 = compose(
+            config_name="pipeline",
+            overrides=[*overrides[:1], f"paths.output_dir={tmp_path / 'out2'}", *overrides[2:]],
+        )
         run_pipeline(cfg2)
         assert teacher_ckpt.stat().st_mtime_ns == stamp  # reused, not retrained
         assert not (tmp_path / "out2" / "teacher").exists()
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(saved["models"]) == {"teacher", "student", "baseline"}
-    keys = {"accuracy", "nll", "ece", "agreement", "kl_to_teacher", "params", "size_mb", "latency_ms", "throughput"}
+    keys = {
+        "accuracy",
+        "nll",
+        "ece",
+        "agreement",
+        "kl_to_teacher",
+        "params",
+        "size_mb",
+        "latency_ms",
+        "throughput",
+    }
     for row in saved["models"].values():
         assert set(row) == keys
     assert saved["models"]["teacher"]["agreement"] == 1.0

@@ -54,7 +54,9 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise ValueError(f"{key}: {p} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{key}: {p} is not a readable checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if META_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{key}: {p} is not a Distillery checkpoint (no '{META_KEY}' entry)")
     return ckpt

@@ -72,6 +72,35 @@ def _fits(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _signature(fn) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Parameters and type hints of a callable; for a class whose ``__init__`` passes
+    ``**kwargs`` up, the parents' parameters too (as far as they pass them on)."""
+    if not inspect.isclass(fn):
+        params = dict(inspect.signature(fn).parameters)
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return params, typing.get_type_hints(fn), takes_kwargs
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for klass in fn.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return params, hints, False
+        own = dict(inspect.signature(init).parameters)
+        own.pop("self", None)
+        for name, p in own.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(name, p)
+        for name, h in typing.get_type_hints(init).items():
+            hints.setdefault(name, h)
+        if not any(p.kind is p.VAR_KEYWORD for p in own.values()):
+            return params, hints, False
+        if klass.__module__.split(".")[0] not in ("distillery",):
+            return params, hints, True  # third-party kwargs: cannot follow safely
+    return params, hints, True
+
+
 def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
     target = node.get("_target_")
     try:
@@ -80,18 +109,17 @@ def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
         problems.append(f"{key}._target_: cannot import {target!r} ({e})")
         return
     try:
-        sig = inspect.signature(fn)
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+        params, hints, takes_kwargs = _signature(fn)
     except (TypeError, ValueError, NameError):
         return
-    params = sig.parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for name in node:
         if str(name).startswith("_"):
             continue
         if name not in params:
             if not takes_kwargs:
-                problems.append(f"{key}.{name}: unexpected argument for {target} (accepts: {', '.join(params)})")
+                problems.append(
+                    f"{key}.{name}: unexpected argument for {target} (accepts: {', '.join(params)})"
+                )
             continue
         if OmegaConf.is_missing(node, name):
             continue
@@ -104,12 +132,19 @@ def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
             continue
         annotation = hints.get(name, params[name].annotation)
         if not _fits(value, annotation):
-            shown = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            shown = (
+                annotation.__name__
+                if isinstance(annotation, type)
+                else str(annotation).replace("typing.", "")
+            )
             problems.append(f"{key}.{name}: expected {shown}, got {type(value).__name__} {value!r}")
     if not node.get("_partial_", False):
         for name, p in params.items():
-            if (p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                    and name not in node):
+            if (
+                p.default is p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and name not in node
+            ):
                 problems.append(f"{key}.{name}: required argument of {target} is not set")
 
 
@@ -129,22 +164,32 @@ def _walk(node: Any, key: str, problems: list[str]) -> None:
 
 def validate(cfg: DictConfig, top_level: Mapping[str, Any] = TOP_LEVEL_TYPES) -> None:
     """Raise one :class:`ConfigError` listing every problem found in ``cfg``."""
-    problems = [f"{k}: missing value (???)" for k in sorted(OmegaConf.missing_keys(cfg))]
-    # Interpolations that do not resolve (missing values inside them are reported above).
+    problems: list[str] = []
+
     def resolve_all(node, key):
-        items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
-        for name, _ in items:
-            child_key = f"{key}.{name}" if key and isinstance(node, DictConfig) else (f"{key}[{name}]" if key else str(name))
+        """Missing values (???) and interpolations that do not resolve."""
+        names = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        for name in names:
+            child_key = (
+                (f"{key}.{name}" if key else str(name))
+                if isinstance(node, DictConfig)
+                else f"{key}[{name}]"
+            )
             if OmegaConf.is_missing(node, name):
+                problems.append(f"{child_key}: missing value (???)")
                 continue
             try:
                 child = node[name]
-            except Exception as e:  # noqa: BLE001
-                if "MissingMandatoryValue" not in type(e).__name__:
-                    problems.append(f"{child_key}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            except Exception as e:  # noqa: BLE001 - collected, reported together
+                cause = str(e).splitlines()[0]
+                if "MissingMandatoryValue" in type(e).__name__ or "Missing" in cause:
+                    problems.append(f"{child_key}: interpolates a missing value ({cause})")
+                else:
+                    problems.append(f"{child_key}: {type(e).__name__}: {cause}")
                 continue
             if isinstance(child, DictConfig | ListConfig):
                 resolve_all(child, child_key)
+
     resolve_all(cfg, "")
     for name, expected in top_level.items():
         if name in cfg and not OmegaConf.is_missing(cfg, name):
@@ -153,7 +198,9 @@ def validate(cfg: DictConfig, top_level: Mapping[str, Any] = TOP_LEVEL_TYPES) ->
             except Exception:  # noqa: BLE001 - reported above
                 continue
             if not _fits(value, expected):
-                problems.append(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+                problems.append(
+                    f"{name}: expected {expected}, got {type(value).__name__} {value!r}"
+                )
     _walk(cfg, "", problems)
     if problems:
         raise ConfigError(sorted(set(problems), key=problems.index))

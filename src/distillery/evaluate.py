@@ -9,7 +9,6 @@ overridden (``teacher=...``, ``data=...``). ``compare`` adds more students, e.g.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -59,9 +58,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data if cfg.get("data") is not None else run_cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
-    report = build_report(models, "teacher" if teacher is not None else None, datamodule.test_dataloader(),
-                          latency=cfg.get("latency"), throughput_cfg=cfg.get("throughput"))
-    report["checkpoints"] = {"student": str(cfg.ckpt_path), **{str(k): str(v) for k, v in (cfg.get("compare") or {}).items()}}
+    report = build_report(
+        models,
+        "teacher" if teacher is not None else None,
+        datamodule.test_dataloader(),
+        latency=cfg.get("latency"),
+        throughput_cfg=cfg.get("throughput"),
+    )
+    report["checkpoints"] = {
+        "student": str(cfg.ckpt_path),
+        **{str(k): str(v) for k, v in (cfg.get("compare") or {}).items()},
+    }
     report["teacher"] = ckpt[META_KEY].get("teacher")
     js, md = write_report(report, cfg.output_dir)
     print_table(report)

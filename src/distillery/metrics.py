@@ -27,7 +27,9 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15)
     return float(ece)
 
 
-def classification_metrics(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> dict[str, float]:
+def classification_metrics(
+    logits: Tensor, labels: Tensor, teacher_logits: Tensor | None
+) -> dict[str, float]:
     """accuracy, nll, ece and (against a teacher) agreement and kl_to_teacher."""
     logits = logits.float()
     out = {

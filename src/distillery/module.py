@@ -52,7 +52,9 @@ class EvalMetrics(nn.Module):
             self.kl_to_teacher.update(kl_teacher_student(teacher, logits, 1.0))
 
     def items(self):
-        names = ["acc", "nll", "ece"] + (["agreement", "kl_to_teacher"] if self.with_teacher else [])
+        names = ["acc", "nll", "ece"] + (
+            ["agreement", "kl_to_teacher"] if self.with_teacher else []
+        )
         return [(n, getattr(self, n)) for n in names]
 
 
@@ -73,7 +75,9 @@ class DistillationModule(L.LightningModule):
             needing = [n for n, t in objective.terms.items() if t.needs_teacher]
             raise ValueError(f"distill.terms {needing} need a teacher, but `teacher` is null")
         if teacher is not None and not isinstance(teacher, Teacher):
-            raise TypeError(f"teacher: expected a distillery.teacher.Teacher, got {type(teacher).__name__}")
+            raise TypeError(
+                f"teacher: expected a distillery.teacher.Teacher, got {type(teacher).__name__}"
+            )
         self.student = student
         self.student_norm = student_norm if student_norm is not None else InputNorm()
         self.teacher = teacher
@@ -126,7 +130,10 @@ class DistillationModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # --- checkpoints: never the teacher ----------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -139,9 +146,14 @@ class DistillationModule(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         stray = [k for k in state_dict if k.startswith(TEACHER_PREFIX)]
         if stray:
-            raise ValueError(f"checkpoint holds teacher weights ({stray[:3]}...); refusing to load them")
+            raise ValueError(
+                f"checkpoint holds teacher weights ({stray[:3]}...); refusing to load them"
+            )
         if self.teacher is not None:
-            state_dict = {**state_dict, **self.teacher.state_dict(prefix=TEACHER_PREFIX, keep_vars=True)}
+            state_dict = {
+                **state_dict,
+                **self.teacher.state_dict(prefix=TEACHER_PREFIX, keep_vars=True),
+            }
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -28,9 +28,16 @@ from distillery.config import ConfigError, validate
 log = logging.getLogger(__name__)
 
 
-def stage_config(name: str, stage_overrides: list[str], cfg: DictConfig, out_dir: Path) -> DictConfig:
-    overrides = [*stage_overrides, *cfg.overrides, f"seed={cfg.seed}",
-                 f"paths.output_dir={out_dir / name}", "extras.print_config=false"]
+def stage_config(
+    name: str, stage_overrides: list[str], cfg: DictConfig, out_dir: Path
+) -> DictConfig:
+    overrides = [
+        *stage_overrides,
+        *cfg.overrides,
+        f"seed={cfg.seed}",
+        f"paths.output_dir={out_dir / name}",
+        "extras.print_config=false",
+    ]
     try:
         return compose(config_name="train", overrides=overrides)
     except Exception as e:  # noqa: BLE001 - re-raised with the stage's key
@@ -50,7 +57,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         log.info("reusing teacher checkpoint %s", teacher_ckpt)
     else:
         log.info("no teacher checkpoint at %s: training the teacher", teacher_ckpt)
-        tcfg = stage_config("teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir)
+        tcfg = stage_config(
+            "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
+        )
         train(tcfg)
 
     for name in ("baseline", "student"):
@@ -61,9 +70,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             raise RuntimeError(f"stages.{name}: the run saved no checkpoint; the report needs one")
         ckpts[name] = metrics["best_ckpt"]
 
-    ecfg = compose(config_name="evaluate", overrides=[
-        f"ckpt_path={ckpts['student']}", f"+compare.baseline={ckpts['baseline']}", f"paths.output_dir={out_dir}",
-    ])
+    ecfg = compose(
+        config_name="evaluate",
+        overrides=[
+            f"ckpt_path={ckpts['student']}",
+            f"+compare.baseline={ckpts['baseline']}",
+            f"paths.output_dir={out_dir}",
+        ],
+    )
     return evaluate(ecfg)
 
 

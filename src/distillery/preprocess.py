@@ -22,7 +22,11 @@ class InputNorm(nn.Module):
     every channel.
     """
 
-    def __init__(self, mean: Sequence[float] | float | None = None, std: Sequence[float] | float | None = None):
+    def __init__(
+        self,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
+    ):
         super().__init__()
         if (mean is None) != (std is None):
             raise ValueError("input_norm: give both mean and std, or neither")
@@ -30,7 +34,9 @@ class InputNorm(nn.Module):
         mean_t = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(1.0 if std is None else std, dtype=torch.float32).flatten()
         if mean_t.numel() != std_t.numel():
-            raise ValueError(f"input_norm: mean has {mean_t.numel()} values but std has {std_t.numel()}")
+            raise ValueError(
+                f"input_norm: mean has {mean_t.numel()} values but std has {std_t.numel()}"
+            )
         if (std_t <= 0).any():
             raise ValueError(f"input_norm: std must be positive, got {std_t.tolist()}")
         self.register_buffer("mean", mean_t)

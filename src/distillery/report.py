@@ -18,7 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-REPORT_KEYS = ("accuracy", "nll", "ece", "agreement", "kl_to_teacher", "params", "size_mb", "latency_ms", "throughput")
+REPORT_KEYS = (
+    "accuracy",
+    "nll",
+    "ece",
+    "agreement",
+    "kl_to_teacher",
+    "params",
+    "size_mb",
+    "latency_ms",
+    "throughput",
+)
 
 
 @torch.no_grad()
@@ -40,7 +50,9 @@ def size_mb(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
+def latency_ms(
+    model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5
+) -> float:
     """Median wall time of a batch-1 forward, in milliseconds."""
     x = example[:1]
     for _ in range(warmup):
@@ -54,7 +66,9 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50, warmu
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, repeats: int = 5) -> float:
+def throughput(
+    model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, repeats: int = 5
+) -> float:
     """Samples per second at ``batch_size`` (inputs repeated if the split is smaller)."""
     reps = -(-batch_size // len(inputs))
     x = inputs.repeat(reps, *([1] * (inputs.ndim - 1)))[:batch_size]
@@ -65,8 +79,13 @@ def throughput(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, re
     return batch_size * repeats / (time.perf_counter() - t0)
 
 
-def build_report(models: dict[str, nn.Module], teacher_name: str | None, loader,
-                 latency: dict | None = None, throughput_cfg: dict | None = None) -> dict[str, Any]:
+def build_report(
+    models: dict[str, nn.Module],
+    teacher_name: str | None,
+    loader,
+    latency: dict | None = None,
+    throughput_cfg: dict | None = None,
+) -> dict[str, Any]:
     """``{"models": {name: metrics}}``; ``teacher_name`` names the reference model."""
     from distillery.metrics import classification_metrics
 
@@ -98,7 +117,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     names = list(report["models"])
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in REPORT_KEYS:
-        lines.append(f"| {key} | " + " | ".join(_fmt(report["models"][n][key]) for n in names) + " |")
+        lines.append(
+            f"| {key} | " + " | ".join(_fmt(report["models"][n][key]) for n in names) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +127,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "report.json", out / "report.md"
-    for path, text in ((js, json.dumps(report, indent=2)), (md, "# Report card\n\n" + to_markdown(report))):
+    for path, text in (
+        (js, json.dumps(report, indent=2)),
+        (md, "# Report card\n\n" + to_markdown(report)),
+    ):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text)
         tmp.replace(path)

@@ -80,7 +80,11 @@ class Teacher(nn.Module):
 
 
 def _norm(input_norm: dict | None) -> InputNorm:
-    return InputNorm() if input_norm is None else InputNorm(input_norm.get("mean"), input_norm.get("std"))
+    return (
+        InputNorm()
+        if input_norm is None
+        else InputNorm(input_norm.get("mean"), input_norm.get("std"))
+    )
 
 
 def _existing_file(path: str | Path | None, what: str) -> Path:
@@ -158,4 +162,9 @@ def from_state_dict(
             f"teacher.path: state dict {file} does not fit teacher.model "
             f"(missing: {result.missing_keys[:5]}, unexpected: {result.unexpected_keys[:5]})"
         )
-    return Teacher(model, {"source": "state_dict", "path": str(file)}, input_norm=_norm(input_norm), bn_mode=bn_mode)
+    return Teacher(
+        model,
+        {"source": "state_dict", "path": str(file)},
+        input_norm=_norm(input_norm),
+        bn_mode=bn_mode,
+    )

@@ -28,7 +28,11 @@ def build_teacher(cfg: DictConfig):
     if teacher is None:
         return None
     if not isinstance(teacher, Teacher):
-        raise ConfigError([f"teacher: the teacher source must return a distillery.teacher.Teacher, got {type(teacher).__name__}"])
+        raise ConfigError(
+            [
+                f"teacher: the teacher source must return a distillery.teacher.Teacher, got {type(teacher).__name__}"
+            ]
+        )
     teacher.provenance["config"] = to_container(cfg.teacher)
     return teacher
 
@@ -47,10 +51,14 @@ def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
             with torch.no_grad():
                 y = model(x)
         except Exception as e:  # noqa: BLE001 - reported with the key
-            problems.append(f"{key}: forward on an input of shape {tuple(x.shape)} (data.input_shape) failed: {e}")
+            problems.append(
+                f"{key}: forward on an input of shape {tuple(x.shape)} (data.input_shape) failed: {e}"
+            )
             continue
         if y.shape != (2, num_classes):
-            problems.append(f"{key}: outputs shape {tuple(y.shape[1:])} per sample, but data has {num_classes} classes")
+            problems.append(
+                f"{key}: outputs shape {tuple(y.shape[1:])} per sample, but data has {num_classes} classes"
+            )
     student.train()
     if problems:
         raise ConfigError(problems)
@@ -75,7 +83,12 @@ def build_run(cfg: DictConfig):
     teacher = build_teacher(cfg)
     objective = build(cfg.distill, "distill")
     student_norm = InputNorm.from_config(cfg.data.get("input_norm"))
-    check_compatible(teacher, nn.Sequential(student_norm, student), datamodule.input_shape, datamodule.num_classes)
+    check_compatible(
+        teacher,
+        nn.Sequential(student_norm, student),
+        datamodule.input_shape,
+        datamodule.num_classes,
+    )
     try:
         module = DistillationModule(
             student=student,
@@ -95,11 +108,17 @@ def build_run(cfg: DictConfig):
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
-    log_hyperparameters(trainer, cfg, {
-        "params/student": count_params(student),
-        "params/teacher": count_params(teacher) if teacher is not None else None,
-        "params/compression": count_params(teacher) / count_params(student) if teacher is not None else None,
-    })
+    log_hyperparameters(
+        trainer,
+        cfg,
+        {
+            "params/student": count_params(student),
+            "params/teacher": count_params(teacher) if teacher is not None else None,
+            "params/compression": count_params(teacher) / count_params(student)
+            if teacher is not None
+            else None,
+        },
+    )
     return datamodule, module, trainer, loggers
 
 
@@ -122,7 +141,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("export_ckpt") and trainer.is_global_zero:
             src = best or (callback.last_model_path if callback else "")
             if not src:
-                raise RuntimeError("export_ckpt is set but the run saved no checkpoint (callbacks disabled?)")
+                raise RuntimeError(
+                    "export_ckpt is set but the run saved no checkpoint (callbacks disabled?)"
+                )
             export(Path(src), Path(cfg.export_ckpt))
         metrics["best_ckpt"] = best
     finally:
@@ -153,7 +174,9 @@ def main(cfg: DictConfig) -> float | None:
     if name is None:
         return None
     if name not in metrics:
-        raise ConfigError([f"optimized_metric: {name!r} was not logged (logged: {sorted(metrics)})"])
+        raise ConfigError(
+            [f"optimized_metric: {name!r} was not logged (logged: {sorted(metrics)})"]
+        )
     return metrics[name]
 
 

@@ -17,7 +17,11 @@ def build_list(node: DictConfig | None, key: str) -> list[Any]:
     """Instantiate every ``_target_`` entry of a group such as ``callbacks`` or ``logger``."""
     if not node:
         return []
-    return [build(v, f"{key}.{k}") for k, v in node.items() if isinstance(v, DictConfig) and "_target_" in v]
+    return [
+        build(v, f"{key}.{k}")
+        for k, v in node.items()
+        if isinstance(v, DictConfig) and "_target_" in v
+    ]
 
 
 def log_hyperparameters(trainer, cfg: DictConfig, extra: dict[str, Any]) -> None:

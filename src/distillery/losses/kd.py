@@ -4,7 +4,9 @@ from torch import Tensor
 from distillery.objective import LossTerm, Outputs
 
 
-def kl_teacher_student(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+def kl_teacher_student(
+    teacher_logits: Tensor, student_logits: Tensor, temperature: float
+) -> Tensor:
     """Per-sample KL(p_T || q_S) at a temperature, in float32: shape [B]."""
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature

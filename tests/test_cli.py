@@ -1,0 +1,129 @@
+"""Command-line runs in subprocesses (slow: each pays the Lightning import)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, SMALL_MNIST1D
+
+
+def run_cli(
+    module: str, *args: str, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def common(tmp_path: Path, data_dir: Path) -> list[str]:
+    return [
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+        "extras.print_config=false",
+    ]
+
+
+@pytest.mark.slow
+def test_cli_reports_every_missing_key_and_fails(tmp_path, data_dir):
+    proc = run_cli(
+        "distillery.train",
+        "experiment=mnist1d_kd",
+        "teacher.ckpt_path=???",
+        "optimizer.lr=???",
+        "trainer.max_epochs=ten",
+        *common(tmp_path, data_dir),
+        check=False,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "teacher.ckpt_path: missing value" in out and "optimizer.lr: missing value" in out
+    assert "trainer.max_epochs: expected" in out
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_multirun_2x2(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "distillery.train",
+        "-m",
+        "experiment=mnist1d_baseline",
+        *SMALL_MNIST1D,
+        "debug=limit",
+        "seed=1,2",
+        "distill.terms.task.label_smoothing=0.0,0.1",
+        f"hydra.sweep.dir={sweep}",
+        *common(tmp_path, data_dir),
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "csv" / "version_0" / "metrics.csv").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_cpu_processes(tmp_path, data_dir, mnist1d_teacher_ckpt):
+    out = tmp_path / "ddp"
+    proc = run_cli(
+        "distillery.train",
+        "experiment=mnist1d_kd",
+        "trainer=ddp_sim",
+        *SMALL_MNIST1D,
+        "data.transfer_size=400",
+        "debug=limit",
+        f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        f"hydra.run.dir={out}",
+        *common(tmp_path, data_dir),
+    )
+    assert (
+        "world_size: 2" in proc.stdout + proc.stderr
+        or "distributed_backend=gloo" in proc.stdout + proc.stderr
+    )
+    import torch
+
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    assert ckpt["distillery"]["teacher"]["sha256"]
+
+
+@pytest.mark.slow
+def test_make_distill_command_line(tmp_path, data_dir):
+    """`python -m distillery.pipeline` (what `make distill` runs), shrunken."""
+    shrink = ",".join(
+        f"'{o}'" for o in [*SMALL_MNIST1D, "trainer.max_epochs=2", f"paths.data_dir={data_dir}"]
+    )
+    out = tmp_path / "distill"
+    run_cli(
+        "distillery.pipeline",
+        f"overrides=[{shrink}]",
+        f"hydra.run.dir={out}",
+        f"teacher_ckpt={tmp_path / 'teacher.ckpt'}",
+        "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']",
+        *common(tmp_path, data_dir)[1:3],
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["models"]) == ["teacher", "student", "baseline"]
+    evaluated = run_cli(
+        "distillery.evaluate",
+        f"ckpt_path={report['checkpoints']['student']}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    assert "agreement" in evaluated.stdout
+    assert (tmp_path / "eval" / "report.md").is_file()
