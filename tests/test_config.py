@@ -98,3 +98,9 @@ def test_evaluate_refuses_a_teacher_whose_weights_changed(mnist1d_teacher_ckpt, 
     torch.save(state, copy)
     with pytest.raises(ValueError, match="weights hash"):
         rebuild_teacher(ckpt)
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("logger", ["csv", "wandb", "tensorboard", "many"])
+def test_trainer_and_logger_groups_compose_and_validate(train_cfg, trainer, logger):
+    validate(train_cfg("experiment=mnist1d_baseline", f"trainer={trainer}", f"logger={logger}"))

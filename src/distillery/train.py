@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ def build_run(cfg: DictConfig):
     datamodule = build(cfg.data, "data")
     student = build(cfg.student, "student")
     teacher = build_teacher(cfg)
+    if teacher is not None:  # the teacher is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     objective = build(cfg.distill, "distill")
     student_norm = InputNorm.from_config(cfg.data.get("input_norm"))
     check_compatible(
