@@ -1,0 +1,1 @@
+"""Datamodules. Each yields batches following ``distillery.data.batch``."""

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Shared loader logic; subclasses fill ``train_set``, ``val_set``, ``test_set``
+    and optionally ``transfer_set`` (unlabeled) in ``setup`` and set
+    ``num_classes`` and ``input_shape`` in ``__init__``.
+
+    With a transfer set, each training batch holds ``batch_size`` labeled and
+    ``transfer_batch_size`` unlabeled samples (a fixed mix, so per-batch means are
+    comparable across steps and under gradient accumulation); an epoch is one pass
+    over the larger of the two sets.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int = 128, transfer_batch_size: int | None = None,
+                 eval_batch_size: int = 512, num_workers: int = 0, input_norm: dict | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.transfer_batch_size = transfer_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.input_norm = input_norm
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.transfer_set: Dataset | None = None
+
+    def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) > batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        labeled = self._loader(self.train_set, self.batch_size, train=True)
+        if self.transfer_set is None or len(self.transfer_set) == 0:
+            return labeled
+        return {"labeled": labeled, "transfer": self._loader(self.transfer_set, self.transfer_batch_size, train=True)}
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, self.eval_batch_size, train=False)
