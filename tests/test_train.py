@@ -113,6 +113,12 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         ],
         "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
+        "mnist1d_fm": [
+            "data.base.num_samples=1000",
+            "data.base.val_size=200",
+            "data.sources.generated.size=300",
+            f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        ],
     }.get(name, [])
     if name.startswith("cifar100"):
         # The real CIFAR-100 files cannot be downloaded here: same experiment, a tiny
@@ -248,15 +254,31 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     from distillery.pipeline import run_pipeline
     from distillery.resolvers import CONFIG_DIR
 
-    shrink = [*SMALL_MNIST1D, "trainer.max_epochs=2", f"paths.data_dir={data_dir}"]
+    def hydra_list(items):
+        return "[" + ",".join(f"'{o}'" for o in items) + "]"
+
+    small = [*SMALL_MNIST1D, "trainer.max_epochs=2"]
+    # The default stages (function-matching student), each shrunk, plus an extra student.
+    fm = [
+        "experiment=mnist1d_fm",
+        "data.base.num_samples=1000",
+        "data.base.val_size=200",
+        "data.sources.generated.size=500",
+        "trainer.max_steps=20",
+        "scheduler.warmup_steps=2",
+        "trainer.val_check_interval=10",
+    ]
     teacher_ckpt = tmp_path / "artifacts" / "teacher.ckpt"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         overrides = [
             f"teacher_ckpt={teacher_ckpt}",
             f"paths.output_dir={tmp_path / 'out'}",
-            "overrides=[" + ",".join(f"'{o}'" for o in shrink) + "]",
-            "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']",
+            f"overrides=['paths.data_dir={data_dir}']",
+            f"stages.teacher={hydra_list(['experiment=mnist1d_teacher', *small])}",
+            f"stages.baseline={hydra_list(['experiment=mnist1d_baseline', *small])}",
+            f"stages.student={hydra_list(fm)}",
+            f"+extra_students.kd={hydra_list(['experiment=mnist1d_kd', *small, 'data.transfer_size=300'])}",
         ]
         cfg = compose(config_name="pipeline", overrides=overrides)
         report = run_pipeline(cfg)
@@ -270,7 +292,7 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
         assert teacher_ckpt.stat().st_mtime_ns == stamp  # reused, not retrained
         assert not (tmp_path / "out2" / "teacher").exists()
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(saved["models"]) == {"teacher", "student", "baseline"}
+    assert list(saved["models"]) == ["teacher", "student", "baseline", "kd"]
     keys = {
         "accuracy",
         "nll",

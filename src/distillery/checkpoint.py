@@ -74,9 +74,8 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     from distillery.preprocess import InputNorm
 
     ckpt = read_checkpoint(path, key)
-    config = ckpt[META_KEY]["config"]
-    student = instantiate(config["student"])
-    norm = InputNorm.from_config((config.get("data") or {}).get("input_norm"))
+    student = instantiate(ckpt[META_KEY]["config"]["student"])
     student.load_state_dict(sub_state_dict(ckpt["state_dict"], "student."))
-    norm.load_state_dict(sub_state_dict(ckpt["state_dict"], "student_norm."))
+    stats = sub_state_dict(ckpt["state_dict"], "student_norm.")
+    norm = InputNorm(mean=stats["mean"].tolist(), std=stats["std"].tolist())
     return nn.Sequential(norm, student).eval()

@@ -211,8 +211,8 @@ def build(node: DictConfig | None, key: str, **kwargs) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    if node is None:
-        return None
+    if node is None or (isinstance(node, DictConfig) and len(node) == 0):
+        return None  # an empty group option such as views=none
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:

@@ -25,6 +25,7 @@ from distillery.losses.kd import kl_teacher_student
 from distillery.objective import Objective, Outputs
 from distillery.preprocess import InputNorm
 from distillery.teacher import Teacher
+from distillery.views import Views
 
 TEACHER_PREFIX = "teacher."
 
@@ -68,6 +69,7 @@ class DistillationModule(L.LightningModule):
         teacher: Teacher | None = None,
         scheduler: Callable[..., Any] | None = None,
         student_norm: InputNorm | None = None,
+        views: Views | None = None,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -84,6 +86,8 @@ class DistillationModule(L.LightningModule):
         self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.views = views
+        self.num_classes = num_classes
         self.run_config = run_config or {}
         self.val_metrics = EvalMetrics(num_classes, teacher is not None)
         self.test_metrics = EvalMetrics(num_classes, teacher is not None)
@@ -94,11 +98,16 @@ class DistillationModule(L.LightningModule):
     # --- steps -----------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
         batch = merge_sources(batch)
-        x, labels = batch["inputs"], batch["labels"]
-        teacher_logits = self.teacher(x) if self.teacher is not None else None
+        x, labels, targets = batch["inputs"], batch["labels"], None
+        x_teacher = x
+        if self.views is not None:  # augmentation / mixing, once per batch
+            x, x_teacher, labels, targets = self.views(x, labels, self.num_classes)
+        teacher_logits = self.teacher(x_teacher) if self.teacher is not None else None
         n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
         progress = batch_idx / n_batches if n_batches and n_batches != float("inf") else 0.0
-        out = Outputs(self(x), labels, teacher_logits, epoch=self.current_epoch + progress)
+        out = Outputs(
+            self(x), labels, teacher_logits, epoch=self.current_epoch + progress, targets=targets
+        )
         total, terms = self.objective(out)
         bs = x.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
@@ -130,9 +139,11 @@ class DistillationModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
+        # Step-based schedules (distillery.schedules) say so; torch's own step per epoch.
+        interval = getattr(scheduler, "interval", "epoch")
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
 
     # --- checkpoints: never the teacher ----------------------------------------

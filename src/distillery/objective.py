@@ -26,6 +26,7 @@ class Outputs:
     labels: Tensor  # [B] class ids, UNLABELED for transfer-set samples
     teacher: Tensor | None = None  # teacher logits [B, C], detached
     epoch: float = 0.0  # fractional epoch, for warmups
+    targets: Tensor | None = None  # soft label targets [B, C] (mixed inputs), else None
     extras: dict = field(default_factory=dict)  # room for features, masks, ...
 
     def subset(self, mask: Tensor) -> Outputs:
@@ -34,6 +35,7 @@ class Outputs:
             labels=self.labels[mask],
             teacher=None if self.teacher is None else self.teacher[mask],
             epoch=self.epoch,
+            targets=None if self.targets is None else self.targets[mask],
             extras=self.extras,
         )
 

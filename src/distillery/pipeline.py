@@ -4,8 +4,9 @@ student -> report card, in one process.
 1. teacher: reuses ``teacher_ckpt`` if it exists, else trains ``stages.teacher`` and
    exports its best checkpoint there;
 2. baseline: the student with the task loss alone (``stages.baseline``);
-3. student: the student distilled from that teacher (``stages.student``);
-4. report: all three on the test split -> ``report.json``, ``report.md`` and a table.
+3. student: the student distilled from that teacher (``stages.student``), then any
+   ``extra_students`` (name -> overrides), e.g. other recipes to compare;
+4. report: all of them on the test split -> ``report.json``, ``report.md`` and a table.
 
 Each stage is a ``distillery.train`` run composed from ``conf/train.yaml`` with the
 stage's overrides, then ``overrides`` (shared by all stages), writing into
@@ -62,9 +63,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         )
         train(tcfg)
 
-    for name in ("baseline", "student"):
-        extra = [f"teacher.ckpt_path={teacher_ckpt}"] if name == "student" else []
-        scfg = stage_config(name, [*cfg.stages[name], *extra], cfg, out_dir)
+    runs = {"baseline": list(cfg.stages.baseline), "student": list(cfg.stages.student)}
+    runs.update({str(k): list(v) for k, v in (cfg.get("extra_students") or {}).items()})
+    for name, stage_overrides in runs.items():
+        extra = [] if name == "baseline" else [f"teacher.ckpt_path={teacher_ckpt}"]
+        scfg = stage_config(name, [*stage_overrides, *extra], cfg, out_dir)
         metrics = train(scfg)
         if not metrics.get("best_ckpt"):
             raise RuntimeError(f"stages.{name}: the run saved no checkpoint; the report needs one")
@@ -74,7 +77,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         config_name="evaluate",
         overrides=[
             f"ckpt_path={ckpts['student']}",
-            f"+compare.baseline={ckpts['baseline']}",
+            *(f"+compare.{name}={path}" for name, path in ckpts.items() if name != "student"),
             f"paths.output_dir={out_dir}",
         ],
     )

@@ -85,7 +85,7 @@ def build_run(cfg: DictConfig):
     if teacher is not None:  # the teacher is in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     objective = build(cfg.distill, "distill")
-    student_norm = InputNorm.from_config(cfg.data.get("input_norm"))
+    student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     check_compatible(
         teacher,
         nn.Sequential(student_norm, student),
@@ -101,6 +101,7 @@ def build_run(cfg: DictConfig):
             num_classes=datamodule.num_classes,
             teacher=teacher,
             student_norm=student_norm,
+            views=build(cfg.get("views"), "views"),
             run_config=to_container(cfg),
         )
     except (ValueError, TypeError) as e:
@@ -135,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            save_final_last(trainer)
             metrics.update(trainer.callback_metrics)
         callback = trainer.checkpoint_callback
         best = callback.best_model_path if callback else ""
@@ -152,6 +154,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_loggers(loggers)
     return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+def save_final_last(trainer) -> None:
+    """Make ``last.ckpt`` hold the end of training. Lightning saves it after validation,
+    so a step-based run that stops between validations (or whose final validation did
+    not trigger a save) would otherwise resume from an earlier step."""
+    cb = trainer.checkpoint_callback
+    if cb is None or not cb.save_last or not cb.dirpath or trainer.fast_dev_run:
+        return
+    if getattr(cb, "_last_global_step_saved", None) != trainer.global_step:
+        trainer.save_checkpoint(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
 
 
 def export(src: Path, dst: Path) -> None:

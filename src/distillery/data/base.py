@@ -18,8 +18,14 @@ class ClassificationDataModule(L.LightningDataModule):
     num_classes: int
     input_shape: tuple[int, ...]
 
-    def __init__(self, batch_size: int = 128, transfer_batch_size: int | None = None,
-                 eval_batch_size: int = 512, num_workers: int = 0, input_norm: dict | None = None):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        transfer_batch_size: int | None = None,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        input_norm: dict | None = None,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -47,7 +53,10 @@ class ClassificationDataModule(L.LightningDataModule):
         labeled = self._loader(self.train_set, self.batch_size, train=True)
         if self.transfer_set is None or len(self.transfer_set) == 0:
             return labeled
-        return {"labeled": labeled, "transfer": self._loader(self.transfer_set, self.transfer_batch_size, train=True)}
+        return {
+            "labeled": labeled,
+            "transfer": self._loader(self.transfer_set, self.transfer_batch_size, train=True),
+        }
 
     def val_dataloader(self):
         return self._loader(self.val_set, self.eval_batch_size, train=False)

@@ -28,9 +28,13 @@ class TensorDictDataset(Dataset):
         self.inputs = torch.as_tensor(inputs)
         n = len(self.inputs)
         self.labels = (
-            torch.full((n,), UNLABELED, dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
+            torch.full((n,), UNLABELED, dtype=torch.long)
+            if labels is None
+            else torch.as_tensor(labels).long()
         )
-        self.sample_ids = torch.arange(n) if sample_ids is None else torch.as_tensor(sample_ids).long()
+        self.sample_ids = (
+            torch.arange(n) if sample_ids is None else torch.as_tensor(sample_ids).long()
+        )
         if len(self.labels) != n or len(self.sample_ids) != n:
             raise ValueError("inputs, labels and sample_ids must have the same length")
         self.transform = transform

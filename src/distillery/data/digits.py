@@ -16,8 +16,16 @@ from distillery.data.batch import TensorDictDataset
 class DigitsDataModule(ClassificationDataModule):
     num_classes = 10
 
-    def __init__(self, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2,
-                 unlabeled_fraction: float = 0.0, flatten: bool = True, num_classes: int = 10, **kwargs):
+    def __init__(
+        self,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        unlabeled_fraction: float = 0.0,
+        flatten: bool = True,
+        num_classes: int = 10,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_classes != 10:
             raise ValueError(f"data.num_classes: this dataset has 10 classes, got {num_classes}")
@@ -40,13 +48,31 @@ class DigitsDataModule(ClassificationDataModule):
             x = x.reshape(-1, 1, 8, 8)
         ids = np.arange(len(x))
         x_rest, x_test, y_rest, y_test, id_rest, id_test = train_test_split(
-            x, d.target, ids, test_size=self.test_fraction, stratify=d.target, random_state=self.seed)
+            x,
+            d.target,
+            ids,
+            test_size=self.test_fraction,
+            stratify=d.target,
+            random_state=self.seed,
+        )
         x_tr, x_val, y_tr, y_val, id_tr, id_val = train_test_split(
-            x_rest, y_rest, id_rest, test_size=self.val_fraction, stratify=y_rest, random_state=self.seed)
+            x_rest,
+            y_rest,
+            id_rest,
+            test_size=self.val_fraction,
+            stratify=y_rest,
+            random_state=self.seed,
+        )
         self.test_set = TensorDictDataset(x_test, y_test, id_test)
         self.val_set = TensorDictDataset(x_val, y_val, id_val)
         if self.unlabeled_fraction > 0:
             x_tr, x_un, y_tr, _, id_tr, id_un = train_test_split(
-                x_tr, y_tr, id_tr, test_size=self.unlabeled_fraction, stratify=y_tr, random_state=self.seed)
+                x_tr,
+                y_tr,
+                id_tr,
+                test_size=self.unlabeled_fraction,
+                stratify=y_tr,
+                random_state=self.seed,
+            )
             self.transfer_set = TensorDictDataset(x_un, None, id_un)
         self.train_set = TensorDictDataset(x_tr, y_tr, id_tr)

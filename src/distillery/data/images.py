@@ -37,27 +37,54 @@ class DictView(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         x, y = self.base[i]
-        return {"inputs": x, "labels": torch.tensor(int(y)), "sample_id": torch.tensor(self.id_offset + i)}
+        return {
+            "inputs": x,
+            "labels": torch.tensor(int(y)),
+            "sample_id": torch.tensor(self.id_offset + i),
+        }
 
 
 class ImageDataModule(ClassificationDataModule):
-    def __init__(self, dataset: str = "cifar100", root: str = "data/", download: bool = False,
-                 image_size: int = 32, augment: bool = True, val_size: int = 0, seed: int = 0,
-                 num_classes: int | None = None, **kwargs):
+    def __init__(
+        self,
+        dataset: str = "cifar100",
+        root: str = "data/",
+        download: bool = False,
+        image_size: int = 32,
+        augment: bool = True,
+        val_size: int = 0,
+        seed: int = 0,
+        num_classes: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if dataset not in ("cifar10", "cifar100", "imagefolder"):
-            raise ValueError(f"data.dataset must be cifar10, cifar100 or imagefolder, got {dataset!r}")
+            raise ValueError(
+                f"data.dataset must be cifar10, cifar100 or imagefolder, got {dataset!r}"
+            )
         self.dataset, self.root, self.download = dataset, Path(root).expanduser(), download
-        self.image_size, self.augment, self.val_size, self.seed = image_size, augment, val_size, seed
+        self.image_size, self.augment, self.val_size, self.seed = (
+            image_size,
+            augment,
+            val_size,
+            seed,
+        )
         self.num_classes = num_classes or {"cifar10": 10, "cifar100": 100}.get(dataset, 0)
         self.input_shape = (3, image_size, image_size)
 
     def _transforms(self, train: bool):
         from torchvision import transforms as T
 
-        ops = [] if self.dataset.startswith("cifar") else [T.Resize((self.image_size, self.image_size))]
+        ops = (
+            []
+            if self.dataset.startswith("cifar")
+            else [T.Resize((self.image_size, self.image_size))]
+        )
         if train and self.augment:
-            ops += [T.RandomCrop(self.image_size, padding=self.image_size // 8), T.RandomHorizontalFlip()]
+            ops += [
+                T.RandomCrop(self.image_size, padding=self.image_size // 8),
+                T.RandomHorizontalFlip(),
+            ]
         return T.Compose([*ops, T.ToTensor()])
 
     def prepare_data(self) -> None:
@@ -86,7 +113,8 @@ class ImageDataModule(ClassificationDataModule):
         ds = datasets.ImageFolder(str(path), transform=transform)
         if self.num_classes and len(ds.classes) != self.num_classes:
             raise ValueError(
-                f"data.num_classes is {self.num_classes} but {path} has {len(ds.classes)} class folders")
+                f"data.num_classes is {self.num_classes} but {path} has {len(ds.classes)} class folders"
+            )
         self.num_classes = len(ds.classes)
         return ds
 
@@ -94,19 +122,31 @@ class ImageDataModule(ClassificationDataModule):
         if self.train_set is not None:
             return
         if self.dataset.startswith("cifar"):
-            train, train_plain = self._cifar(True, self._transforms(True)), self._cifar(True, self._transforms(False))
+            train, train_plain = (
+                self._cifar(True, self._transforms(True)),
+                self._cifar(True, self._transforms(False)),
+            )
             test = self._cifar(False, self._transforms(False))
         else:
-            train, train_plain = self._folder("train", self._transforms(True)), self._folder("train", self._transforms(False))
+            train, train_plain = (
+                self._folder("train", self._transforms(True)),
+                self._folder("train", self._transforms(False)),
+            )
             test_split = "test" if (self.root / "test").is_dir() else "val"
             test = self._folder(test_split, self._transforms(False))
         if self.val_size > 0:
-            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            perm = torch.randperm(
+                len(train), generator=torch.Generator().manual_seed(self.seed)
+            ).tolist()
             val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
             self.train_set = Subset(DictView(train), train_idx)
             self.val_set = Subset(DictView(train_plain), val_idx)
         else:
             self.train_set = DictView(train)
-            val = test if self.dataset.startswith("cifar") else self._folder("val", self._transforms(False))
+            val = (
+                test
+                if self.dataset.startswith("cifar")
+                else self._folder("val", self._transforms(False))
+            )
             self.val_set = DictView(val, id_offset=2_000_000)
         self.test_set = DictView(test, id_offset=1_000_000)

@@ -37,7 +37,10 @@ def generate(num_samples: int, seed: int, train_split: float = 0.8) -> dict[str,
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    return {k: d[k].astype(np.float32 if k.startswith("x") else np.int64) for k in ("x", "y", "x_test", "y_test")}
+    return {
+        k: d[k].astype(np.float32 if k.startswith("x") else np.int64)
+        for k in ("x", "y", "x_test", "y_test")
+    }
 
 
 def cached(path: Path, make) -> dict[str, np.ndarray]:
@@ -56,8 +59,16 @@ def cached(path: Path, make) -> dict[str, np.ndarray]:
 class MNIST1DDataModule(ClassificationDataModule):
     num_classes = 10
 
-    def __init__(self, data_dir: str = "data/", seed: int = 42, num_samples: int = 5000,
-                 val_size: int = 1000, transfer_size: int = 0, num_classes: int = 10, **kwargs):
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        seed: int = 42,
+        num_samples: int = 5000,
+        val_size: int = 1000,
+        transfer_size: int = 0,
+        num_classes: int = 10,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_classes != 10:
             raise ValueError(f"data.num_classes: this dataset has 10 classes, got {num_classes}")
@@ -73,13 +84,21 @@ class MNIST1DDataModule(ClassificationDataModule):
 
     def _splits(self) -> dict[str, dict[str, np.ndarray]]:
         d = self.data_dir
-        out = {"main": cached(d / f"main_n{self.num_samples}_s{self.seed}.npz",
-                              lambda: generate(self.num_samples, self.seed))}
-        out["val"] = cached(d / f"val_n{self.val_size}_s{self.seed + 1}.npz",
-                            lambda: generate(self.val_size, self.seed + 1, train_split=1.0))
+        out = {
+            "main": cached(
+                d / f"main_n{self.num_samples}_s{self.seed}.npz",
+                lambda: generate(self.num_samples, self.seed),
+            )
+        }
+        out["val"] = cached(
+            d / f"val_n{self.val_size}_s{self.seed + 1}.npz",
+            lambda: generate(self.val_size, self.seed + 1, train_split=1.0),
+        )
         if self.transfer_size:
-            out["transfer"] = cached(d / f"transfer_n{self.transfer_size}_s{self.seed + 2}.npz",
-                                     lambda: generate(self.transfer_size, self.seed + 2, train_split=1.0))
+            out["transfer"] = cached(
+                d / f"transfer_n{self.transfer_size}_s{self.seed + 2}.npz",
+                lambda: generate(self.transfer_size, self.seed + 2, train_split=1.0),
+            )
         return out
 
     def setup(self, stage: str | None = None) -> None:

@@ -9,8 +9,9 @@ class CrossEntropy(LossTerm):
 
     loss_i = -sum_c q_ic * log softmax(z_i)_c,  q_i = (1 - eps) * onehot(y_i) + eps / C
 
-    with ``eps = label_smoothing``. Unlabeled samples never reach this term.
-    Computed in float32 whatever the logits' dtype.
+    with ``eps = label_smoothing``. For mixed inputs ``onehot(y_i)`` is replaced by the
+    soft target ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)`` (``Outputs.targets``).
+    Unlabeled samples never reach this term. Computed in float32 whatever the logits' dtype.
     """
 
     needs_labels = True
@@ -22,6 +23,10 @@ class CrossEntropy(LossTerm):
         self.label_smoothing = label_smoothing
 
     def forward(self, out: Outputs) -> Tensor:
+        if out.targets is not None:
+            eps = self.label_smoothing
+            q = out.targets.float() * (1 - eps) + eps / out.targets.shape[-1]
+            return -(q * F.log_softmax(out.student.float(), -1)).sum(-1)
         return F.cross_entropy(
             out.student.float(),
             out.labels,
