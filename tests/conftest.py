@@ -49,49 +49,29 @@ def train_cfg(tmp_path, data_dir):
     return make
 
 
-@pytest.fixture(scope="session")
-def mnist1d_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
-    """A small trained MNIST-1D CNN teacher checkpoint (a real Distillery run)."""
+def train_teacher(tmp_path_factory, data_dir: Path, name: str, *overrides: str) -> Path:
+    """Run experiment ``name`` briefly and export its best checkpoint (a real run)."""
     from distillery.train import train
 
-    out = tmp_path_factory.mktemp("mnist1d_teacher")
+    out = tmp_path_factory.mktemp(name)
     ckpt = out / "teacher.ckpt"
-    cfg = compose_cfg(
-        "train",
-        [
-            "experiment=mnist1d_teacher",
-            *SMALL_MNIST1D,
-            "trainer.max_epochs=2",
-            "logger=csv",
-            f"paths.output_dir={out}",
-            f"paths.data_dir={data_dir}",
-            f"export_ckpt={ckpt}",
-            "extras.print_config=false",
-        ],
-    )
+    cfg = compose_cfg("train", [
+        f"experiment={name}", *overrides, "trainer.max_epochs=2", f"paths.output_dir={out}",
+        f"paths.data_dir={data_dir}", f"export_ckpt={ckpt}", "extras.print_config=false",
+    ])  # fmt: skip
     train(cfg)
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def mnist1d_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
+    """A small trained MNIST-1D CNN teacher checkpoint."""
+    return train_teacher(tmp_path_factory, data_dir, "mnist1d_teacher", *SMALL_MNIST1D)
 
 
 @pytest.fixture(scope="session")
 def digits_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
-    from distillery.train import train
-
-    out = tmp_path_factory.mktemp("digits_teacher")
-    ckpt = out / "teacher.ckpt"
-    cfg = compose_cfg(
-        "train",
-        [
-            "experiment=digits_teacher",
-            "trainer.max_epochs=2",
-            f"paths.output_dir={out}",
-            f"paths.data_dir={data_dir}",
-            f"export_ckpt={ckpt}",
-            "extras.print_config=false",
-        ],
-    )
-    train(cfg)
-    return ckpt
+    return train_teacher(tmp_path_factory, data_dir, "digits_teacher")
 
 
 def pytest_collection_modifyitems(config, items):

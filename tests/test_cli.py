@@ -116,6 +116,7 @@ def test_make_distill_command_line(tmp_path, data_dir):
         f"hydra.run.dir={out}",
         f"teacher_ckpt={tmp_path / 'teacher.ckpt'}",
         "stages.student=['experiment=mnist1d_kd','data.transfer_size=500']",
+        "~extra_students.kd_transfer",
         *common(tmp_path, data_dir)[1:3],
     )
     report = json.loads((out / "report.json").read_text())

@@ -278,6 +278,7 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
             f"stages.teacher={hydra_list(['experiment=mnist1d_teacher', *small])}",
             f"stages.baseline={hydra_list(['experiment=mnist1d_baseline', *small])}",
             f"stages.student={hydra_list(fm)}",
+            "~extra_students.kd_transfer",
             f"+extra_students.kd={hydra_list(['experiment=mnist1d_kd', *small, 'data.transfer_size=300'])}",
         ]
         cfg = compose(config_name="pipeline", overrides=overrides)
