@@ -128,3 +128,47 @@ def test_make_distill_command_line(tmp_path, data_dir):
     )
     assert "agreement" in evaluated.stdout
     assert (tmp_path / "eval" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_seed_multirun_with_wandb_offline_then_aggregate(tmp_path, data_dir):
+    sweep = tmp_path / "seeds"
+    run_cli(
+        "distillery.train",
+        "-m",
+        "experiment=mnist1d_baseline",
+        *SMALL_MNIST1D,
+        "debug=limit",
+        "seed=0,1,2",
+        "logger=[csv,wandb]",
+        f"hydra.sweep.dir={sweep}",
+        *common(tmp_path, data_dir),
+    )
+    for job in ("0", "1", "2"):  # one W&B run per job, each finished (its own offline run dir)
+        assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
+    proc = run_cli("distillery.aggregate", str(sweep))
+    result = json.loads((sweep / "aggregate.json").read_text())
+    assert list(result["groups"]) == ["all"] and result["groups"]["all"]["jobs"] == ["0", "1", "2"]
+    assert result["groups"]["all"]["best"]["val/acc"]["n"] == 3
+    assert "val/acc" in proc.stdout and (sweep / "aggregate.md").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_survives_a_failing_trial(tmp_path, data_dir, mnist1d_teacher_ckpt):
+    sweep = tmp_path / "optuna"
+    # With this sampler seed the first trial is valid and the next two draw T = -1, which
+    # the KD term rejects: the study records them as failed and still reports a best value.
+    params = "{distill.terms.kd.temperature: 'choice(-1.0, 2.0, 4.0)', distill.weights.kd: 'interval(0.1, 2.0)'}"
+    proc = run_cli(
+        "distillery.train", "-m", "hparams_search=kd_optuna", "experiment=mnist1d_kd", *SMALL_MNIST1D,
+        "data.transfer_size=300", "debug=limit", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=3", f"hydra.sweeper.params={params}",
+        f"teacher.ckpt_path={mnist1d_teacher_ckpt}", f"hydra.sweep.dir={sweep}", *common(tmp_path, data_dir),
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert out.count("Failed experiment") == 2
+    import yaml
+
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_params"]["distill.terms.kd.temperature"] == 2.0
+    assert 0.0 <= result["best_value"] <= 1.0

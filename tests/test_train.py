@@ -306,7 +306,7 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
         "throughput",
     }
     for row in saved["models"].values():
-        assert set(row) == keys
+        assert keys <= set(row)  # report v1 keys (v2 adds more)
     assert saved["models"]["teacher"]["agreement"] == 1.0
     assert (tmp_path / "out" / "report.md").read_text().count("|") > 20
     assert report["models"]["student"]["params"] == saved["models"]["baseline"]["params"]

@@ -9,6 +9,7 @@ overridden (``teacher=...``, ``data=...``). ``compare`` adds more students, e.g.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -41,6 +42,7 @@ def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
     from distillery.checkpoint import META_KEY, load_student, read_checkpoint
+    from distillery.export import load_any
     from distillery.report import build_report, print_table, write_report
     from distillery.train import build_teacher
 
@@ -53,27 +55,94 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         models["teacher"] = teacher
     models["student"] = load_student(cfg.ckpt_path, "ckpt_path")
     for name, path in (cfg.get("compare") or {}).items():
-        models[str(name)] = load_student(path, f"compare.{name}")
+        models[str(name)] = load_any(path, f"compare.{name}")  # run checkpoint or export
 
     datamodule = build(cfg.data if cfg.get("data") is not None else run_cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
-    report = build_report(
-        models,
-        "teacher" if teacher is not None else None,
-        datamodule.test_dataloader(),
-        latency=cfg.get("latency"),
+    teacher_name = "teacher" if teacher is not None else None
+    report, preds = build_report(
+        models, teacher_name, datamodule.test_dataloader(), device=cfg.get("device", "cpu"),
+        price_per_hour=float(cfg.get("price_per_hour", 0.0)), latency=cfg.get("latency"),
         throughput_cfg=cfg.get("throughput"),
-    )
+    )  # fmt: skip
     report["checkpoints"] = {
         "student": str(cfg.ckpt_path),
         **{str(k): str(v) for k, v in (cfg.get("compare") or {}).items()},
     }
     report["teacher"] = ckpt[META_KEY].get("teacher")
-    js, md = write_report(report, cfg.output_dir)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("plots", True):
+        from distillery.plots import quality_vs_latency, reliability_diagram
+
+        report["plots"] = {
+            "reliability": str(
+                reliability_diagram(
+                    {n: (p[0], p[1]) for n, p in preds.items()}, out_dir / "reliability.png"
+                )
+            ),
+            "quality_vs_latency": str(
+                quality_vs_latency(report, out_dir / "quality_vs_latency.png")
+            ),
+        }
+    report["evaluations"] = run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
+    js, md = write_report(report, out_dir)
+    if cfg.get("wandb"):
+        log_report_to_wandb(report, cfg.wandb, out_dir)
     print_table(report)
     log.info("report written to %s and %s", js, md)
     return report
+
+
+def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> None:
+    """Attach the report table, plots and evaluator summaries to a W&B run (its own run,
+    offline with WANDB_MODE=offline)."""
+    import wandb
+
+    from distillery.report import REPORT_KEYS
+
+    run = wandb.init(dir=str(out_dir), job_type="evaluate", **dict(wandb_cfg))
+    try:
+        names = list(report["models"])
+        table = wandb.Table(
+            columns=["model", *REPORT_KEYS],
+            data=[[n, *(report["models"][n][k] for k in REPORT_KEYS)] for n in names],
+        )
+        payload: dict[str, Any] = {"report": table}
+        payload.update(
+            {f"plots/{k}": wandb.Image(v) for k, v in (report.get("plots") or {}).items()}
+        )
+        for key, result in (report.get("evaluations") or {}).items():
+            payload[f"evaluations/{key}"] = wandb.Html(f"<pre>{result.get('markdown', '')}</pre>")
+        run.log(payload)
+        run.summary.update({f"{n}/{k}": report["models"][n][k] for n in names for k in REPORT_KEYS})
+    finally:
+        run.finish()
+
+
+def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -> dict[str, Any]:
+    """Every configured evaluator on every student (needs a teacher)."""
+    from distillery.utils import build_list
+
+    if teacher_name is None or not nodes:
+        return {}
+    results = {}
+    names = [k for k, v in nodes.items() if v]
+    for key, evaluator in zip(names, build_list(nodes, "evaluators"), strict=True):
+        for name, model in models.items():
+            if name == teacher_name:
+                continue
+            p_t, p_s = preds[teacher_name], preds[name]
+            predictions = {
+                "teacher_logits": p_t[0],
+                "student_logits": p_s[0],
+                "labels": p_s[1],
+                "inputs": p_s[2],
+                "sample_id": p_s[3],
+            }
+            results[f"{key}/{name}"] = evaluator(models[teacher_name], model, predictions)
+    return results
 
 
 @hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="evaluate")

@@ -1,46 +1,45 @@
-"""Report card v1: teacher and students side by side on the test split.
+"""Report card: teacher and students side by side on the test split.
 
-Per model: accuracy, nll, ece (15 bins), agreement and kl_to_teacher (top-1
-agreement with and KL(teacher || model) from the teacher; 1.0 and 0.0 for the
-teacher itself), params, size_mb (serialised weights, what ships), latency_ms
-(median CPU latency per sample at batch 1) and throughput (samples/s at batch 256).
+Per model (``REPORT_KEYS``): accuracy, nll, ece (15 bins), agreement and
+kl_to_teacher (top-1 agreement with, and KL(teacher || model) from, the teacher; 1 and
+0 for the teacher itself), quality_retained (accuracy as % of the teacher's), params,
+size_mb (serialised weights, what ships), latency_ms and latency_p95_ms (batch-1
+forward, median and 95th percentile, on ``device``), throughput (samples/s at batch
+256) and cost_per_million (USD per million samples at that throughput, from a
+configured ``price_per_hour`` of the device).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 REPORT_KEYS = (
-    "accuracy",
-    "nll",
-    "ece",
-    "agreement",
-    "kl_to_teacher",
-    "params",
-    "size_mb",
-    "latency_ms",
-    "throughput",
-)
+    "accuracy", "nll", "ece", "agreement", "kl_to_teacher", "quality_retained", "params", "size_mb",
+    "latency_ms", "latency_p95_ms", "throughput", "cost_per_million",
+)  # fmt: skip
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, labels and raw inputs over a loader (inputs kept for timing)."""
+def predict(
+    model: nn.Module, loader, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels, raw inputs and sample ids over a loader (on the CPU)."""
     model.eval()
-    logits, labels, inputs = [], [], []
+    logits, labels, inputs, ids = [], [], [], []
     for batch in loader:
-        logits.append(model(batch["inputs"]).float())
+        logits.append(model(batch["inputs"].to(device)).float().cpu())
         labels.append(batch["labels"])
         inputs.append(batch["inputs"])
-    return torch.cat(logits), torch.cat(labels), torch.cat(inputs)
+        ids.append(batch["sample_id"])
+    return torch.cat(logits), torch.cat(labels), torch.cat(inputs), torch.cat(ids)
 
 
 def size_mb(model: nn.Module) -> float:
@@ -49,60 +48,94 @@ def size_mb(model: nn.Module) -> float:
     return buf.getbuffer().nbytes / 2**20
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def latency_ms(
-    model: nn.Module, example: torch.Tensor, repeats: int = 50, warmup: int = 5
-) -> float:
-    """Median wall time of a batch-1 forward, in milliseconds."""
-    x = example[:1]
+    model: nn.Module, example: torch.Tensor, device: str = "cpu", repeats: int = 50, warmup: int = 5
+) -> tuple[float, float]:
+    """(median, p95) wall time of a batch-1 forward, in milliseconds."""
+    x = example[:1].to(device)
     for _ in range(warmup):
         model(x)
+    _sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         model(x)
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    ms = 1000 * np.asarray(times)
+    return float(np.median(ms)), float(np.percentile(ms, 95))
 
 
 @torch.no_grad()
 def throughput(
-    model: nn.Module, inputs: torch.Tensor, batch_size: int = 256, repeats: int = 5
+    model: nn.Module,
+    inputs: torch.Tensor,
+    device: str = "cpu",
+    batch_size: int = 256,
+    repeats: int = 5,
 ) -> float:
     """Samples per second at ``batch_size`` (inputs repeated if the split is smaller)."""
     reps = -(-batch_size // len(inputs))
-    x = inputs.repeat(reps, *([1] * (inputs.ndim - 1)))[:batch_size]
+    x = inputs.repeat(reps, *([1] * (inputs.ndim - 1)))[:batch_size].to(device)
     model(x)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         model(x)
+    _sync(device)
     return batch_size * repeats / (time.perf_counter() - t0)
+
+
+def cost_per_million(samples_per_second: float, price_per_hour: float) -> float:
+    """USD per million samples: price_per_hour / 3600 s / throughput * 1e6."""
+    return price_per_hour / 3600.0 / samples_per_second * 1e6
 
 
 def build_report(
     models: dict[str, nn.Module],
     teacher_name: str | None,
     loader,
+    device: str = "cpu",
+    price_per_hour: float = 0.0,
     latency: dict | None = None,
     throughput_cfg: dict | None = None,
-) -> dict[str, Any]:
-    """``{"models": {name: metrics}}``; ``teacher_name`` names the reference model."""
+) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """``({"models": {name: metrics}, ...}, predictions)``; ``teacher_name`` is the reference."""
     from distillery.metrics import classification_metrics
 
-    preds = {name: predict(m, loader) for name, m in models.items()}
+    preds = {}
+    for name, m in models.items():
+        if isinstance(m, nn.Module) and not hasattr(m, "session"):
+            m.to(device)
+        preds[name] = predict(m, loader, device)
     ref = preds[teacher_name][0] if teacher_name else None
-    report: dict[str, Any] = {"models": {}}
+    report: dict[str, Any] = {"device": device, "price_per_hour": price_per_hour, "models": {}}
     for name, model in models.items():
-        logits, labels, inputs = preds[name]
+        logits, labels, inputs, _ = preds[name]
         row = classification_metrics(logits, labels, ref)
         row.setdefault("agreement", None)
         row.setdefault("kl_to_teacher", None)
-        row["params"] = sum(p.numel() for p in model.parameters())
-        row["size_mb"] = size_mb(model)
-        row["latency_ms"] = latency_ms(model, inputs, **(latency or {}))
-        row["throughput"] = throughput(model, inputs, **(throughput_cfg or {}))
+        teacher_acc = None if ref is None else float((ref.argmax(-1) == labels).float().mean())
+        row["quality_retained"] = None if not teacher_acc else 100.0 * row["accuracy"] / teacher_acc
+        row["params"] = getattr(model, "num_params", None) or sum(
+            p.numel() for p in model.parameters()
+        )
+        row["size_mb"] = getattr(model, "size_mb", None) or size_mb(
+            model
+        )  # exports: their file size
+        row["latency_ms"], row["latency_p95_ms"] = latency_ms(
+            model, inputs, device, **(latency or {})
+        )
+        row["throughput"] = throughput(model, inputs, device, **(throughput_cfg or {}))
+        row["cost_per_million"] = cost_per_million(row["throughput"], price_per_hour)
         report["models"][name] = {k: row[k] for k in REPORT_KEYS}
-    return report
+    return report, preds
 
 
 def _fmt(v) -> str:
@@ -120,7 +153,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {key} | " + " | ".join(_fmt(report["models"][n][key]) for n in names) + " |"
         )
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    text += f"\nDevice: {report.get('device', 'cpu')}; cost at {report.get('price_per_hour', 0)} USD/hour.\n"
+    for name, path in (report.get("plots") or {}).items():
+        text += f"\n![{name}]({Path(path).name})\n"
+    for name, result in (report.get("evaluations") or {}).items():
+        text += f"\n## {name}\n\n{result.get('markdown', '')}\n"
+    return text
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -142,7 +181,7 @@ def print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     names = list(report["models"])
-    table = Table(title="Distillery report card (test split)")
+    table = Table(title=f"Distillery report card (test split, {report.get('device', 'cpu')})")
     table.add_column("metric")
     for n in names:
         table.add_column(n, justify="right")

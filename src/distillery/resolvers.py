@@ -21,6 +21,22 @@ def register() -> None:
     # ${run_id:}: process id + random suffix, so two jobs started in the same second
     # never share an output directory. Cached: one value per process.
     OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True)
+    # ${wandb_group:${task_name}}: jobs of one multirun share a group named after its
+    # sweep dir; a single run is grouped by task name.
+    OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
+
+
+def wandb_group(task_name: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return task_name
+    if hc.mode == RunMode.MULTIRUN:
+        return f"{task_name}/{Path(str(hc.sweep.dir)).name}"
+    return task_name
 
 
 register()
