@@ -271,3 +271,26 @@ def test_notebooks_are_kept_without_outputs():
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 assert cell.get("outputs") == [] and cell.get("execution_count") is None, path
+
+
+def test_report_attached_to_an_offline_wandb_run(kd_student, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    evaluate(
+        compose_cfg(
+            "evaluate",
+            [
+                f"ckpt_path={kd_student}",
+                f"paths.output_dir={tmp_path}",
+                "wandb={project: distillery, name: report}",
+            ],
+        )
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    assert len(list((media / "images" / "plots").glob("*.png"))) == 2
+    tables = list((media / "table").glob("report_*.table.json"))
+    assert tables and "quality_retained" in tables[0].read_text()
+    import wandb
+
+    assert wandb.run is None

@@ -7,7 +7,6 @@ teacher is trained and how the no-teacher baseline runs. Same code path for all 
 from __future__ import annotations
 
 import logging
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,6 +128,7 @@ def build_run(cfg: DictConfig):
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
+    from distillery.checkpoint import copy_atomic, save_final_last
     from distillery.utils import finish_loggers
 
     datamodule, module, trainer, loggers = build_run(cfg)
@@ -149,31 +149,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise RuntimeError(
                     "export_ckpt is set but the run saved no checkpoint (callbacks disabled?)"
                 )
-            export(Path(src), Path(cfg.export_ckpt))
+            copy_atomic(Path(src), Path(cfg.export_ckpt))
         metrics["best_ckpt"] = best
     finally:
         finish_loggers(loggers)
     return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
-
-
-def save_final_last(trainer) -> None:
-    """Make ``last.ckpt`` hold the end of training. Lightning saves it after validation,
-    so a step-based run that stops between validations (or whose final validation did
-    not trigger a save) would otherwise resume from an earlier step."""
-    cb = trainer.checkpoint_callback
-    if cb is None or not cb.save_last or not cb.dirpath or trainer.fast_dev_run:
-        return
-    if getattr(cb, "_last_global_step_saved", None) != trainer.global_step:
-        trainer.save_checkpoint(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-
-
-def export(src: Path, dst: Path) -> None:
-    """Copy a checkpoint atomically (never a half-written file at ``dst``)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
-    log.info("exported %s -> %s", src, dst)
 
 
 @hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="train")
