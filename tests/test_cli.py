@@ -172,3 +172,16 @@ def test_optuna_sweep_survives_a_failing_trial(tmp_path, data_dir, mnist1d_teach
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_params"]["distill.terms.kd.temperature"] == 2.0
     assert 0.0 <= result["best_value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_ddp_sim_with_feature_taps(tmp_path, data_dir, mnist1d_teacher_ckpt):
+    out = tmp_path / "ddp_taps"
+    run_cli("distillery.train", "experiment=mnist1d_fitnet", "trainer=ddp_sim", *SMALL_MNIST1D,
+            "data.transfer_size=400", "debug=limit", f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+            f"hydra.run.dir={out}", *common(tmp_path, data_dir))  # fmt: skip
+    import torch
+
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "objective.terms.hint.projector.linear.weight" in ckpt["state_dict"]
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]

@@ -113,6 +113,11 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         ],
         "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
+        "mnist1d_fitnet": [
+            *SMALL_MNIST1D,
+            "data.transfer_size=300",
+            f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        ],
         "mnist1d_fm": [
             "data.base.num_samples=1000",
             "data.base.val_size=200",

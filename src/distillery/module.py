@@ -24,6 +24,7 @@ from distillery.data.batch import merge_sources
 from distillery.losses.kd import kl_teacher_student
 from distillery.objective import Objective, Outputs
 from distillery.preprocess import InputNorm
+from distillery.taps import Taps
 from distillery.teacher import Teacher
 from distillery.views import Views
 
@@ -70,6 +71,8 @@ class DistillationModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         student_norm: InputNorm | None = None,
         views: Views | None = None,
+        student_taps: Taps | None = None,
+        teacher_taps: Taps | None = None,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -87,6 +90,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.views = views
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.num_classes = num_classes
         self.run_config = run_config or {}
         self.val_metrics = EvalMetrics(num_classes, teacher is not None)
@@ -95,6 +99,38 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(self.student_norm(x))
 
+    def _forward_both(self, x: Tensor, x_teacher: Tensor) -> tuple[Tensor, Tensor | None, dict]:
+        """Student and teacher logits plus the features their taps captured."""
+        taps = [t for t in (self.student_taps, self.teacher_taps) if t]
+        for t in taps:
+            t.clear()
+        teacher_logits = self.teacher(x_teacher) if self.teacher is not None else None
+        logits = self(x)
+        extras = {}
+        if taps:
+            extras = {
+                "student_features": self.student_taps.captured if self.student_taps else {},
+                "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
+            }
+        return logits, teacher_logits, extras
+
+    # --- taps: registered once, removed on teardown and on exceptions -----------
+    def setup(self, stage: str) -> None:
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.attach()
+
+    def teardown(self, stage: str) -> None:
+        self.remove_taps()
+
+    def remove_taps(self) -> None:
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.remove()
+
+    def configure_callbacks(self):
+        return [RemoveTapsOnException()] if (self.student_taps or self.teacher_taps) else []
+
     # --- steps -----------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> Tensor:
         batch = merge_sources(batch)
@@ -102,12 +138,11 @@ class DistillationModule(L.LightningModule):
         x_teacher = x
         if self.views is not None:  # augmentation / mixing, once per batch
             x, x_teacher, labels, targets = self.views(x, labels, self.num_classes)
-        teacher_logits = self.teacher(x_teacher) if self.teacher is not None else None
+        logits, teacher_logits, extras = self._forward_both(x, x_teacher)
         n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
         progress = batch_idx / n_batches if n_batches and n_batches != float("inf") else 0.0
-        out = Outputs(
-            self(x), labels, teacher_logits, epoch=self.current_epoch + progress, targets=targets
-        )
+        epoch = self.current_epoch + progress
+        out = Outputs(logits, labels, teacher_logits, epoch=epoch, targets=targets, extras=extras)
         total, terms = self.objective(out)
         bs = x.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
@@ -117,8 +152,8 @@ class DistillationModule(L.LightningModule):
 
     def _eval_step(self, batch, metrics: EvalMetrics, stage: str) -> None:
         x, labels = batch["inputs"], batch["labels"]
-        teacher_logits = self.teacher(x) if self.teacher is not None else None
-        metrics.update(self(x), labels, teacher_logits)
+        logits, teacher_logits, _ = self._forward_both(x, x)
+        metrics.update(logits, labels, teacher_logits)
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, prog_bar=name == "acc", batch_size=x.shape[0])
 
@@ -177,6 +212,13 @@ class DistillationModule(L.LightningModule):
                 "teacher": None if self.teacher is None else count_params(self.teacher),
             },
         }
+
+
+class RemoveTapsOnException(L.Callback):
+    """Lightning skips ``teardown`` when a run raises; drop the hook handles anyway."""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        pl_module.remove_taps()
 
 
 def count_params(module: nn.Module) -> int:

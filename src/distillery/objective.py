@@ -36,8 +36,19 @@ class Outputs:
             teacher=None if self.teacher is None else self.teacher[mask],
             epoch=self.epoch,
             targets=None if self.targets is None else self.targets[mask],
-            extras=self.extras,
+            extras=_subset_batch(self.extras, mask),
         )
+
+
+def _subset_batch(value, mask: Tensor):
+    """Apply a batch mask to every batch-first tensor in nested dicts/lists."""
+    if isinstance(value, Tensor):
+        return value[mask] if value.ndim and value.shape[0] == mask.shape[0] else value
+    if isinstance(value, dict):
+        return {k: _subset_batch(v, mask) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_subset_batch(v, mask) for v in value)
+    return value
 
 
 class LossTerm(nn.Module):

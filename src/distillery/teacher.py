@@ -74,6 +74,15 @@ class Teacher(nn.Module):
                     m.training = True
         return self
 
+    @property
+    def network(self) -> nn.Module:
+        """The teacher architecture itself (what taps address by module path): the model
+        without the input normalisation a run-checkpoint teacher carries."""
+        m = self.model
+        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], InputNorm):
+            return m[1]
+        return m
+
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.input_norm(x))

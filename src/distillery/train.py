@@ -64,6 +64,54 @@ def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
         raise ConfigError(problems)
 
 
+def build_taps(cfg: DictConfig, student, teacher, objective, example_shape) -> tuple:
+    """Taps from ``cfg.taps`` and, from one dry-run forward, the projectors of every
+    feature term (so they exist before the optimizer and checkpoint loading)."""
+    import torch
+
+    from distillery.losses.feature import FeatureTerm
+    from distillery.taps import Taps
+
+    feature_terms = {n: t for n, t in objective.terms.items() if isinstance(t, FeatureTerm)}
+    spec = cfg.get("taps") or {}
+    if not feature_terms and not spec:
+        return None, None
+    if teacher is None:
+        raise ConfigError(["taps: feature taps need a teacher, but `teacher` is null"])
+    try:
+        s_taps = Taps(student, spec.get("student"), "student", detach=False)
+        t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
+    except (ValueError, TypeError) as e:
+        raise ConfigError([str(e)]) from e
+    problems = []
+    for name, term in feature_terms.items():
+        for side, taps, tap in (("student", s_taps, term.student_tap), ("teacher", t_taps, term.teacher_tap)):
+            if tap not in taps.specs:
+                problems.append(f"distill.terms.{name}: no tap named {tap!r} under taps.{side} ({sorted(taps.specs)})")
+    if problems:
+        raise ConfigError(problems)
+    x = torch.zeros(2, *example_shape)
+    with s_taps, t_taps, torch.no_grad():
+        was_training = student.training
+        student.eval()
+        teacher(x)
+        student(x)
+        student.train(was_training)
+
+        def shapes(v):
+            return [tuple(t.shape) for t in v] if isinstance(v, list) else tuple(v.shape)
+
+        for name, term in feature_terms.items():
+            try:
+                term.setup(shapes(s_taps.captured[term.student_tap]), shapes(t_taps.captured[term.teacher_tap]),
+                           f"distill.terms.{name}")
+            except (ValueError, KeyError) as e:
+                problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    return s_taps, t_taps
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     validate(cfg)
@@ -91,6 +139,7 @@ def build_run(cfg: DictConfig):
         datamodule.input_shape,
         datamodule.num_classes,
     )
+    student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, datamodule.input_shape)
     try:
         module = DistillationModule(
             student=student,
@@ -101,6 +150,8 @@ def build_run(cfg: DictConfig):
             teacher=teacher,
             student_norm=student_norm,
             views=build(cfg.get("views"), "views"),
+            student_taps=student_taps,
+            teacher_taps=teacher_taps,
             run_config=to_container(cfg),
         )
     except (ValueError, TypeError) as e:

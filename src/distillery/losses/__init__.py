@@ -5,7 +5,19 @@ YAML entry under ``distill.terms`` naming it with ``_target_``.
 """
 
 from distillery.losses.dkd import DKD
+from distillery.losses.feature import (
+    AttentionMapKL,
+    AttentionTransfer,
+    CosineFeature,
+    FeatureTerm,
+    FitNet,
+    HiddenStates,
+)
 from distillery.losses.kd import HintonKD
+from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
 
-__all__ = ["CrossEntropy", "DKD", "HintonKD"]
+__all__ = [
+    "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "FeatureTerm", "FitNet",
+    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityPreserving",
+]  # fmt: skip

@@ -1,0 +1,161 @@
+"""Feature distillation terms: the student matches teacher features captured by taps.
+
+Each term names a student tap and a teacher tap (``conf: taps.student.<name>``) and
+reads the captures from ``Outputs.extras``. Terms with a projector build it in
+:meth:`FeatureTerm.setup` from dry-run shapes (``projector: auto``), or take none
+(``projector: null``: shapes must already match). Losses are per sample, float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillery.objective import LossTerm, Outputs
+from distillery.projectors import build_projector
+
+
+class FeatureTerm(LossTerm):
+    needs_teacher = True
+    uses_projector = True
+
+    def __init__(self, student: str, teacher: str, projector: str | None = "auto"):
+        super().__init__()
+        if projector not in ("auto", "tokens", "maps", None):
+            raise ValueError(f"projector must be auto, tokens, maps or null, got {projector!r}")
+        self.student_tap, self.teacher_tap, self.projector_mode = student, teacher, projector
+        self.projector: nn.Module = nn.Identity()
+
+    def setup(self, student_shape, teacher_shape, key: str) -> None:
+        """Build the projector from one dry run's capture shapes."""
+        if self.uses_projector and self.projector_mode is not None:
+            layout = "auto" if self.projector_mode == "auto" else self.projector_mode
+            self.projector = build_projector(student_shape, teacher_shape, key, layout)
+        elif self.uses_projector and tuple(student_shape) != tuple(teacher_shape):
+            raise ValueError(f"{key}: shapes differ ({tuple(student_shape)} vs {tuple(teacher_shape)}) "
+                             f"and projector is null")
+
+    def features(self, out: Outputs) -> tuple[Tensor, Tensor]:
+        s = out.extras["student_features"][self.student_tap]
+        t = out.extras["teacher_features"][self.teacher_tap]
+        return self.projector(s).float(), t.detach().float()
+
+
+class FitNet(FeatureTerm):
+    """FitNets hint (Romero et al. 2015): loss_i = mean_j (P(f_S)_ij - f_T_ij)^2, the mean
+    squared error over all feature elements j of sample i, P the projector."""
+
+    def forward(self, out: Outputs) -> Tensor:
+        s, t = self.features(out)
+        return (s - t).pow(2).flatten(1).mean(1)
+
+
+class CosineFeature(FeatureTerm):
+    """loss_i = 1 - cos(P(f_S)_i, f_T_i) over the flattened features of sample i; for
+    token features ``[B, N, C]`` the mean over tokens of 1 - cos over channels."""
+
+    def forward(self, out: Outputs) -> Tensor:
+        s, t = self.features(out)
+        if s.ndim == 3:
+            return (1 - F.cosine_similarity(s, t, dim=-1)).mean(1)
+        return 1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)
+
+
+def attention_map(f: Tensor, p: float) -> Tensor:
+    """Zagoruyko & Komodakis: a(f) = normalize(mean_c |f_c|^p), flattened over space."""
+    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+class AttentionTransfer(FeatureTerm):
+    """Attention transfer (Zagoruyko & Komodakis 2017) on feature maps ``[B, C, *space]``:
+    loss_i = mean_s (a(f_S)_is - a(f_T)_is)^2 with a() above (p = 2 by default); the
+    student map is resized to the teacher's spatial size. No channel projector needed."""
+
+    uses_projector = False
+
+    def __init__(self, student: str, teacher: str, p: float = 2.0):
+        super().__init__(student, teacher, projector=None)
+        self.p = p
+
+    def forward(self, out: Outputs) -> Tensor:
+        s = out.extras["student_features"][self.student_tap].float()
+        t = out.extras["teacher_features"][self.teacher_tap].detach().float()
+        if s.shape[2:] != t.shape[2:]:
+            mode = "linear" if t.ndim == 3 else "bilinear"
+            s = F.interpolate(s, size=t.shape[2:], mode=mode, align_corners=False)
+        return (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean(1)
+
+
+class AttentionMapKL(FeatureTerm):
+    """MiniLM-style attention-map distillation (Wang et al. 2020), per head:
+    loss_i = mean_{h, q} KL(A_T[i,h,q,:] || A_S[i,h,q,:]), A = attention probabilities
+    ``[B, H, Q, K]`` captured with ``kind: attention``. Head counts must match (or
+    ``average_heads: true`` compares head-averaged maps). Queries with an all-zero
+    teacher row (masked) are left out."""
+
+    uses_projector = False
+
+    def __init__(self, student: str, teacher: str, average_heads: bool = False, eps: float = 1e-8):
+        super().__init__(student, teacher, projector=None)
+        self.average_heads, self.eps = average_heads, eps
+
+    def setup(self, student_shape, teacher_shape, key: str) -> None:
+        if self.average_heads:
+            student_shape, teacher_shape = student_shape[:1] + student_shape[2:], teacher_shape[:1] + teacher_shape[2:]
+        if tuple(student_shape) != tuple(teacher_shape):
+            raise ValueError(f"{key}: attention maps differ in shape ({tuple(student_shape)} vs "
+                             f"{tuple(teacher_shape)}); set average_heads: true if only head counts differ")
+
+    def forward(self, out: Outputs) -> Tensor:
+        a_s = out.extras["student_features"][self.student_tap].float()
+        a_t = out.extras["teacher_features"][self.teacher_tap].detach().float()
+        if self.average_heads:
+            a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+        kl = (a_t * ((a_t + self.eps).log() - (a_s + self.eps).log())).sum(-1)  # [B, H, Q]
+        valid = (a_t.sum(-1) > 0.5).float()
+        return (kl * valid).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1.0)
+
+
+class HiddenStates(FeatureTerm):
+    """Hidden-state distillation over a layer stack (TinyBERT/DistilBERT style). The taps
+    capture lists (globs such as ``encoder.layer.*``); student layer l is matched with
+    teacher layer ``layer_map[l]``, by default uniformly: ``m(l) = round((l + 1) * L_T / L_S) - 1``
+    (every k-th teacher layer). loss_i = mean_l d(P_l(h_S^l)_i, h_T^{m(l)}_i), with d the
+    per-sample MSE (``kind: mse``) or 1 - cosine over channels averaged over tokens
+    (``kind: cosine``); one projector per student layer."""
+
+    def __init__(self, student: str, teacher: str, kind: str = "mse", layer_map: list[int] | None = None,
+                 projector: str | None = "auto"):
+        super().__init__(student, teacher, projector)
+        if kind not in ("mse", "cosine"):
+            raise ValueError(f"kind must be mse or cosine, got {kind!r}")
+        self.kind, self.layer_map = kind, list(layer_map) if layer_map is not None else None
+        self.projectors = nn.ModuleList()
+
+    @staticmethod
+    def uniform_map(n_student: int, n_teacher: int) -> list[int]:
+        return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+
+    def setup(self, student_shape, teacher_shape, key: str) -> None:
+        s_shapes, t_shapes = list(student_shape), list(teacher_shape)  # lists of shapes
+        if self.layer_map is None:
+            self.layer_map = self.uniform_map(len(s_shapes), len(t_shapes))
+        if len(self.layer_map) != len(s_shapes) or not all(0 <= m < len(t_shapes) for m in self.layer_map):
+            raise ValueError(f"{key}.layer_map: needs {len(s_shapes)} teacher indices in [0, {len(t_shapes)}), "
+                             f"got {self.layer_map}")
+        self.projectors = nn.ModuleList(
+            build_projector(s, t_shapes[m], f"{key}[{i}]") if self.projector_mode else nn.Identity()
+            for i, (s, m) in enumerate(zip(s_shapes, self.layer_map, strict=True)))
+
+    def forward(self, out: Outputs) -> Tensor:
+        hs = out.extras["student_features"][self.student_tap]
+        ht = out.extras["teacher_features"][self.teacher_tap]
+        losses = []
+        for proj, s, m in zip(self.projectors, hs, self.layer_map, strict=True):
+            s, t = proj(s).float(), ht[m].detach().float()
+            if self.kind == "mse":
+                losses.append((s - t).pow(2).flatten(1).mean(1))
+            else:
+                losses.append((1 - F.cosine_similarity(s, t, dim=-1)).flatten(1).mean(1))
+        return torch.stack(losses).mean(0)
