@@ -74,6 +74,12 @@ def digits_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
     return train_teacher(tmp_path_factory, data_dir, "digits_teacher")
 
 
+@pytest.fixture(scope="session")
+def bert_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
+    """A briefly trained 4-layer BERT teacher on digits-as-tokens."""
+    return train_teacher(tmp_path_factory, data_dir, "digits_bert_teacher")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).endswith(".ipynb"):

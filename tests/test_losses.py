@@ -162,3 +162,24 @@ def test_objective_errors_name_the_config_key():
         Objective({"task": torch.nn.Linear(2, 2)})
     with pytest.raises(RuntimeError, match="distill.terms.kd needs a teacher"):
         Objective({"kd": HintonKD()})(outputs(torch.randn(2, 3)))
+
+
+def test_weight_schedules():
+    from distillery.schedules import ConstantWeight, CosineWeight, LinearWarmupWeight
+
+    assert ConstantWeight(0.3)(7.0) == 0.3
+    warm = LinearWarmupWeight(2.0, warmup_epochs=4)
+    assert [warm(e) for e in (0, 1, 4, 10)] == [0.0, 0.5, 2.0, 2.0]
+    cos = CosineWeight(start=1.0, end=0.0, epochs=2)
+    assert (
+        cos(0) == pytest.approx(1.0)
+        and cos(1) == pytest.approx(0.5)
+        and cos(5) == pytest.approx(0.0)
+    )
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    obj = Objective({"task": CrossEntropy(), "kd": HintonKD(2.0)}, {"task": 1.0, "kd": warm})
+    total, terms = obj(Outputs(s, y, t, epoch=1.0))
+    torch.testing.assert_close(total, terms["task"] + 0.5 * terms["kd"])
+    assert obj.current_weights == {"task": 1.0, "kd": 0.5}
+    with pytest.raises(TypeError, match="distill.weights.kd"):
+        Objective({"kd": HintonKD()}, {"kd": "lots"})

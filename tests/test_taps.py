@@ -347,3 +347,81 @@ def test_taps_cli_lists_a_configured_model():
 
     rows = list_taps(compose_cfg("taps", ["experiment=mnist1d_fitnet", "side=student"]))
     assert ("net.4", "ReLU", "(2, 100)", "") in rows
+
+
+def test_glob_star_matches_one_path_component():
+    from distillery.taps import path_matches
+
+    assert path_matches("encoder.layer.3", "encoder.layer.*")
+    assert not path_matches("encoder.layer.3.attention", "encoder.layer.*")
+    assert path_matches("encoder.layer.3.attention.self", "encoder.**.self")
+    assert path_matches("layer2", "layer*") and not path_matches("layer2.0", "layer*")
+
+
+def test_attention_transfer_sums_over_layer_pairs():
+    s = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    t = [torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4)]
+    at = AttentionTransfer("f", "f")
+    at.setup([x.shape for x in s], [x.shape for x in t], "k")
+    want = at(feature_outputs(s[0], t[0], batch=2)) + at(feature_outputs(s[1], t[1], batch=2))
+    torch.testing.assert_close(at(feature_outputs(s, t, batch=2)), want)
+
+
+def test_value_relation_kl_golden():
+    from distillery.losses import ValueRelationKL
+
+    v_s, v_t = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    term = ValueRelationKL("f", "f", relation_heads=2)
+    term.setup(v_s.shape, v_t.shape, "k")
+    got = term(feature_outputs(v_s, v_t, batch=2))
+
+    def rel(v, h):
+        d = v.shape[-1] // h
+        return torch.stack([(v[:, :, i * d:(i + 1) * d] @ v[:, :, i * d:(i + 1) * d].transpose(1, 2) / d**0.5).softmax(-1)
+                            for i in range(h)], 1)  # fmt: skip
+
+    r_s, r_t = rel(v_s, 2), rel(v_t, 2)
+    want = (r_t * (r_t.log() - r_s.log())).sum(-1).mean((1, 2))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert float(term(feature_outputs(v_t, v_t, batch=2)).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="divisible"):
+        ValueRelationKL("f", "f", relation_heads=3).setup(v_s.shape, v_t.shape, "k")
+
+
+def test_crd_golden_and_memory_bank():
+    from distillery.losses import CRD
+
+    torch.manual_seed(0)
+    term = CRD("f", "f", bank_size=6, feat_dim=4, num_negatives=3, temperature=0.5, momentum=0.5)
+    term.setup((3, 5), (3, 7), "distill.terms.crd")
+    f_s, f_t = torch.randn(3, 5), torch.randn(3, 7)
+    ids = torch.tensor([100, 200, 300])
+    out = feature_outputs(f_s, f_t)
+    out.extras["sample_id"] = ids
+    bank_s, bank_t = term.bank_s.clone(), term.bank_t.clone()
+    torch.manual_seed(1)
+    got = term(out)
+    torch.manual_seed(1)
+    neg = torch.randint(0, 6, (3, 3))
+    idx = torch.tensor([0, 1, 2])  # first-seen ids get slots 0, 1, 2
+    neg = torch.where(neg == idx[:, None], (neg + 1) % 6, neg)
+    s = F.normalize(term.embed_s(f_s), dim=1)
+    t = F.normalize(term.embed_t(f_t), dim=1)
+    want = []
+    for i in range(3):
+        cand = [int(idx[i]), *neg[i].tolist()]
+        ls = torch.stack([s[i] @ bank_t[c] for c in cand]) / 0.5
+        lt = torch.stack([t[i] @ bank_s[c] for c in cand]) / 0.5
+        want.append(-ls.log_softmax(0)[0] - lt.log_softmax(0)[0])
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    # Banks moved towards the new embeddings (training mode) and stay unit norm.
+    torch.testing.assert_close(
+        term.bank_s[0], F.normalize(0.5 * bank_s[0] + 0.5 * s[0].detach(), dim=0)
+    )
+    torch.testing.assert_close(term.bank_s.norm(dim=1), torch.ones(6))
+    assert term.slot_ids[:3].tolist() == [100, 200, 300]
+    out.extras["sample_id"] = torch.tensor([400, 500, 600, 700])[:3]
+    term(out)
+    out.extras["sample_id"] = torch.tensor([701, 702, 703])
+    with pytest.raises(RuntimeError, match="bank_size"):
+        term(out)

@@ -97,7 +97,7 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_debug_fdr_runs_every_experiment(
-    name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, tmp_path
+    name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, bert_teacher_ckpt, tmp_path
 ):
     extra = {
         "mnist1d_teacher": SMALL_MNIST1D,
@@ -113,6 +113,7 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         ],
         "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
+        "bert_hidden_attention": [f"teacher.ckpt_path={bert_teacher_ckpt}"],
         "mnist1d_fitnet": [
             *SMALL_MNIST1D,
             "data.transfer_size=300",
@@ -125,6 +126,20 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         ],
     }.get(name, [])
+    if name == "vit_attention":
+        import timm
+
+        from test_data import make_image_folder
+
+        make_image_folder(tmp_path / "imgs", classes=3, per_class=2, size=32)
+        teacher = timm.create_model(
+            "vit_small_patch16_224", num_classes=3, img_size=32, patch_size=4, depth=2
+        )
+        torch.save(teacher.state_dict(), tmp_path / "vit_s.pth")
+        extra = ["data=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.num_classes=3", "data.image_size=32",
+                 "data.num_workers=0", "data.batch_size=4", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                 f"teacher.checkpoint_path={tmp_path / 'vit_s.pth'}", "teacher.model_kwargs.depth=2",
+                 "student.depth=2", "taps.student.attn.path=blocks.1.attn", "taps.teacher.attn.path=blocks.1.attn"]  # fmt: skip
     if name.startswith("cifar100"):
         # The real CIFAR-100 files cannot be downloaded here: same experiment, a tiny
         # 100-class image folder in CIFAR's format, and a RepDistiller-style teacher file.

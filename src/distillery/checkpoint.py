@@ -80,7 +80,12 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     student = instantiate(ckpt[META_KEY]["config"]["student"])
     student.load_state_dict(sub_state_dict(ckpt["state_dict"], "student."))
     stats = sub_state_dict(ckpt["state_dict"], "student_norm.")
-    norm = InputNorm(mean=stats["mean"].tolist(), std=stats["std"].tolist())
+    identity = bool((stats["mean"] == 0).all() and (stats["std"] == 1).all())
+    norm = (
+        InputNorm()
+        if identity
+        else InputNorm(mean=stats["mean"].tolist(), std=stats["std"].tolist())
+    )
     return nn.Sequential(norm, student).eval()
 
 

@@ -142,12 +142,18 @@ class DistillationModule(L.LightningModule):
         n_batches = self.trainer.num_training_batches if self._trainer is not None else 0
         progress = batch_idx / n_batches if n_batches and n_batches != float("inf") else 0.0
         epoch = self.current_epoch + progress
+        if extras:
+            extras["sample_id"] = batch["sample_id"]
         out = Outputs(logits, labels, teacher_logits, epoch=epoch, targets=targets, extras=extras)
         total, terms = self.objective(out)
         bs = x.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             self.log(f"train/loss/{name}", value, batch_size=bs)
+            if callable(self.objective.weights[name]):  # scheduled weights are logged too
+                self.log(
+                    f"train/weight/{name}", self.objective.current_weights[name], batch_size=bs
+                )
         return total
 
     def _eval_step(self, batch, metrics: EvalMetrics, stage: str) -> None:

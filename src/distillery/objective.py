@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,12 +73,13 @@ class Objective(nn.Module):
     Args:
         terms: name -> LossTerm. Names become the logged metric names
             (``train/loss/<name>``).
-        weights: name -> float weight. Terms without an entry get weight 1.
-            A weight of 0 still computes and logs the term (handy for monitoring)
-            but keeps it out of the gradient.
+        weights: name -> float weight, or a schedule ``w(epoch)`` (see
+            ``distillery.schedules``: ConstantWeight, LinearWarmupWeight, CosineWeight).
+            Terms without an entry get weight 1. A weight of 0 still computes and logs
+            the term (handy for monitoring) but keeps it out of the gradient.
     """
 
-    def __init__(self, terms: Mapping[str, LossTerm], weights: Mapping[str, float] | None = None):
+    def __init__(self, terms: Mapping[str, LossTerm], weights: Mapping[str, Any] | None = None):
         super().__init__()
         if not terms:
             raise ValueError("distill.terms: the objective needs at least one loss term")
@@ -95,7 +97,18 @@ class Objective(nn.Module):
                     f"got {type(term).__name__}"
                 )
         self.terms = nn.ModuleDict(dict(terms))
-        self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
+        self.weights: dict[str, Any] = {}
+        for name in terms:
+            w = weights.get(name, 1.0)
+            if not callable(w):
+                try:
+                    w = float(w)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(
+                        f"distill.weights.{name}: expected a number or a schedule, got {w!r}"
+                    ) from e
+            self.weights[name] = w
+        self.current_weights: dict[str, float] = {}
 
     @property
     def needs_teacher(self) -> bool:
@@ -123,5 +136,8 @@ class Objective(nn.Module):
                     )
                 value = per_sample.float().mean()
             values[name] = value
-            total = total + self.weights[name] * value
+            w = self.weights[name]
+            w = float(w(out.epoch)) if callable(w) else w
+            self.current_weights[name] = w
+            total = total + w * value
         return total, values

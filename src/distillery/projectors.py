@@ -42,8 +42,9 @@ class TokenProjector(nn.Module):
         return self.linear(x)
 
 
-def build_projector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], key: str,
-                    layout: str = "auto") -> nn.Module:
+def build_projector(
+    student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], key: str, layout: str = "auto"
+) -> nn.Module:
     """A projector from per-batch shapes (batch dim included). ``layout``: ``auto``
     (3-D tensors are tokens ``[B, N, C]``, 4-D are maps), ``tokens`` or ``maps``."""
     s, t = tuple(student_shape), tuple(teacher_shape)
@@ -56,6 +57,8 @@ def build_projector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ..
     tokens = layout == "tokens" or (layout == "auto" and len(s) == 3)
     if tokens:
         if s[1] != t[1]:
-            raise ValueError(f"{key}: token counts differ ({s[1]} vs {t[1]}); pool or pick tokens first")
+            raise ValueError(
+                f"{key}: token counts differ ({s[1]} vs {t[1]}); pool or pick tokens first"
+            )
         return TokenProjector(s[-1], t[-1])
     return MapProjector(s[1], t[1], t[2:])

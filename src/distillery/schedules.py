@@ -53,3 +53,50 @@ class WarmupCosine(LambdaLR):
             return (step + 1) / self.warmup_steps
         p = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class WeightSchedule:
+    """A loss-term weight as a function of the (fractional) epoch; used in
+    ``distill.weights`` in place of a number. Logged as ``train/weight/<term>``."""
+
+    def __call__(self, epoch: float) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ConstantWeight(WeightSchedule):
+    """w(e) = value"""
+
+    def __init__(self, value: float = 1.0):
+        self.value = value
+
+    def __call__(self, epoch: float) -> float:
+        return self.value
+
+
+class LinearWarmupWeight(WeightSchedule):
+    """w(e) = value * min(1, e / warmup_epochs) (value when warmup_epochs is 0)"""
+
+    def __init__(self, value: float = 1.0, warmup_epochs: float = 1.0):
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.value, self.warmup_epochs = value, warmup_epochs
+
+    def __call__(self, epoch: float) -> float:
+        return (
+            self.value
+            if self.warmup_epochs == 0
+            else self.value * min(1.0, epoch / self.warmup_epochs)
+        )
+
+
+class CosineWeight(WeightSchedule):
+    """w(e) = end + (start - end) * (1 + cos(pi * min(1, e / epochs))) / 2: from start to end."""
+
+    def __init__(self, start: float = 1.0, end: float = 0.0, epochs: float = 1.0):
+        if epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+        self.start, self.end, self.epochs = start, end, epochs
+
+    def __call__(self, epoch: float) -> float:
+        p = min(1.0, epoch / self.epochs)
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * p))

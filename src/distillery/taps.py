@@ -55,6 +55,21 @@ class TapSpec:
         return cls(**dict(spec))
 
 
+def path_matches(path: str, pattern: str) -> bool:
+    """Glob on dotted paths: ``*`` matches one path component (``blocks.*.attn``),
+    ``**`` any number of them."""
+    parts, pats = path.split("."), pattern.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if j == len(pats):
+            return i == len(parts)
+        if pats[j] == "**":
+            return any(match(k, j + 1) for k in range(i, len(parts) + 1))
+        return i < len(parts) and fnmatch.fnmatchcase(parts[i], pats[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
 def resolve_paths(model: nn.Module, pattern: str, key: str) -> list[str]:
     """Module paths matching ``pattern`` (exact, glob, or ``feature_info:<i>``)."""
     names = [n for n, _ in model.named_modules() if n]
@@ -67,11 +82,13 @@ def resolve_paths(model: nn.Module, pattern: str, key: str) -> list[str]:
         pattern = entries[stage]["module"]
     if pattern in names:
         return [pattern]
-    matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    matches = [n for n in names if path_matches(n, pattern)]
     if not matches:
         close = difflib.get_close_matches(pattern, names, n=5)
-        raise ValueError(f"{key}: no module matches {pattern!r} (closest: {close}); "
-                         f"list them with `python -m distillery.taps`")
+        raise ValueError(
+            f"{key}: no module matches {pattern!r} (closest: {close}); "
+            f"list them with `python -m distillery.taps`"
+        )
     return matches
 
 
@@ -103,16 +120,22 @@ def eager_mask_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
         return args, kwargs
     lowest = torch.finfo(hidden.dtype).min
     if mask is not None and mask.dtype == torch.bool:
-        kwargs["attention_mask"] = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(~mask, lowest)
+        kwargs["attention_mask"] = torch.zeros(
+            mask.shape, dtype=hidden.dtype, device=mask.device
+        ).masked_fill(~mask, lowest)
     elif mask is None and getattr(module, "is_causal", False):
         n = hidden.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()
-        kwargs["attention_mask"] = torch.zeros(1, 1, n, n, dtype=hidden.dtype, device=hidden.device).masked_fill(~causal, lowest)
+        kwargs["attention_mask"] = torch.zeros(
+            1, 1, n, n, dtype=hidden.dtype, device=hidden.device
+        ).masked_fill(~causal, lowest)
     return args, kwargs
 
 
 def attention_style(module: nn.Module) -> str:
-    if all(hasattr(module, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")):
+    if all(
+        hasattr(module, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
+    ):
         return "timm"
     if hasattr(getattr(module, "config", None), "_attn_implementation"):
         return "hf"
@@ -130,13 +153,17 @@ class Taps:
         for name, spec in self.specs.items():
             key = f"taps.{side}.{name}"
             if spec.kind not in ("output", "input", "attention"):
-                raise ValueError(f"{key}.kind must be output, input or attention, got {spec.kind!r}")
+                raise ValueError(
+                    f"{key}.kind must be output, input or attention, got {spec.kind!r}"
+                )
             self.targets[name] = resolve_paths(model, spec.path, f"{key}.path")
             if spec.kind == "attention":
                 for path in self.targets[name]:
                     if attention_style(modules[path]) == "unknown":
-                        raise ValueError(f"{key}: cannot capture attention maps from {path} "
-                                         f"({type(modules[path]).__name__}); tap a timm Attention or HF attention module")
+                        raise ValueError(
+                            f"{key}: cannot capture attention maps from {path} "
+                            f"({type(modules[path]).__name__}); tap a timm Attention or HF attention module"
+                        )
         self.captured: dict[str, Tensor | list[Tensor]] = {}
         self._slots: dict[tuple[str, int], Tensor] = {}
         self._handles: list[Any] = []
@@ -157,18 +184,30 @@ class Taps:
             for i, path in enumerate(self.targets[name]):
                 module = modules[path]
                 if spec.kind == "input":
-                    self._handles.append(module.register_forward_pre_hook(self._input_hook(name, i, spec)))
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._input_hook(name, i, spec))
+                    )
                 elif spec.kind == "output":
-                    self._handles.append(module.register_forward_hook(self._output_hook(name, i, spec)))
+                    self._handles.append(
+                        module.register_forward_hook(self._output_hook(name, i, spec))
+                    )
                 elif attention_style(module) == "timm":
-                    self._handles.append(module.register_forward_pre_hook(self._timm_attention_hook(name, i)))
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._timm_attention_hook(name, i))
+                    )
                 else:
                     self._saved_configs.append((module, module.config))
                     eager = copy.copy(module.config)
                     eager._attn_implementation = "eager"
                     module.config = eager
-                    self._handles.append(module.register_forward_pre_hook(eager_mask_hook, with_kwargs=True))
-                    self._handles.append(module.register_forward_hook(self._output_hook(name, i, TapSpec(path, "output", 1))))
+                    self._handles.append(
+                        module.register_forward_pre_hook(eager_mask_hook, with_kwargs=True)
+                    )
+                    self._handles.append(
+                        module.register_forward_hook(
+                            self._output_hook(name, i, TapSpec(path, "output", 1))
+                        )
+                    )
         return self
 
     def remove(self) -> None:
@@ -196,10 +235,13 @@ class Taps:
             raise DuplicateCaptureError(
                 f"taps.{self.side}.{name}: {self.targets[name][i]} fired twice in one forward (activation "
                 f"checkpointing re-runs the forward, or the module is used twice); disable checkpointing "
-                f"for tapped modules or tap a module that runs once")
+                f"for tapped modules or tap a module that runs once"
+            )
         if not isinstance(value, Tensor):
-            raise TypeError(f"taps.{self.side}.{name}: {self.targets[name][i]} gave {type(value).__name__}, "
-                            f"not a tensor; set index to pick a tuple element")
+            raise TypeError(
+                f"taps.{self.side}.{name}: {self.targets[name][i]} gave {type(value).__name__}, "
+                f"not a tensor; set index to pick a tuple element"
+            )
         self._slots[(name, i)] = value.detach() if self.detach else value
         n = len(self.targets[name])
         if n == 1:
@@ -256,7 +298,9 @@ def describe(model: nn.Module, example: Tensor) -> list[tuple[str, str, str]]:
     finally:
         for h in handles:
             h.remove()
-    return [(p, type(m).__name__, shapes.get(p, "not called")) for p, m in model.named_modules() if p]
+    return [
+        (p, type(m).__name__, shapes.get(p, "not called")) for p, m in model.named_modules() if p
+    ]
 
 
 def list_taps(cfg) -> list[tuple[str, str, str, str]]:
@@ -265,7 +309,7 @@ def list_taps(cfg) -> list[tuple[str, str, str, str]]:
     from distillery.train import build_teacher
 
     data = build(cfg.data, "data")
-    example = torch.zeros(2, *data.input_shape)
+    example = data.example_input(2)
     if cfg.side == "teacher":
         teacher = build_teacher(cfg)
         if teacher is None:

@@ -37,11 +37,10 @@ def build_teacher(cfg: DictConfig):
     return teacher
 
 
-def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
-    """Dry-run forward on a zero batch: student (and teacher) must give [B, num_classes]."""
+def check_compatible(teacher, student, x, num_classes: int) -> None:
+    """Dry-run forward on a dummy batch: student (and teacher) must give [B, num_classes]."""
     import torch
 
-    x = torch.zeros(2, *input_shape)
     student.eval()
     problems = []
     for key, model in (("student", student), ("teacher", teacher)):
@@ -64,7 +63,7 @@ def check_compatible(teacher, student, input_shape, num_classes: int) -> None:
         raise ConfigError(problems)
 
 
-def build_taps(cfg: DictConfig, student, teacher, objective, example_shape) -> tuple:
+def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     """Taps from ``cfg.taps`` and, from one dry-run forward, the projectors of every
     feature term (so they exist before the optimizer and checkpoint loading)."""
     import torch
@@ -85,12 +84,16 @@ def build_taps(cfg: DictConfig, student, teacher, objective, example_shape) -> t
         raise ConfigError([str(e)]) from e
     problems = []
     for name, term in feature_terms.items():
-        for side, taps, tap in (("student", s_taps, term.student_tap), ("teacher", t_taps, term.teacher_tap)):
+        for side, taps, tap in (
+            ("student", s_taps, term.student_tap),
+            ("teacher", t_taps, term.teacher_tap),
+        ):
             if tap not in taps.specs:
-                problems.append(f"distill.terms.{name}: no tap named {tap!r} under taps.{side} ({sorted(taps.specs)})")
+                problems.append(
+                    f"distill.terms.{name}: no tap named {tap!r} under taps.{side} ({sorted(taps.specs)})"
+                )
     if problems:
         raise ConfigError(problems)
-    x = torch.zeros(2, *example_shape)
     with s_taps, t_taps, torch.no_grad():
         was_training = student.training
         student.eval()
@@ -103,8 +106,11 @@ def build_taps(cfg: DictConfig, student, teacher, objective, example_shape) -> t
 
         for name, term in feature_terms.items():
             try:
-                term.setup(shapes(s_taps.captured[term.student_tap]), shapes(t_taps.captured[term.teacher_tap]),
-                           f"distill.terms.{name}")
+                term.setup(
+                    shapes(s_taps.captured[term.student_tap]),
+                    shapes(t_taps.captured[term.teacher_tap]),
+                    f"distill.terms.{name}",
+                )
             except (ValueError, KeyError) as e:
                 problems.append(str(e))
     if problems:
@@ -133,13 +139,9 @@ def build_run(cfg: DictConfig):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     objective = build(cfg.distill, "distill")
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
-    check_compatible(
-        teacher,
-        nn.Sequential(student_norm, student),
-        datamodule.input_shape,
-        datamodule.num_classes,
-    )
-    student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, datamodule.input_shape)
+    example = datamodule.example_input(2)
+    check_compatible(teacher, nn.Sequential(student_norm, student), example, datamodule.num_classes)
+    student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     try:
         module = DistillationModule(
             student=student,

@@ -39,6 +39,12 @@ class ClassificationDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self.transfer_set: Dataset | None = None
 
+    def example_input(self, n: int = 2):
+        """A dummy batch of raw inputs for shape dry runs (token datamodules give ids)."""
+        import torch
+
+        return torch.zeros(n, *self.input_shape)
+
     def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
             ds,

@@ -8,6 +8,7 @@ split loses its labels and becomes the transfer set.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from distillery.data.base import ClassificationDataModule
 from distillery.data.batch import TensorDictDataset
@@ -76,3 +77,28 @@ class DigitsDataModule(ClassificationDataModule):
             )
             self.transfer_set = TensorDictDataset(x_un, None, id_un)
         self.train_set = TensorDictDataset(x_tr, y_tr, id_tr)
+
+
+class DigitsTokensDataModule(DigitsDataModule):
+    """Digits as token sequences for transformer encoders: each image becomes
+    ``[CLS] p_1 ... p_64`` with pixel intensities 0..16 as tokens 2..18 (0 = padding,
+    1 = CLS), 65 tokens, int64. A small, real, offline sequence-classification task."""
+
+    VOCAB_SIZE = 19
+
+    def __init__(self, **kwargs):
+        kwargs["flatten"] = True
+        super().__init__(**kwargs)
+        self.input_shape = (65,)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        super().setup(stage)
+        for ds in (self.train_set, self.val_set, self.test_set, self.transfer_set):
+            if ds is not None:
+                tokens = (ds.inputs * 16).round().long() + 2
+                ds.inputs = torch.cat([torch.ones(len(tokens), 1, dtype=torch.long), tokens], 1)
+
+    def example_input(self, n: int = 2):
+        return torch.ones(n, *self.input_shape, dtype=torch.long)

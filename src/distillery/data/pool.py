@@ -82,6 +82,9 @@ class TransferPool(ClassificationDataModule):
     def prepare_data(self) -> None:
         self.base.prepare_data()
 
+    def example_input(self, n: int = 2):
+        return self.base.example_input(n)
+
     def setup(self, stage: str | None = None) -> None:
         self.base.setup(stage)
         self.train_set, self.val_set, self.test_set = (

@@ -4,6 +4,7 @@ A new term is one class deriving from ``distillery.objective.LossTerm`` plus a
 YAML entry under ``distill.terms`` naming it with ``_target_``.
 """
 
+from distillery.losses.crd import CRD
 from distillery.losses.dkd import DKD
 from distillery.losses.feature import (
     AttentionMapKL,
@@ -12,12 +13,13 @@ from distillery.losses.feature import (
     FeatureTerm,
     FitNet,
     HiddenStates,
+    ValueRelationKL,
 )
 from distillery.losses.kd import HintonKD
 from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
 
 __all__ = [
-    "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "FeatureTerm", "FitNet",
-    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityPreserving",
+    "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "FeatureTerm", "FitNet",
+    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityPreserving", "ValueRelationKL",
 ]  # fmt: skip

@@ -33,8 +33,10 @@ class FeatureTerm(LossTerm):
             layout = "auto" if self.projector_mode == "auto" else self.projector_mode
             self.projector = build_projector(student_shape, teacher_shape, key, layout)
         elif self.uses_projector and tuple(student_shape) != tuple(teacher_shape):
-            raise ValueError(f"{key}: shapes differ ({tuple(student_shape)} vs {tuple(teacher_shape)}) "
-                             f"and projector is null")
+            raise ValueError(
+                f"{key}: shapes differ ({tuple(student_shape)} vs {tuple(teacher_shape)}) "
+                f"and projector is null"
+            )
 
     def features(self, out: Outputs) -> tuple[Tensor, Tensor]:
         s = out.extras["student_features"][self.student_tap]
@@ -69,8 +71,9 @@ def attention_map(f: Tensor, p: float) -> Tensor:
 
 class AttentionTransfer(FeatureTerm):
     """Attention transfer (Zagoruyko & Komodakis 2017) on feature maps ``[B, C, *space]``:
-    loss_i = mean_s (a(f_S)_is - a(f_T)_is)^2 with a() above (p = 2 by default); the
-    student map is resized to the teacher's spatial size. No channel projector needed."""
+    loss_i = sum_l mean_s (a(f_S^l)_is - a(f_T^l)_is)^2 with a() above (p = 2 by
+    default), over the tapped layer pairs l (one pair, or lists from glob taps such as
+    ``layer*``); student maps are resized to the teacher's spatial size. No projector."""
 
     uses_projector = False
 
@@ -78,13 +81,26 @@ class AttentionTransfer(FeatureTerm):
         super().__init__(student, teacher, projector=None)
         self.p = p
 
+    def setup(self, student_shape, teacher_shape, key: str) -> None:
+        if isinstance(student_shape, list) != isinstance(teacher_shape, list) or (
+            isinstance(student_shape, list) and len(student_shape) != len(teacher_shape)
+        ):
+            raise ValueError(
+                f"{key}: student and teacher taps must capture the same number of layers"
+            )
+
     def forward(self, out: Outputs) -> Tensor:
-        s = out.extras["student_features"][self.student_tap].float()
-        t = out.extras["teacher_features"][self.teacher_tap].detach().float()
-        if s.shape[2:] != t.shape[2:]:
-            mode = "linear" if t.ndim == 3 else "bilinear"
-            s = F.interpolate(s, size=t.shape[2:], mode=mode, align_corners=False)
-        return (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean(1)
+        ss = out.extras["student_features"][self.student_tap]
+        ts = out.extras["teacher_features"][self.teacher_tap]
+        pairs = zip(ss, ts, strict=True) if isinstance(ss, list) else [(ss, ts)]
+        total = 0.0
+        for s, t in pairs:
+            s, t = s.float(), t.detach().float()
+            if s.shape[2:] != t.shape[2:]:
+                mode = "linear" if t.ndim == 3 else "bilinear"
+                s = F.interpolate(s, size=t.shape[2:], mode=mode, align_corners=False)
+            total = total + (attention_map(s, self.p) - attention_map(t, self.p)).pow(2).mean(1)
+        return total
 
 
 class AttentionMapKL(FeatureTerm):
@@ -102,10 +118,15 @@ class AttentionMapKL(FeatureTerm):
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:
         if self.average_heads:
-            student_shape, teacher_shape = student_shape[:1] + student_shape[2:], teacher_shape[:1] + teacher_shape[2:]
+            student_shape, teacher_shape = (
+                student_shape[:1] + student_shape[2:],
+                teacher_shape[:1] + teacher_shape[2:],
+            )
         if tuple(student_shape) != tuple(teacher_shape):
-            raise ValueError(f"{key}: attention maps differ in shape ({tuple(student_shape)} vs "
-                             f"{tuple(teacher_shape)}); set average_heads: true if only head counts differ")
+            raise ValueError(
+                f"{key}: attention maps differ in shape ({tuple(student_shape)} vs "
+                f"{tuple(teacher_shape)}); set average_heads: true if only head counts differ"
+            )
 
     def forward(self, out: Outputs) -> Tensor:
         a_s = out.extras["student_features"][self.student_tap].float()
@@ -125,8 +146,14 @@ class HiddenStates(FeatureTerm):
     per-sample MSE (``kind: mse``) or 1 - cosine over channels averaged over tokens
     (``kind: cosine``); one projector per student layer."""
 
-    def __init__(self, student: str, teacher: str, kind: str = "mse", layer_map: list[int] | None = None,
-                 projector: str | None = "auto"):
+    def __init__(
+        self,
+        student: str,
+        teacher: str,
+        kind: str = "mse",
+        layer_map: list[int] | None = None,
+        projector: str | None = "auto",
+    ):
         super().__init__(student, teacher, projector)
         if kind not in ("mse", "cosine"):
             raise ValueError(f"kind must be mse or cosine, got {kind!r}")
@@ -141,12 +168,17 @@ class HiddenStates(FeatureTerm):
         s_shapes, t_shapes = list(student_shape), list(teacher_shape)  # lists of shapes
         if self.layer_map is None:
             self.layer_map = self.uniform_map(len(s_shapes), len(t_shapes))
-        if len(self.layer_map) != len(s_shapes) or not all(0 <= m < len(t_shapes) for m in self.layer_map):
-            raise ValueError(f"{key}.layer_map: needs {len(s_shapes)} teacher indices in [0, {len(t_shapes)}), "
-                             f"got {self.layer_map}")
+        if len(self.layer_map) != len(s_shapes) or not all(
+            0 <= m < len(t_shapes) for m in self.layer_map
+        ):
+            raise ValueError(
+                f"{key}.layer_map: needs {len(s_shapes)} teacher indices in [0, {len(t_shapes)}), "
+                f"got {self.layer_map}"
+            )
         self.projectors = nn.ModuleList(
             build_projector(s, t_shapes[m], f"{key}[{i}]") if self.projector_mode else nn.Identity()
-            for i, (s, m) in enumerate(zip(s_shapes, self.layer_map, strict=True)))
+            for i, (s, m) in enumerate(zip(s_shapes, self.layer_map, strict=True))
+        )
 
     def forward(self, out: Outputs) -> Tensor:
         hs = out.extras["student_features"][self.student_tap]
@@ -159,3 +191,46 @@ class HiddenStates(FeatureTerm):
             else:
                 losses.append((1 - F.cosine_similarity(s, t, dim=-1)).flatten(1).mean(1))
         return torch.stack(losses).mean(0)
+
+
+def relation(x: Tensor, heads: int) -> Tensor:
+    """softmax(X_h X_h^T / sqrt(d_h)) per relation head: ``[B, N, C] -> [B, heads, N, N]``."""
+    b, n, c = x.shape
+    if c % heads:
+        raise ValueError(f"feature width {c} is not divisible by relation_heads={heads}")
+    xh = x.view(b, n, heads, c // heads).transpose(1, 2)
+    return (xh @ xh.transpose(-2, -1) / (c // heads) ** 0.5).softmax(-1)
+
+
+class ValueRelationKL(FeatureTerm):
+    """MiniLM value-relation transfer (Wang et al. 2020; MiniLMv2's relation heads).
+    Tap the value projections (``[B, N, C]``, e.g. ``...attention.self.value``) of one
+    teacher and one student layer. Both are split into ``relation_heads`` heads, so the
+    widths need not match; with VR = softmax(V_h V_h^T / sqrt(d_h)):
+    loss_i = mean_{h, q} KL(VR_T[i,h,q,:] || VR_S[i,h,q,:])."""
+
+    uses_projector = False
+
+    def __init__(self, student: str, teacher: str, relation_heads: int = 4):
+        super().__init__(student, teacher, projector=None)
+        self.relation_heads = relation_heads
+
+    def setup(self, student_shape, teacher_shape, key: str) -> None:
+        if len(student_shape) != 3 or tuple(student_shape[:2]) != tuple(teacher_shape[:2]):
+            raise ValueError(
+                f"{key}: needs token features [B, N, C] with equal N, got {tuple(student_shape)} "
+                f"and {tuple(teacher_shape)}"
+            )
+        for side, shape in (("student", student_shape), ("teacher", teacher_shape)):
+            if shape[-1] % self.relation_heads:
+                raise ValueError(
+                    f"{key}: {side} width {shape[-1]} is not divisible by relation_heads"
+                )
+
+    def forward(self, out: Outputs) -> Tensor:
+        v_s = out.extras["student_features"][self.student_tap].float()
+        v_t = out.extras["teacher_features"][self.teacher_tap].detach().float()
+        r_s, r_t = relation(v_s, self.relation_heads), relation(v_t, self.relation_heads)
+        return (
+            (r_t * (r_t.clamp_min(1e-12).log() - r_s.clamp_min(1e-12).log())).sum(-1).mean((1, 2))
+        )

@@ -20,7 +20,9 @@ class RelationTerm(FeatureTerm):
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:
         if student_shape[0] != teacher_shape[0]:
-            raise ValueError(f"{key}: batch sizes differ ({student_shape[0]} vs {teacher_shape[0]})")
+            raise ValueError(
+                f"{key}: batch sizes differ ({student_shape[0]} vs {teacher_shape[0]})"
+            )
 
     def pair(self, out: Outputs) -> tuple[Tensor, Tensor]:
         s = out.extras["student_features"][self.student_tap].float().flatten(1)
@@ -74,7 +76,9 @@ class RKD(RelationTerm):
     loss_i = distance_weight * D_i + angle_weight * A_i (huber = smooth L1, beta 1).
     """
 
-    def __init__(self, student: str, teacher: str, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(
+        self, student: str, teacher: str, distance_weight: float = 25.0, angle_weight: float = 50.0
+    ):
         super().__init__(student, teacher)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
