@@ -425,3 +425,12 @@ def test_crd_golden_and_memory_bank():
     out.extras["sample_id"] = torch.tensor([701, 702, 703])
     with pytest.raises(RuntimeError, match="bank_size"):
         term(out)
+
+
+def test_projector_given_explicitly_in_config():
+    proj = nn.Sequential(nn.Linear(100, 32), nn.ReLU(), nn.Linear(32, 64))
+    term = FitNet("f", "f", projector=proj)
+    term.setup((2, 100), (2, 64), "k")
+    assert term.projector is proj
+    s, t = torch.randn(2, 100), torch.randn(2, 64)
+    torch.testing.assert_close(term(feature_outputs(s, t)), (proj(s) - t).pow(2).mean(1))

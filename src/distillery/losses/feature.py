@@ -20,15 +20,22 @@ class FeatureTerm(LossTerm):
     needs_teacher = True
     uses_projector = True
 
-    def __init__(self, student: str, teacher: str, projector: str | None = "auto"):
+    def __init__(self, student: str, teacher: str, projector: str | nn.Module | None = "auto"):
         super().__init__()
-        if projector not in ("auto", "tokens", "maps", None):
-            raise ValueError(f"projector must be auto, tokens, maps or null, got {projector!r}")
-        self.student_tap, self.teacher_tap, self.projector_mode = student, teacher, projector
+        self.student_tap, self.teacher_tap = student, teacher
         self.projector: nn.Module = nn.Identity()
+        if isinstance(projector, nn.Module):  # given explicitly in config (_target_)
+            self.projector, projector = projector, "given"
+        elif projector not in ("auto", "tokens", "maps", None):
+            raise ValueError(
+                f"projector must be auto, tokens, maps, null or a module, got {projector!r}"
+            )
+        self.projector_mode = projector
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:
         """Build the projector from one dry run's capture shapes."""
+        if self.projector_mode == "given":
+            return
         if self.uses_projector and self.projector_mode is not None:
             layout = "auto" if self.projector_mode == "auto" else self.projector_mode
             self.projector = build_projector(student_shape, teacher_shape, key, layout)

@@ -1,0 +1,155 @@
+"""Token-level divergences between teacher and student next-token distributions.
+
+With p = softmax(z_T / T) (teacher) and q = softmax(z_S / T) (student) at each valid
+token position (all math in float32, whatever the logits' dtype):
+
+* ``fkl``  forward KL:      KL(p || q) = sum_v p_v (log p_v - log q_v)
+* ``rkl``  reverse KL:      KL(q || p)
+* ``jsd``  generalized JSD (Agarwal et al. 2024, GKD), m = beta p + (1 - beta) q:
+           beta KL(p || m) + (1 - beta) KL(q || m); beta = 0 is defined as KL(p || q) and
+           beta = 1 as KL(q || p), the limits the GKD reference implementation uses
+* ``skl``  skew KL (Ko et al. 2024, DistiLLM):          KL(p || alpha p + (1 - alpha) q)
+* ``srkl`` skew reverse KL:                             KL(q || (1 - alpha) p + alpha q)
+* ``tvd``  total variation: 0.5 sum_v |p_v - q_v|
+
+Each per-token value is multiplied by T^2 (the gradient-scale convention of Hinton KD).
+The loss is sum over valid tokens / ``num_tokens``: by default the valid tokens of this
+batch; pass the valid-token count of the whole optimizer step to make gradient
+accumulation and padding leave the loss unchanged. An all-masked batch gives 0.
+
+``chunk_size`` computes the loss and its gradient chunk by chunk over tokens inside a
+custom autograd function, so the float32 intermediates never exceed chunk x vocab; the
+only full-size tensor kept is the gradient, in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def per_token(
+    student: Tensor,
+    teacher: Tensor,
+    kind: str,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """Divergence per row of ``[N, V]`` logits, float32, times T^2: shape [N]."""
+    log_q = F.log_softmax(student.float() / temperature, -1)
+    log_p = F.log_softmax(teacher.float() / temperature, -1)
+    if kind == "fkl":
+        d = _kl(log_p, log_q)
+    elif kind == "rkl":
+        d = _kl(log_q, log_p)
+    elif kind == "jsd":
+        if beta == 0:
+            d = _kl(log_p, log_q)
+        elif beta == 1:
+            d = _kl(log_q, log_p)
+        else:
+            log_m = torch.logsumexp(
+                torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0
+            )
+            d = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+    elif kind == "skl":
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log(alpha), log_q + math.log1p(-alpha)]), 0
+        )
+        d = _kl(log_p, log_m)
+    elif kind == "srkl":
+        log_m = torch.logsumexp(
+            torch.stack([log_p + math.log1p(-alpha), log_q + math.log(alpha)]), 0
+        )
+        d = _kl(log_q, log_m)
+    elif kind == "tvd":
+        d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return d * temperature**2
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum of per-token divergences over the masked rows of ``[N, V]`` views, computed
+    chunk by chunk (masking inside each chunk, so no full-size copy is made)."""
+
+    @staticmethod
+    def forward(
+        ctx, student: Tensor, teacher: Tensor, keep: Tensor, chunk: int, kwargs: dict
+    ) -> Tensor:
+        grad = torch.zeros_like(student)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for i in range(0, student.shape[0], chunk):
+            rows = keep[i : i + chunk].nonzero().squeeze(1) + i
+            if rows.numel() == 0:
+                continue
+            with torch.enable_grad():
+                s = student[rows].detach().requires_grad_(True)
+                loss = per_token(s, teacher[rows], **kwargs).sum()
+                (g,) = torch.autograd.grad(loss, s)
+            grad[rows] = g.to(grad.dtype)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None
+
+
+def token_divergence(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None = None,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    num_tokens: float | Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_align: str = "error",
+) -> Tensor:
+    """Masked token-level divergence of ``[..., V]`` logits (see the module docstring).
+
+    ``vocab_align``: ``error`` (vocab sizes must match) or ``truncate`` (use the shared
+    leading rows, e.g. a Qwen-style padded vocabulary tail)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0 <= beta <= 1 or not 0 < alpha < 1:
+        raise ValueError(f"need 0 <= beta <= 1 and 0 < alpha < 1, got beta={beta}, alpha={alpha}")
+    vs, vt = student.shape[-1], teacher.shape[-1]
+    if vs != vt:
+        if vocab_align != "truncate":
+            raise ValueError(
+                f"vocab sizes differ: student {vs}, teacher {vt}; check the tokenizers, "
+                f"or set vocab_align: truncate to use the {min(vs, vt)} shared rows"
+            )
+        student, teacher = student[..., : min(vs, vt)], teacher[..., : min(vs, vt)]
+    v = student.shape[-1]
+    s, t = student.reshape(-1, v), teacher.reshape(-1, v).detach()  # views when contiguous
+    keep = (
+        torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        if mask is None
+        else mask.reshape(-1).bool()
+    )
+    count = int(keep.sum())
+    n = num_tokens if num_tokens is not None else count
+    if count == 0:
+        return student.sum() * 0.0  # all masked: 0, with a graph
+    kwargs = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha}
+    if chunk_size:
+        total = _ChunkedDivergence.apply(s, t, keep, int(chunk_size), kwargs)
+    else:
+        total = per_token(s[keep], t[keep], **kwargs).sum()
+    return total / (n if isinstance(n, Tensor) else max(float(n), 1.0))
