@@ -118,6 +118,29 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     return s_taps, t_taps
 
 
+def check_vocab(cfg: DictConfig, student, teacher, datamodule) -> None:
+    """Student and teacher vocabularies must cover the tokenizer and agree, unless a
+    token term sets ``vocab_align: truncate`` (shared leading rows)."""
+    n_tok = len(datamodule.load_tokenizer())
+    sizes = {"student": getattr(student, "vocab_size", None)}
+    if teacher is not None:
+        sizes["teacher"] = getattr(teacher.network, "vocab_size", None)
+    problems = [
+        f"{k}: vocabulary of {v} rows is smaller than the tokenizer's {n_tok} tokens (data.tokenizer)"
+        for k, v in sizes.items()
+        if v is not None and v < n_tok
+    ]
+    if teacher is not None and None not in sizes.values() and sizes["student"] != sizes["teacher"]:
+        terms = (cfg.distill.get("terms") or {}).values()
+        if not any(t.get("vocab_align") == "truncate" for t in terms if t):
+            problems.append(
+                f"teacher and student vocabularies differ ({sizes['teacher']} vs {sizes['student']}): "
+                f"use the same tokenizer, or set vocab_align: truncate on the token KD term"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     validate(cfg)
@@ -140,15 +163,20 @@ def build_run(cfg: DictConfig):
     objective = build(cfg.distill, "distill")
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
-    check_compatible(teacher, nn.Sequential(student_norm, student), example, datamodule.num_classes)
+    num_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is not None:  # classifiers: logits [B, num_classes]
+        check_compatible(teacher, nn.Sequential(student_norm, student), example, num_classes)
+    else:  # language models: vocabularies
+        check_vocab(cfg, student, teacher, datamodule)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
+    module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:
-        module = DistillationModule(
+        module = module_factory(
             student=student,
             objective=objective,
             optimizer=build(cfg.optimizer, "optimizer"),
             scheduler=build(cfg.get("scheduler"), "scheduler"),
-            num_classes=datamodule.num_classes,
+            num_classes=num_classes,
             teacher=teacher,
             student_norm=student_norm,
             views=build(cfg.get("views"), "views"),

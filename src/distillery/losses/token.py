@@ -153,3 +153,82 @@ def token_divergence(
     else:
         total = per_token(s[keep], t[keep], **kwargs).sum()
     return total / (n if isinstance(n, Tensor) else max(float(n), 1.0))
+
+
+class TokenCrossEntropy(torch.nn.Module):
+    """Next-token cross-entropy: sum over valid tokens of -log q(y_t) / num_tokens
+    (labels of -100 are ignored). Float32."""
+
+    needs_teacher = False
+
+    def forward(
+        self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens
+    ) -> Tensor:
+        ce = F.cross_entropy(
+            student.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        return ce / (num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0))
+
+
+class TokenKD(torch.nn.Module):
+    """Token-level distillation: :func:`token_divergence` over the positions whose label
+    is not -100 (padding and masked prompts are left out), normalised by ``num_tokens``."""
+
+    needs_teacher = True
+
+    def __init__(
+        self,
+        kind: str = "fkl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        chunk_size: int | None = None,
+        vocab_align: str = "error",
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.kwargs = {
+            "kind": kind,
+            "temperature": temperature,
+            "beta": beta,
+            "alpha": alpha,
+            "chunk_size": chunk_size,
+            "vocab_align": vocab_align,
+        }
+
+    def forward(
+        self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens
+    ) -> Tensor:
+        if teacher is None:
+            raise RuntimeError(
+                "distill.terms: a TokenKD term needs a teacher, but `teacher` is null"
+            )
+        return token_divergence(
+            student, teacher, labels != -100, num_tokens=num_tokens, **self.kwargs
+        )
+
+
+class TokenObjective(torch.nn.Module):
+    """total = sum_i w_i * term_i(student, teacher, labels, num_tokens), every term a
+    token sum normalised by the optimizer step's valid-token count."""
+
+    def __init__(self, terms: dict, weights: dict | None = None):
+        super().__init__()
+        weights = dict(weights or {})
+        unknown = set(weights) - set(terms)
+        if unknown:
+            raise ValueError(f"distill.weights: weights for unknown terms {sorted(unknown)}")
+        self.terms = torch.nn.ModuleDict(dict(terms))
+        self.weights = {k: float(weights.get(k, 1.0)) for k in terms}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(getattr(t, "needs_teacher", False) for t in self.terms.values())
+
+    def forward(self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens):
+        values = {
+            name: term(student, teacher, labels, num_tokens) for name, term in self.terms.items()
+        }
+        total = sum(self.weights[n] * v for n, v in values.items())
+        return total, values

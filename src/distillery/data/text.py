@@ -1,0 +1,208 @@
+"""Text for language-model distillation, on HuggingFace ``datasets``.
+
+Sources (``source``): ``pydoc`` (the English documentation text that ships with
+CPython in ``pydoc_data.topics``: works offline anywhere), a local ``.txt`` / ``.jsonl``
+/ ``.parquet`` file (``text_field`` names the column), or a hub dataset name (online).
+Documents are tokenized once with a cached ``map``, concatenated with EOS and packed
+into blocks of ``seq_len + 1`` tokens; blocks are split deterministically (``seed``)
+into train/val/test. Batches: ``input_ids`` and ``labels`` ``[B, seq_len]`` (labels are
+the next tokens; ``-100`` is ignored), ``attention_mask`` and ``sample_id``.
+
+``tokenizer`` is a pretrained name or local directory; with ``train_tokenizer_vocab``
+set and no tokenizer there yet, a byte-level BPE of that size is trained on the
+training text and saved to that directory (an HF fast tokenizer), so a fresh machine
+needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IGNORE = -100
+
+
+def load_documents(source: str, text_field: str = "text") -> list[str]:
+    if source == "pydoc":
+        from pydoc_data.topics import topics
+
+        return [topics[k] for k in sorted(topics)]
+    path = Path(source).expanduser()
+    import datasets
+
+    if path.suffix in (".txt", ".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"data.source: file not found: {path}")
+        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[
+            path.suffix
+        ]
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source, split="train")  # hub name (needs network)
+    if text_field not in ds.column_names:
+        raise ValueError(f"data.text_field: {text_field!r} not in {ds.column_names}")
+    return [t for t in ds[text_field] if t]
+
+
+def train_bpe(texts: list[str], vocab_size: int, out_dir: Path):
+    """A byte-level BPE tokenizer trained on ``texts``, saved as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+class BlockDataset(Dataset):
+    def __init__(self, blocks: torch.Tensor, ids: torch.Tensor):
+        self.blocks, self.ids = blocks, ids
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        b = self.blocks[i]
+        return {
+            "input_ids": b[:-1],
+            "labels": b[1:],
+            "attention_mask": torch.ones_like(b[:-1]),
+            "sample_id": self.ids[i],
+        }
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str,
+        source: str = "pydoc",
+        text_field: str = "text",
+        seq_len: int = 128,
+        train_tokenizer_vocab: int | None = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
+        self.tokenizer_path, self.source, self.text_field = tokenizer, source, text_field
+        self.seq_len, self.train_tokenizer_vocab = seq_len, train_tokenizer_vocab
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = (
+            batch_size,
+            eval_batch_size,
+            num_workers,
+        )
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.input_norm = None
+        self.tokenizer = None
+        self.train_set = self.val_set = self.test_set = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.load_tokenizer())
+
+    def load_tokenizer(self):
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = Path(self.tokenizer_path).expanduser()
+            if self.train_tokenizer_vocab and not (path / "tokenizer.json").is_file():
+                self.tokenizer = train_bpe(
+                    load_documents(self.source, self.text_field), self.train_tokenizer_vocab, path
+                )
+            else:
+                try:
+                    self.tokenizer = AutoTokenizer.from_pretrained(
+                        str(path) if path.exists() else self.tokenizer_path
+                    )
+                except OSError as e:
+                    raise FileNotFoundError(
+                        f"data.tokenizer: cannot load {self.tokenizer_path!r} ({e})"
+                    ) from e
+        return self.tokenizer
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        return torch.ones(n, self.seq_len, dtype=torch.long)
+
+    def prepare_data(self) -> None:
+        self.load_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        import datasets
+
+        tok = self.load_tokenizer()
+        docs = load_documents(self.source, self.text_field)
+        key = hashlib.sha256(
+            f"{self.source}|{self.tokenizer_path}|{len(docs)}".encode()
+        ).hexdigest()[:16]
+        ds = datasets.Dataset.from_dict({"text": docs})
+        cache = None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            cache = str(self.cache_dir / f"tokenized_{key}.arrow")
+        ds = ds.map(
+            lambda b: {"ids": tok(b["text"])["input_ids"]},
+            batched=True,
+            remove_columns=["text"],
+            cache_file_name=cache,
+            load_from_cache_file=cache is not None,
+        )
+        eos = tok.eos_token_id
+        stream = torch.tensor([t for ids in ds["ids"] for t in (*ids, eos)], dtype=torch.long)
+        n_blocks = (len(stream) - 1) // self.seq_len
+        if n_blocks < 3:
+            raise ValueError(
+                f"data.source: {len(stream)} tokens is too little text for seq_len={self.seq_len}"
+            )
+        blocks = stream[: n_blocks * self.seq_len + 1].unfold(0, self.seq_len + 1, self.seq_len)
+        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, int(n_blocks * self.val_fraction))
+        n_test = max(1, int(n_blocks * self.test_fraction))
+        parts = {
+            "val": order[:n_val],
+            "test": order[n_val : n_val + n_test],
+            "train": order[n_val + n_test :],
+        }
+        self.val_set, self.test_set, self.train_set = (
+            BlockDataset(blocks[parts[k]], parts[k]) for k in ("val", "test", "train")
+        )
+
+    def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > batch_size,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, self.batch_size, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.eval_batch_size, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, self.eval_batch_size, False)

@@ -1,0 +1,156 @@
+"""Text data on `datasets` and causal-LM distillation runs (tiny GPT-2s from config)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, compose_cfg
+from distillery.config import ConfigError
+from distillery.data.text import TextDataModule
+from distillery.train import build_run, train
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "pydoc_bpe_512"
+    TextDataModule(tokenizer=str(path), train_tokenizer_vocab=512).load_tokenizer()
+    return path
+
+
+def text_overrides(tokenizer_dir, data_dir):
+    return [f"data.tokenizer={tokenizer_dir}", "data.train_tokenizer_vocab=null", "data.seq_len=32",
+            f"data.cache_dir={data_dir}/text_cache", "student.config.vocab_size=512", "student.config.n_positions=32"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def text_teacher_ckpt(tmp_path_factory, data_dir, tokenizer_dir):
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("text_teacher")
+    cfg = compose_cfg("train", [
+        "experiment=text_lm_teacher", *text_overrides(tokenizer_dir, data_dir), "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+        f"paths.output_dir={out}", f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
+    ])  # fmt: skip
+    train(cfg)
+    return out / "teacher.ckpt"
+
+
+def test_pydoc_corpus_blocks_and_deterministic_split(tokenizer_dir):
+    a = TextDataModule(tokenizer=str(tokenizer_dir), seq_len=32)
+    b = TextDataModule(tokenizer=str(tokenizer_dir), seq_len=32)
+    a.setup()
+    b.setup()
+    assert torch.equal(a.test_set.blocks, b.test_set.blocks) and len(a.train_set) > 10 * len(
+        a.test_set
+    )
+    item = a.train_set[0]
+    assert torch.equal(item["input_ids"][1:], item["labels"][:-1])  # labels are the next tokens
+    ids = torch.cat([a.train_set.ids, a.val_set.ids, a.test_set.ids])
+    assert len(ids.unique()) == len(ids)
+    assert a.vocab_size == 512 and "<|eos|>" in a.tokenizer.get_vocab()
+
+
+def test_local_jsonl_source_and_missing_file(tmp_path, tokenizer_dir):
+    path = tmp_path / "docs.jsonl"
+    from pydoc_data.topics import topics
+
+    path.write_text("".join(json.dumps({"body": v}) + "\n" for v in list(topics.values())[:30]))
+    dm = TextDataModule(
+        tokenizer=str(tokenizer_dir), source=str(path), text_field="body", seq_len=32
+    )
+    dm.setup()
+    assert len(dm.train_set) > 0
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        TextDataModule(tokenizer=str(tokenizer_dir), source=str(tmp_path / "nope.jsonl")).setup()
+    with pytest.raises(ValueError, match="data.text_field"):
+        TextDataModule(tokenizer=str(tokenizer_dir), source=str(path), text_field="text").setup()
+
+
+TEXT_EXPERIMENTS = sorted(
+    p.stem for p in (PROJECT_ROOT / "conf" / "experiment").glob("text_*.yaml")
+)
+
+
+@pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
+def test_text_experiments_under_fdr(name, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt):
+    extra = [f"teacher.ckpt_path={text_teacher_ckpt}"] if name == "text_lm_kd" else []
+    metrics = train(
+        train_cfg(
+            f"experiment={name}", "debug=fdr", *text_overrides(tokenizer_dir, data_dir), *extra
+        )
+    )
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["test/ppl"] > 1
+    if name == "text_lm_kd":
+        assert metrics["train/loss/kd"] > 0 and 0 <= metrics["test/agreement"] <= 1
+
+
+def test_vocab_mismatch_is_an_error_unless_truncated(
+    train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt
+):
+    base = [
+        "experiment=text_lm_kd",
+        *text_overrides(tokenizer_dir, data_dir),
+        f"teacher.ckpt_path={text_teacher_ckpt}",
+    ]
+    with pytest.raises(ConfigError, match="vocabularies differ"):
+        build_run(train_cfg(*base, "student.config.vocab_size=600"))
+    with pytest.raises(ConfigError, match="smaller than the tokenizer"):
+        build_run(train_cfg(*base, "student.config.vocab_size=400"))
+    build_run(
+        train_cfg(*base, "student.config.vocab_size=600", "distill.terms.kd.vocab_align=truncate")
+    )
+
+
+def test_accumulation_is_normalised_by_the_step_token_count(
+    train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt
+):
+    """One optimizer step over 2 micro-batches equals one step over their concatenation."""
+    base = [
+        "experiment=text_lm_kd",
+        *text_overrides(tokenizer_dir, data_dir),
+        f"teacher.ckpt_path={text_teacher_ckpt}",
+        "optimizer._target_=torch.optim.SGD",
+        "~optimizer.weight_decay",
+        "optimizer.lr=0.5",
+        "scheduler=null",
+    ]
+    _, m2, _, _ = build_run(
+        train_cfg(*base, "module.accumulate=2", "module.gradient_clip_val=null")
+    )
+    _, m1, _, _ = build_run(
+        train_cfg(*base, "module.accumulate=1", "module.gradient_clip_val=null")
+    )
+    m1.student.load_state_dict(m2.student.state_dict())
+    m1.student.eval(), m2.student.eval()  # no dropout: compare the arithmetic
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (4, 33))
+    labels = ids[:, 1:].clone()
+    labels[0, 5:] = -100  # micro-batch 1 has fewer valid tokens than micro-batch 2
+    batches = [{"input_ids": ids[i : i + 2, :-1], "labels": labels[i : i + 2]} for i in (0, 2)]
+    whole = {"input_ids": ids[:, :-1], "labels": labels}
+    grads = []
+    for module, micro in ((m2, batches), (m1, [whole])):
+        module.student.zero_grad()
+        n = sum((b["labels"] != -100).sum() for b in micro).float()
+        for b in micro:
+            logits, t = module._logits(b)
+            total, _ = module.objective(logits, t, b["labels"], n)
+            total.backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None])
+        )
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_accumulated_steps_in_a_real_run(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt):
+    cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
+                    "module.accumulate=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=4",
+                    "+trainer.limit_val_batches=1", "test=false")  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2  # 4 micro-batches, 2 optimizer steps
+    assert (
+        float(trainer.callback_metrics["train/tokens"]) == 2 * 16 * 32
+    )  # valid tokens of one step
