@@ -74,8 +74,17 @@ TEXT_EXPERIMENTS = sorted(
 
 
 @pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
-def test_text_experiments_under_fdr(name, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt):
-    extra = [f"teacher.ckpt_path={text_teacher_ckpt}"] if name == "text_lm_kd" else []
+def test_text_experiments_under_fdr(
+    name, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, generated_pairs
+):
+    extra = {
+        "text_lm_kd": [f"teacher.ckpt_path={text_teacher_ckpt}"],
+        "text_seqkd": [
+            f"data.source={generated_pairs}",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+        ],
+    }.get(name, [])
     metrics = train(
         train_cfg(
             f"experiment={name}", "debug=fdr", *text_overrides(tokenizer_dir, data_dir), *extra
@@ -154,3 +163,101 @@ def test_accumulated_steps_in_a_real_run(train_cfg, tokenizer_dir, data_dir, tex
     assert (
         float(trainer.callback_metrics["train/tokens"]) == 2 * 16 * 32
     )  # valid tokens of one step
+
+
+def test_qwen_config_composes_and_validates():
+    """The real-hardware LLM config is checked without downloading anything."""
+    from distillery.config import validate
+
+    cfg = compose_cfg("train", ["experiment=qwen_kd", "paths.output_dir=/tmp/unused"])
+    validate(cfg)
+    assert (
+        cfg.teacher.model.pretrained == "Qwen/Qwen2.5-7B-Instruct"
+        and cfg.distill.terms.kd.vocab_align == "truncate"
+    )
+
+
+@pytest.fixture(scope="session")
+def generated_pairs(tmp_path_factory, tokenizer_dir, text_teacher_ckpt):
+    from distillery.generate import generate
+
+    out = tmp_path_factory.mktemp("seqkd") / "pairs.jsonl"
+    generate(generate_cfg(tokenizer_dir, text_teacher_ckpt, out))
+    return out
+
+
+def generate_cfg(tokenizer_dir, teacher_ckpt, output, num_prompts=10):
+    return compose_cfg("generate", [
+        f"teacher_ckpt={teacher_ckpt}", f"tokenizer={tokenizer_dir}", f"output={output}", "batch_size=4",
+        f"prompts.num_prompts={num_prompts}", "prompts.prompt_tokens=8", "generation.max_new_tokens=12",
+        "paths.output_dir=/tmp/unused",
+    ])  # fmt: skip
+
+
+def test_generation_resumes_without_duplicates(
+    tmp_path, tokenizer_dir, text_teacher_ckpt, generated_pairs
+):
+    from distillery.generate import generate
+
+    straight = [json.loads(x) for x in generated_pairs.read_text().splitlines()]
+    assert [r["prompt_id"] for r in straight] == list(range(10)) and all(
+        r["response"] for r in straight
+    )
+    meta = json.loads(generated_pairs.with_name("pairs.jsonl.meta.json").read_text())
+    assert meta["generation"]["do_sample"] and meta["teacher_sha256"]
+    # Interrupted after 5 rows and half of the 6th, then resumed.
+    out = tmp_path / "pairs.jsonl"
+    lines = generated_pairs.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]) + lines[5][:10])
+    out.with_name("pairs.jsonl.meta.json").write_text(
+        generated_pairs.with_name("pairs.jsonl.meta.json")
+        .read_text()
+        .replace(str(generated_pairs), str(out))
+    )
+    generate(generate_cfg(tokenizer_dir, text_teacher_ckpt, out))
+    resumed = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["prompt_id"] for r in resumed) == list(range(10))
+    assert sorted(resumed, key=lambda r: r["prompt_id"]) == straight
+    with pytest.raises(ValueError, match="other provenance"):
+        generate(
+            compose_cfg(
+                "generate",
+                [
+                    f"teacher_ckpt={text_teacher_ckpt}",
+                    f"tokenizer={tokenizer_dir}",
+                    f"output={out}",
+                    "generation.temperature=0.5",
+                    "paths.output_dir=/tmp/u",
+                ],
+            )
+        )
+
+
+def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"def f{i}(x):", "response": " return x + " + "1" * (i % 4 + 1)}
+        for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = TextDataModule(
+        tokenizer=str(tokenizer_dir),
+        source=str(path),
+        format="prompt_response",
+        seq_len=32,
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    tok = dm.tokenizer
+    for i in range(len(batch["input_ids"])):
+        sid = int(batch["sample_id"][i])
+        n_prompt = len(tok(rows[sid]["prompt"])["input_ids"])
+        n_all = n_prompt + len(tok(rows[sid]["response"])["input_ids"]) + 1
+        labels = batch["labels"][i]
+        assert (labels[: n_prompt - 1] == -100).all() and (
+            labels[n_prompt - 1 : n_all - 1] != -100
+        ).all()
+        assert (labels[n_all - 1 :] == -100).all() and batch["attention_mask"][i].sum() == n_all - 1
+        assert int(labels[n_all - 2]) == tok.eos_token_id  # the response ends with EOS

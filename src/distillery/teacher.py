@@ -177,3 +177,16 @@ def from_state_dict(
         input_norm=_norm(input_norm),
         bn_mode=bn_mode,
     )
+
+
+def from_model(
+    model: nn.Module, input_norm: dict | None = None, bn_mode: BNMode = "eval"
+) -> Teacher:
+    """Teacher from any module built with ``_target_`` that already holds its weights
+    (e.g. ``distillery.models.hf.HFCausalLM`` with ``pretrained: <hub name or local dir>``)."""
+    return Teacher(
+        model,
+        {"source": "model", "class": type(model).__name__},
+        input_norm=_norm(input_norm),
+        bn_mode=bn_mode,
+    )

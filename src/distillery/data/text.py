@@ -8,6 +8,11 @@ into blocks of ``seq_len + 1`` tokens; blocks are split deterministically (``see
 into train/val/test. Batches: ``input_ids`` and ``labels`` ``[B, seq_len]`` (labels are
 the next tokens; ``-100`` is ignored), ``attention_mask`` and ``sample_id``.
 
+With ``format: prompt_response`` the source is a ``.jsonl`` of ``prompt_field`` /
+``response_field`` pairs (e.g. written by ``python -m distillery.generate``): each
+example is ``prompt + response + EOS``, truncated to ``seq_len + 1`` tokens, padded per
+batch; the prompt and the padding are masked out of ``labels`` (``-100``).
+
 ``tokenizer`` is a pretrained name or local directory; with ``train_tokenizer_vocab``
 set and no tokenizer there yet, a byte-level BPE of that size is trained on the
 training text and saved to that directory (an HF fast tokenizer), so a fresh machine
@@ -85,6 +90,55 @@ class BlockDataset(Dataset):
         }
 
 
+class PairDataset(Dataset):
+    """Prompt/response examples: variable-length ``input_ids`` and ``labels``."""
+
+    def __init__(self, examples: list[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor):
+        self.examples, self.ids = examples, ids
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.examples[i]
+        return {"input_ids": x, "labels": y, "sample_id": self.ids[i]}
+
+
+def pad_collate(pad_id: int):
+    def collate(items: list[dict]) -> dict:
+        n = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for i, it in enumerate(items):
+            k = len(it["input_ids"])
+            ids[i, :k], labels[i, :k], mask[i, :k] = it["input_ids"], it["labels"], 1
+        sample_ids = torch.stack([torch.as_tensor(it["sample_id"]) for it in items])
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "sample_id": sample_ids}
+
+    return collate
+
+
+def load_pairs(path: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.source: file not found: {p}")
+    pairs = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if prompt_field not in row or response_field not in row:
+            raise ValueError(
+                f"data.prompt_field/response_field: line {n} of {p} lacks "
+                f"{prompt_field!r} or {response_field!r} (keys: {sorted(row)})"
+            )
+        pairs.append((row[prompt_field], row[response_field]))
+    return pairs
+
+
 class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -92,6 +146,9 @@ class TextDataModule(L.LightningDataModule):
         source: str = "pydoc",
         text_field: str = "text",
         seq_len: int = 128,
+        format: str = "packed",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
         train_tokenizer_vocab: int | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -104,7 +161,11 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
+        if format not in ("packed", "prompt_response"):
+            raise ValueError(f"data.format must be packed or prompt_response, got {format!r}")
         self.tokenizer_path, self.source, self.text_field = tokenizer, source, text_field
+        self.format, self.prompt_field, self.response_field = format, prompt_field, response_field
+        self.collate = None
         self.seq_len, self.train_tokenizer_vocab = seq_len, train_tokenizer_vocab
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size, self.num_workers = (
@@ -153,6 +214,9 @@ class TextDataModule(L.LightningDataModule):
         import datasets
 
         tok = self.load_tokenizer()
+        if self.format == "prompt_response":
+            self._setup_pairs(tok)
+            return
         docs = load_documents(self.source, self.text_field)
         key = hashlib.sha256(
             f"{self.source}|{self.tokenizer_path}|{len(docs)}".encode()
@@ -189,6 +253,33 @@ class TextDataModule(L.LightningDataModule):
             BlockDataset(blocks[parts[k]], parts[k]) for k in ("val", "test", "train")
         )
 
+    def _setup_pairs(self, tok) -> None:
+        pairs = load_pairs(self.source, self.prompt_field, self.response_field)
+        examples = []
+        for prompt, response in pairs:
+            p = tok(prompt)["input_ids"]
+            ids = p + tok(response)["input_ids"] + [tok.eos_token_id]
+            tokens = torch.tensor(ids[: self.seq_len + 1])
+            labels = tokens[1:].clone()
+            labels[: max(len(p) - 1, 0)] = IGNORE  # positions whose next token is in the prompt
+            examples.append((tokens[:-1], labels))
+        n = len(examples)
+        if n < 3:
+            raise ValueError(f"data.source: {n} examples is too few to split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val, n_test = max(1, int(n * self.val_fraction)), max(1, int(n * self.test_fraction))
+        parts = {
+            "val": order[:n_val],
+            "test": order[n_val : n_val + n_test],
+            "train": order[n_val + n_test :],
+        }
+        self.val_set, self.test_set, self.train_set = (
+            PairDataset([examples[i] for i in parts[k].tolist()], parts[k])
+            for k in ("val", "test", "train")
+        )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.collate = pad_collate(pad)
+
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             ds,
@@ -196,6 +287,7 @@ class TextDataModule(L.LightningDataModule):
             shuffle=shuffle,
             drop_last=shuffle and len(ds) > batch_size,
             num_workers=self.num_workers,
+            collate_fn=self.collate,
         )
 
     def train_dataloader(self):

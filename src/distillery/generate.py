@@ -1,0 +1,132 @@
+"""Teacher-generated sequences for sequence-level KD: ``python -m distillery.generate``.
+
+Runs the teacher's ``generate`` over a prompt set in batches and appends
+``{"prompt_id", "prompt", "response"}`` rows to a jsonl file; ``<output>.meta.json``
+records the provenance (teacher checkpoint and weights hash, tokenizer, generation
+parameters, seed). Batches are a fixed partition of the prompt set, each generated with
+its own seed (``seed`` + index of its first prompt), so an interrupted run resumes where
+it stopped: a torn last line is dropped, finished prompts are skipped, and the rows are
+the same as those of an uninterrupted run. Resuming with other provenance is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distillery import resolvers
+from distillery.config import validate
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(cfg: DictConfig, tokenizer) -> list[str]:
+    p = cfg.prompts
+    if p.source == "pydoc":
+        from distillery.data.text import load_documents
+
+        prompts = []
+        for doc in load_documents("pydoc"):
+            ids = tokenizer(doc)["input_ids"]
+            for start in range(0, len(ids) - p.prompt_tokens, p.stride):
+                prompts.append(tokenizer.decode(ids[start : start + p.prompt_tokens]))
+    else:
+        path = Path(p.source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts.source: file not found: {path}")
+        prompts = [
+            json.loads(line)[p.field] for line in path.read_text().splitlines() if line.strip()
+        ]
+    return prompts[: p.num_prompts] if p.num_prompts else prompts
+
+
+def read_done(output: Path) -> set[int]:
+    """Prompt ids already written; a torn last line (interrupted write) is cut off."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+    if keep != data:
+        with open(output, "r+b") as f:
+            f.truncate(len(keep))
+    return {json.loads(line)["prompt_id"] for line in keep.decode().splitlines() if line.strip()}
+
+
+def generate(cfg: DictConfig) -> Path:
+    validate(cfg, top_level={})
+    from transformers import AutoTokenizer
+
+    from distillery.checkpoint import load_student
+    from distillery.teacher import weights_sha256
+
+    model = load_student(cfg.teacher_ckpt, "teacher_ckpt")[1]
+    hf = getattr(model, "model", model)
+    if not hasattr(hf, "generate"):
+        raise ValueError(f"teacher_ckpt: {type(hf).__name__} cannot generate (not a causal LM)")
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer))
+    tokenizer.padding_side = "left"
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    params = OmegaConf.to_container(cfg.generation, resolve=True)
+    meta = {
+        "teacher_ckpt": str(cfg.teacher_ckpt),
+        "teacher_sha256": weights_sha256(hf),
+        "tokenizer": str(cfg.tokenizer),
+        "generation": params,
+        "seed": cfg.seed,
+        "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
+    }
+    output = Path(cfg.output)
+    meta_path = output.with_name(output.name + ".meta.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise ValueError(
+            f"output: {output} was written with other provenance ({meta_path}); "
+            f"choose another output or delete it"
+        )
+    meta_path.write_text(json.dumps(meta, indent=2))
+    prompts = load_prompts(cfg, tokenizer)
+    done = read_done(output)
+    hf.eval()
+    with open(output, "a") as f:
+        for first in range(0, len(prompts), cfg.batch_size):
+            ids = list(range(first, min(first + cfg.batch_size, len(prompts))))
+            if all(i in done for i in ids):
+                continue
+            torch.manual_seed(cfg.seed + first)
+            enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = hf.generate(**enc, pad_token_id=pad_id, **params)
+            rows = []
+            for k, i in enumerate(ids):
+                if i in done:
+                    continue
+                response = tokenizer.decode(
+                    out[k, enc["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+                rows.append(
+                    json.dumps({"prompt_id": i, "prompt": prompts[i], "response": response}) + "\n"
+                )
+            f.write("".join(rows))
+            f.flush()
+            os.fsync(f.fileno())
+            done.update(ids)
+    log.info("%d prompts generated into %s", len(prompts), output)
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="generate")
+def main(cfg: DictConfig) -> Any:
+    return generate(cfg)
+
+
+if __name__ == "__main__":
+    main()
