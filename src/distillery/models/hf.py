@@ -1,16 +1,56 @@
-"""HuggingFace transformers models as Distillery classifiers (logits out).
+"""HuggingFace transformers models with the Distillery call convention (logits out).
 
-``HFSequenceClassifier`` builds an ``AutoModelForSequenceClassification`` from a
-pretrained name or local directory (``pretrained``) or, offline, from a config dict
-(``config`` with ``model_type``, e.g. a tiny BERT). Inputs are token ids ``[B, N]``;
-``pad_token_id`` positions are masked out of attention.
+Both wrappers build their model from a pretrained name or local directory
+(``pretrained``, with ``attn_implementation``, ``dtype``, ``trust_remote_code``) or,
+offline, from a config dict with ``model_type`` (the tests and CPU experiments use tiny
+BERTs and GPT-2s built this way).
+
+* ``HFSequenceClassifier``: ``AutoModelForSequenceClassification``; token ids ``[B, N]``
+  in, ``[B, num_classes]`` out; ``pad_token_id`` positions are masked out of attention.
+* ``HFCausalLM``: ``AutoModelForCausalLM``; token ids in, logits ``[B, L, V]`` out.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+
+def build_hf(
+    auto_cls,
+    config: dict[str, Any] | None,
+    pretrained: str | None,
+    attn_implementation: str,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """``auto_cls.from_pretrained(pretrained)`` or ``auto_cls.from_config(config)``."""
+    from transformers import AutoConfig
+
+    if (config is None) == (pretrained is None):
+        raise ValueError(
+            "student/teacher: give exactly one of `config` (a dict with model_type) or `pretrained`"
+        )
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if pretrained is not None:
+        return auto_cls.from_pretrained(
+            pretrained,
+            attn_implementation=attn_implementation,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            **overrides,
+        )
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("config.model_type is required (e.g. bert, gpt2)")
+    hf_config = AutoConfig.for_model(model_type, **{**cfg, **overrides})
+    hf_config._attn_implementation = attn_implementation
+    model = auto_cls.from_config(hf_config)
+    return model.to(torch_dtype) if torch_dtype is not None else model
 
 
 class HFSequenceClassifier(nn.Module):
@@ -24,29 +64,19 @@ class HFSequenceClassifier(nn.Module):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
-        if (config is None) == (pretrained is None):
-            raise ValueError(
-                "student/teacher: give exactly one of `config` (a dict with model_type) or `pretrained`"
-            )
-        if pretrained is not None:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                pretrained,
-                num_labels=num_classes,
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
-            )
-        else:
-            cfg = dict(config)
-            model_type = cfg.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("config.model_type is required (e.g. bert)")
-            hf_config = AutoConfig.for_model(
-                model_type, num_labels=num_classes, pad_token_id=pad_token_id, **cfg
-            )
-            hf_config._attn_implementation = attn_implementation
-            self.model = AutoModelForSequenceClassification.from_config(hf_config)
+        overrides = {"num_labels": num_classes} | (
+            {} if pretrained else {"pad_token_id": pad_token_id}
+        )
+        self.model = build_hf(
+            AutoModelForSequenceClassification,
+            config,
+            pretrained,
+            attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **overrides,
+        )
         self.pad_token_id = pad_token_id
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -56,10 +86,6 @@ class HFSequenceClassifier(nn.Module):
 
 
 class HFCausalLM(nn.Module):
-    """A causal LM (``AutoModelForCausalLM``) from a pretrained name / local directory or,
-    offline, from a config dict with ``model_type`` (e.g. a tiny GPT-2). Returns logits
-    ``[B, L, V]`` for ``input_ids``."""
-
     def __init__(
         self,
         config: dict[str, Any] | None = None,
@@ -70,33 +96,20 @@ class HFCausalLM(nn.Module):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        if (config is None) == (pretrained is None):
-            raise ValueError(
-                "give exactly one of `config` (a dict with model_type) or `pretrained`"
-            )
-        torch_dtype = getattr(torch, dtype) if dtype else None
-        if pretrained is not None:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                pretrained,
-                attn_implementation=attn_implementation,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-            )
-        else:
-            cfg = dict(config)
-            model_type = cfg.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("config.model_type is required (e.g. gpt2)")
-            if vocab_size is not None:
-                cfg["vocab_size"] = vocab_size
-            hf_config = AutoConfig.for_model(model_type, **cfg)
-            hf_config._attn_implementation = attn_implementation
-            self.model = AutoModelForCausalLM.from_config(hf_config)
-            if torch_dtype is not None:
-                self.model.to(torch_dtype)
+        overrides = (
+            {"vocab_size": vocab_size} if vocab_size is not None and pretrained is None else {}
+        )
+        self.model = build_hf(
+            AutoModelForCausalLM,
+            config,
+            pretrained,
+            attn_implementation,
+            dtype,
+            trust_remote_code,
+            **overrides,
+        )
 
     @property
     def vocab_size(self) -> int:
