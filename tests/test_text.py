@@ -261,3 +261,28 @@ def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
         ).all()
         assert (labels[n_all - 1 :] == -100).all() and batch["attention_mask"][i].sum() == n_all - 1
         assert int(labels[n_all - 2]) == tok.eos_token_id  # the response ends with EOS
+
+
+def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, tmp_path):
+    from distillery.evaluate import evaluate
+    from distillery.report import LM_REPORT_KEYS
+
+    cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
+                    "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
+                    "+trainer.limit_test_batches=1")  # fmt: skip
+    ckpt = train(cfg)["best_ckpt"]
+    report = evaluate(
+        compose_cfg(
+            "evaluate", [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}", "price_per_hour=3.6"]
+        )
+    )
+    t, s = report["models"]["teacher"], report["models"]["student"]
+    assert (
+        set(s) == set(LM_REPORT_KEYS) and t["quality_retained"] == 100.0 and t["agreement"] == 1.0
+    )
+    assert s["ppl"] == pytest.approx(torch.exp(torch.tensor(s["nll"])).item(), rel=1e-5)
+    assert s["quality_retained"] == pytest.approx(100 * t["ppl"] / s["ppl"])
+    assert s["cost_per_million_tokens"] == pytest.approx(1e6 * 0.001 / s["tokens_per_second"])
+    assert (tmp_path / "quality_vs_latency.png").is_file() and "tokens_per_second" in (
+        tmp_path / "report.md"
+    ).read_text()

@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
     from distillery.checkpoint import META_KEY, load_student, read_checkpoint
     from distillery.export import load_any
-    from distillery.report import build_report, print_table, write_report
+    from distillery.report import build_lm_report, build_report, print_table, write_report
     from distillery.train import build_teacher
 
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
@@ -61,11 +61,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("test")
     teacher_name = "teacher" if teacher is not None else None
-    report, preds = build_report(
-        models, teacher_name, datamodule.test_dataloader(), device=cfg.get("device", "cpu"),
-        price_per_hour=float(cfg.get("price_per_hour", 0.0)), latency=cfg.get("latency"),
-        throughput_cfg=cfg.get("throughput"),
-    )  # fmt: skip
+    is_lm = not hasattr(datamodule, "num_classes")  # token-level report for language models
+    measure = {
+        "device": cfg.get("device", "cpu"),
+        "price_per_hour": float(cfg.get("price_per_hour", 0.0)),
+        "latency": cfg.get("latency"),
+        "throughput_cfg": cfg.get("throughput"),
+    }
+    if is_lm:
+        report, preds = (
+            build_lm_report(models, teacher_name, datamodule.test_dataloader(), **measure),
+            {},
+        )
+    else:
+        report, preds = build_report(models, teacher_name, datamodule.test_dataloader(), **measure)
     report["checkpoints"] = {
         "student": str(cfg.ckpt_path),
         **{str(k): str(v) for k, v in (cfg.get("compare") or {}).items()},
@@ -76,17 +85,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("plots", True):
         from distillery.plots import quality_vs_latency, reliability_diagram
 
+        quality = "ppl" if is_lm else "accuracy"
         report["plots"] = {
-            "reliability": str(
-                reliability_diagram(
-                    {n: (p[0], p[1]) for n, p in preds.items()}, out_dir / "reliability.png"
-                )
-            ),
             "quality_vs_latency": str(
-                quality_vs_latency(report, out_dir / "quality_vs_latency.png")
-            ),
+                quality_vs_latency(report, out_dir / "quality_vs_latency.png", quality)
+            )
         }
-    report["evaluations"] = run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
+        if not is_lm:
+            preds_cal = {n: (p[0], p[1]) for n, p in preds.items()}
+            report["plots"]["reliability"] = str(
+                reliability_diagram(preds_cal, out_dir / "reliability.png")
+            )
+    report["evaluations"] = (
+        {} if is_lm else run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
+    )
     js, md = write_report(report, out_dir)
     if cfg.get("wandb"):
         log_report_to_wandb(report, cfg.wandb, out_dir)
@@ -102,12 +114,14 @@ def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> Non
 
     from distillery.report import REPORT_KEYS
 
+    keys = report.get("keys", REPORT_KEYS)
+
     run = wandb.init(dir=str(out_dir), job_type="evaluate", **dict(wandb_cfg))
     try:
         names = list(report["models"])
         table = wandb.Table(
-            columns=["model", *REPORT_KEYS],
-            data=[[n, *(report["models"][n][k] for k in REPORT_KEYS)] for n in names],
+            columns=["model", *keys],
+            data=[[n, *(report["models"][n][k] for k in keys)] for n in names],
         )
         payload: dict[str, Any] = {"report": table}
         payload.update(
@@ -116,7 +130,7 @@ def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> Non
         for key, result in (report.get("evaluations") or {}).items():
             payload[f"evaluations/{key}"] = wandb.Html(f"<pre>{result.get('markdown', '')}</pre>")
         run.log(payload)
-        run.summary.update({f"{n}/{k}": report["models"][n][k] for n in names for k in REPORT_KEYS})
+        run.summary.update({f"{n}/{k}": report["models"][n][k] for n in names for k in keys})
     finally:
         run.finish()
 

@@ -149,7 +149,7 @@ def _fmt(v) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     names = list(report["models"])
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in REPORT_KEYS:
+    for key in report.get("keys", REPORT_KEYS):
         lines.append(
             f"| {key} | " + " | ".join(_fmt(report["models"][n][key]) for n in names) + " |"
         )
@@ -185,6 +185,83 @@ def print_table(report: dict[str, Any]) -> None:
     table.add_column("metric")
     for n in names:
         table.add_column(n, justify="right")
-    for key in REPORT_KEYS:
+    for key in report.get("keys", REPORT_KEYS):
         table.add_row(key, *(_fmt(report["models"][n][key]) for n in names))
     Console().print(table)
+
+
+LM_REPORT_KEYS = (
+    "ppl", "nll", "agreement", "kl_to_teacher", "quality_retained", "params", "size_mb", "latency_ms",
+    "latency_p95_ms", "tokens_per_second", "cost_per_million_tokens",
+)  # fmt: skip
+
+
+@torch.no_grad()
+def build_lm_report(
+    models: dict[str, nn.Module],
+    teacher_name: str | None,
+    loader,
+    device: str = "cpu",
+    price_per_hour: float = 0.0,
+    latency: dict | None = None,
+    throughput_cfg: dict | None = None,
+) -> dict[str, Any]:
+    """Report card for causal LMs on the test split: ppl = exp(nll per valid token),
+    top-1 next-token agreement and KL(teacher || model) per token, quality_retained =
+    teacher ppl / model ppl (%), batch-1 latency per sequence, tokens/s at
+    ``throughput.batch_size`` sequences, cost per million tokens."""
+    import torch.nn.functional as F
+
+    from distillery.losses.token import per_token
+
+    for m in models.values():
+        m.to(device).eval()
+    batches = list(loader)
+    stats = {n: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "n": 0} for n in models}
+    for b in batches:
+        ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+        valid = labels != -100
+        logits = {n: m(ids).float() for n, m in models.items()}
+        ref = logits.get(teacher_name) if teacher_name else None
+        for n, z in logits.items():
+            s = stats[n]
+            s["nll"] += float(F.cross_entropy(z[valid], labels[valid], reduction="sum"))
+            s["n"] += int(valid.sum())
+            if ref is not None:
+                v = min(z.shape[-1], ref.shape[-1])
+                s["agree"] += float(
+                    (z[valid][:, :v].argmax(-1) == ref[valid][:, :v].argmax(-1)).sum()
+                )
+                s["kl"] += float(per_token(z[valid][:, :v], ref[valid][:, :v], "fkl").sum())
+    example = batches[0]["input_ids"]
+    bs = (throughput_cfg or {}).get("batch_size", 16)
+    report: dict[str, Any] = {
+        "device": device,
+        "price_per_hour": price_per_hour,
+        "keys": list(LM_REPORT_KEYS),
+        "models": {},
+    }
+    teacher_ppl = None
+    if teacher_name:
+        teacher_ppl = float(
+            torch.exp(torch.tensor(stats[teacher_name]["nll"] / max(stats[teacher_name]["n"], 1)))
+        )
+    for n, model in models.items():
+        s = stats[n]
+        nll = s["nll"] / max(s["n"], 1)
+        ppl = float(torch.exp(torch.tensor(nll)))
+        tps = throughput(
+            model, example, device, batch_size=bs, repeats=(throughput_cfg or {}).get("repeats", 3)
+        )
+        tps *= example.shape[1]  # sequences/s -> tokens/s
+        lat, p95 = latency_ms(model, example, device, **(latency or {}))
+        report["models"][n] = {
+            "ppl": ppl, "nll": nll,
+            "agreement": s["agree"] / s["n"] if teacher_name else None,
+            "kl_to_teacher": s["kl"] / s["n"] if teacher_name else None,
+            "quality_retained": 100.0 * teacher_ppl / ppl if teacher_ppl else None,
+            "params": sum(p.numel() for p in model.parameters()), "size_mb": size_mb(model),
+            "latency_ms": lat, "latency_p95_ms": p95, "tokens_per_second": tps,
+            "cost_per_million_tokens": cost_per_million(tps, price_per_hour),
+        }  # fmt: skip
+    return report
