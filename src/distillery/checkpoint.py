@@ -89,17 +89,6 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     return nn.Sequential(norm, student).eval()
 
 
-def save_final_last(trainer) -> None:
-    """Make ``last.ckpt`` hold the end of training. Lightning saves it after validation,
-    so a step-based run that stops between validations (or whose final validation did
-    not trigger a save) would otherwise resume from an earlier step."""
-    cb = trainer.checkpoint_callback
-    if cb is None or not cb.save_last or not cb.dirpath or trainer.fast_dev_run:
-        return
-    if getattr(cb, "_last_global_step_saved", None) != trainer.global_step:
-        trainer.save_checkpoint(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
-
-
 def copy_atomic(src: Path, dst: Path) -> None:
     """Copy a checkpoint atomically (never a half-written file at ``dst``)."""
     dst.parent.mkdir(parents=True, exist_ok=True)

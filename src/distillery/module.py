@@ -99,15 +99,19 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(self.student_norm(x))
 
-    def _forward_both(self, x: Tensor, x_teacher: Tensor) -> tuple[Tensor, Tensor | None, dict]:
-        """Student and teacher logits plus the features their taps captured."""
+    def _forward_both(
+        self, x: Tensor, x_teacher: Tensor, capture: bool = True
+    ) -> tuple[Tensor, Tensor | None, dict]:
+        """Student and teacher logits plus, with ``capture``, the features their taps
+        captured (evaluation passes ``capture=False``: no feature term reads them there)."""
         taps = [t for t in (self.student_taps, self.teacher_taps) if t]
         for t in taps:
             t.clear()
+            t.active = capture
         teacher_logits = self.teacher(x_teacher) if self.teacher is not None else None
         logits = self(x)
         extras = {}
-        if taps:
+        if taps and capture:
             extras = {
                 "student_features": self.student_taps.captured if self.student_taps else {},
                 "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
@@ -158,7 +162,7 @@ class DistillationModule(L.LightningModule):
 
     def _eval_step(self, batch, metrics: EvalMetrics, stage: str) -> None:
         x, labels = batch["inputs"], batch["labels"]
-        logits, teacher_logits, _ = self._forward_both(x, x)
+        logits, teacher_logits, _ = self._forward_both(x, x, capture=False)
         metrics.update(logits, labels, teacher_logits)
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, prog_bar=name == "acc", batch_size=x.shape[0])

@@ -118,13 +118,16 @@ class Objective(nn.Module):
         """Returns (total loss, {term name: unweighted term value})."""
         total = out.student.new_zeros((), dtype=torch.float32)
         values: dict[str, Tensor] = {}
-        labeled = out.labels != UNLABELED
+        labeled_out: Outputs | None = None  # built once, only if a label term asks for it
         for name, term in self.terms.items():
             if term.needs_teacher and out.teacher is None:
                 raise RuntimeError(
                     f"distill.terms.{name} needs a teacher, but `teacher` is null in the config"
                 )
-            term_out = out.subset(labeled) if term.needs_labels else out
+            if term.needs_labels and labeled_out is None:
+                labeled = out.labels != UNLABELED
+                labeled_out = out if bool(labeled.all()) else out.subset(labeled)
+            term_out = labeled_out if term.needs_labels else out
             if term_out.student.shape[0] == 0:
                 value = total.new_zeros(())
             else:

@@ -166,6 +166,7 @@ class Taps:
                         )
         self.captured: dict[str, Tensor | list[Tensor]] = {}
         self._slots: dict[tuple[str, int], Tensor] = {}
+        self.active = True  # False: hooks stay registered but capture (and recompute) nothing
         self._handles: list[Any] = []
         self._saved_configs: list[tuple[nn.Module, Any]] = []
 
@@ -231,6 +232,8 @@ class Taps:
 
     # --- hooks -------------------------------------------------------------------
     def _store(self, name: str, i: int, value: Tensor) -> None:
+        if not self.active:
+            return
         if (name, i) in self._slots:
             raise DuplicateCaptureError(
                 f"taps.{self.side}.{name}: {self.targets[name][i]} fired twice in one forward (activation "
@@ -263,6 +266,8 @@ class Taps:
 
     def _timm_attention_hook(self, name: str, i: int):
         def hook(module, args):
+            if not self.active:  # no attention recompute when nothing is captured
+                return
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach):
                 self._store(name, i, timm_attention_probs(module, args[0]))
 

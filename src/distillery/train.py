@@ -209,7 +209,7 @@ def build_run(cfg: DictConfig):
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
-    from distillery.checkpoint import copy_atomic, save_final_last
+    from distillery.checkpoint import copy_atomic
     from distillery.utils import finish_loggers
 
     datamodule, module, trainer, loggers = build_run(cfg)
@@ -217,7 +217,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-            save_final_last(trainer)
             metrics.update(trainer.callback_metrics)
         callback = trainer.checkpoint_callback
         best = callback.best_model_path if callback else ""

@@ -4,6 +4,24 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 
+def make_loader(
+    ds: Dataset, batch_size: int, train: bool, num_workers: int = 0, **kwargs
+) -> DataLoader:
+    """The project's DataLoader: training loaders shuffle (unless a ``sampler`` is given)
+    and drop a last partial batch, so every batch has the same size and per-batch means
+    stay comparable across steps and under gradient accumulation."""
+    if train and "sampler" not in kwargs:
+        kwargs["shuffle"] = True
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        drop_last=train and len(ds) > batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        **kwargs,
+    )
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Shared loader logic; subclasses fill ``train_set``, ``val_set``, ``test_set``
     and optionally ``transfer_set`` (unlabeled) in ``setup`` and set
@@ -46,14 +64,7 @@ class ClassificationDataModule(L.LightningDataModule):
         return torch.zeros(n, *self.input_shape)
 
     def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(ds) > batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(ds, batch_size, train, self.num_workers)
 
     def train_dataloader(self):
         labeled = self._loader(self.train_set, self.batch_size, train=True)

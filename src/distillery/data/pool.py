@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
-from distillery.data.base import ClassificationDataModule
+from distillery.data.base import ClassificationDataModule, make_loader
 from distillery.data.batch import TensorDictDataset
 from distillery.objective import UNLABELED
 
@@ -108,13 +108,8 @@ class TransferPool(ClassificationDataModule):
         sampler = WeightedRandomSampler(
             self.sample_weights, self.samples_per_epoch, replacement=True
         )
-        pool = DataLoader(
-            self.transfer_set,
-            batch_size=self.transfer_batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        pool = make_loader(
+            self.transfer_set, self.transfer_batch_size, True, self.num_workers, sampler=sampler
         )
         return {"labeled": labeled, "transfer": pool}
 

@@ -28,6 +28,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distillery.data.base import make_loader
+
 IGNORE = -100
 
 
@@ -281,14 +283,7 @@ class TextDataModule(L.LightningDataModule):
         self.collate = pad_collate(pad)
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(ds) > batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-        )
+        return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=self.collate)
 
     def train_dataloader(self):
         return self._loader(self.train_set, self.batch_size, True)

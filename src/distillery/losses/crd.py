@@ -69,7 +69,7 @@ class CRD(FeatureTerm):
     def slots(self, sample_ids: Tensor) -> Tensor:
         if self._slots is None:  # rebuilt from the buffer (e.g. after loading a checkpoint)
             self._slots = {int(i): s for s, i in enumerate(self.slot_ids.tolist()) if i >= 0}
-        out = []
+        out, new_ids, new_slots = [], [], []
         for i in sample_ids.tolist():
             slot = self._slots.get(i)
             if slot is None:
@@ -80,8 +80,14 @@ class CRD(FeatureTerm):
                         f"distinct sample ids; set bank_size to the training-set size"
                     )
                 self._slots[i] = slot
-                self.slot_ids[slot] = i
+                new_ids.append(i)
+                new_slots.append(slot)
             out.append(slot)
+        if new_slots:  # one write per step, not one per new id
+            device = self.slot_ids.device
+            self.slot_ids[torch.tensor(new_slots, device=device)] = torch.tensor(
+                new_ids, device=device
+            )
         return torch.tensor(out, device=self.bank_s.device)
 
     def forward(self, out: Outputs) -> Tensor:

@@ -4,15 +4,18 @@ from torch import Tensor
 from distillery.objective import LossTerm, Outputs
 
 
+def kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) over the last dim, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
 def kl_teacher_student(
     teacher_logits: Tensor, student_logits: Tensor, temperature: float
 ) -> Tensor:
     """Per-sample KL(p_T || q_S) at a temperature, in float32: shape [B]."""
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature
-    log_p = F.log_softmax(t, dim=-1)
-    log_q = F.log_softmax(s, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl_from_log_probs(F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1))
 
 
 class HintonKD(LossTerm):

@@ -30,11 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.losses.kd import kl_from_log_probs
+
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
-
-
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
 def per_token(
@@ -49,29 +47,31 @@ def per_token(
     log_q = F.log_softmax(student.float() / temperature, -1)
     log_p = F.log_softmax(teacher.float() / temperature, -1)
     if kind == "fkl":
-        d = _kl(log_p, log_q)
+        d = kl_from_log_probs(log_p, log_q)
     elif kind == "rkl":
-        d = _kl(log_q, log_p)
+        d = kl_from_log_probs(log_q, log_p)
     elif kind == "jsd":
         if beta == 0:
-            d = _kl(log_p, log_q)
+            d = kl_from_log_probs(log_p, log_q)
         elif beta == 1:
-            d = _kl(log_q, log_p)
+            d = kl_from_log_probs(log_q, log_p)
         else:
             log_m = torch.logsumexp(
                 torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), 0
             )
-            d = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+            d = beta * kl_from_log_probs(log_p, log_m) + (1 - beta) * kl_from_log_probs(
+                log_q, log_m
+            )
     elif kind == "skl":
         log_m = torch.logsumexp(
             torch.stack([log_p + math.log(alpha), log_q + math.log1p(-alpha)]), 0
         )
-        d = _kl(log_p, log_m)
+        d = kl_from_log_probs(log_p, log_m)
     elif kind == "srkl":
         log_m = torch.logsumexp(
             torch.stack([log_p + math.log1p(-alpha), log_q + math.log(alpha)]), 0
         )
-        d = _kl(log_q, log_m)
+        d = kl_from_log_probs(log_q, log_m)
     elif kind == "tvd":
         d = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     else:
