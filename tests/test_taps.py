@@ -434,3 +434,51 @@ def test_projector_given_explicitly_in_config():
     assert term.projector is proj
     s, t = torch.randn(2, 100), torch.randn(2, 64)
     torch.testing.assert_close(term(feature_outputs(s, t)), (proj(s) - t).pow(2).mean(1))
+
+
+def test_token_feature_terms_ignore_padding():
+    """With a token mask, new content at padded positions (as token, query or key)
+    leaves every token-feature term unchanged, and a padded sample's loss equals the
+    loss of its real tokens alone."""
+    from distillery.losses import (
+        AttentionMapKL,
+        CosineFeature,
+        FitNet,
+        HiddenStates,
+        ValueRelationKL,
+    )  # fmt: skip
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    h_s, h_t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    a_s, a_t = (torch.rand(2, 2, 5, 5) * mask[:, None, None, :] for _ in range(2))
+    a_s, a_t = a_s / a_s.sum(-1, keepdim=True), a_t / a_t.sum(-1, keepdim=True)
+
+    def junk(x):  # new content at the padded positions of sample 1
+        x = x.clone()
+        x[1, 3:] = torch.randn_like(x[1, 3:]) * 10
+        return x
+
+    def run(term, s, t, m, listed):
+        out = feature_outputs([s] if listed else s, [t] if listed else t, batch=len(s))
+        if m is not None:
+            out.extras["token_mask"] = m
+        return term(out)
+
+    hidden = HiddenStates("f", "f", kind="cosine", projector=None)
+    hidden.setup([h_s.shape], [h_t.shape], "k")
+    token_terms = [FitNet("f", "f", projector=None), CosineFeature("f", "f", projector=None)]
+    for term in [*token_terms, ValueRelationKL("f", "f", relation_heads=2), hidden]:
+        listed = term is hidden
+        base = run(term, h_s, h_t, mask, listed)
+        torch.testing.assert_close(run(term, junk(h_s), junk(h_t), mask, listed), base)
+        alone = run(term, h_s[1:, :3], h_t[1:, :3], None, listed)
+        torch.testing.assert_close(base[1:], alone, atol=1e-6, rtol=1e-5)
+    attn = AttentionMapKL("f", "f")
+    a_s2 = a_s.clone()
+    a_s2[1, :, 3:] = torch.rand(2, 2, 5)  # padded queries: anything
+    torch.testing.assert_close(run(attn, a_s2, a_t, mask, False), run(attn, a_s, a_t, mask, False))
+    out = feature_outputs(h_s[:, :4], h_t[:, :4], batch=2)
+    out.extras["token_mask"] = mask
+    with pytest.raises(ValueError, match="token_mask"):
+        FitNet("f", "f", projector=None)(out)

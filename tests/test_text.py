@@ -79,6 +79,7 @@ def test_text_experiments_under_fdr(
 ):
     extra = {
         "text_lm_kd": [f"teacher.ckpt_path={text_teacher_ckpt}"],
+        "text_lm_kd_hidden": [f"teacher.ckpt_path={text_teacher_ckpt}"],
         "text_seqkd": [
             f"data.source={generated_pairs}",
             "data.val_fraction=0.2",
@@ -91,8 +92,10 @@ def test_text_experiments_under_fdr(
         )
     )
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["test/ppl"] > 1
-    if name == "text_lm_kd":
+    if name.startswith("text_lm_kd"):
         assert metrics["train/loss/kd"] > 0 and 0 <= metrics["test/agreement"] <= 1
+    if name == "text_lm_kd_hidden":
+        assert metrics["train/loss/hidden"] > 0 and metrics["train/loss/attn"] > 0
 
 
 def test_vocab_mismatch_is_an_error_unless_truncated(
@@ -112,12 +115,14 @@ def test_vocab_mismatch_is_an_error_unless_truncated(
     )
 
 
+@pytest.mark.parametrize("experiment", ["text_lm_kd", "text_lm_kd_hidden"])
 def test_accumulation_is_normalised_by_the_step_token_count(
-    train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt
+    experiment, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt
 ):
-    """One optimizer step over 2 micro-batches equals one step over their concatenation."""
+    """One optimizer step over 2 micro-batches equals one step over their concatenation,
+    for token terms and for feature terms read from the taps (hidden states, attention)."""
     base = [
-        "experiment=text_lm_kd",
+        f"experiment={experiment}",
         *text_overrides(tokenizer_dir, data_dir),
         f"teacher.ckpt_path={text_teacher_ckpt}",
         "optimizer._target_=torch.optim.SGD",
@@ -132,6 +137,8 @@ def test_accumulation_is_normalised_by_the_step_token_count(
         train_cfg(*base, "module.accumulate=1", "module.gradient_clip_val=null")
     )
     m1.student.load_state_dict(m2.student.state_dict())
+    m1.objective.load_state_dict(m2.objective.state_dict())  # the projectors
+    m1.setup("fit"), m2.setup("fit")  # attach the taps
     m1.student.eval(), m2.student.eval()  # no dropout: compare the arithmetic
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (4, 33))
@@ -144,12 +151,14 @@ def test_accumulation_is_normalised_by_the_step_token_count(
         module.student.zero_grad()
         n = sum((b["labels"] != -100).sum() for b in micro).float()
         for b in micro:
-            logits, t = module._logits(b)
-            total, _ = module.objective(logits, t, b["labels"], n)
+            logits, t, extras = module._logits(b, capture=True)
+            total, values = module.objective(logits, t, b["labels"], n, extras)
             total.backward()
-        grads.append(
-            torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None])
-        )
+        if experiment == "text_lm_kd_hidden":
+            assert values["hidden"] > 0 and values["attn"] > 0
+        params = [*module.student.parameters(), *module.objective.parameters()]
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        module.teardown("fit")
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 

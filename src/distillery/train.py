@@ -37,28 +37,34 @@ def build_teacher(cfg: DictConfig):
     return teacher
 
 
-def check_compatible(teacher, student, x, num_classes: int) -> None:
-    """Dry-run forward on a dummy batch: student (and teacher) must give [B, num_classes]."""
+def check_compatible(teacher, student, x, num_classes: int | None) -> None:
+    """Dry-run forward on a dummy batch: student (and teacher) must give [B, num_classes]
+    (classifiers) or, without classes (embeddings), outputs of the same shape."""
     import torch
 
     student.eval()
-    problems = []
+    problems, shapes = [], {}
     for key, model in (("student", student), ("teacher", teacher)):
         if model is None:
             continue
         try:
             with torch.no_grad():
-                y = model(x)
+                shapes[key] = tuple(model(x).shape[1:])
         except Exception as e:  # noqa: BLE001 - reported with the key
             problems.append(
                 f"{key}: forward on an input of shape {tuple(x.shape)} (data.input_shape) failed: {e}"
             )
             continue
-        if y.shape != (2, num_classes):
+        if num_classes is not None and shapes[key] != (num_classes,):
             problems.append(
-                f"{key}: outputs shape {tuple(y.shape[1:])} per sample, but data has {num_classes} classes"
+                f"{key}: outputs shape {shapes[key]} per sample, but data has {num_classes} classes"
             )
     student.train()
+    if num_classes is None and len(shapes) == 2 and shapes["student"] != shapes["teacher"]:
+        problems.append(
+            f"student: outputs shape {shapes['student']} per sample, the teacher {shapes['teacher']}"
+            f" (a narrower student maps to the teacher's width, e.g. student.output_dim)"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -118,9 +124,9 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     return s_taps, t_taps
 
 
-def check_vocab(cfg: DictConfig, student, teacher, datamodule) -> None:
-    """Student and teacher vocabularies must cover the tokenizer and agree, unless a
-    token term sets ``vocab_align: truncate`` (shared leading rows)."""
+def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool = True) -> None:
+    """Student and teacher vocabularies must cover the tokenizer and (``same_rows``: their
+    logits are compared) agree, unless a token term sets ``vocab_align: truncate``."""
     n_tok = len(datamodule.load_tokenizer())
     sizes = {"student": getattr(student, "vocab_size", None)}
     if teacher is not None:
@@ -130,7 +136,12 @@ def check_vocab(cfg: DictConfig, student, teacher, datamodule) -> None:
         for k, v in sizes.items()
         if v is not None and v < n_tok
     ]
-    if teacher is not None and None not in sizes.values() and sizes["student"] != sizes["teacher"]:
+    if (
+        same_rows
+        and teacher is not None
+        and None not in sizes.values()
+        and sizes["student"] != sizes["teacher"]
+    ):
         terms = (cfg.distill.get("terms") or {}).values()
         if not any(t.get("vocab_align") == "truncate" for t in terms if t):
             problems.append(
@@ -164,10 +175,13 @@ def build_run(cfg: DictConfig):
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
-    if num_classes is not None:  # classifiers: logits [B, num_classes]
-        check_compatible(teacher, nn.Sequential(student_norm, student), example, num_classes)
-    else:  # language models: vocabularies
+    output_kind = getattr(datamodule, "output_kind", "logits")
+    if output_kind == "token_logits":  # language models: vocabularies
         check_vocab(cfg, student, teacher, datamodule)
+    else:  # classifiers: logits [B, num_classes]; encoders: embeddings like the teacher's
+        check_compatible(teacher, nn.Sequential(student_norm, student), example, num_classes)
+        if output_kind == "embedding":
+            check_vocab(cfg, student, teacher, datamodule, same_rows=False)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:

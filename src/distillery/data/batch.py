@@ -6,6 +6,8 @@ A batch is a dict:
 * ``labels``: ``[B]`` int64 class ids, ``-1`` (``UNLABELED``) for transfer-set samples;
 * ``sample_id``: ``[B]`` int64 id, stable across epochs and runs for a given data
   config (the key a teacher-output cache will use).
+* ``attention_mask`` (token inputs with padding only): ``[B, N]``, 1 = token,
+  0 = padding; feature terms average over real tokens only.
 
 With a transfer set, training batches arrive as ``{"labeled": batch, "transfer":
 batch}`` from Lightning's CombinedLoader; :func:`merge_sources` concatenates them.

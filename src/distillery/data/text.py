@@ -142,6 +142,8 @@ def load_pairs(path: str, prompt_field: str, response_field: str) -> list[tuple[
 
 
 class TextDataModule(L.LightningDataModule):
+    output_kind = "token_logits"
+
     def __init__(
         self,
         tokenizer: str,

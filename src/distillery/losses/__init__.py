@@ -6,6 +6,7 @@ YAML entry under ``distill.terms`` naming it with ``_target_``.
 
 from distillery.losses.crd import CRD
 from distillery.losses.dkd import DKD
+from distillery.losses.embedding import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
 from distillery.losses.feature import (
     AttentionMapKL,
     AttentionTransfer,
@@ -20,6 +21,7 @@ from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
 
 __all__ = [
-    "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "FeatureTerm", "FitNet",
-    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityPreserving", "ValueRelationKL",
+    "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "EmbeddingCosine",
+    "EmbeddingMSE", "FeatureTerm", "FitNet",
+    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "ValueRelationKL",
 ]  # fmt: skip

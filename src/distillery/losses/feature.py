@@ -4,6 +4,10 @@ Each term names a student tap and a teacher tap (``conf: taps.student.<name>``) 
 reads the captures from ``Outputs.extras``. Terms with a projector build it in
 :meth:`FeatureTerm.setup` from dry-run shapes (``projector: auto``), or take none
 (``projector: null``: shapes must already match). Losses are per sample, float32.
+
+Token features ``[B, N, C]`` (transformers) are averaged over real tokens only when the
+batch carries a token mask (``Outputs.extras["token_mask"]``, ``[B, N]``, 1 = token,
+0 = padding; from the batch's ``attention_mask``): padding never enters a loss.
 """
 
 from __future__ import annotations
@@ -51,13 +55,36 @@ class FeatureTerm(LossTerm):
         return self.projector(s).float(), t.detach().float()
 
 
+def token_mean(per_token: Tensor, out: Outputs) -> Tensor:
+    """``[B, N]`` per-position losses -> ``[B]``: the mean over each sample's real tokens
+    (``extras["token_mask"]``), or over all positions when there is no mask."""
+    mask = out.extras.get("token_mask")
+    if mask is None:
+        return per_token.mean(1)
+    if mask.shape != per_token.shape:
+        raise ValueError(
+            f"token_mask of shape {tuple(mask.shape)} does not fit token features with "
+            f"positions {tuple(per_token.shape)} (tap a layer whose output has one position "
+            f"per input token)"
+        )
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def squared_error(s: Tensor, t: Tensor, out: Outputs) -> Tensor:
+    """Per-sample mean squared error; token features ``[B, N, C]`` via :func:`token_mean`."""
+    if s.ndim == 3:
+        return token_mean((s - t).pow(2).mean(-1), out)
+    return (s - t).pow(2).flatten(1).mean(1)
+
+
 class FitNet(FeatureTerm):
     """FitNets hint (Romero et al. 2015): loss_i = mean_j (P(f_S)_ij - f_T_ij)^2, the mean
     squared error over all feature elements j of sample i, P the projector."""
 
     def forward(self, out: Outputs) -> Tensor:
         s, t = self.features(out)
-        return (s - t).pow(2).flatten(1).mean(1)
+        return squared_error(s, t, out)
 
 
 class CosineFeature(FeatureTerm):
@@ -67,7 +94,7 @@ class CosineFeature(FeatureTerm):
     def forward(self, out: Outputs) -> Tensor:
         s, t = self.features(out)
         if s.ndim == 3:
-            return (1 - F.cosine_similarity(s, t, dim=-1)).mean(1)
+            return token_mean(1 - F.cosine_similarity(s, t, dim=-1), out)
         return 1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)
 
 
@@ -115,7 +142,8 @@ class AttentionMapKL(FeatureTerm):
     loss_i = mean_{h, q} KL(A_T[i,h,q,:] || A_S[i,h,q,:]), A = attention probabilities
     ``[B, H, Q, K]`` captured with ``kind: attention``. Head counts must match (or
     ``average_heads: true`` compares head-averaged maps). Queries with an all-zero
-    teacher row (masked) are left out."""
+    teacher row (masked) and padding queries (``token_mask``) are left out; padding keys
+    have probability 0 in both maps (the taps apply the attention mask)."""
 
     uses_projector = False
 
@@ -142,6 +170,9 @@ class AttentionMapKL(FeatureTerm):
             a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
         kl = (a_t * ((a_t + self.eps).log() - (a_s + self.eps).log())).sum(-1)  # [B, H, Q]
         valid = (a_t.sum(-1) > 0.5).float()
+        mask = out.extras.get("token_mask")
+        if mask is not None:
+            valid = valid * mask[:, None, :].to(valid.dtype)
         return (kl * valid).sum((1, 2)) / valid.sum((1, 2)).clamp_min(1.0)
 
 
@@ -194,19 +225,25 @@ class HiddenStates(FeatureTerm):
         for proj, s, m in zip(self.projectors, hs, self.layer_map, strict=True):
             s, t = proj(s).float(), ht[m].detach().float()
             if self.kind == "mse":
-                losses.append((s - t).pow(2).flatten(1).mean(1))
+                losses.append(squared_error(s, t, out))
+            elif s.ndim == 3:
+                losses.append(token_mean(1 - F.cosine_similarity(s, t, dim=-1), out))
             else:
                 losses.append((1 - F.cosine_similarity(s, t, dim=-1)).flatten(1).mean(1))
         return torch.stack(losses).mean(0)
 
 
-def relation(x: Tensor, heads: int) -> Tensor:
-    """softmax(X_h X_h^T / sqrt(d_h)) per relation head: ``[B, N, C] -> [B, heads, N, N]``."""
+def relation(x: Tensor, heads: int, key_mask: Tensor | None = None) -> Tensor:
+    """softmax(X_h X_h^T / sqrt(d_h)) per relation head: ``[B, N, C] -> [B, heads, N, N]``;
+    keys where ``key_mask`` ``[B, N]`` is 0 (padding) get probability 0."""
     b, n, c = x.shape
     if c % heads:
         raise ValueError(f"feature width {c} is not divisible by relation_heads={heads}")
-    xh = x.view(b, n, heads, c // heads).transpose(1, 2)
-    return (xh @ xh.transpose(-2, -1) / (c // heads) ** 0.5).softmax(-1)
+    xh = x.reshape(b, n, heads, c // heads).transpose(1, 2)
+    scores = xh @ xh.transpose(-2, -1) / (c // heads) ** 0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    return scores.softmax(-1)
 
 
 class ValueRelationKL(FeatureTerm):
@@ -214,7 +251,9 @@ class ValueRelationKL(FeatureTerm):
     Tap the value projections (``[B, N, C]``, e.g. ``...attention.self.value``) of one
     teacher and one student layer. Both are split into ``relation_heads`` heads, so the
     widths need not match; with VR = softmax(V_h V_h^T / sqrt(d_h)):
-    loss_i = mean_{h, q} KL(VR_T[i,h,q,:] || VR_S[i,h,q,:])."""
+    loss_i = mean_{h, q} KL(VR_T[i,h,q,:] || VR_S[i,h,q,:]); padding is left out as a key
+    (probability 0; ``extras["attention_mask"]``, else ``token_mask``) and as a query
+    (only ``token_mask`` positions are averaged)."""
 
     uses_projector = False
 
@@ -237,7 +276,8 @@ class ValueRelationKL(FeatureTerm):
     def forward(self, out: Outputs) -> Tensor:
         v_s = out.extras["student_features"][self.student_tap].float()
         v_t = out.extras["teacher_features"][self.teacher_tap].detach().float()
-        r_s, r_t = relation(v_s, self.relation_heads), relation(v_t, self.relation_heads)
-        return (
-            (r_t * (r_t.clamp_min(1e-12).log() - r_s.clamp_min(1e-12).log())).sum(-1).mean((1, 2))
-        )
+        keys = out.extras.get("attention_mask", out.extras.get("token_mask"))
+        r_s = relation(v_s, self.relation_heads, keys)
+        r_t = relation(v_t, self.relation_heads, keys)
+        kl = (r_t * (r_t.clamp_min(1e-12).log() - r_s.clamp_min(1e-12).log())).sum(-1)
+        return token_mean(kl.mean(1), out)  # heads, then real-token queries

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.losses.kd import kl_from_log_probs
+from distillery.objective import UNLABELED, LossTerm, Outputs
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
@@ -210,8 +211,15 @@ class TokenKD(torch.nn.Module):
 
 
 class TokenObjective(torch.nn.Module):
-    """total = sum_i w_i * term_i(student, teacher, labels, num_tokens), every term a
-    token sum normalised by the optimizer step's valid-token count."""
+    """total = sum_i w_i * term_i, every term a token sum normalised by the optimizer
+    step's valid-token count ``num_tokens``.
+
+    Token terms (``TokenCrossEntropy``, ``TokenKD``) are called as
+    ``term(student, teacher, labels, num_tokens)``. Feature terms
+    (``distillery.losses.feature``: hidden states, attention maps, value relations, read
+    from the taps' captures in ``extras``) give the mean over each sequence's trained
+    positions (labels != -100, handed over as ``token_mask``); the objective turns
+    them into the same token sum: sum_b n_b * loss_b / num_tokens."""
 
     def __init__(self, terms: dict, weights: dict | None = None):
         super().__init__()
@@ -226,9 +234,42 @@ class TokenObjective(torch.nn.Module):
     def needs_teacher(self) -> bool:
         return any(getattr(t, "needs_teacher", False) for t in self.terms.values())
 
-    def forward(self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens):
-        values = {
-            name: term(student, teacher, labels, num_tokens) for name, term in self.terms.items()
-        }
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        num_tokens,
+        extras: dict | None = None,
+    ):
+        values = {}
+        for name, term in self.terms.items():
+            if isinstance(term, LossTerm):
+                values[name] = self._feature_term(
+                    name, term, student, teacher, labels, num_tokens, extras
+                )
+            else:
+                values[name] = term(student, teacher, labels, num_tokens)
         total = sum(self.weights[n] * v for n, v in values.items())
         return total, values
+
+    @staticmethod
+    def _feature_term(name, term, student, teacher, labels, num_tokens, extras) -> Tensor:
+        if not extras or "student_features" not in extras:
+            raise RuntimeError(f"distill.terms.{name} reads taps, but nothing was captured")
+        mask = labels != -100
+        out = Outputs(
+            student,
+            torch.full(labels.shape[:1], UNLABELED, device=labels.device),
+            teacher,
+            extras={**extras, "token_mask": mask},
+        )
+        per_sequence = term(out).float()
+        if per_sequence.shape != labels.shape[:1]:
+            raise RuntimeError(
+                f"distill.terms.{name} must return one loss per sequence, got {tuple(per_sequence.shape)}"
+            )
+        total = (per_sequence * mask.sum(1)).sum()
+        return total / (
+            num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+        )

@@ -8,6 +8,10 @@ BERTs and GPT-2s built this way).
 * ``HFSequenceClassifier``: ``AutoModelForSequenceClassification``; token ids ``[B, N]``
   in, ``[B, num_classes]`` out; ``pad_token_id`` positions are masked out of attention.
 * ``HFCausalLM``: ``AutoModelForCausalLM``; token ids in, logits ``[B, L, V]`` out.
+* ``HFSentenceEncoder``: ``AutoModel`` + pooling (+ a linear map to ``output_dim``) +
+  L2 normalisation; token ids ``[B, N]`` in, sentence embeddings ``[B, D]`` out. With
+  ``pretrained`` pointing at a sentence-transformers directory (all-MiniLM-L6-v2:
+  mean pooling, normalised) it reproduces ``SentenceTransformer.encode``.
 """
 
 from __future__ import annotations
@@ -117,3 +121,53 @@ class HFCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids.long(), attention_mask=attention_mask).logits
+
+
+class HFSentenceEncoder(nn.Module):
+    """Sentence embeddings: e = normalize(W pool(h)), with h the encoder's last hidden
+    states, pool the mean over non-padding tokens (``pooling: mean``) or the first token
+    (``cls``), W a linear map to ``output_dim`` (identity when ``output_dim`` is null)
+    and normalize the L2 normalisation (``normalize: true``). Padding is the
+    ``pad_token_id`` positions, masked out of attention and of the mean."""
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        pooling: str = "mean",
+        output_dim: int | None = None,
+        normalize: bool = True,
+        pad_token_id: int = 0,
+        attn_implementation: str = "sdpa",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        from transformers import AutoModel
+
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
+        pretrained = None if pretrained is None else str(pretrained)
+        self.model = build_hf(
+            AutoModel, config, pretrained, attn_implementation, dtype, trust_remote_code
+        )
+        width = self.model.config.hidden_size
+        self.proj = nn.Identity() if output_dim in (None, width) else nn.Linear(width, output_dim)
+        self.pooling, self.normalize, self.pad_token_id = pooling, normalize, pad_token_id
+        self.embedding_dim = output_dim or width
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        input_ids = input_ids.long()
+        mask = (input_ids != self.pad_token_id).long()
+        h = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        e = self.proj(pooled)
+        return torch.nn.functional.normalize(e, dim=-1) if self.normalize else e

