@@ -295,3 +295,25 @@ def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, t
     assert (tmp_path / "quality_vs_latency.png").is_file() and "tokens_per_second" in (
         tmp_path / "report.md"
     ).read_text()
+
+
+@pytest.mark.slow
+def test_lm_under_ddp_normalises_by_the_tokens_of_both_ranks(
+    tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt
+):
+    """Two CPU processes: the step token count logged (and divided by) is the sum over
+    both ranks (2 x 4 sequences x 32 tokens), not one rank's."""
+    import csv
+
+    from test_cli import common, run_cli
+
+    out = tmp_path / "ddp_lm"
+    proc = run_cli("distillery.train", "experiment=text_lm_kd", "trainer=ddp_sim",
+                   *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
+                   "data.batch_size=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+                   "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+                   "trainer.log_every_n_steps=1", f"hydra.run.dir={out}", *common(tmp_path, data_dir))  # fmt: skip
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    rows = list(csv.DictReader((out / "csv" / "version_0" / "metrics.csv").open()))
+    tokens = {float(r["train/tokens"]) for r in rows if r.get("train/tokens")}
+    assert tokens == {2 * 4 * 32}
