@@ -85,6 +85,12 @@ def test_text_experiments_under_fdr(
             "data.val_fraction=0.2",
             "data.test_fraction=0.2",
         ],
+        "text_prompt_kd": [
+            f"data.source={generated_pairs}",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+            f"teacher.ckpt_path={text_teacher_ckpt}",
+        ],
     }.get(name, [])
     metrics = train(
         train_cfg(
@@ -92,7 +98,7 @@ def test_text_experiments_under_fdr(
         )
     )
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["test/ppl"] > 1
-    if name.startswith("text_lm_kd"):
+    if name.startswith("text_lm_kd") or name == "text_prompt_kd":
         assert metrics["train/loss/kd"] > 0 and 0 <= metrics["test/agreement"] <= 1
     if name == "text_lm_kd_hidden":
         assert metrics["train/loss/hidden"] > 0 and metrics["train/loss/attn"] > 0
