@@ -140,3 +140,26 @@ def test_width_mismatch_names_student_output_dim(train_cfg):
     cfg = train_cfg("experiment=minilm_embed_kd", "student.output_dim=null")
     with pytest.raises(ConfigError, match="output_dim"):
         build_run(cfg)
+
+
+def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
+    from transformers import AutoModel, BertConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=20)  # fmt: skip
+    source = AutoModel.from_config(BertConfig(**config))
+    source.save_pretrained(tmp_path / "src")
+    narrow = {"model_type": "bert", **config, "hidden_size": 6, "max_position_embeddings": 10}
+    student = HFSentenceEncoder(config=narrow, embeddings_from=str(tmp_path / "src"))
+    w = source.embeddings.word_embeddings.weight.detach()
+    u, s, _ = torch.linalg.svd(w - w.mean(0), full_matrices=False)
+    want = u[:, :6] * s[:6]  # principal-component scores, up to the sign of each column
+    got = student.model.embeddings.word_embeddings.weight.detach()
+    signs = torch.sign((got * want).sum(0))
+    torch.testing.assert_close(got, want * signs, atol=1e-4, rtol=1e-4)
+    assert student.model.embeddings.position_embeddings.weight.shape == (10, 6)
+    with pytest.raises(ValueError, match="embeddings_from"):
+        HFSentenceEncoder(
+            config={**narrow, "vocab_size": 41}, embeddings_from=str(tmp_path / "src")
+        )

@@ -141,7 +141,10 @@ class HFSentenceEncoder(nn.Module):
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        embeddings_from: str | None = None,
     ):
+        """``embeddings_from``: a pretrained name or directory (the teacher's) whose input
+        embeddings initialise this model's, see :func:`pca_embeddings`."""
         super().__init__()
         from transformers import AutoModel
 
@@ -155,6 +158,8 @@ class HFSentenceEncoder(nn.Module):
         self.proj = nn.Identity() if output_dim in (None, width) else nn.Linear(width, output_dim)
         self.pooling, self.normalize, self.pad_token_id = pooling, normalize, pad_token_id
         self.embedding_dim = output_dim or width
+        if embeddings_from is not None:
+            pca_embeddings(self.model, str(embeddings_from))
 
     @property
     def vocab_size(self) -> int:
@@ -171,3 +176,36 @@ class HFSentenceEncoder(nn.Module):
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         e = self.proj(pooled)
         return torch.nn.functional.normalize(e, dim=-1) if self.normalize else e
+
+
+@torch.no_grad()
+def pca_embeddings(model: nn.Module, source: str) -> None:
+    """Initialise ``model``'s word, position and token-type embeddings from a pretrained
+    model's (same tokenizer, any width): with W the source word embeddings [V, D_src],
+    mu their mean and U the top-d principal directions of W - mu (d = this model's
+    width), every source embedding table E becomes (E - mu) U. Position and type tables
+    share the word basis, so their sums stay in one space. Tokens the training text
+    never shows keep a meaningful embedding: the point of initialising from a teacher."""
+    from transformers import AutoModel
+
+    src = AutoModel.from_pretrained(source).embeddings
+    dst = model.embeddings
+    w = src.word_embeddings.weight.float()
+    d = dst.word_embeddings.weight.shape[1]
+    if w.shape[0] != dst.word_embeddings.weight.shape[0] or d > w.shape[1]:
+        raise ValueError(
+            f"embeddings_from: {source} has {tuple(w.shape)} word embeddings; this model needs "
+            f"the same vocabulary and a width <= {w.shape[1]}, has "
+            f"{tuple(dst.word_embeddings.weight.shape)}"
+        )
+    mu = w.mean(0)
+    centred = (w - mu).double()
+    _, vecs = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    basis = vecs[:, -d:].flip(1).float()  # [D_src, d], top-d principal directions
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        table, target = getattr(src, name, None), getattr(dst, name, None)
+        if table is None or target is None:
+            continue
+        n = min(table.weight.shape[0], target.weight.shape[0])
+        centred = table.weight[:n].float() - (mu if name == "word_embeddings" else 0)
+        target.weight[:n] = (centred @ basis).to(target.weight.dtype)
