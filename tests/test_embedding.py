@@ -163,3 +163,29 @@ def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
         HFSentenceEncoder(
             config={**narrow, "vocab_size": 41}, embeddings_from=str(tmp_path / "src")
         )
+
+
+def test_embedding_report_card(train_cfg, tmp_path):
+    """A short minilm_embed_kd run, then `distillery.evaluate` on its checkpoint: the
+    teacher is rebuilt from provenance, the report compares it with the student."""
+    from conftest import compose_cfg
+    from distillery.evaluate import evaluate
+    from distillery.report import EMBEDDING_REPORT_KEYS
+    from distillery.train import train
+
+    cfg = train_cfg("experiment=minilm_embed_kd", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+                    "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")  # fmt: skip
+    metrics = train(cfg)
+    overrides = [
+        f"ckpt_path={metrics['best_ckpt']}",
+        f"paths.output_dir={tmp_path}",
+        "price_per_hour=3.6",
+    ]
+    report = evaluate(compose_cfg("evaluate", overrides))
+    t, s = report["models"]["teacher"], report["models"]["student"]
+    assert set(s) == set(EMBEDDING_REPORT_KEYS)
+    assert t["cosine_to_teacher"] == pytest.approx(1.0) and t["nn_agreement"] == 1.0
+    assert -1 <= s["cosine_to_teacher"] < 1 and 0 <= s["nn_agreement"] <= 1
+    assert s["params"] < t["params"] / 2
+    assert s["cost_per_million_sentences"] == pytest.approx(1e6 * 0.001 / s["sentences_per_second"])
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "quality_vs_latency.png").is_file()

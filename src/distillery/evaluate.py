@@ -43,7 +43,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
     from distillery.checkpoint import META_KEY, load_student, read_checkpoint
     from distillery.export import load_any
-    from distillery.report import build_lm_report, build_report, print_table, write_report
+    from distillery.report import (
+        build_embedding_report,
+        build_lm_report,
+        build_report,
+        print_table,
+        write_report,
+    )
     from distillery.train import build_teacher
 
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
@@ -61,18 +67,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("test")
     teacher_name = "teacher" if teacher is not None else None
-    is_lm = not hasattr(datamodule, "num_classes")  # token-level report for language models
+    kind = getattr(datamodule, "output_kind", "logits")  # classes, next tokens or embeddings
     measure = {
         "device": cfg.get("device", "cpu"),
         "price_per_hour": float(cfg.get("price_per_hour", 0.0)),
         "latency": cfg.get("latency"),
         "throughput_cfg": cfg.get("throughput"),
     }
-    if is_lm:
-        report, preds = (
-            build_lm_report(models, teacher_name, datamodule.test_dataloader(), **measure),
-            {},
-        )
+    if kind in ("token_logits", "embedding"):
+        builder = build_lm_report if kind == "token_logits" else build_embedding_report
+        report, preds = builder(models, teacher_name, datamodule.test_dataloader(), **measure), {}
     else:
         report, preds = build_report(models, teacher_name, datamodule.test_dataloader(), **measure)
     report["checkpoints"] = {
@@ -85,19 +89,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("plots", True):
         from distillery.plots import quality_vs_latency, reliability_diagram
 
-        quality = "ppl" if is_lm else "accuracy"
+        quality = {"token_logits": "ppl", "embedding": "nn_agreement"}.get(kind, "accuracy")
         report["plots"] = {
             "quality_vs_latency": str(
                 quality_vs_latency(report, out_dir / "quality_vs_latency.png", quality)
             )
         }
-        if not is_lm:
+        if kind == "logits":
             preds_cal = {n: (p[0], p[1]) for n, p in preds.items()}
             report["plots"]["reliability"] = str(
                 reliability_diagram(preds_cal, out_dir / "reliability.png")
             )
     report["evaluations"] = (
-        {} if is_lm else run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
+        {}
+        if kind != "logits"
+        else run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
     )
     js, md = write_report(report, out_dir)
     if cfg.get("wandb"):

@@ -97,6 +97,30 @@ def cost_per_million(samples_per_second: float, price_per_hour: float) -> float:
     return price_per_hour / 3600.0 / samples_per_second * 1e6
 
 
+def measure_speed(
+    model: nn.Module,
+    example: torch.Tensor,
+    device: str,
+    price_per_hour: float,
+    latency: dict | None = None,
+    throughput_cfg: dict | None = None,
+    units_per_sample: int = 1,
+) -> dict[str, float]:
+    """What a model costs to run, the same way for every report: params, size_mb,
+    latency_ms / latency_p95_ms (batch 1), throughput in units/s (samples x
+    ``units_per_sample``, e.g. tokens per sequence) and cost_per_million units."""
+    lat, p95 = latency_ms(model, example, device, **(latency or {}))
+    rate = throughput(model, example, device, **(throughput_cfg or {})) * units_per_sample
+    return {
+        "params": getattr(model, "num_params", None) or sum(p.numel() for p in model.parameters()),
+        "size_mb": getattr(model, "size_mb", None) or size_mb(model),  # exports: file size
+        "latency_ms": lat,
+        "latency_p95_ms": p95,
+        "throughput": rate,
+        "cost_per_million": cost_per_million(rate, price_per_hour),
+    }
+
+
 def build_report(
     models: dict[str, nn.Module],
     teacher_name: str | None,
@@ -123,17 +147,7 @@ def build_report(
         row.setdefault("kl_to_teacher", None)
         teacher_acc = None if ref is None else float((ref.argmax(-1) == labels).float().mean())
         row["quality_retained"] = None if not teacher_acc else 100.0 * row["accuracy"] / teacher_acc
-        row["params"] = getattr(model, "num_params", None) or sum(
-            p.numel() for p in model.parameters()
-        )
-        row["size_mb"] = getattr(model, "size_mb", None) or size_mb(
-            model
-        )  # exports: their file size
-        row["latency_ms"], row["latency_p95_ms"] = latency_ms(
-            model, inputs, device, **(latency or {})
-        )
-        row["throughput"] = throughput(model, inputs, device, **(throughput_cfg or {}))
-        row["cost_per_million"] = cost_per_million(row["throughput"], price_per_hour)
+        row |= measure_speed(model, inputs, device, price_per_hour, latency, throughput_cfg)
         report["models"][name] = {k: row[k] for k in REPORT_KEYS}
     return report, preds
 
@@ -234,7 +248,7 @@ def build_lm_report(
                 )
                 s["kl"] += float(per_token(z[valid][:, :v], ref[valid][:, :v], "fkl").sum())
     example = batches[0]["input_ids"]
-    bs = (throughput_cfg or {}).get("batch_size", 16)
+    speed_cfg = {"batch_size": 16, "repeats": 3, **(throughput_cfg or {})}
     report: dict[str, Any] = {
         "device": device,
         "price_per_hour": price_per_hour,
@@ -250,18 +264,73 @@ def build_lm_report(
         s = stats[n]
         nll = s["nll"] / max(s["n"], 1)
         ppl = float(torch.exp(torch.tensor(nll)))
-        tps = throughput(
-            model, example, device, batch_size=bs, repeats=(throughput_cfg or {}).get("repeats", 3)
-        )
-        tps *= example.shape[1]  # sequences/s -> tokens/s
-        lat, p95 = latency_ms(model, example, device, **(latency or {}))
+        speed = measure_speed(
+            model, example, device, price_per_hour, latency, speed_cfg, example.shape[1]
+        )  # sequences/s x tokens per sequence
         report["models"][n] = {
             "ppl": ppl, "nll": nll,
             "agreement": s["agree"] / s["n"] if teacher_name else None,
             "kl_to_teacher": s["kl"] / s["n"] if teacher_name else None,
             "quality_retained": 100.0 * teacher_ppl / ppl if teacher_ppl else None,
-            "params": sum(p.numel() for p in model.parameters()), "size_mb": size_mb(model),
-            "latency_ms": lat, "latency_p95_ms": p95, "tokens_per_second": tps,
-            "cost_per_million_tokens": cost_per_million(tps, price_per_hour),
+            "params": speed["params"], "size_mb": speed["size_mb"],
+            "latency_ms": speed["latency_ms"], "latency_p95_ms": speed["latency_p95_ms"],
+            "tokens_per_second": speed["throughput"],
+            "cost_per_million_tokens": speed["cost_per_million"],
+        }  # fmt: skip
+    return report
+
+
+EMBEDDING_REPORT_KEYS = (
+    "cosine_to_teacher", "nn_agreement", "params", "size_mb", "latency_ms", "latency_p95_ms",
+    "sentences_per_second", "cost_per_million_sentences",
+)  # fmt: skip
+
+
+@torch.no_grad()
+def build_embedding_report(
+    models: dict[str, nn.Module],
+    teacher_name: str | None,
+    loader,
+    device: str = "cpu",
+    price_per_hour: float = 0.0,
+    latency: dict | None = None,
+    throughput_cfg: dict | None = None,
+) -> dict[str, Any]:
+    """Report card for sentence encoders on the test split: cosine_to_teacher (mean cos
+    between a model's and the teacher's embedding of each sentence), nn_agreement (top-1
+    nearest neighbour over the whole split equals the teacher's; see
+    ``distillery.eval_metrics.neighbour_agreement``), batch-1 latency, sentences/s at
+    ``throughput.batch_size`` and cost per million sentences."""
+    import torch.nn.functional as F
+
+    from distillery.eval_metrics import neighbour_agreement
+
+    if teacher_name is None:
+        raise ValueError("the embedding report compares with a teacher; none was given")
+    for m in models.values():
+        m.to(device).eval()
+    batches = list(loader)
+    emb = {
+        n: torch.cat([m(b["inputs"].to(device)).float().cpu() for b in batches])
+        for n, m in models.items()
+    }
+    ref = emb[teacher_name]
+    example = batches[0]["inputs"]
+    speed_cfg = {"batch_size": 64, "repeats": 3, **(throughput_cfg or {})}
+    report: dict[str, Any] = {
+        "device": device,
+        "price_per_hour": price_per_hour,
+        "keys": list(EMBEDDING_REPORT_KEYS),
+        "models": {},
+    }
+    for n, model in models.items():
+        speed = measure_speed(model, example, device, price_per_hour, latency, speed_cfg)
+        report["models"][n] = {
+            "cosine_to_teacher": float(F.cosine_similarity(emb[n], ref, dim=-1).mean()),
+            "nn_agreement": float(neighbour_agreement(emb[n], ref)),
+            "params": speed["params"], "size_mb": speed["size_mb"],
+            "latency_ms": speed["latency_ms"], "latency_p95_ms": speed["latency_p95_ms"],
+            "sentences_per_second": speed["throughput"],
+            "cost_per_million_sentences": speed["cost_per_million"],
         }  # fmt: skip
     return report
