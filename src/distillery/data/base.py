@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -22,6 +23,18 @@ def make_loader(
     )
 
 
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """A deterministic shuffle of ``range(n)`` cut into ``{"val", "test", "train"}``
+    index tensors (val and test get at least one item each)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = max(1, int(n * val_fraction)), max(1, int(n * test_fraction))
+    return {
+        "val": order[:n_val],
+        "test": order[n_val : n_val + n_test],
+        "train": order[n_val + n_test :],
+    }
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Shared loader logic; subclasses fill ``train_set``, ``val_set``, ``test_set``
     and optionally ``transfer_set`` (unlabeled) in ``setup`` and set
@@ -33,6 +46,7 @@ class ClassificationDataModule(L.LightningDataModule):
     over the larger of the two sets.
     """
 
+    output_kind = "logits"  # what the models output: logits over num_classes
     num_classes: int
     input_shape: tuple[int, ...]
 

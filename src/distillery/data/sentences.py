@@ -16,14 +16,13 @@ index in the deduplicated list.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from distillery.data.base import make_loader
-from distillery.data.text import load_documents
+from distillery.data.base import make_loader, split_indices
+from distillery.data.text import load_documents, load_tokenizer
 from distillery.objective import UNLABELED
 
 
@@ -114,17 +113,7 @@ class SentenceDataModule(L.LightningDataModule):
 
     def load_tokenizer(self):
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            path = Path(self.tokenizer_path).expanduser()
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(
-                    str(path) if path.exists() else self.tokenizer_path
-                )
-            except OSError as e:
-                raise FileNotFoundError(
-                    f"data.tokenizer: cannot load {self.tokenizer_path!r} ({e})"
-                ) from e
+            self.tokenizer = load_tokenizer(self.tokenizer_path)
             if self.tokenizer.pad_token_id is None:
                 raise ValueError(f"data.tokenizer: {self.tokenizer_path!r} has no pad token")
         return self.tokenizer
@@ -152,14 +141,7 @@ class SentenceDataModule(L.LightningDataModule):
         if n < 10:
             raise ValueError(f"data.source: {n} sentences is too few to split ({self.source})")
         ids = tok(self.sentences, truncation=True, max_length=self.max_length)["input_ids"]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, int(n * self.val_fraction))
-        n_test = max(1, int(n * self.test_fraction))
-        parts = {
-            "val": order[:n_val],
-            "test": order[n_val : n_val + n_test],
-            "train": order[n_val + n_test :],
-        }
+        parts = split_indices(n, self.val_fraction, self.test_fraction, self.seed)
         self.val_set, self.test_set, self.train_set = (
             SentenceDataset([ids[i] for i in parts[k].tolist()], parts[k])
             for k in ("val", "test", "train")

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distillery.data.base import make_loader
+from distillery.data.base import make_loader, split_indices
 
 IGNORE = -100
 
@@ -53,6 +53,17 @@ def load_documents(source: str, text_field: str = "text") -> list[str]:
     if text_field not in ds.column_names:
         raise ValueError(f"data.text_field: {text_field!r} not in {ds.column_names}")
     return [t for t in ds[text_field] if t]
+
+
+def load_tokenizer(name_or_path: str):
+    """An HF tokenizer from a local directory or a hub name (``data.tokenizer``)."""
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+    except OSError as e:
+        raise FileNotFoundError(f"data.tokenizer: cannot load {name_or_path!r} ({e})") from e
 
 
 def train_bpe(texts: list[str], vocab_size: int, out_dir: Path):
@@ -188,22 +199,13 @@ class TextDataModule(L.LightningDataModule):
 
     def load_tokenizer(self):
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
             path = Path(self.tokenizer_path).expanduser()
             if self.train_tokenizer_vocab and not (path / "tokenizer.json").is_file():
                 self.tokenizer = train_bpe(
                     load_documents(self.source, self.text_field), self.train_tokenizer_vocab, path
                 )
             else:
-                try:
-                    self.tokenizer = AutoTokenizer.from_pretrained(
-                        str(path) if path.exists() else self.tokenizer_path
-                    )
-                except OSError as e:
-                    raise FileNotFoundError(
-                        f"data.tokenizer: cannot load {self.tokenizer_path!r} ({e})"
-                    ) from e
+                self.tokenizer = load_tokenizer(self.tokenizer_path)
         return self.tokenizer
 
     def example_input(self, n: int = 2) -> torch.Tensor:
@@ -245,14 +247,7 @@ class TextDataModule(L.LightningDataModule):
                 f"data.source: {len(stream)} tokens is too little text for seq_len={self.seq_len}"
             )
         blocks = stream[: n_blocks * self.seq_len + 1].unfold(0, self.seq_len + 1, self.seq_len)
-        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(self.seed))
-        n_val = max(1, int(n_blocks * self.val_fraction))
-        n_test = max(1, int(n_blocks * self.test_fraction))
-        parts = {
-            "val": order[:n_val],
-            "test": order[n_val : n_val + n_test],
-            "train": order[n_val + n_test :],
-        }
+        parts = split_indices(n_blocks, self.val_fraction, self.test_fraction, self.seed)
         self.val_set, self.test_set, self.train_set = (
             BlockDataset(blocks[parts[k]], parts[k]) for k in ("val", "test", "train")
         )
@@ -270,13 +265,7 @@ class TextDataModule(L.LightningDataModule):
         n = len(examples)
         if n < 3:
             raise ValueError(f"data.source: {n} examples is too few to split")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        n_val, n_test = max(1, int(n * self.val_fraction)), max(1, int(n * self.test_fraction))
-        parts = {
-            "val": order[:n_val],
-            "test": order[n_val : n_val + n_test],
-            "train": order[n_val + n_test :],
-        }
+        parts = split_indices(n, self.val_fraction, self.test_fraction, self.seed)
         self.val_set, self.test_set, self.train_set = (
             PairDataset([examples[i] for i in parts[k].tolist()], parts[k])
             for k in ("val", "test", "train")
