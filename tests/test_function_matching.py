@@ -243,3 +243,22 @@ def test_fm_recipe_runs_with_an_image_pool_source(train_cfg, tmp_path, mnist1d_t
     )
     metrics = train(cfg)
     assert math.isfinite(metrics["train/loss"])
+
+
+def test_mixing_keeps_labeled_and_unlabeled_apart():
+    """Partners are drawn within each group: the labeled count of a batch (the data's
+    fixed mix) survives mixing, so label-term means stay exact under accumulation."""
+    from distillery.views import grouped_permutation
+
+    labels = torch.tensor([3, UNLABELED, 1, UNLABELED, UNLABELED, 0, UNLABELED, UNLABELED])
+    views = Views(mix=Mixup(alpha=1.0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        perm = grouped_permutation(labels)
+        assert sorted(perm.tolist()) == list(range(8))
+        assert ((labels[perm] == UNLABELED) == (labels == UNLABELED)).all()
+        out = views(torch.randn(8, 40), labels, num_classes=4)
+        assert ((out.labels == UNLABELED) == (labels == UNLABELED)).all()
+        labeled = out.targets[labels != UNLABELED]
+        assert labeled[:, 2].eq(0).all()  # no class-2 sample in the batch: mass only on 0, 1, 3
+        torch.testing.assert_close(labeled.sum(1), torch.ones(3))

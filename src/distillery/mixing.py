@@ -2,6 +2,8 @@
 
 A mixer returns the mixed inputs, the partner permutation and the per-sample weight
 ``lam`` of the original sample: ``x_mix_i ~ lam_i * x_i + (1 - lam_i) * x_perm(i)``.
+The partners are a random permutation, or ``perm`` when given (``distillery.views``
+passes one that keeps labeled and unlabeled samples apart).
 :class:`distillery.views.Views` turns (labels, perm, lam) into soft targets, and the
 teacher labels the mixed input itself.
 """
@@ -21,9 +23,9 @@ class Mixup(nn.Module):
             raise ValueError(f"mixup alpha must be > 0, got {alpha}")
         self.alpha = alpha
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, perm: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         b = x.shape[0]
-        perm = torch.randperm(b, device=x.device)
+        perm = torch.randperm(b, device=x.device) if perm is None else perm
         beta = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
         lam = beta.sample((b,)).to(x.device, torch.float32)
         w = lam.view(b, *([1] * (x.ndim - 1))).to(x.dtype)
@@ -40,13 +42,13 @@ class CutMix(nn.Module):
             raise ValueError(f"cutmix alpha must be > 0, got {alpha}")
         self.alpha = alpha
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, perm: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         if x.ndim != 4:
             raise ValueError(
                 f"CutMix needs images [B, C, H, W], got shape {tuple(x.shape)}; use Mixup"
             )
         b, _, h, w = x.shape
-        perm = torch.randperm(b, device=x.device)
+        perm = torch.randperm(b, device=x.device) if perm is None else perm
         lam0 = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         cut_h, cut_w = int(h * (1 - lam0) ** 0.5), int(w * (1 - lam0) ** 0.5)
         cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
@@ -71,6 +73,6 @@ class MixupOrCutMix(nn.Module):
             cutmix_prob,
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, perm: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         use_cutmix = x.ndim == 4 and float(torch.rand(())) < self.cutmix_prob
-        return self.cutmix(x) if use_cutmix else self.mixup(x)
+        return self.cutmix(x, perm) if use_cutmix else self.mixup(x, perm)

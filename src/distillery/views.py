@@ -6,9 +6,12 @@ the "independent views" variant kept for comparison: teacher and student get two
 independent augmentation draws of the same samples (mixed with the same partners and
 weights).
 
-Mixing turns labels into soft targets: a mixed sample is labeled only when both of
-its sources are, with target ``lam * onehot(y_i) + (1 - lam) * onehot(y_perm(i))``;
-anything mixed with an unlabeled sample becomes unlabeled (distillation terms only).
+Mixing partners are drawn within the labeled samples and within the unlabeled ones
+(:func:`grouped_permutation`), so a labeled sample stays labeled, with soft target
+``lam * onehot(y_i) + (1 - lam) * onehot(y_perm(i))``, and the number of labeled samples
+per batch stays the data's fixed mix: per-batch means of label terms remain exact under
+gradient accumulation. (``mix_labels`` still marks a sample mixed with an unlabeled
+partner as unlabeled, for mixers given other partners.)
 """
 
 from __future__ import annotations
@@ -45,13 +48,23 @@ class Views(nn.Module):
         xt = xs if self.consistent else aug(x)
         if self.mix is None:
             return ViewBatch(xs, xt, labels, None)
-        xs_mixed, perm, lam = self.mix(xs)
+        xs_mixed, perm, lam = self.mix(xs, grouped_permutation(labels))
         if self.consistent:
             xt_mixed = xs_mixed
         else:  # same partners and weights, other augmentation draw
             w = lam.view(-1, *([1] * (xt.ndim - 1))).to(xt.dtype)
             xt_mixed = w * xt + (1 - w) * xt[perm]
         return ViewBatch(xs_mixed, xt_mixed, *mix_labels(labels, perm, lam, num_classes))
+
+
+def grouped_permutation(labels: Tensor) -> Tensor:
+    """A random permutation that maps labeled samples to labeled partners and unlabeled
+    samples to unlabeled ones."""
+    perm = torch.empty_like(labels)
+    for group in (labels != UNLABELED, labels == UNLABELED):
+        idx = group.nonzero().squeeze(1)
+        perm[idx] = idx[torch.randperm(len(idx), device=labels.device)]
+    return perm
 
 
 def mix_labels(
