@@ -98,6 +98,10 @@ def test_neighbour_agreement_golden_and_accumulated_over_the_split():
     metric.update(s_half[:2], t[:2])
     metric.update(s_half[2:], t[2:])
     assert float(metric.compute()) == 0.75
+    padded = NeighbourAgreement()  # a DDP sampler's repeats (ids 0 and 1 again) are dropped
+    padded.update(s_half, t, torch.arange(4))
+    padded.update(s[:2], t[:2], torch.arange(2))
+    assert float(padded.compute()) == 0.75
     m = EmbeddingMetrics(None, with_teacher=True)
     m.update(t, torch.full((4,), UNLABELED), t)
     assert dict(m.items())["cosine"].compute() == pytest.approx(1.0)

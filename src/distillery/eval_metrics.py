@@ -1,9 +1,9 @@
 """Metrics the Lightning modules log in validation and test (torchmetrics: they
 accumulate over the epoch and reduce over DDP ranks).
 
-Every class has ``update(student_out, labels, teacher_out)`` and ``items()`` ->
-``[(name, metric)]``, logged as ``val|test/<name>``; a module picks one with its
-``eval_metrics`` argument.
+Every class has ``update(student_out, labels, teacher_out, sample_id=None)`` and
+``items()`` -> ``[(name, metric)]``, logged as ``val|test/<name>``; a module picks one
+with its ``eval_metrics`` argument.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class ClassificationMetrics(nn.Module):
             self.agreement = MeanMetric()
             self.kl_to_teacher = MeanMetric()
 
-    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+    def update(
+        self, logits: Tensor, labels: Tensor, teacher: Tensor | None, sample_id=None
+    ) -> None:
         logits = logits.float()
         self.acc.update(logits, labels)
         self.ece.update(logits.softmax(-1), labels)
@@ -52,7 +54,9 @@ class ClassificationMetrics(nn.Module):
 class NeighbourAgreement(Metric):
     """Top-1 nearest-neighbour agreement over all embeddings seen in the epoch: for each
     item i, is argmax_{j != i} cos(s_i, s_j) == argmax_{j != i} cos(t_i, t_j)? The
-    fraction of items where the student's neighbour is the teacher's (all ranks)."""
+    fraction of items where the student's neighbour is the teacher's (all ranks). With
+    sample ids, repeats of an id are dropped first (a DistributedSampler pads the last
+    batches with repeats, and a copy is everyone's perfect neighbour)."""
 
     full_state_update = False
 
@@ -60,13 +64,26 @@ class NeighbourAgreement(Metric):
         super().__init__()
         self.add_state("student", default=[], dist_reduce_fx="cat")
         self.add_state("teacher", default=[], dist_reduce_fx="cat")
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
 
-    def update(self, student: Tensor, teacher: Tensor) -> None:
+    def update(self, student: Tensor, teacher: Tensor, sample_id: Tensor | None = None) -> None:
         self.student.append(student.detach().float())
         self.teacher.append(teacher.detach().float())
+        if sample_id is not None:
+            self.ids.append(sample_id.detach().long())
 
     def compute(self) -> Tensor:
-        s, t = (torch.cat(x) if isinstance(x, list) else x for x in (self.student, self.teacher))
+        s, t, ids = (
+            (torch.cat(x) if x else torch.empty(0)) if isinstance(x, list) else x
+            for x in (self.student, self.teacher, self.ids)
+        )
+        if len(ids) == len(s):  # first occurrence of each id
+            _, inverse = torch.unique(ids, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), len(ids), device=ids.device)
+            first = first.scatter_reduce(
+                0, inverse, torch.arange(len(ids), device=ids.device), "amin"
+            )
+            s, t = s[first], t[first]
         return neighbour_agreement(s, t)
 
 
@@ -95,9 +112,11 @@ class EmbeddingMetrics(nn.Module):
             raise ValueError("module.eval_metrics: EmbeddingMetrics compares with a teacher")
         self.cosine, self.nn_agreement = MeanMetric(), NeighbourAgreement()
 
-    def update(self, student: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+    def update(
+        self, student: Tensor, labels: Tensor, teacher: Tensor | None, sample_id=None
+    ) -> None:
         self.cosine.update(F.cosine_similarity(student.float(), teacher.float(), dim=-1))
-        self.nn_agreement.update(student, teacher)
+        self.nn_agreement.update(student, teacher, sample_id)
 
     def items(self):
         return [("cosine", self.cosine), ("nn_agreement", self.nn_agreement)]
@@ -113,7 +132,9 @@ class LMMetrics(nn.Module):
         if with_teacher:
             self.agreement, self.kl_to_teacher = MeanMetric(), MeanMetric()
 
-    def update(self, logits: Tensor, labels: Tensor, teacher: Tensor | None) -> None:
+    def update(
+        self, logits: Tensor, labels: Tensor, teacher: Tensor | None, sample_id=None
+    ) -> None:
         valid = labels != IGNORE
         if not valid.any():
             return

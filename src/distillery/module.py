@@ -145,7 +145,7 @@ class DistillationModule(L.LightningModule):
     def _eval_step(self, batch, metrics: nn.Module, stage: str) -> None:
         x, labels = batch["inputs"], batch["labels"]
         logits, teacher_logits, _ = self._forward_both(x, x, capture=False)
-        metrics.update(logits, labels, teacher_logits)
+        metrics.update(logits, labels, teacher_logits, batch.get("sample_id"))
         for i, (name, metric) in enumerate(metrics.items()):
             self.log(f"{stage}/{name}", metric, prog_bar=i == 0, batch_size=x.shape[0])
 
