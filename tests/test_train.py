@@ -339,3 +339,14 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     assert saved["models"]["teacher"]["agreement"] == 1.0
     assert (tmp_path / "out" / "report.md").read_text().count("|") > 20
     assert report["models"]["student"]["params"] == saved["models"]["baseline"]["params"]
+
+
+def test_lightning_lines_are_logged_once(train_cfg):
+    """Lightning's own console handler is dropped when the root logger is configured
+    (Hydra, pytest): each line reaches the console and the run's log file once."""
+    import logging
+
+    build_run(train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D))
+    assert logging.getLogger().handlers
+    handlers = logging.getLogger("lightning").handlers
+    assert not [h for h in handlers if type(h) is logging.StreamHandler]

@@ -161,7 +161,9 @@ def build_run(cfg: DictConfig):
     from distillery.checkpoint import AtomicCheckpointIO
     from distillery.module import DistillationModule, count_params
     from distillery.preprocess import InputNorm
-    from distillery.utils import build_list, log_hyperparameters
+    from distillery.utils import build_list, log_hyperparameters, single_lightning_log
+
+    single_lightning_log()
 
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

@@ -13,6 +13,20 @@ from distillery.config import build
 log = logging.getLogger(__name__)
 
 
+def single_lightning_log() -> None:
+    """Lightning's package logger has a console handler of its own and also propagates to
+    the root logger; under Hydra (root configured) every Lightning line was printed twice.
+    With a configured root, drop Lightning's console handler: the root's console and the
+    run's log file still get each line once."""
+    import lightning  # noqa: F401 - the handler is added on import
+
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning")
+        for handler in list(lightning_log.handlers):
+            if type(handler) is logging.StreamHandler:
+                lightning_log.removeHandler(handler)
+
+
 def build_list(node: DictConfig | None, key: str) -> list[Any]:
     """Instantiate every ``_target_`` entry of a group such as ``callbacks`` or ``logger``."""
     if not node:
