@@ -144,6 +144,8 @@ def test_width_mismatch_names_student_output_dim(train_cfg):
     cfg = train_cfg("experiment=minilm_embed_kd", "student.output_dim=null")
     with pytest.raises(ConfigError, match="output_dim"):
         build_run(cfg)
+    with pytest.raises(ConfigError, match="student.pad_token_id is 1"):
+        build_run(train_cfg("experiment=minilm_embed_kd", "student.pad_token_id=1"))
 
 
 def test_student_embeddings_from_the_teachers_principal_components(tmp_path):

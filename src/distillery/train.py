@@ -152,6 +152,19 @@ def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool =
         raise ConfigError(problems)
 
 
+def check_pad_id(student, teacher, datamodule) -> None:
+    """Encoders that find padding by token id must use the tokenizer's pad id."""
+    want = datamodule.pad_token_id
+    models = {"student": student, "teacher": teacher.network if teacher is not None else None}
+    problems = [
+        f"{key}.pad_token_id is {m.pad_token_id}, but the tokenizer pads with {want} (data.tokenizer)"
+        for key, m in models.items()
+        if m is not None and getattr(m, "pad_token_id", want) != want
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     validate(cfg)
@@ -184,6 +197,7 @@ def build_run(cfg: DictConfig):
         check_compatible(teacher, nn.Sequential(student_norm, student), example, num_classes)
         if output_kind == "embedding":
             check_vocab(cfg, student, teacher, datamodule, same_rows=False)
+            check_pad_id(student, teacher, datamodule)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:
