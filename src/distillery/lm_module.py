@@ -5,6 +5,8 @@ frozen, outside optimizer and checkpoint). Training uses manual optimisation ove
 ``dataloader_iter`` so that every optimizer step first pulls its ``accumulate``
 micro-batches, counts their valid tokens (summed over DDP ranks) and normalises every
 term by that step-level count: padding and accumulation leave the loss unchanged.
+Taps (``taps.student/teacher``) capture hidden states or attention maps during training
+forwards for the objective's feature terms (see ``TokenObjective``).
 Validation/test log ``nll`` (per token), ``ppl`` = exp(nll) and, with a teacher,
 ``agreement`` (top-1 next-token agreement) and ``kl_to_teacher`` (per token, T = 1).
 """
