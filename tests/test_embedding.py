@@ -171,7 +171,7 @@ def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
         )
 
 
-def test_embedding_report_card(train_cfg, tmp_path):
+def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     """A short minilm_embed_kd run, then `distillery.evaluate` on its checkpoint: the
     teacher is rebuilt from provenance, the report compares it with the student."""
     from conftest import compose_cfg
@@ -195,3 +195,22 @@ def test_embedding_report_card(train_cfg, tmp_path):
     assert s["params"] < t["params"] / 2
     assert s["cost_per_million_sentences"] == pytest.approx(1e6 * 0.001 / s["sentences_per_second"])
     assert (tmp_path / "report.md").is_file() and (tmp_path / "quality_vs_latency.png").is_file()
+
+    # The trained student rebuilds without its teacher-based initialisation.
+    import distillery.models.hf as hf
+
+    def no_teacher_needed(*args):
+        raise AssertionError("load_student re-ran the teacher-based initialisation")
+
+    monkeypatch.setattr(hf, "pca_embeddings", no_teacher_needed)
+    # ONNX export of the encoder: token ids stay int64, any batch size and length.
+    from distillery.checkpoint import load_student
+    from distillery.export import export_student, load_exported
+
+    example = torch.randint(1000, 3000, (4, 9))
+    path = export_student(metrics["best_ckpt"], "onnx", tmp_path / "onnx", example)
+    other = torch.randint(1000, 3000, (3, 13))
+    other[0, 8:] = 0  # padding
+    with torch.no_grad():
+        want = load_student(metrics["best_ckpt"])(other)
+    torch.testing.assert_close(load_exported(path)(other), want, atol=1e-5, rtol=1e-4)

@@ -69,6 +69,16 @@ def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# Student config keys that only initialise weights (e.g. from the teacher): rebuilding a
+# trained student skips them, since its weights come from the checkpoint.
+INIT_ONLY_KEYS = ("embeddings_from",)
+
+
+def architecture_config(student_cfg: dict) -> dict:
+    """The recorded student config without ``INIT_ONLY_KEYS``."""
+    return {k: v for k, v in student_cfg.items() if k not in INIT_ONLY_KEYS}
+
+
 def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     """The trained student of a run, without teacher or Lightning: a
     ``Sequential(InputNorm, student)`` in eval mode that takes raw inputs."""
@@ -77,7 +87,7 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     from distillery.preprocess import InputNorm
 
     ckpt = read_checkpoint(path, key)
-    student = instantiate(ckpt[META_KEY]["config"]["student"])
+    student = instantiate(architecture_config(ckpt[META_KEY]["config"]["student"]))
     student.load_state_dict(sub_state_dict(ckpt["state_dict"], "student."))
     stats = sub_state_dict(ckpt["state_dict"], "student_norm.")
     identity = bool((stats["mean"] == 0).all() and (stats["std"] == 1).all())

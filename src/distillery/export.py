@@ -50,7 +50,9 @@ class OnnxModel(nn.Module):
         self.size_mb = self.path.stat().st_size / 2**20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        x = x.detach().cpu()
+        x = x.float() if x.is_floating_point() else x.long()  # token ids stay int64
+        out = self.session.run(None, {self.input_name: x.numpy()})[0]
         return torch.from_numpy(out)
 
 
@@ -85,7 +87,7 @@ def load_any(path: str | Path, key: str) -> nn.Module:
 def export_student(
     ckpt_path: str, fmt: str, out_dir: Path, example: torch.Tensor, atol: float = 1e-5
 ) -> Path:
-    from distillery.checkpoint import META_KEY, read_checkpoint
+    from distillery.checkpoint import META_KEY, architecture_config, read_checkpoint
     from distillery.checkpoint import load_student as load
 
     if fmt not in FORMATS:
@@ -96,7 +98,7 @@ def export_student(
     path = out_dir / FORMATS[fmt]
     if fmt == "state_dict":
         torch.save(student.state_dict(), path)
-        config = read_checkpoint(ckpt_path)[META_KEY]["config"]["student"]
+        config = architecture_config(read_checkpoint(ckpt_path)[META_KEY]["config"]["student"])
         (out_dir / "student.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         (out_dir / "input_norm.json").write_text(
             json.dumps({"mean": norm.mean.tolist(), "std": norm.std.tolist()})
@@ -116,7 +118,12 @@ def export_student(
                 opset_version=17,
                 input_names=["inputs"],
                 output_names=["logits"],
-                dynamic_axes={"inputs": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={
+                    "inputs": {0: "batch"}
+                    if example.is_floating_point()
+                    else {0: "batch", 1: "tokens"},  # token ids: any sequence length
+                    "logits": {0: "batch"},
+                },
             )
     with torch.no_grad():
         want = model(example)
