@@ -37,38 +37,6 @@ def build_teacher(cfg: DictConfig):
     return teacher
 
 
-def check_compatible(teacher, student, x, num_classes: int | None) -> None:
-    """Dry-run forward on a dummy batch: student (and teacher) must give [B, num_classes]
-    (classifiers) or, without classes (embeddings), outputs of the same shape."""
-    import torch
-
-    student.eval()
-    problems, shapes = [], {}
-    for key, model in (("student", student), ("teacher", teacher)):
-        if model is None:
-            continue
-        try:
-            with torch.no_grad():
-                shapes[key] = tuple(model(x).shape[1:])
-        except Exception as e:  # noqa: BLE001 - reported with the key
-            problems.append(
-                f"{key}: forward on an input of shape {tuple(x.shape)} (data.input_shape) failed: {e}"
-            )
-            continue
-        if num_classes is not None and shapes[key] != (num_classes,):
-            problems.append(
-                f"{key}: outputs shape {shapes[key]} per sample, but data has {num_classes} classes"
-            )
-    student.train()
-    if num_classes is None and len(shapes) == 2 and shapes["student"] != shapes["teacher"]:
-        problems.append(
-            f"student: outputs shape {shapes['student']} per sample, the teacher {shapes['teacher']}"
-            f" (a narrower student maps to the teacher's width, e.g. student.output_dim)"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
 def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     """Taps from ``cfg.taps`` and, from one dry-run forward, the projectors of every
     feature term (so they exist before the optimizer and checkpoint loading)."""
@@ -124,47 +92,6 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     return s_taps, t_taps
 
 
-def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool = True) -> None:
-    """Student and teacher vocabularies must cover the tokenizer and (``same_rows``: their
-    logits are compared) agree, unless a token term sets ``vocab_align: truncate``."""
-    n_tok = len(datamodule.load_tokenizer())
-    sizes = {"student": getattr(student, "vocab_size", None)}
-    if teacher is not None:
-        sizes["teacher"] = getattr(teacher.network, "vocab_size", None)
-    problems = [
-        f"{k}: vocabulary of {v} rows is smaller than the tokenizer's {n_tok} tokens (data.tokenizer)"
-        for k, v in sizes.items()
-        if v is not None and v < n_tok
-    ]
-    if (
-        same_rows
-        and teacher is not None
-        and None not in sizes.values()
-        and sizes["student"] != sizes["teacher"]
-    ):
-        terms = (cfg.distill.get("terms") or {}).values()
-        if not any(t.get("vocab_align") == "truncate" for t in terms if t):
-            problems.append(
-                f"teacher and student vocabularies differ ({sizes['teacher']} vs {sizes['student']}): "
-                f"use the same tokenizer, or set vocab_align: truncate on the token KD term"
-            )
-    if problems:
-        raise ConfigError(problems)
-
-
-def check_pad_id(student, teacher, datamodule) -> None:
-    """Encoders that find padding by token id must use the tokenizer's pad id."""
-    want = datamodule.pad_token_id
-    models = {"student": student, "teacher": teacher.network if teacher is not None else None}
-    problems = [
-        f"{key}.pad_token_id is {m.pad_token_id}, but the tokenizer pads with {want} (data.tokenizer)"
-        for key, m in models.items()
-        if m is not None and getattr(m, "pad_token_id", want) != want
-    ]
-    if problems:
-        raise ConfigError(problems)
-
-
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     validate(cfg)
@@ -172,6 +99,7 @@ def build_run(cfg: DictConfig):
     from torch import nn
 
     from distillery.checkpoint import AtomicCheckpointIO
+    from distillery.checks import check_models
     from distillery.module import DistillationModule, count_params
     from distillery.preprocess import InputNorm
     from distillery.utils import build_list, log_hyperparameters, single_lightning_log
@@ -190,14 +118,7 @@ def build_run(cfg: DictConfig):
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
-    output_kind = getattr(datamodule, "output_kind", "logits")
-    if output_kind == "token_logits":  # language models: vocabularies
-        check_vocab(cfg, student, teacher, datamodule)
-    else:  # classifiers: logits [B, num_classes]; encoders: embeddings like the teacher's
-        check_compatible(teacher, nn.Sequential(student_norm, student), example, num_classes)
-        if output_kind == "embedding":
-            check_vocab(cfg, student, teacher, datamodule, same_rows=False)
-            check_pad_id(student, teacher, datamodule)
+    check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:
