@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,32 @@ LM_REPORT_KEYS = (
 
 
 @torch.no_grad()
+def held_out_metrics(
+    models: dict[str, nn.Module], teacher_name: str | None, loader, device: str, make_metrics
+) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
+    """One pass of every model over ``loader`` into its own instance of a validation/test
+    metric set (``distillery.eval_metrics``, the ones the modules log as ``test/*``), the
+    teacher's output as the reference. Returns ``({model: {metric: value}}, the first
+    batch's inputs)`` for the speed measurements."""
+    for m in models.values():
+        m.to(device).eval()
+    metrics = {n: make_metrics(teacher_name is not None) for n in models}
+    example = None
+    for b in loader:
+        x = b["inputs"] if "inputs" in b else b["input_ids"]
+        example = x if example is None else example
+        outs = {n: m(x.to(device)).float().cpu() for n, m in models.items()}
+        ref = outs.get(teacher_name) if teacher_name else None
+        for n, out in outs.items():
+            metrics[n].update(out, b["labels"], ref, b.get("sample_id"))
+    values = {n: {k: float(v.compute()) for k, v in m.items()} for n, m in metrics.items()}
+    return values, example
+
+
+def _report(device: str, price_per_hour: float, keys) -> dict[str, Any]:
+    return {"device": device, "price_per_hour": price_per_hour, "keys": list(keys), "models": {}}
+
+
 def build_lm_report(
     models: dict[str, nn.Module],
     teacher_name: str | None,
@@ -221,56 +248,24 @@ def build_lm_report(
     throughput_cfg: dict | None = None,
 ) -> dict[str, Any]:
     """Report card for causal LMs on the test split: ppl = exp(nll per valid token),
-    top-1 next-token agreement and KL(teacher || model) per token, quality_retained =
-    teacher ppl / model ppl (%), batch-1 latency per sequence, tokens/s at
-    ``throughput.batch_size`` sequences, cost per million tokens."""
-    import torch.nn.functional as F
+    top-1 next-token agreement and KL(teacher || model) per token (``LMMetrics``),
+    quality_retained = teacher ppl / model ppl (%), batch-1 latency per sequence,
+    tokens/s at ``throughput.batch_size`` sequences, cost per million tokens."""
+    from distillery.eval_metrics import LMMetrics
 
-    from distillery.losses.token import per_token
-
-    for m in models.values():
-        m.to(device).eval()
-    batches = list(loader)
-    stats = {n: {"nll": 0.0, "agree": 0.0, "kl": 0.0, "n": 0} for n in models}
-    for b in batches:
-        ids, labels = b["input_ids"].to(device), b["labels"].to(device)
-        valid = labels != -100
-        logits = {n: m(ids).float() for n, m in models.items()}
-        ref = logits.get(teacher_name) if teacher_name else None
-        for n, z in logits.items():
-            s = stats[n]
-            s["nll"] += float(F.cross_entropy(z[valid], labels[valid], reduction="sum"))
-            s["n"] += int(valid.sum())
-            if ref is not None:
-                v = min(z.shape[-1], ref.shape[-1])
-                s["agree"] += float(
-                    (z[valid][:, :v].argmax(-1) == ref[valid][:, :v].argmax(-1)).sum()
-                )
-                s["kl"] += float(per_token(z[valid][:, :v], ref[valid][:, :v], "fkl").sum())
-    example = batches[0]["input_ids"]
+    values, example = held_out_metrics(models, teacher_name, loader, device, LMMetrics)
     speed_cfg = {"batch_size": 16, "repeats": 3, **(throughput_cfg or {})}
-    report: dict[str, Any] = {
-        "device": device,
-        "price_per_hour": price_per_hour,
-        "keys": list(LM_REPORT_KEYS),
-        "models": {},
-    }
-    teacher_ppl = None
-    if teacher_name:
-        teacher_ppl = float(
-            torch.exp(torch.tensor(stats[teacher_name]["nll"] / max(stats[teacher_name]["n"], 1)))
-        )
+    report = _report(device, price_per_hour, LM_REPORT_KEYS)
+    teacher_ppl = math.exp(values[teacher_name]["nll"]) if teacher_name else None
     for n, model in models.items():
-        s = stats[n]
-        nll = s["nll"] / max(s["n"], 1)
-        ppl = float(torch.exp(torch.tensor(nll)))
+        v = values[n]
+        ppl = math.exp(v["nll"])
         speed = measure_speed(
             model, example, device, price_per_hour, latency, speed_cfg, example.shape[1]
         )  # sequences/s x tokens per sequence
         report["models"][n] = {
-            "ppl": ppl, "nll": nll,
-            "agreement": s["agree"] / s["n"] if teacher_name else None,
-            "kl_to_teacher": s["kl"] / s["n"] if teacher_name else None,
+            "ppl": ppl, "nll": v["nll"],
+            "agreement": v.get("agreement"), "kl_to_teacher": v.get("kl_to_teacher"),
             "quality_retained": 100.0 * teacher_ppl / ppl if teacher_ppl else None,
             "params": speed["params"], "size_mb": speed["size_mb"],
             "latency_ms": speed["latency_ms"], "latency_p95_ms": speed["latency_p95_ms"],
@@ -286,7 +281,6 @@ EMBEDDING_REPORT_KEYS = (
 )  # fmt: skip
 
 
-@torch.no_grad()
 def build_embedding_report(
     models: dict[str, nn.Module],
     teacher_name: str | None,
@@ -296,38 +290,25 @@ def build_embedding_report(
     latency: dict | None = None,
     throughput_cfg: dict | None = None,
 ) -> dict[str, Any]:
-    """Report card for sentence encoders on the test split: cosine_to_teacher (mean cos
-    between a model's and the teacher's embedding of each sentence), nn_agreement (top-1
-    nearest neighbour over the whole split equals the teacher's; see
-    ``distillery.eval_metrics.neighbour_agreement``), batch-1 latency, sentences/s at
-    ``throughput.batch_size`` and cost per million sentences."""
-    import torch.nn.functional as F
-
-    from distillery.eval_metrics import neighbour_agreement
+    """Report card for sentence encoders on the test split (``EmbeddingMetrics``):
+    cosine_to_teacher (mean cos between a model's and the teacher's embedding of each
+    sentence), nn_agreement (top-1 nearest neighbour over the whole split equals the
+    teacher's), batch-1 latency, sentences/s at ``throughput.batch_size`` and cost per
+    million sentences."""
+    from distillery.eval_metrics import EmbeddingMetrics
 
     if teacher_name is None:
         raise ValueError("the embedding report compares with a teacher; none was given")
-    for m in models.values():
-        m.to(device).eval()
-    batches = list(loader)
-    emb = {
-        n: torch.cat([m(b["inputs"].to(device)).float().cpu() for b in batches])
-        for n, m in models.items()
-    }
-    ref = emb[teacher_name]
-    example = batches[0]["inputs"]
+    values, example = held_out_metrics(
+        models, teacher_name, loader, device, lambda t: EmbeddingMetrics(None, t)
+    )
     speed_cfg = {"batch_size": 64, "repeats": 3, **(throughput_cfg or {})}
-    report: dict[str, Any] = {
-        "device": device,
-        "price_per_hour": price_per_hour,
-        "keys": list(EMBEDDING_REPORT_KEYS),
-        "models": {},
-    }
+    report = _report(device, price_per_hour, EMBEDDING_REPORT_KEYS)
     for n, model in models.items():
         speed = measure_speed(model, example, device, price_per_hour, latency, speed_cfg)
         report["models"][n] = {
-            "cosine_to_teacher": float(F.cosine_similarity(emb[n], ref, dim=-1).mean()),
-            "nn_agreement": float(neighbour_agreement(emb[n], ref)),
+            "cosine_to_teacher": values[n]["cosine"],
+            "nn_agreement": values[n]["nn_agreement"],
             "params": speed["params"], "size_mb": speed["size_mb"],
             "latency_ms": speed["latency_ms"], "latency_p95_ms": speed["latency_p95_ms"],
             "sentences_per_second": speed["throughput"],

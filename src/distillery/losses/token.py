@@ -109,6 +109,11 @@ class _ChunkedDivergence(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
+def _count(num_tokens) -> Tensor | float:
+    """The normaliser: a tensor as given (a step count reduced over ranks), else >= 1."""
+    return num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+
+
 def token_divergence(
     student: Tensor,
     teacher: Tensor,
@@ -153,7 +158,7 @@ def token_divergence(
         total = _ChunkedDivergence.apply(s, t, keep, int(chunk_size), kwargs)
     else:
         total = per_token(s[keep], t[keep], **kwargs).sum()
-    return total / (n if isinstance(n, Tensor) else max(float(n), 1.0))
+    return total / _count(n)
 
 
 class TokenCrossEntropy(torch.nn.Module):
@@ -168,7 +173,7 @@ class TokenCrossEntropy(torch.nn.Module):
         ce = F.cross_entropy(
             student.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        return ce / (num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0))
+        return ce / _count(num_tokens)
 
 
 class TokenKD(torch.nn.Module):
@@ -242,34 +247,26 @@ class TokenObjective(torch.nn.Module):
         num_tokens,
         extras: dict | None = None,
     ):
-        values = {}
+        values, features = {}, None  # the feature terms' inputs, built once per forward
         for name, term in self.terms.items():
-            if isinstance(term, LossTerm):
-                values[name] = self._feature_term(
-                    name, term, student, teacher, labels, num_tokens, extras
-                )
-            else:
+            if not isinstance(term, LossTerm):
                 values[name] = term(student, teacher, labels, num_tokens)
+                continue
+            if not extras or "student_features" not in extras:
+                raise RuntimeError(f"distill.terms.{name} reads taps, but nothing was captured")
+            if features is None:
+                mask = labels != -100
+                unlabeled = torch.full(labels.shape[:1], UNLABELED, device=labels.device)
+                features = Outputs(
+                    student, unlabeled, teacher, extras={**extras, "token_mask": mask}
+                )
+                trained = mask.sum(1)  # positions each sequence's mean is over
+            per_sequence = term(features).float()
+            if per_sequence.shape != labels.shape[:1]:
+                raise RuntimeError(
+                    f"distill.terms.{name} must return one loss per sequence, "
+                    f"got {tuple(per_sequence.shape)}"
+                )
+            values[name] = (per_sequence * trained).sum() / _count(num_tokens)
         total = sum(self.weights[n] * v for n, v in values.items())
         return total, values
-
-    @staticmethod
-    def _feature_term(name, term, student, teacher, labels, num_tokens, extras) -> Tensor:
-        if not extras or "student_features" not in extras:
-            raise RuntimeError(f"distill.terms.{name} reads taps, but nothing was captured")
-        mask = labels != -100
-        out = Outputs(
-            student,
-            torch.full(labels.shape[:1], UNLABELED, device=labels.device),
-            teacher,
-            extras={**extras, "token_mask": mask},
-        )
-        per_sequence = term(out).float()
-        if per_sequence.shape != labels.shape[:1]:
-            raise RuntimeError(
-                f"distill.terms.{name} must return one loss per sequence, got {tuple(per_sequence.shape)}"
-            )
-        total = (per_sequence * mask.sum(1)).sum()
-        return total / (
-            num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
-        )
