@@ -80,6 +80,36 @@ def bert_teacher_ckpt(tmp_path_factory, data_dir) -> Path:
     return train_teacher(tmp_path_factory, data_dir, "digits_bert_teacher")
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A 512-token BPE trained on the pydoc corpus (shared by the text tests)."""
+    path = tmp_path_factory.mktemp("tok") / "pydoc_bpe_512"
+    from distillery.data.text import TextDataModule
+
+    TextDataModule(tokenizer=str(path), train_tokenizer_vocab=512).load_tokenizer()
+    return path
+
+
+def text_overrides(tokenizer_dir, data_dir):
+    return [f"data.tokenizer={tokenizer_dir}", "data.train_tokenizer_vocab=null", "data.seq_len=32",
+            f"data.cache_dir={data_dir}/text_cache", "student.config.vocab_size=512", "student.config.n_positions=32"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def text_teacher_ckpt(tmp_path_factory, data_dir, tokenizer_dir):
+    """A tiny GPT-2 teacher trained for 5 batches on the pydoc corpus."""
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("text_teacher")
+    cfg = compose_cfg("train", [
+        "experiment=text_lm_teacher", *text_overrides(tokenizer_dir, data_dir), "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+        f"paths.output_dir={out}", f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
+    ])  # fmt: skip
+    train(cfg)
+    return out / "teacher.ckpt"
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).endswith(".ipynb"):
@@ -92,4 +122,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-__all__ = ["PROJECT_ROOT", "SMALL_MNIST1D", "compose_cfg"]
+__all__ = ["PROJECT_ROOT", "SMALL_MNIST1D", "compose_cfg", "text_overrides"]

@@ -5,36 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, compose_cfg
+from conftest import PROJECT_ROOT, compose_cfg, text_overrides
 from distillery.config import ConfigError
 from distillery.data.text import TextDataModule
 from distillery.train import build_run, train
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "pydoc_bpe_512"
-    TextDataModule(tokenizer=str(path), train_tokenizer_vocab=512).load_tokenizer()
-    return path
-
-
-def text_overrides(tokenizer_dir, data_dir):
-    return [f"data.tokenizer={tokenizer_dir}", "data.train_tokenizer_vocab=null", "data.seq_len=32",
-            f"data.cache_dir={data_dir}/text_cache", "student.config.vocab_size=512", "student.config.n_positions=32"]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def text_teacher_ckpt(tmp_path_factory, data_dir, tokenizer_dir):
-    from distillery.train import train
-
-    out = tmp_path_factory.mktemp("text_teacher")
-    cfg = compose_cfg("train", [
-        "experiment=text_lm_teacher", *text_overrides(tokenizer_dir, data_dir), "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
-        f"paths.output_dir={out}", f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
-    ])  # fmt: skip
-    train(cfg)
-    return out / "teacher.ckpt"
 
 
 def test_pydoc_corpus_blocks_and_deterministic_split(tokenizer_dir):
