@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from distillery.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
+from distillery.config.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 
 SMALL_MNIST1D = ["data.num_samples=1000", "data.val_size=200"]
 

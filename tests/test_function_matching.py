@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.augment import ImageAugment, SignalAugment
-from distillery.checkpoint import read_checkpoint
+from distillery.recipes.augment import ImageAugment, SignalAugment
+from distillery.core.checkpoint import read_checkpoint
 from distillery.data.batch import TensorDictDataset
 from distillery.data.mnist1d import MNIST1DDataModule
 from distillery.data.pool import ID_STRIDE, TransferPool
 from distillery.losses import CrossEntropy
-from distillery.mixing import CutMix, Mixup
-from distillery.objective import UNLABELED, Outputs
-from distillery.schedules import WarmupCosine
+from distillery.recipes.mixing import CutMix, Mixup
+from distillery.core.objective import UNLABELED, Outputs
+from distillery.recipes.schedules import WarmupCosine
 from distillery.train import build_run, train
-from distillery.views import Views, mix_labels
+from distillery.recipes.views import Views, mix_labels
 
 POOL = [
     "data.base.num_samples=1000",
@@ -248,7 +248,7 @@ def test_fm_recipe_runs_with_an_image_pool_source(train_cfg, tmp_path, mnist1d_t
 def test_mixing_keeps_labeled_and_unlabeled_apart():
     """Partners are drawn within each group: the labeled count of a batch (the data's
     fixed mix) survives mixing, so label-term means stay exact under accumulation."""
-    from distillery.views import grouped_permutation
+    from distillery.recipes.views import grouped_permutation
 
     labels = torch.tensor([3, UNLABELED, 1, UNLABELED, UNLABELED, 0, UNLABELED, UNLABELED])
     views = Views(mix=Mixup(alpha=1.0))

@@ -5,7 +5,7 @@ import torch
 
 from conftest import SMALL_MNIST1D
 from distillery.losses import HintonKD
-from distillery.objective import Outputs
+from distillery.core.objective import Outputs
 from distillery.train import train
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery.losses import DKD, CrossEntropy, HintonKD
-from distillery.objective import UNLABELED, Objective, Outputs
+from distillery.core.objective import UNLABELED, Objective, Outputs
 
 
 def hand_kd(t_logits, s_logits, T):
@@ -165,7 +165,7 @@ def test_objective_errors_name_the_config_key():
 
 
 def test_weight_schedules():
-    from distillery.schedules import ConstantWeight, CosineWeight, LinearWarmupWeight
+    from distillery.recipes.schedules import ConstantWeight, CosineWeight, LinearWarmupWeight
 
     assert ConstantWeight(0.3)(7.0) == 0.3
     warm = LinearWarmupWeight(2.0, warmup_epochs=4)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from distillery.data.digits import DigitsDataModule
-from distillery.objective import LossTerm
-from distillery.teacher import Teacher
+from distillery.core.objective import LossTerm
+from distillery.core.teacher import Teacher
 
 
 class L1Logits(LossTerm):
@@ -49,7 +49,7 @@ def random_teacher(seed: int = 0):
 
 YAMLS = {
     "distill/l1.yaml": """
-        _target_: distillery.objective.Objective
+        _target_: distillery.core.objective.Objective
         terms:
           task: {_target_: distillery.losses.CrossEntropy}
           l1: {_target_: user_plugins.L1Logits}

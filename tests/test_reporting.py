@@ -9,9 +9,9 @@ import torch
 from conftest import SMALL_MNIST1D, compose_cfg
 from distillery.aggregate import aggregate
 from distillery.evaluate import evaluate
-from distillery.evaluators import DisagreementAnalysis
+from distillery.evaluation.evaluators import DisagreementAnalysis
 from distillery.export import export, load_exported
-from distillery.report import REPORT_KEYS, cost_per_million
+from distillery.evaluation.report import REPORT_KEYS, cost_per_million
 from distillery.train import train
 
 
@@ -77,7 +77,7 @@ def test_report_card_v2(kd_student, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])
 def test_export_reloads_and_matches_the_student(fmt, kd_student, tmp_path, data_dir):
-    from distillery.checkpoint import load_student
+    from distillery.core.checkpoint import load_student
 
     report_dir = tmp_path / "report"
     evaluate(
@@ -215,7 +215,7 @@ def test_launcher_configs_compose(launcher, target):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from distillery.resolvers import CONFIG_DIR
+    from distillery.config.resolvers import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -229,7 +229,7 @@ def test_kd_optuna_search_space_composes():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from distillery.resolvers import CONFIG_DIR
+    from distillery.config.resolvers import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -248,7 +248,7 @@ def test_wandb_group_is_shared_by_the_jobs_of_a_multirun():
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from distillery.resolvers import CONFIG_DIR, wandb_group
+    from distillery.config.resolvers import CONFIG_DIR, wandb_group
 
     assert wandb_group("kd") == "kd"  # no Hydra run: the task name
     GlobalHydra.instance().clear()

@@ -19,9 +19,9 @@ from distillery.losses import (
     HiddenStates,
     SimilarityPreserving,
 )
-from distillery.objective import Outputs
-from distillery.projectors import MapProjector, TokenProjector, build_projector
-from distillery.taps import DuplicateCaptureError, Taps, describe
+from distillery.core.objective import Outputs
+from distillery.core.projectors import MapProjector, TokenProjector, build_projector
+from distillery.core.taps import DuplicateCaptureError, Taps, describe
 from distillery.train import build_run
 
 FITNET = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=300"]
@@ -306,7 +306,7 @@ def test_describe_lists_paths_and_shapes():
 def test_feature_kd_end_to_end_projector_trained_and_not_exported(
     train_cfg, mnist1d_teacher_ckpt, tmp_path
 ):
-    from distillery.checkpoint import load_student, read_checkpoint
+    from distillery.core.checkpoint import load_student, read_checkpoint
 
     cfg = train_cfg(*FITNET, f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "trainer.max_epochs=2")
     datamodule, module, trainer, _ = build_run(cfg)
@@ -350,7 +350,7 @@ def test_taps_cli_lists_a_configured_model():
 
 
 def test_glob_star_matches_one_path_component():
-    from distillery.taps import path_matches
+    from distillery.core.taps import path_matches
 
     assert path_matches("encoder.layer.3", "encoder.layer.*")
     assert not path_matches("encoder.layer.3.attention", "encoder.layer.*")

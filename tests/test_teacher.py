@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from distillery.models import CNN1D, resnet8x4
-from distillery.teacher import Teacher, from_state_dict, from_timm, weights_sha256
+from distillery.core.teacher import Teacher, from_state_dict, from_timm, weights_sha256
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode():

@@ -254,7 +254,7 @@ def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
 
 def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, tmp_path):
     from distillery.evaluate import evaluate
-    from distillery.report import LM_REPORT_KEYS
+    from distillery.evaluation.report import LM_REPORT_KEYS
 
     cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
                     "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",

@@ -8,9 +8,9 @@ import torch
 from omegaconf import open_dict
 
 from conftest import SMALL_MNIST1D
-from distillery.checkpoint import META_KEY, load_student, read_checkpoint
+from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
 from distillery.config import ConfigError
-from distillery.module import DistillationModule
+from distillery.core.module import DistillationModule
 from distillery.train import build_run, train
 
 # Text experiments run under debug=fdr in test_text.py (they need a tokenizer fixture);
@@ -86,7 +86,7 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(
     module.load_state_dict(state)  # strict, teacher refilled from the live teacher
     from distillery.losses import CrossEntropy
     from distillery.models import MLP
-    from distillery.objective import Objective
+    from distillery.core.objective import Objective
 
     bare = DistillationModule(
         MLP(),
@@ -238,7 +238,7 @@ def test_teacher_student_shape_mismatch_is_reported(train_cfg, mnist1d_teacher_c
 
 
 def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    from distillery.checkpoint import AtomicCheckpointIO
+    from distillery.core.checkpoint import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -281,7 +281,7 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     from hydra.core.global_hydra import GlobalHydra
 
     from distillery.pipeline import run_pipeline
-    from distillery.resolvers import CONFIG_DIR
+    from distillery.config.resolvers import CONFIG_DIR
 
     def hydra_list(items):
         return "[" + ",".join(f"'{o}'" for o in items) + "]"

@@ -15,16 +15,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distillery import resolvers
 from distillery.config import ConfigError, build, validate
+from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
 
 def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
     """The teacher a student was distilled from, from its recorded provenance."""
-    from distillery.checkpoint import META_KEY
-    from distillery.teacher import weights_sha256
+    from distillery.core.checkpoint import META_KEY
+    from distillery.core.teacher import weights_sha256
 
     provenance = ckpt[META_KEY].get("teacher")
     if provenance is None:
@@ -41,16 +41,10 @@ def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
-    from distillery.checkpoint import META_KEY, load_student, read_checkpoint
+    from distillery.core.builder import build_task, build_teacher
+    from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
+    from distillery.evaluation.report import build_report, print_table, write_report
     from distillery.export import load_any
-    from distillery.report import (
-        build_embedding_report,
-        build_lm_report,
-        build_report,
-        print_table,
-        write_report,
-    )
-    from distillery.train import build_teacher
 
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
     run_cfg = OmegaConf.create(ckpt[META_KEY]["config"])
@@ -66,19 +60,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data if cfg.get("data") is not None else run_cfg.data, "data")
     datamodule.prepare_data()
     datamodule.setup("test")
+    task = build_task(run_cfg, datamodule)  # the run's adapter: classes, tokens or embeddings
     teacher_name = "teacher" if teacher is not None else None
-    kind = getattr(datamodule, "output_kind", "logits")  # classes, next tokens or embeddings
-    measure = {
-        "device": cfg.get("device", "cpu"),
-        "price_per_hour": float(cfg.get("price_per_hour", 0.0)),
-        "latency": cfg.get("latency"),
-        "throughput_cfg": cfg.get("throughput"),
-    }
-    if kind in ("token_logits", "embedding"):
-        builder = build_lm_report if kind == "token_logits" else build_embedding_report
-        report, preds = builder(models, teacher_name, datamodule.test_dataloader(), **measure), {}
-    else:
-        report, preds = build_report(models, teacher_name, datamodule.test_dataloader(), **measure)
+    if teacher_name is None and task.name == "embedding":
+        raise ConfigError(["teacher: the embedding report compares with a teacher; none was found"])
+    report, preds = build_report(
+        models,
+        teacher_name,
+        datamodule.test_dataloader(),
+        task,
+        num_classes=getattr(datamodule, "num_classes", None),
+        device=cfg.get("device", "cpu"),
+        price_per_hour=float(cfg.get("price_per_hour", 0.0)),
+        latency=cfg.get("latency"),
+        throughput_cfg=cfg.get("throughput"),
+    )
     report["checkpoints"] = {
         "student": str(cfg.ckpt_path),
         **{str(k): str(v) for k, v in (cfg.get("compare") or {}).items()},
@@ -87,24 +83,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("plots", True):
-        from distillery.plots import quality_vs_latency, reliability_diagram
+        from distillery.evaluation.plots import quality_vs_latency, reliability_diagram
 
-        quality = {"token_logits": "ppl", "embedding": "nn_agreement"}.get(kind, "accuracy")
-        report["plots"] = {
-            "quality_vs_latency": str(
-                quality_vs_latency(report, out_dir / "quality_vs_latency.png", quality)
-            )
-        }
-        if kind == "logits":
+        path = quality_vs_latency(report, out_dir / "quality_vs_latency.png", task.quality_key)
+        report["plots"] = {"quality_vs_latency": str(path)}
+        if preds:
             preds_cal = {n: (p[0], p[1]) for n, p in preds.items()}
             report["plots"]["reliability"] = str(
                 reliability_diagram(preds_cal, out_dir / "reliability.png")
             )
-    report["evaluations"] = (
-        {}
-        if kind != "logits"
-        else run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
-    )
+    report["evaluations"] = run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
     js, md = write_report(report, out_dir)
     if cfg.get("wandb"):
         log_report_to_wandb(report, cfg.wandb, out_dir)
@@ -118,9 +106,7 @@ def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> Non
     offline with WANDB_MODE=offline)."""
     import wandb
 
-    from distillery.report import REPORT_KEYS
-
-    keys = report.get("keys", REPORT_KEYS)
+    keys = report["keys"]
 
     run = wandb.init(dir=str(out_dir), job_type="evaluate", **dict(wandb_cfg))
     try:
@@ -142,10 +128,10 @@ def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> Non
 
 
 def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -> dict[str, Any]:
-    """Every configured evaluator on every student (needs a teacher)."""
-    from distillery.utils import build_list
+    """Every configured evaluator on every student (needs a teacher and kept predictions)."""
+    from distillery.config.extras import build_list
 
-    if teacher_name is None or not nodes:
+    if teacher_name is None or not nodes or not preds:
         return {}
     results = {}
     names = [k for k, v in nodes.items() if v]
@@ -165,7 +151,7 @@ def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -
     return results
 
 
-@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)

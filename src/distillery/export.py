@@ -25,8 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillery import resolvers
 from distillery.config import validate
+from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 FORMATS = {"state_dict": "model.pt", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
@@ -60,7 +60,7 @@ def load_exported(path: str | Path) -> nn.Module:
     """An exported student (a file written by :func:`export_student`), raw inputs in."""
     from hydra.utils import instantiate
 
-    from distillery.preprocess import InputNorm
+    from distillery.core.input_norm import InputNorm
 
     p = Path(path)
     if p.suffix == ".onnx":
@@ -79,7 +79,7 @@ def load_exported(path: str | Path) -> nn.Module:
 
 def load_any(path: str | Path, key: str) -> nn.Module:
     """A student from a run checkpoint (.ckpt) or an export."""
-    from distillery.checkpoint import load_student
+    from distillery.core.checkpoint import load_student
 
     return load_student(path, key) if str(path).endswith(".ckpt") else load_exported(path)
 
@@ -87,8 +87,8 @@ def load_any(path: str | Path, key: str) -> nn.Module:
 def export_student(
     ckpt_path: str, fmt: str, out_dir: Path, example: torch.Tensor, atol: float = 1e-5
 ) -> Path:
-    from distillery.checkpoint import META_KEY, architecture_config, read_checkpoint
-    from distillery.checkpoint import load_student as load
+    from distillery.core.checkpoint import META_KEY, read_checkpoint
+    from distillery.core.checkpoint import load_student as load
 
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {sorted(FORMATS)}, got {fmt!r}")
@@ -98,7 +98,7 @@ def export_student(
     path = out_dir / FORMATS[fmt]
     if fmt == "state_dict":
         torch.save(student.state_dict(), path)
-        config = architecture_config(read_checkpoint(ckpt_path)[META_KEY]["config"]["student"])
+        config = read_checkpoint(ckpt_path)[META_KEY]["config"]["student"]
         (out_dir / "student.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         (out_dir / "input_norm.json").write_text(
             json.dumps({"mean": norm.mean.tolist(), "std": norm.std.tolist()})
@@ -139,7 +139,7 @@ def export_student(
 
 
 def model_card(ckpt: dict[str, Any], export_path: Path, metrics: dict | None) -> str:
-    from distillery.checkpoint import META_KEY
+    from distillery.core.checkpoint import META_KEY
 
     meta = ckpt[META_KEY]
     cfg, teacher = meta["config"], meta.get("teacher")
@@ -211,8 +211,8 @@ def model_card(ckpt: dict[str, Any], export_path: Path, metrics: dict | None) ->
 
 def export(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
-    from distillery.checkpoint import META_KEY, read_checkpoint
     from distillery.config import build
+    from distillery.core.checkpoint import META_KEY, read_checkpoint
 
     ckpt = read_checkpoint(cfg.ckpt_path)
     data = build(OmegaConf.create(ckpt[META_KEY]["config"]["data"]), "data (recorded in ckpt_path)")
@@ -236,7 +236,7 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

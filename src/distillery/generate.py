@@ -21,8 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillery import resolvers
 from distillery.config import validate
+from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def generate(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
     from transformers import AutoTokenizer
 
-    from distillery.checkpoint import load_student
-    from distillery.teacher import weights_sha256
+    from distillery.core.checkpoint import load_student
+    from distillery.core.teacher import weights_sha256
 
     model = load_student(cfg.teacher_ckpt, "teacher_ckpt")[1]
     hf = getattr(model, "model", model)
@@ -123,7 +123,7 @@ def generate(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="generate")
 def main(cfg: DictConfig) -> Any:
     return generate(cfg)
 

@@ -23,8 +23,8 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distillery import resolvers
 from distillery.config import ConfigError, validate
+from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     return evaluate(ecfg)
 
 
-@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="pipeline")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     run_pipeline(cfg)

@@ -7,161 +7,24 @@ teacher is trained and how the no-teacher baseline runs. Same code path for all 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from distillery import resolvers
-from distillery.config import ConfigError, build, to_container, validate
+from distillery.config import ConfigError
+from distillery.config.resolvers import CONFIG_DIR
+from distillery.core.builder import build_run
 
 log = logging.getLogger(__name__)
-
-
-def build_teacher(cfg: DictConfig):
-    """The teacher from ``cfg.teacher`` with its config recorded in its provenance."""
-    from distillery.teacher import Teacher
-
-    teacher = build(cfg.get("teacher"), "teacher")
-    if teacher is None:
-        return None
-    if not isinstance(teacher, Teacher):
-        raise ConfigError(
-            [
-                f"teacher: the teacher source must return a distillery.teacher.Teacher, got {type(teacher).__name__}"
-            ]
-        )
-    teacher.provenance["config"] = to_container(cfg.teacher)
-    return teacher
-
-
-def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
-    """Taps from ``cfg.taps`` and, from one dry-run forward, the projectors of every
-    feature term (so they exist before the optimizer and checkpoint loading)."""
-    import torch
-
-    from distillery.losses.feature import FeatureTerm
-    from distillery.taps import Taps
-
-    feature_terms = {n: t for n, t in objective.terms.items() if isinstance(t, FeatureTerm)}
-    spec = cfg.get("taps") or {}
-    if not feature_terms and not spec:
-        return None, None
-    if teacher is None:
-        raise ConfigError(["taps: feature taps need a teacher, but `teacher` is null"])
-    try:
-        s_taps = Taps(student, spec.get("student"), "student", detach=False)
-        t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
-    except (ValueError, TypeError) as e:
-        raise ConfigError([str(e)]) from e
-    problems = []
-    for name, term in feature_terms.items():
-        for side, taps, tap in (
-            ("student", s_taps, term.student_tap),
-            ("teacher", t_taps, term.teacher_tap),
-        ):
-            if tap not in taps.specs:
-                problems.append(
-                    f"distill.terms.{name}: no tap named {tap!r} under taps.{side} ({sorted(taps.specs)})"
-                )
-    if problems:
-        raise ConfigError(problems)
-    with s_taps, t_taps, torch.no_grad():
-        was_training = student.training
-        student.eval()
-        teacher(x)
-        student(x)
-        student.train(was_training)
-
-        def shapes(v):
-            return [tuple(t.shape) for t in v] if isinstance(v, list) else tuple(v.shape)
-
-        for name, term in feature_terms.items():
-            try:
-                term.setup(
-                    shapes(s_taps.captured[term.student_tap]),
-                    shapes(t_taps.captured[term.teacher_tap]),
-                    f"distill.terms.{name}",
-                )
-            except (ValueError, KeyError) as e:
-                problems.append(str(e))
-    if problems:
-        raise ConfigError(problems)
-    return s_taps, t_taps
-
-
-def build_run(cfg: DictConfig):
-    """Validate the config, then build (datamodule, module, trainer, loggers)."""
-    validate(cfg)
-    import lightning as L
-    from torch import nn
-
-    from distillery.checkpoint import AtomicCheckpointIO
-    from distillery.checks import check_models
-    from distillery.module import DistillationModule, count_params
-    from distillery.preprocess import InputNorm
-    from distillery.utils import build_list, log_hyperparameters, single_lightning_log
-
-    single_lightning_log()
-
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-
-    datamodule = build(cfg.data, "data")
-    student = build(cfg.student, "student")
-    teacher = build_teacher(cfg)
-    if teacher is not None:  # the teacher is in eval mode on purpose
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    objective = build(cfg.distill, "distill")
-    student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
-    example = datamodule.example_input(2)
-    num_classes = getattr(datamodule, "num_classes", None)
-    check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
-    student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
-    module_factory = build(cfg.get("module"), "module") or DistillationModule
-    try:
-        module = module_factory(
-            student=student,
-            objective=objective,
-            optimizer=build(cfg.optimizer, "optimizer"),
-            scheduler=build(cfg.get("scheduler"), "scheduler"),
-            num_classes=num_classes,
-            teacher=teacher,
-            student_norm=student_norm,
-            views=build(cfg.get("views"), "views"),
-            student_taps=student_taps,
-            teacher_taps=teacher_taps,
-            run_config=to_container(cfg),
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError([str(e)]) from e
-
-    callbacks = build_list(cfg.get("callbacks"), "callbacks")
-    loggers = build_list(cfg.get("logger"), "logger")
-    strategy = cfg.trainer.get("strategy", "auto")
-    plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
-    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
-    log_hyperparameters(
-        trainer,
-        cfg,
-        {
-            "params/student": count_params(student),
-            "params/teacher": count_params(teacher) if teacher is not None else None,
-            "params/compression": count_params(teacher) / count_params(student)
-            if teacher is not None
-            else None,
-        },
-    )
-    return datamodule, module, trainer, loggers
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
-    from distillery.checkpoint import copy_atomic
-    from distillery.utils import finish_loggers
+    from distillery.core.checkpoint import copy_atomic
+    from distillery.core.loggers import finish_loggers
 
     datamodule, module, trainer, loggers = build_run(cfg)
     metrics: dict[str, Any] = {}
@@ -187,9 +50,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
 
 
-@hydra.main(version_base="1.3", config_path=str(resolvers.CONFIG_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from distillery.utils import apply_extras
+    from distillery.config.extras import apply_extras
 
     apply_extras(cfg)
     try:

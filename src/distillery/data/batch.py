@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from distillery.objective import UNLABELED
+from distillery.core.objective import UNLABELED
 
 BATCH_KEYS = ("inputs", "labels", "sample_id")
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
 
+from distillery.core.objective import UNLABELED
 from distillery.data.base import ClassificationDataModule, make_loader
 from distillery.data.batch import TensorDictDataset
-from distillery.objective import UNLABELED
 
 ID_STRIDE = 10**9
 

@@ -1,6 +1,6 @@
 """Loss terms. Each is a small module with its formula in the docstring.
 
-A new term is one class deriving from ``distillery.objective.LossTerm`` plus a
+A new term is one class deriving from ``distillery.core.objective.LossTerm`` plus a
 YAML entry under ``distill.terms`` naming it with ``_target_``.
 """
 
@@ -19,9 +19,10 @@ from distillery.losses.feature import (
 from distillery.losses.kd import HintonKD
 from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
+from distillery.losses.token import TokenCrossEntropy, TokenKD
 
 __all__ = [
     "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "EmbeddingCosine",
     "EmbeddingMSE", "FeatureTerm", "FitNet",
-    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "ValueRelationKL",
+    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "TokenCrossEntropy", "TokenKD", "ValueRelationKL",
 ]  # fmt: skip

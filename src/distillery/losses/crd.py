@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.core.objective import Outputs
 from distillery.losses.feature import FeatureTerm
-from distillery.objective import Outputs
 
 
 class CRD(FeatureTerm):

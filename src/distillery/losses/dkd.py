@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.objective import UNLABELED, LossTerm, Outputs
+from distillery.core.objective import UNLABELED, LossTerm, Outputs
 
 
 class DKD(LossTerm):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillery.objective import LossTerm, Outputs
-from distillery.projectors import build_projector
+from distillery.core.objective import LossTerm, Outputs
+from distillery.core.projectors import build_projector
 
 
 class FeatureTerm(LossTerm):

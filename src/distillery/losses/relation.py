@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.core.objective import Outputs
 from distillery.losses.feature import FeatureTerm
-from distillery.objective import Outputs
 
 
 class RelationTerm(FeatureTerm):

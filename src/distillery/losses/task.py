@@ -1,7 +1,7 @@
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.objective import LossTerm, Outputs
+from distillery.core.objective import LossTerm, Outputs
 
 
 class CrossEntropy(LossTerm):

@@ -13,9 +13,12 @@ token position (all math in float32, whatever the logits' dtype):
 * ``tvd``  total variation: 0.5 sum_v |p_v - q_v|
 
 Each per-token value is multiplied by T^2 (the gradient-scale convention of Hinton KD).
-The loss is sum over valid tokens / ``num_tokens``: by default the valid tokens of this
-batch; pass the valid-token count of the whole optimizer step to make gradient
-accumulation and padding leave the loss unchanged. An all-masked batch gives 0.
+The terms (``TokenCrossEntropy``, ``TokenKD``) return per-token losses ``[B, T]``, zero
+at untrained positions (label -100: padding, prompts); the objective's token reduction
+(``distillery.core.objective.TokenSum``) divides their sum by the valid-token count of
+the whole optimizer step, so gradient accumulation and padding leave the loss unchanged.
+:func:`token_divergence` is the same loss as one function (sum / ``num_tokens``, by
+default this batch's valid tokens). An all-masked batch gives 0.
 
 ``chunk_size`` computes the loss and its gradient chunk by chunk over tokens inside a
 custom autograd function, so the float32 intermediates never exceed chunk x vocab; the
@@ -30,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.core.objective import IGNORE, LossTerm, Outputs
 from distillery.losses.kd import kl_from_log_probs
-from distillery.objective import UNLABELED, LossTerm, Outputs
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
@@ -81,40 +84,35 @@ def per_token(
 
 
 class _ChunkedDivergence(torch.autograd.Function):
-    """Sum of per-token divergences over the masked rows of ``[N, V]`` views, computed
-    chunk by chunk (masking inside each chunk, so no full-size copy is made)."""
+    """Per-row divergences over the masked rows of ``[N, V]`` views (0 elsewhere),
+    computed chunk by chunk (masking inside each chunk, so no full-size copy is made)."""
 
     @staticmethod
     def forward(
         ctx, student: Tensor, teacher: Tensor, keep: Tensor, chunk: int, kwargs: dict
     ) -> Tensor:
         grad = torch.zeros_like(student)
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        values = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
         for i in range(0, student.shape[0], chunk):
             rows = keep[i : i + chunk].nonzero().squeeze(1) + i
             if rows.numel() == 0:
                 continue
             with torch.enable_grad():
                 s = student[rows].detach().requires_grad_(True)
-                loss = per_token(s, teacher[rows], **kwargs).sum()
-                (g,) = torch.autograd.grad(loss, s)
+                per_row = per_token(s, teacher[rows], **kwargs)
+                (g,) = torch.autograd.grad(per_row.sum(), s)
             grad[rows] = g.to(grad.dtype)
-            total += loss.detach()
+            values[rows] = per_row.detach()
         ctx.save_for_backward(grad)
-        return total
+        return values
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return grad * grad_output.to(grad.dtype).unsqueeze(-1), None, None, None, None
 
 
-def _count(num_tokens) -> Tensor | float:
-    """The normaliser: a tensor as given (a step count reduced over ranks), else >= 1."""
-    return num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
-
-
-def token_divergence(
+def token_divergence_per_token(
     student: Tensor,
     teacher: Tensor,
     mask: Tensor | None = None,
@@ -122,11 +120,11 @@ def token_divergence(
     temperature: float = 1.0,
     beta: float = 0.5,
     alpha: float = 0.1,
-    num_tokens: float | Tensor | None = None,
     chunk_size: int | None = None,
     vocab_align: str = "error",
 ) -> Tensor:
-    """Masked token-level divergence of ``[..., V]`` logits (see the module docstring).
+    """Divergence at every position of ``[..., V]`` logits, 0 where ``mask`` is 0:
+    shape ``[...]``, float32 (see the module docstring).
 
     ``vocab_align``: ``error`` (vocab sizes must match) or ``truncate`` (use the shared
     leading rows, e.g. a Qwen-style padded vocabulary tail)."""
@@ -149,38 +147,55 @@ def token_divergence(
         if mask is None
         else mask.reshape(-1).bool()
     )
-    count = int(keep.sum())
-    n = num_tokens if num_tokens is not None else count
-    if count == 0:
-        return student.sum() * 0.0  # all masked: 0, with a graph
     kwargs = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha}
-    if chunk_size:
-        total = _ChunkedDivergence.apply(s, t, keep, int(chunk_size), kwargs)
+    if not keep.any():
+        values = s.sum(-1).float() * 0.0  # all masked: zeros, with a graph
+    elif chunk_size:
+        values = _ChunkedDivergence.apply(s, t, keep, int(chunk_size), kwargs)
     else:
-        total = per_token(s[keep], t[keep], **kwargs).sum()
-    return total / _count(n)
+        values = torch.zeros(s.shape[0], dtype=torch.float32, device=s.device)
+        values = values.masked_scatter(keep, per_token(s[keep], t[keep], **kwargs))
+    return values.reshape(student.shape[:-1])
 
 
-class TokenCrossEntropy(torch.nn.Module):
-    """Next-token cross-entropy: sum over valid tokens of -log q(y_t) / num_tokens
-    (labels of -100 are ignored). Float32."""
+def token_divergence(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None = None,
+    num_tokens: float | Tensor | None = None,
+    **kwargs,
+) -> Tensor:
+    """Masked token-level divergence: the sum of :func:`token_divergence_per_token` over
+    the valid positions / ``num_tokens`` (default: their count; at least 1)."""
+    values = token_divergence_per_token(student, teacher, mask, **kwargs)
+    if num_tokens is None:
+        num_tokens = values.numel() if mask is None else int(mask.bool().sum())
+    n = num_tokens if isinstance(num_tokens, Tensor) else max(float(num_tokens), 1.0)
+    return values.sum() / n
 
-    needs_teacher = False
 
-    def forward(
-        self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens
-    ) -> Tensor:
+class TokenCrossEntropy(LossTerm):
+    """Next-token cross-entropy per token: -log q(y_t), 0 where the label is -100
+    (padding, prompts). Float32. Reduced by ``distill.reduction: token``."""
+
+    per = "token"
+
+    def forward(self, out: Outputs) -> Tensor:
         ce = F.cross_entropy(
-            student.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum"
+            out.student.float().flatten(0, -2),
+            out.labels.flatten(),
+            ignore_index=IGNORE,
+            reduction="none",
         )
-        return ce / _count(num_tokens)
+        return ce.reshape(out.labels.shape)
 
 
-class TokenKD(torch.nn.Module):
-    """Token-level distillation: :func:`token_divergence` over the positions whose label
-    is not -100 (padding and masked prompts are left out), normalised by ``num_tokens``."""
+class TokenKD(LossTerm):
+    """Token-level distillation: :func:`token_divergence_per_token` at the positions whose
+    label is not -100 (padding and masked prompts are left out), 0 elsewhere."""
 
     needs_teacher = True
+    per = "token"
 
     def __init__(
         self,
@@ -203,70 +218,7 @@ class TokenKD(torch.nn.Module):
             "vocab_align": vocab_align,
         }
 
-    def forward(
-        self, student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens
-    ) -> Tensor:
-        if teacher is None:
-            raise RuntimeError(
-                "distill.terms: a TokenKD term needs a teacher, but `teacher` is null"
-            )
-        return token_divergence(
-            student, teacher, labels != -100, num_tokens=num_tokens, **self.kwargs
+    def forward(self, out: Outputs) -> Tensor:
+        return token_divergence_per_token(
+            out.student, out.teacher, out.labels != IGNORE, **self.kwargs
         )
-
-
-class TokenObjective(torch.nn.Module):
-    """total = sum_i w_i * term_i, every term a token sum normalised by the optimizer
-    step's valid-token count ``num_tokens``.
-
-    Token terms (``TokenCrossEntropy``, ``TokenKD``) are called as
-    ``term(student, teacher, labels, num_tokens)``. Feature terms
-    (``distillery.losses.feature``: hidden states, attention maps, value relations, read
-    from the taps' captures in ``extras``) give the mean over each sequence's trained
-    positions (labels != -100, handed over as ``token_mask``); the objective turns
-    them into the same token sum: sum_b n_b * loss_b / num_tokens."""
-
-    def __init__(self, terms: dict, weights: dict | None = None):
-        super().__init__()
-        weights = dict(weights or {})
-        unknown = set(weights) - set(terms)
-        if unknown:
-            raise ValueError(f"distill.weights: weights for unknown terms {sorted(unknown)}")
-        self.terms = torch.nn.ModuleDict(dict(terms))
-        self.weights = {k: float(weights.get(k, 1.0)) for k in terms}
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(getattr(t, "needs_teacher", False) for t in self.terms.values())
-
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor | None,
-        labels: Tensor,
-        num_tokens,
-        extras: dict | None = None,
-    ):
-        values, features = {}, None  # the feature terms' inputs, built once per forward
-        for name, term in self.terms.items():
-            if not isinstance(term, LossTerm):
-                values[name] = term(student, teacher, labels, num_tokens)
-                continue
-            if not extras or "student_features" not in extras:
-                raise RuntimeError(f"distill.terms.{name} reads taps, but nothing was captured")
-            if features is None:
-                mask = labels != -100
-                unlabeled = torch.full(labels.shape[:1], UNLABELED, device=labels.device)
-                features = Outputs(
-                    student, unlabeled, teacher, extras={**extras, "token_mask": mask}
-                )
-                trained = mask.sum(1)  # positions each sequence's mean is over
-            per_sequence = term(features).float()
-            if per_sequence.shape != labels.shape[:1]:
-                raise RuntimeError(
-                    f"distill.terms.{name} must return one loss per sequence, "
-                    f"got {tuple(per_sequence.shape)}"
-                )
-            values[name] = (per_sequence * trained).sum() / _count(num_tokens)
-        total = sum(self.weights[n] * v for n, v in values.items())
-        return total, values

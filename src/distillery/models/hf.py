@@ -141,10 +141,9 @@ class HFSentenceEncoder(nn.Module):
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
         trust_remote_code: bool = False,
-        embeddings_from: str | None = None,
     ):
-        """``embeddings_from``: a pretrained name or directory (the teacher's) whose input
-        embeddings initialise this model's, see :func:`pca_embeddings`."""
+        """Initialise the input embeddings from a teacher's with the ``student_init``
+        step :func:`pca_init` (``conf/student_init/pca_embeddings.yaml``)."""
         super().__init__()
         from transformers import AutoModel
 
@@ -158,8 +157,6 @@ class HFSentenceEncoder(nn.Module):
         self.proj = nn.Identity() if output_dim in (None, width) else nn.Linear(width, output_dim)
         self.pooling, self.normalize, self.pad_token_id = pooling, normalize, pad_token_id
         self.embedding_dim = output_dim or width
-        if embeddings_from is not None:
-            pca_embeddings(self.model, str(embeddings_from))
 
     @property
     def vocab_size(self) -> int:
@@ -178,6 +175,12 @@ class HFSentenceEncoder(nn.Module):
         return torch.nn.functional.normalize(e, dim=-1) if self.normalize else e
 
 
+def pca_init(student: nn.Module, source: str) -> None:
+    """``student_init`` step: :func:`pca_embeddings` on an HF student's inner model
+    (``HFSentenceEncoder``, ``HFCausalLM``, ``HFSequenceClassifier``: ``student.model``)."""
+    pca_embeddings(getattr(student, "model", student), str(source))
+
+
 @torch.no_grad()
 def pca_embeddings(model: nn.Module, source: str) -> None:
     """Initialise ``model``'s word, position and token-type embeddings from a pretrained
@@ -194,7 +197,7 @@ def pca_embeddings(model: nn.Module, source: str) -> None:
     d = dst.word_embeddings.weight.shape[1]
     if w.shape[0] != dst.word_embeddings.weight.shape[0] or d > w.shape[1]:
         raise ValueError(
-            f"embeddings_from: {source} has {tuple(w.shape)} word embeddings; this model needs "
+            f"{source} has {tuple(w.shape)} word embeddings; this model needs "
             f"the same vocabulary and a width <= {w.shape[1]}, has "
             f"{tuple(dst.word_embeddings.weight.shape)}"
         )

@@ -2,9 +2,9 @@
 
 A mixer returns the mixed inputs, the partner permutation and the per-sample weight
 ``lam`` of the original sample: ``x_mix_i ~ lam_i * x_i + (1 - lam_i) * x_perm(i)``.
-The partners are a random permutation, or ``perm`` when given (``distillery.views``
+The partners are a random permutation, or ``perm`` when given (``distillery.recipes.views``
 passes one that keeps labeled and unlabeled samples apart).
-:class:`distillery.views.Views` turns (labels, perm, lam) into soft targets, and the
+:class:`distillery.recipes.views.Views` turns (labels, perm, lam) into soft targets, and the
 teacher labels the mixed input itself.
 """
 

@@ -69,25 +69,15 @@ def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-# Student config keys that only initialise weights (e.g. from the teacher): rebuilding a
-# trained student skips them, since its weights come from the checkpoint.
-INIT_ONLY_KEYS = ("embeddings_from",)
-
-
-def architecture_config(student_cfg: dict) -> dict:
-    """The recorded student config without ``INIT_ONLY_KEYS``."""
-    return {k: v for k, v in student_cfg.items() if k not in INIT_ONLY_KEYS}
-
-
 def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     """The trained student of a run, without teacher or Lightning: a
     ``Sequential(InputNorm, student)`` in eval mode that takes raw inputs."""
     from hydra.utils import instantiate
 
-    from distillery.preprocess import InputNorm
+    from distillery.core.input_norm import InputNorm
 
     ckpt = read_checkpoint(path, key)
-    student = instantiate(architecture_config(ckpt[META_KEY]["config"]["student"]))
+    student = instantiate(ckpt[META_KEY]["config"]["student"])
     student.load_state_dict(sub_state_dict(ckpt["state_dict"], "student."))
     stats = sub_state_dict(ckpt["state_dict"], "student_norm.")
     identity = bool((stats["mean"] == 0).all() and (stats["std"] == 1).all())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillery.objective import UNLABELED
+from distillery.core.objective import UNLABELED
 
 
 class ViewBatch(NamedTuple):

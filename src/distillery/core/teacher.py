@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distillery.preprocess import InputNorm
+from distillery.core.input_norm import InputNorm
 
 BNMode = Literal["eval", "batch_stats"]
 
@@ -111,7 +111,7 @@ def from_run_checkpoint(ckpt_path: str, bn_mode: BNMode = "eval") -> Teacher:
     The run's student (architecture from its stored config, weights and input
     normalisation from its state dict) becomes the teacher.
     """
-    from distillery.checkpoint import load_student
+    from distillery.core.checkpoint import load_student
 
     path = _existing_file(ckpt_path, "teacher.ckpt_path")
     model = load_student(path)  # Sequential(InputNorm, net): takes raw inputs

@@ -1,9 +1,11 @@
-"""Metrics the Lightning modules log in validation and test (torchmetrics: they
-accumulate over the epoch and reduce over DDP ranks).
+"""Held-out metrics, one set per task: what validation and test log as ``val|test/<name>``
+and what the report card prints (torchmetrics: they accumulate over the epoch and
+reduce over DDP ranks). There is no second implementation: the report card runs the
+same classes over the test split.
 
-Every class has ``update(student_out, labels, teacher_out, sample_id=None)`` and
-``items()`` -> ``[(name, metric)]``, logged as ``val|test/<name>``; a module picks one
-with its ``eval_metrics`` argument.
+Every class is built as ``cls(num_classes, with_teacher)`` by its task adapter
+(``distillery.core.tasks``) and has ``update(student_out, labels, teacher_out,
+sample_id=None)`` and ``items()`` -> ``[(name, metric)]``.
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from distillery.core.objective import IGNORE
 from distillery.losses.kd import kl_teacher_student
 from distillery.losses.token import per_token
-
-IGNORE = -100
 
 
 class ClassificationMetrics(nn.Module):
@@ -122,13 +123,20 @@ class EmbeddingMetrics(nn.Module):
         return [("cosine", self.cosine), ("nn_agreement", self.nn_agreement)]
 
 
-class LMMetrics(nn.Module):
-    """nll per valid token and, with a teacher, agreement (top-1 next token) and
-    kl_to_teacher (per token, T = 1). ``ppl`` = exp(nll) is logged by the module."""
+class Perplexity(MeanMetric):
+    """exp(mean per-token nll)."""
 
-    def __init__(self, with_teacher: bool):
+    def compute(self) -> Tensor:
+        return torch.exp(super().compute())
+
+
+class LMMetrics(nn.Module):
+    """nll and ppl = exp(nll) per valid token and, with a teacher, agreement (top-1 next
+    token) and kl_to_teacher (per token, T = 1)."""
+
+    def __init__(self, num_classes: int | None = None, with_teacher: bool = False):
         super().__init__()
-        self.nll, self.with_teacher = MeanMetric(), with_teacher
+        self.nll, self.ppl, self.with_teacher = MeanMetric(), Perplexity(), with_teacher
         if with_teacher:
             self.agreement, self.kl_to_teacher = MeanMetric(), MeanMetric()
 
@@ -139,14 +147,16 @@ class LMMetrics(nn.Module):
         if not valid.any():
             return
         s, y = logits[valid].float(), labels[valid]
-        self.nll.update(F.cross_entropy(s, y, reduction="none"))
+        nll = F.cross_entropy(s, y, reduction="none")
+        self.nll.update(nll)
+        self.ppl.update(nll)
         if self.with_teacher:
             t = teacher[valid].float()[:, : s.shape[-1]]
             self.agreement.update((s.argmax(-1) == t.argmax(-1)).float())
             self.kl_to_teacher.update(per_token(s[:, : t.shape[-1]], t, "fkl"))
 
     def items(self):
-        return [("nll", self.nll)] + (
+        return [("nll", self.nll), ("ppl", self.ppl)] + (
             [("agreement", self.agreement), ("kl_to_teacher", self.kl_to_teacher)]
             if self.with_teacher
             else []

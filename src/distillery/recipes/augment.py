@@ -1,7 +1,7 @@
 """Batch augmentations on tensors, applied inside the training step.
 
 Applying them to the batch (rather than per sample in the dataset) is what lets
-:class:`distillery.views.Views` hand the very same augmented tensor to teacher and
+:class:`distillery.recipes.views.Views` hand the very same augmented tensor to teacher and
 student, or draw two independent views on purpose. Randomness comes from torch's
 global generator, seeded by ``seed_everything``.
 """

@@ -20,13 +20,15 @@ def reliability_diagram(
     preds: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, n_bins: int = 15
 ) -> Path:
     """Accuracy vs confidence per bin (top-1), one panel per model, ECE in the title."""
-    from distillery.metrics import expected_calibration_error
+    from torchmetrics.functional.classification import multiclass_calibration_error
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(preds), figsize=(3.2 * len(preds), 3.4), squeeze=False)
     edges = torch.linspace(0, 1, n_bins + 1)
     for ax, (name, (logits, labels)) in zip(axes[0], preds.items(), strict=True):
-        conf, pred = logits.float().softmax(-1).max(-1)
+        ece = multiclass_calibration_error  # the metric the runs log as ece
+        probs = logits.float().softmax(-1)
+        conf, pred = probs.max(-1)
         correct = (pred == labels).float()
         bins = torch.clamp(torch.ceil(conf * n_bins) - 1, 0, n_bins - 1).long()
         acc = [
@@ -37,7 +39,7 @@ def reliability_diagram(
         )
         ax.plot([0, 1], [0, 1], "--", color="gray")
         ax.set(
-            title=f"{name} (ECE {expected_calibration_error(logits, labels, n_bins):.3f})",
+            title=f"{name} (ECE {float(ece(probs, labels, probs.shape[-1], n_bins)):.3f})",
             xlabel="confidence",
             ylabel="accuracy",
             xlim=(0, 1),

@@ -1,0 +1,207 @@
+"""Build a run from its config: data, student (and its initialisation), teacher and
+other frozen models, objective, task adapter, taps and projectors, module, trainer.
+
+Every failure is a :class:`~distillery.config.ConfigError` naming the config key, raised
+before anything trains. Used by the commands (``train``, ``evaluate``, ``taps``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from omegaconf import DictConfig
+
+from distillery.config import ConfigError, build, to_container, validate
+
+
+def build_teacher(cfg: DictConfig):
+    """The teacher from ``cfg.teacher`` with its config recorded in its provenance."""
+    from distillery.core.teacher import Teacher
+
+    teacher = build(cfg.get("teacher"), "teacher")
+    if teacher is None:
+        return None
+    if not isinstance(teacher, Teacher):
+        raise ConfigError(
+            [
+                f"teacher: the teacher source must return a distillery.core.teacher.Teacher, got {type(teacher).__name__}"
+            ]
+        )
+    teacher.provenance["config"] = to_container(cfg.teacher)
+    return teacher
+
+
+def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
+    """Taps from ``cfg.taps`` and, from one dry-run forward, the projectors of every
+    feature term (so they exist before the optimizer and checkpoint loading)."""
+    import torch
+
+    from distillery.core.taps import Taps
+    from distillery.losses.feature import FeatureTerm
+
+    feature_terms = {n: t for n, t in objective.terms.items() if isinstance(t, FeatureTerm)}
+    spec = cfg.get("taps") or {}
+    if not feature_terms and not spec:
+        return None, None
+    if teacher is None:
+        raise ConfigError(["taps: feature taps need a teacher, but `teacher` is null"])
+    try:
+        s_taps = Taps(student, spec.get("student"), "student", detach=False)
+        t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
+    except (ValueError, TypeError) as e:
+        raise ConfigError([str(e)]) from e
+    problems = []
+    for name, term in feature_terms.items():
+        for side, taps, tap in (
+            ("student", s_taps, term.student_tap),
+            ("teacher", t_taps, term.teacher_tap),
+        ):
+            if tap not in taps.specs:
+                problems.append(
+                    f"distill.terms.{name}: no tap named {tap!r} under taps.{side} ({sorted(taps.specs)})"
+                )
+    if problems:
+        raise ConfigError(problems)
+    with s_taps, t_taps, torch.no_grad():
+        was_training = student.training
+        student.eval()
+        teacher(x)
+        student(x)
+        student.train(was_training)
+
+        def shapes(v):
+            return [tuple(t.shape) for t in v] if isinstance(v, list) else tuple(v.shape)
+
+        for name, term in feature_terms.items():
+            try:
+                term.setup(
+                    shapes(s_taps.captured[term.student_tap]),
+                    shapes(t_taps.captured[term.teacher_tap]),
+                    f"distill.terms.{name}",
+                )
+            except (ValueError, KeyError) as e:
+                problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
+    return s_taps, t_taps
+
+
+def build_frozen(cfg: DictConfig) -> dict:
+    """Further frozen models (``frozen: {name: <teacher source>}``, e.g. a DPO reference),
+    each under the Teacher contract, with its config in its provenance."""
+    from distillery.core.teacher import Teacher
+
+    models = {}
+    for name, node in (cfg.get("frozen") or {}).items():
+        model = build(node, f"frozen.{name}")
+        if not isinstance(model, Teacher):
+            raise ConfigError(
+                [f"frozen.{name}: must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
+            )
+        model.provenance["config"] = to_container(node)
+        models[str(name)] = model
+    return models
+
+
+def build_student(cfg: DictConfig):
+    """The student from ``cfg.student``, then ``cfg.student_init(student)`` if set (an
+    initialisation step, e.g. embeddings from the teacher's principal components)."""
+    student = build(cfg.student, "student")
+    init = build(cfg.get("student_init"), "student_init")
+    if init is not None:
+        try:
+            init(student)
+        except (ValueError, TypeError, OSError) as e:
+            raise ConfigError([f"student_init: {e}"]) from e
+    return student
+
+
+def build_task(cfg: DictConfig, datamodule):
+    """The task adapter: ``cfg.task`` if set, else the default for the datamodule's
+    ``output_kind``; the two must agree."""
+    from distillery.core.tasks import Task, task_for
+
+    kind = getattr(datamodule, "output_kind", "logits")
+    task = build(cfg.get("task"), "task")
+    if task is None:
+        try:
+            return task_for(kind)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from e
+    if not isinstance(task, Task):
+        raise ConfigError([f"task: expected a distillery.core.tasks.Task, got {type(task).__name__}"])
+    if task.output_kind != kind:
+        raise ConfigError(
+            [f"task: the {task.name} task reads {task.output_kind!r} data, but data gives {kind!r}"]
+        )
+    return task
+
+
+def build_run(cfg: DictConfig):
+    """Validate the config, then build (datamodule, module, trainer, loggers)."""
+    validate(cfg)
+    import lightning as L
+    from torch import nn
+
+    from distillery.config.extras import build_list
+    from distillery.core.checkpoint import AtomicCheckpointIO
+    from distillery.core.checks import check_models
+    from distillery.core.input_norm import InputNorm
+    from distillery.core.loggers import log_hyperparameters, single_lightning_log
+    from distillery.core.module import DistillationModule, count_params
+
+    single_lightning_log()
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build(cfg.data, "data")
+    student = build_student(cfg)
+    teacher = build_teacher(cfg)
+    frozen = build_frozen(cfg)
+    if teacher is not None or frozen:  # frozen models are in eval mode on purpose
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    objective = build(cfg.distill, "distill")
+    task = build_task(cfg, datamodule)
+    student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
+    example = datamodule.example_input(2)
+    num_classes = getattr(datamodule, "num_classes", None)
+    check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
+    student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
+    module_factory = build(cfg.get("module"), "module") or DistillationModule
+    try:
+        module = module_factory(
+            student=student,
+            objective=objective,
+            optimizer=build(cfg.optimizer, "optimizer"),
+            task=task,
+            scheduler=build(cfg.get("scheduler"), "scheduler"),
+            num_classes=num_classes,
+            teacher=teacher,
+            frozen=frozen,
+            student_norm=student_norm,
+            views=build(cfg.get("views"), "views"),
+            student_taps=student_taps,
+            teacher_taps=teacher_taps,
+            run_config=to_container(cfg),
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError([str(e)]) from e
+
+    callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    loggers = build_list(cfg.get("logger"), "logger")
+    strategy = cfg.trainer.get("strategy", "auto")
+    plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
+    log_hyperparameters(
+        trainer,
+        cfg,
+        {
+            "params/student": count_params(student),
+            "params/teacher": count_params(teacher) if teacher is not None else None,
+            "params/compression": count_params(teacher) / count_params(student)
+            if teacher is not None
+            else None,
+        },
+    )
+    return datamodule, module, trainer, loggers

@@ -1,0 +1,297 @@
+"""The LightningModule: one for every modality; it orchestrates, the pieces compute.
+
+Batch flow (training): batch -> task adapter (``core/tasks``: views, teacher and
+student forwards, masks) -> :class:`~distillery.core.objective.Outputs` -> objective
+(named terms, one reduction) -> total loss -> optimizer step. What the module owns is
+what every run shares:
+
+* frozen models: the teacher, and any further frozen model (``frozen``: a DPO
+  reference, more teachers), each a :class:`~distillery.core.teacher.Teacher`
+  (eval-locked, no_grad). They are submodules (they follow the device) but never enter
+  the optimizer or the checkpoint: ``state_dict`` drops them and ``load_state_dict``
+  refills them from the live models; the checkpoint records their provenance instead;
+* the taps' lifecycle (attached in ``setup``, cleared before each forward, removed on
+  teardown and on exceptions);
+* optimisation: automatic (Lightning's loop) unless the task normalises by a count over
+  the whole optimizer step (``task.step_normalised``, language models): then the module
+  collects ``accumulate`` micro-batches, counts their units (summed over DDP ranks),
+  and runs backward, clipping, the optimizer and step-based schedules itself;
+* logging: ``train/loss``, ``train/loss/<term>``, ``train/weight/<term>`` (scheduled
+  weights), ``val|test/<metric>`` from the task's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from distillery.core.checkpoint import META_KEY
+from distillery.core.input_norm import InputNorm
+from distillery.core.objective import Objective
+from distillery.core.taps import Taps
+from distillery.core.tasks import ClassificationTask, Task
+from distillery.core.teacher import Teacher
+from distillery.recipes.views import Views
+
+RESERVED = ("student", "student_norm", "objective", "views", "task")
+
+
+class DistillationModule(L.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        task: Task | None = None,
+        num_classes: int | None = None,
+        teacher: Teacher | None = None,
+        frozen: Mapping[str, Teacher] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        student_norm: InputNorm | None = None,
+        views: Views | None = None,
+        student_taps: Taps | None = None,
+        teacher_taps: Taps | None = None,
+        run_config: dict | None = None,
+        accumulate: int = 1,
+        gradient_clip_val: float | None = None,
+    ):
+        """``task``: the adapter (default classification). ``accumulate`` and
+        ``gradient_clip_val`` apply to step-normalised tasks, which optimise manually;
+        other tasks use ``trainer.accumulate_grad_batches`` / ``trainer.gradient_clip_val``."""
+        super().__init__()
+        self.task = task if task is not None else ClassificationTask()
+        if objective.needs_teacher and teacher is None:
+            needing = [n for n, t in objective.terms.items() if t.needs_teacher]
+            raise ValueError(f"distill.terms {needing} need a teacher, but `teacher` is null")
+        self.frozen_names: list[str] = []
+        for name, model in {"teacher": teacher, **dict(frozen or {})}.items():
+            if model is None:
+                continue
+            key = "teacher" if name == "teacher" else f"frozen.{name}"
+            if not isinstance(model, Teacher):
+                raise TypeError(
+                    f"{key}: expected a distillery.core.teacher.Teacher, got {type(model).__name__}"
+                )
+            if name in RESERVED:
+                raise ValueError(f"{key}: {name!r} is taken by the module; choose another name")
+            self.frozen_names.append(name)
+        self.student = student
+        self.student_norm = student_norm if student_norm is not None else InputNorm()
+        self.teacher = teacher
+        for name, model in (frozen or {}).items():
+            setattr(self, name, model)
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.views = views
+        self.student_taps, self.teacher_taps = student_taps, teacher_taps
+        self.num_classes = num_classes
+        self.run_config = run_config or {}
+        if accumulate < 1:
+            raise ValueError(f"module.accumulate must be >= 1, got {accumulate}")
+        if not self.task.step_normalised and (accumulate != 1 or gradient_clip_val):
+            raise ValueError(
+                f"module.accumulate / module.gradient_clip_val are for step-normalised tasks; the "
+                f"{self.task.name} task uses trainer.accumulate_grad_batches / trainer.gradient_clip_val"
+            )
+        self.automatic_optimization = not self.task.step_normalised
+        self.accumulate, self.gradient_clip_val = accumulate, gradient_clip_val
+        self._pending: list[dict] = []  # micro-batches of the step being collected
+        self.task.check(self)
+        self.val_metrics = self.task.metrics(num_classes, teacher is not None)
+        self.test_metrics = self.task.metrics(num_classes, teacher is not None)
+
+    def forward(self, x: Tensor, *args) -> Tensor:
+        return self.student(self.student_norm(x), *args)
+
+    def forward_both(
+        self, student_args: tuple, teacher_input: Tensor, capture: bool
+    ) -> tuple[Tensor, Tensor | None, dict]:
+        """Teacher and student outputs plus, with ``capture``, the features their taps
+        captured (evaluation passes ``capture=False``: no feature term reads them there)."""
+        self.start_capture(capture)
+        teacher = self.teacher(teacher_input) if self.teacher is not None else None
+        return self(*student_args), teacher, self.captured()
+
+    # --- taps: registered once, removed on teardown and on exceptions -----------
+    def start_capture(self, capture: bool) -> None:
+        """Clear the taps before a forward; ``capture=False`` keeps them silent."""
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.clear()
+                t.active = capture
+
+    def captured(self) -> dict:
+        """``{student_features, teacher_features}`` of the last forward ({} without taps)."""
+        taps = [t for t in (self.student_taps, self.teacher_taps) if t]
+        if not taps or not all(t.active for t in taps):
+            return {}
+        return {
+            "student_features": self.student_taps.captured if self.student_taps else {},
+            "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
+        }
+
+    def setup(self, stage: str) -> None:
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.attach()
+
+    def teardown(self, stage: str) -> None:
+        self.remove_taps()
+
+    def remove_taps(self) -> None:
+        for t in (self.student_taps, self.teacher_taps):
+            if t:
+                t.remove()
+
+    def configure_callbacks(self):
+        return [RemoveTapsOnException()] if (self.student_taps or self.teacher_taps) else []
+
+    # --- training ----------------------------------------------------------------
+    def _epoch(self, batch_idx: int) -> float:
+        """Fractional epoch, for warmups and weight schedules."""
+        n = self.trainer.num_training_batches if self._trainer is not None else 0
+        return self.current_epoch + (batch_idx / n if n and n != float("inf") else 0.0)
+
+    def _log_terms(self, total: Tensor, values: dict, batch_size: int) -> None:
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in values.items():
+            self.log(f"train/loss/{name}", value, batch_size=batch_size)
+        for name in self.objective.scheduled:
+            w = self.objective.current_weights[name]
+            self.log(f"train/weight/{name}", w, batch_size=batch_size)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            out = self.task.training_outputs(self, batch, self._epoch(batch_idx))
+            total, values = self.objective(out)
+            self._log_terms(total, values, len(out.student))
+            return total
+        self._pending.append(batch)
+        n = self.trainer.num_training_batches
+        last = n != float("inf") and batch_idx + 1 >= n  # the epoch's last batch: step now
+        if len(self._pending) < self.accumulate and not last:
+            return None
+        batches, self._pending = self._pending, []
+        self._manual_step(batches, self._epoch(batch_idx))
+        return None
+
+    def _manual_step(self, batches: list[dict], epoch: float) -> None:
+        """One optimizer step over ``batches``, every term divided by the step's count."""
+        local = sum(self.task.count(b) for b in batches).to(self.device, torch.float32)
+        world = self.trainer.world_size
+        step_count = (
+            self.trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local
+        )
+        opt = self.optimizers()
+        opt.zero_grad()
+        sums: dict[str, Tensor] = {}
+        rows = 0
+        for b in batches:
+            out = self.task.training_outputs(self, b, epoch)
+            total, values = self.objective(out, step_count)
+            self.manual_backward(total * world)  # DDP averages gradients over ranks
+            for k, v in {"": total, **values}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            rows += len(out.student)
+        if self.gradient_clip_val:
+            self.clip_gradients(
+                opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
+            scheduler.step()
+        self._log_terms(sums.pop(""), sums, rows)
+        self.log("train/tokens", step_count, batch_size=rows)
+
+    def on_train_epoch_end(self) -> None:
+        if self.automatic_optimization:
+            return  # Lightning steps the schedulers
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and getattr(scheduler, "interval", "epoch") == "epoch":
+            scheduler.step()
+
+    # --- validation / test -------------------------------------------------------
+    def _eval_step(self, batch, metrics: nn.Module, stage: str) -> None:
+        out = self.task.eval_outputs(self, batch)
+        metrics.update(out.student, out.labels, out.teacher, out.extras.get("sample_id"))
+        for i, (name, metric) in enumerate(metrics.items()):
+            self.log(f"{stage}/{name}", metric, prog_bar=i == 0, batch_size=len(out.student))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    # --- optimisation ----------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and objective parameters; frozen models are excluded by construction."""
+        params = list(self.student.parameters()) + list(self.objective.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        # Step-based schedules (distillery.recipes.schedules) say so; torch's own step per epoch.
+        interval = getattr(scheduler, "interval", "epoch")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
+
+    # --- checkpoints: never a frozen model -----------------------------------------
+    def _frozen_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        return tuple(f"{prefix}{name}." for name in (*self.frozen_names, "teacher"))
+
+    def state_dict(self, *args, **kwargs):
+        sd = super().state_dict(*args, **kwargs)
+        prefixes = self._frozen_prefixes(kwargs.get("prefix", ""))
+        for k in [k for k in sd if k.startswith(prefixes)]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        stray = [k for k in state_dict if k.startswith(self._frozen_prefixes())]
+        if stray:
+            raise ValueError(
+                f"checkpoint holds teacher (frozen model) weights ({stray[:3]}...); "
+                f"refusing to load them"
+            )
+        for name in self.frozen_names:
+            state_dict = {
+                **state_dict,
+                **getattr(self, name).state_dict(prefix=f"{name}.", keep_vars=True),
+            }
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = [n for n in self.frozen_names if n != "teacher"]
+        checkpoint[META_KEY] = {
+            "format": 1,
+            "config": self.run_config,
+            "teacher": None if self.teacher is None else dict(self.teacher.provenance),
+            "frozen": {n: dict(getattr(self, n).provenance) for n in extra},
+            "params": {
+                "student": count_params(self.student),
+                "teacher": None if self.teacher is None else count_params(self.teacher),
+            },
+        }
+
+
+class RemoveTapsOnException(L.Callback):
+    """Lightning skips ``teardown`` when a run raises; drop the hook handles anyway."""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        pl_module.remove_taps()
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,225 @@
+"""The objective: a weighted sum of named loss terms, one object for every modality.
+
+Every term is a small ``nn.Module`` (see ``distillery.losses``) that maps an
+:class:`Outputs` bundle to unreduced losses: one per sample (``per = "sample"``, the
+default) or one per token (``per = "token"``, ``[B, T]``, zero where a position is not
+trained). The objective owns the reduction, so all terms of a run share one rule:
+
+* ``reduction: sample`` (:class:`SampleMean`, classifiers and encoders): each term is
+  averaged over the samples it applies to (labeled samples for label terms, every sample
+  for distillation terms). A term with no applicable sample contributes 0, never NaN.
+* ``reduction: token`` (:class:`TokenSum`, language models): each term is a sum over
+  trained tokens divided by the valid-token count of the whole optimizer step (the
+  ``normaliser`` the module passes in; this batch's count when none is given), so padding
+  and gradient accumulation leave the loss unchanged. A per-sample term (a feature term
+  giving the mean over each sequence's trained positions) is weighted back into the same
+  token sum: sum_b n_b * loss_b / normaliser.
+
+Weights are numbers or schedules ``w(epoch)`` (``distillery.recipes.schedules``), for
+either reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+UNLABELED = -1  # label value of samples from an unlabeled transfer set
+IGNORE = -100  # label value of positions no token term trains on (padding, prompts)
+
+
+@dataclass
+class Outputs:
+    """What one forward pass produced, handed to every loss term."""
+
+    student: Tensor  # student outputs: logits [B, C], embeddings [B, D] or token logits [B, T, V]
+    labels: Tensor  # [B] class ids (UNLABELED for transfer-set samples) or [B, T] next tokens
+    teacher: Tensor | None = None  # teacher outputs, detached
+    epoch: float = 0.0  # fractional epoch, for warmups and weight schedules
+    targets: Tensor | None = None  # soft label targets [B, C] (mixed inputs), else None
+    extras: dict = field(default_factory=dict)  # captured features, masks, sample ids
+
+    def subset(self, mask: Tensor) -> Outputs:
+        return Outputs(
+            student=self.student[mask],
+            labels=self.labels[mask],
+            teacher=None if self.teacher is None else self.teacher[mask],
+            epoch=self.epoch,
+            targets=None if self.targets is None else self.targets[mask],
+            extras=_subset_batch(self.extras, mask),
+        )
+
+
+def _subset_batch(value, mask: Tensor):
+    """Apply a batch mask to every batch-first tensor in nested dicts/lists."""
+    if isinstance(value, Tensor):
+        return value[mask] if value.ndim and value.shape[0] == mask.shape[0] else value
+    if isinstance(value, dict):
+        return {k: _subset_batch(v, mask) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_subset_batch(v, mask) for v in value)
+    return value
+
+
+class LossTerm(nn.Module):
+    """Base class of a loss term.
+
+    Subclasses set ``needs_labels`` (only labeled samples are passed in, sample
+    reduction), ``needs_teacher`` (an error when no teacher is configured) and ``per``
+    (``sample``: ``forward(out) -> [B]``; ``token``: ``forward(out) -> [B, T]``).
+    """
+
+    needs_labels: bool = False
+    needs_teacher: bool = False
+    per: str = "sample"
+
+    def forward(self, out: Outputs) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _check_shape(name: str, value: Tensor, want: tuple[int, ...], what: str) -> None:
+    if tuple(value.shape) != want:
+        raise RuntimeError(
+            f"distill.terms.{name} must return one loss per {what} (shape {list(want)}), "
+            f"got {tuple(value.shape)}"
+        )
+
+
+class SampleMean:
+    """Per-sample terms, each averaged over the samples it applies to."""
+
+    name = "sample"
+
+    def __call__(self, terms: Mapping[str, LossTerm], out: Outputs, normaliser=None) -> dict:
+        values: dict[str, Tensor] = {}
+        labeled_out: Outputs | None = None  # built once, only if a label term asks for it
+        for name, term in terms.items():
+            if term.per != "sample":
+                raise ValueError(
+                    f"distill.terms.{name} gives per-{term.per} losses; set distill.reduction: "
+                    f"{term.per} (language-model data)"
+                )
+            if term.needs_labels and labeled_out is None:
+                labeled = out.labels != UNLABELED
+                labeled_out = out if bool(labeled.all()) else out.subset(labeled)
+            term_out = labeled_out if term.needs_labels else out
+            n = term_out.student.shape[0]
+            if n == 0:
+                values[name] = out.student.new_zeros((), dtype=torch.float32)
+                continue
+            per_sample = term(term_out)
+            _check_shape(name, per_sample, (n,), "sample")
+            values[name] = per_sample.float().mean()
+        return values
+
+
+class TokenSum:
+    """Token sums over the optimizer step's valid-token count (labels != IGNORE)."""
+
+    name = "token"
+
+    def __call__(self, terms: Mapping[str, LossTerm], out: Outputs, normaliser=None) -> dict:
+        trained = out.labels != IGNORE
+        n = normaliser if normaliser is not None else trained.sum()
+        n = n if isinstance(n, Tensor) else max(float(n), 1.0)
+        values: dict[str, Tensor] = {}
+        per_sequence_count = None
+        for name, term in terms.items():
+            value = term(out).float()
+            if term.per == "token":
+                _check_shape(name, value, tuple(out.labels.shape), "token")
+                values[name] = value.sum() / n
+            else:  # the mean over each sequence's trained positions, back into a token sum
+                _check_shape(name, value, tuple(out.labels.shape[:1]), "sequence")
+                if per_sequence_count is None:
+                    per_sequence_count = trained.sum(1)
+                values[name] = (value * per_sequence_count).sum() / n
+        return values
+
+
+REDUCTIONS = {"sample": SampleMean, "token": TokenSum}
+
+
+class Objective(nn.Module):
+    """total = sum_i w_i * reduce(term_i).
+
+    Args:
+        terms: name -> LossTerm. Names become the logged metric names
+            (``train/loss/<name>``).
+        weights: name -> float weight, or a schedule ``w(epoch)`` (see
+            ``distillery.recipes.schedules``: ConstantWeight, LinearWarmupWeight,
+            CosineWeight). Terms without an entry get weight 1. A weight of 0 still
+            computes and logs the term (handy for monitoring) but keeps it out of the
+            gradient.
+        reduction: ``sample`` or ``token`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        terms: Mapping[str, LossTerm],
+        weights: Mapping[str, Any] | None = None,
+        reduction: str = "sample",
+    ):
+        super().__init__()
+        if not terms:
+            raise ValueError("distill.terms: the objective needs at least one loss term")
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"distill.reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}"
+            )
+        weights = dict(weights or {})
+        unknown = set(weights) - set(terms)
+        if unknown:
+            raise ValueError(
+                f"distill.weights: weights given for unknown terms {sorted(unknown)}; "
+                f"terms are {sorted(terms)}"
+            )
+        for name, term in terms.items():
+            if not isinstance(term, LossTerm):
+                raise TypeError(
+                    f"distill.terms.{name}: expected a distillery.core.objective.LossTerm, "
+                    f"got {type(term).__name__}"
+                )
+        self.terms = nn.ModuleDict(dict(terms))
+        self.reduction = REDUCTIONS[reduction]()
+        self.weights: dict[str, Any] = {}
+        for name in terms:
+            w = weights.get(name, 1.0)
+            if not callable(w):
+                try:
+                    w = float(w)
+                except (TypeError, ValueError) as e:
+                    raise TypeError(
+                        f"distill.weights.{name}: expected a number or a schedule, got {w!r}"
+                    ) from e
+            self.weights[name] = w
+        self.current_weights: dict[str, float] = {}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.terms.values())
+
+    @property
+    def scheduled(self) -> list[str]:
+        """Terms whose weight is a schedule (logged as ``train/weight/<name>``)."""
+        return [n for n, w in self.weights.items() if callable(w)]
+
+    def forward(self, out: Outputs, normaliser=None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (total loss, {term name: unweighted, reduced term value})."""
+        for name, term in self.terms.items():
+            if term.needs_teacher and out.teacher is None:
+                raise RuntimeError(
+                    f"distill.terms.{name} needs a teacher, but `teacher` is null in the config"
+                )
+        values = self.reduction(self.terms, out, normaliser)
+        total = out.student.new_zeros((), dtype=torch.float32)
+        for name, value in values.items():
+            w = self.weights[name]
+            w = float(w(out.epoch)) if callable(w) else w
+            self.current_weights[name] = w
+            total = total + w * value
+        return total, values

@@ -1,0 +1,25 @@
+"""Task adapters, by name and by the datamodule's ``output_kind``."""
+
+from __future__ import annotations
+
+from distillery.core.tasks.base import Task
+from distillery.core.tasks.causal_lm import CausalLMTask
+from distillery.core.tasks.classification import ClassificationTask
+from distillery.core.tasks.embedding import EmbeddingTask
+
+TASKS: dict[str, type[Task]] = {
+    t.output_kind: t for t in (ClassificationTask, EmbeddingTask, CausalLMTask)
+}
+
+
+def task_for(output_kind: str, key: str = "data") -> Task:
+    """The default adapter for a datamodule's ``output_kind``."""
+    if output_kind not in TASKS:
+        raise ValueError(
+            f"{key}: no task adapter for output_kind {output_kind!r} (known: {sorted(TASKS)}); "
+            f"set `task` to your adapter"
+        )
+    return TASKS[output_kind]()
+
+
+__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "EmbeddingTask", "Task", "task_for"]

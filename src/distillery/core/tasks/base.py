@@ -1,0 +1,84 @@
+"""The task adapter contract: what differs between modalities, and nothing else.
+
+A task adapter turns a batch into :class:`~distillery.core.objective.Outputs` (student
+and teacher outputs, labels, masks, captured features) for the one LightningModule
+(``distillery.core.module.DistillationModule``), names the objective reduction it needs,
+and builds the held-out metrics that validation, test and the report card share.
+
+Adding a modality is one adapter file (a subclass of :class:`Task`) plus configs
+(``conf/task/<name>.yaml``, data, student, distill); see ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from distillery.core.objective import Outputs
+
+
+class Task:
+    """Base class of the task adapters.
+
+    Class attributes:
+        name: the adapter's name (``conf/task/<name>.yaml``).
+        output_kind: what its datamodule declares (``datamodule.output_kind``).
+        reduction: the objective reduction it needs (``distill.reduction``).
+        step_normalised: the module normalises every term by a count over the whole
+            optimizer step (:meth:`count`, summed over micro-batches and ranks), which
+            needs manual optimisation; otherwise Lightning optimises automatically.
+        report_keys: the report card's quality columns, in order.
+        speed_columns: names of the report's (throughput, cost per million) columns.
+        quality_key: the column the quality-vs-latency plot uses.
+        keeps_predictions: the report card keeps every model's outputs for plots and
+            evaluators (classifiers; token logits are too large).
+    """
+
+    name = "task"
+    output_kind = "logits"
+    reduction = "sample"
+    step_normalised = False
+    report_keys: tuple[str, ...] = ()
+    speed_columns = ("throughput", "cost_per_million")
+    quality_key = ""
+    keeps_predictions = False
+    throughput_defaults: dict[str, Any] = {}
+
+    def check(self, module) -> None:
+        """Raise ``ValueError`` naming the config key for combinations the task can't run."""
+        if module.objective.reduction.name != self.reduction:
+            raise ValueError(
+                f"distill.reduction: the {self.name} task needs reduction "
+                f"{self.reduction!r}, the objective has {module.objective.reduction.name!r}"
+            )
+
+    def training_outputs(self, module, batch: dict, epoch: float) -> Outputs:
+        """Student and teacher forwards of one training batch (taps capturing)."""
+        raise NotImplementedError
+
+    def eval_outputs(self, module, batch: dict) -> Outputs:
+        """Student and teacher forwards of one validation/test batch (taps silent)."""
+        raise NotImplementedError
+
+    def model_input(self, batch: dict) -> Tensor:
+        """The tensor a standalone model (exported student, teacher) takes."""
+        raise NotImplementedError
+
+    def count(self, batch: dict) -> Tensor:
+        """Units one micro-batch adds to the optimizer step's normaliser."""
+        raise NotImplementedError
+
+    def metrics(self, num_classes: int | None, with_teacher: bool) -> nn.Module:
+        """Validation/test metrics: ``update(student, labels, teacher, sample_id)``,
+        ``items() -> [(name, torchmetrics.Metric)]`` (``distillery.evaluation.metrics``)."""
+        raise NotImplementedError
+
+    def quality(self, values: dict[str, float], teacher: dict[str, float] | None) -> dict:
+        """The report card's quality columns from one model's metric values (and the
+        teacher's, the reference)."""
+        raise NotImplementedError
+
+    def units_per_sample(self, example: Tensor) -> int:
+        """Throughput units per input row (tokens per sequence for language models)."""
+        return 1

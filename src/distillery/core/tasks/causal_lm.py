@@ -1,0 +1,72 @@
+"""Causal language models: token ids -> next-token logits ``[B, T, V]``.
+
+Batches are ``{input_ids, labels (next tokens, -100 = not trained), attention_mask,
+sample_id}``. Terms give per-token losses and are summed over trained tokens and divided
+by the valid-token count of the whole optimizer step (``reduction: token``): the module
+pulls ``module.accumulate`` micro-batches, counts their tokens (summed over DDP ranks)
+and steps the optimizer itself, so padding and accumulation leave the loss unchanged.
+Held-out metrics per token: nll, ppl and, with a teacher, top-1 agreement and KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from distillery.core.objective import IGNORE, Outputs
+from distillery.core.tasks.base import Task
+from distillery.evaluation.metrics import LMMetrics
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+    output_kind = "token_logits"
+    reduction = "token"
+    step_normalised = True
+    report_keys = ("ppl", "nll", "agreement", "kl_to_teacher", "quality_retained")
+    speed_columns = ("tokens_per_second", "cost_per_million_tokens")
+    quality_key = "ppl"
+    throughput_defaults = {"batch_size": 16, "repeats": 3}
+
+    def check(self, module) -> None:
+        super().check(module)
+        if module.views is not None:
+            raise ValueError("views: augmentation/mixing views are for classifier inputs")
+
+    def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
+        ids = batch["input_ids"]
+        student, teacher, extras = module.forward_both(
+            (ids, batch.get("attention_mask")), ids, capture=capture
+        )
+        if extras:
+            if "attention_mask" in batch:  # padding keys of relation terms
+                extras["attention_mask"] = batch["attention_mask"]
+            extras["token_mask"] = batch["labels"] != IGNORE  # the trained positions
+        return Outputs(student, batch["labels"], teacher, epoch=epoch, extras=extras)
+
+    def training_outputs(self, module, batch: dict, epoch: float) -> Outputs:
+        return self._outputs(module, batch, capture=True, epoch=epoch)
+
+    def eval_outputs(self, module, batch: dict) -> Outputs:
+        return self._outputs(module, batch, capture=False)
+
+    def model_input(self, batch: dict) -> Tensor:
+        return batch["input_ids"]
+
+    def count(self, batch: dict) -> Tensor:
+        return (batch["labels"] != IGNORE).sum()
+
+    def metrics(self, num_classes, with_teacher):
+        return LMMetrics(num_classes, with_teacher)
+
+    def quality(self, values, teacher):
+        ppl = math.exp(values["nll"])
+        return {
+            "ppl": ppl, "nll": values["nll"],
+            "agreement": values.get("agreement"), "kl_to_teacher": values.get("kl_to_teacher"),
+            "quality_retained": 100.0 * math.exp(teacher["nll"]) / ppl if teacher else None,
+        }  # fmt: skip
+
+    def units_per_sample(self, example: Tensor) -> int:
+        return int(example.shape[1])  # tokens per sequence
