@@ -9,14 +9,15 @@ import torch
 import distillery.train as train_module
 from distillery.config import ConfigError, validate
 from distillery.evaluate import rebuild_teacher
-from distillery.metrics import expected_calibration_error
 
 
 def test_all_problems_reported_together_before_loading(train_cfg, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("nothing may be built from an invalid config")
 
-    monkeypatch.setattr(train_module, "build", no_build)
+    import distillery.core.builder
+
+    monkeypatch.setattr(distillery.core.builder, "build", no_build)
     cfg = train_cfg(
         "experiment=mnist1d_kd",  # teacher.ckpt_path interpolates a real path...
         "teacher.ckpt_path=???",  # ...made missing here
@@ -68,13 +69,25 @@ def test_run_dirs_do_not_collide_across_processes():
     assert len(ids) == 3 and all(ids)
 
 
-def test_ece_matches_torchmetrics():
-    from torchmetrics.functional.classification import multiclass_calibration_error
+def test_logged_ece_is_guos_formula():
+    """ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)| over 15 equal-width confidence bins
+    (Guo et al. 2017), written out here as the reference for the metric the runs log."""
+    from distillery.evaluation.metrics import ClassificationMetrics
 
     torch.manual_seed(0)
     logits, labels = torch.randn(500, 10) * 3, torch.randint(0, 10, (500,))
-    want = multiclass_calibration_error(logits.softmax(-1), labels, 10, n_bins=15, norm="l1")
-    assert expected_calibration_error(logits, labels) == pytest.approx(float(want), abs=1e-5)
+    conf, pred = logits.softmax(-1).max(-1)
+    correct = (pred == labels).double()
+    bins = torch.clamp(torch.ceil(conf * 15) - 1, 0, 14).long()
+    want = sum(
+        (bins == b).double().mean() * (correct[bins == b].mean() - conf[bins == b].double().mean()).abs()
+        for b in range(15)
+        if (bins == b).any()
+    )
+    metrics = ClassificationMetrics(10, with_teacher=False)
+    metrics.update(logits[:200], labels[:200], None)  # accumulated over batches
+    metrics.update(logits[200:], labels[200:], None)
+    assert float(metrics.ece.compute()) == pytest.approx(float(want), abs=1e-6)
 
 
 def test_evaluate_refuses_a_teacher_whose_weights_changed(mnist1d_teacher_ckpt, tmp_path):

@@ -157,7 +157,10 @@ def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
     source = AutoModel.from_config(BertConfig(**config))
     source.save_pretrained(tmp_path / "src")
     narrow = {"model_type": "bert", **config, "hidden_size": 6, "max_position_embeddings": 10}
-    student = HFSentenceEncoder(config=narrow, embeddings_from=str(tmp_path / "src"))
+    from distillery.models.hf import pca_init
+
+    student = HFSentenceEncoder(config=narrow)
+    pca_init(student, str(tmp_path / "src"))  # the student_init step
     w = source.embeddings.word_embeddings.weight.detach()
     u, s, _ = torch.linalg.svd(w - w.mean(0), full_matrices=False)
     want = u[:, :6] * s[:6]  # principal-component scores, up to the sign of each column
@@ -165,10 +168,8 @@ def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
     signs = torch.sign((got * want).sum(0))
     torch.testing.assert_close(got, want * signs, atol=1e-4, rtol=1e-4)
     assert student.model.embeddings.position_embeddings.weight.shape == (10, 6)
-    with pytest.raises(ValueError, match="embeddings_from"):
-        HFSentenceEncoder(
-            config={**narrow, "vocab_size": 41}, embeddings_from=str(tmp_path / "src")
-        )
+    with pytest.raises(ValueError, match="same vocabulary"):
+        pca_init(HFSentenceEncoder(config={**narrow, "vocab_size": 41}), str(tmp_path / "src"))
 
 
 def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
@@ -176,7 +177,8 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     teacher is rebuilt from provenance, the report compares it with the student."""
     from conftest import compose_cfg
     from distillery.evaluate import evaluate
-    from distillery.evaluation.report import EMBEDDING_REPORT_KEYS
+    from distillery.core.tasks import EmbeddingTask
+    from distillery.evaluation.report import report_keys
     from distillery.train import train
 
     cfg = train_cfg("experiment=minilm_embed_kd", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
@@ -189,7 +191,7 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     ]
     report = evaluate(compose_cfg("evaluate", overrides))
     t, s = report["models"]["teacher"], report["models"]["student"]
-    assert set(s) == set(EMBEDDING_REPORT_KEYS)
+    assert set(s) == set(report_keys(EmbeddingTask()))
     assert t["cosine_to_teacher"] == pytest.approx(1.0) and t["nn_agreement"] == 1.0
     assert -1 <= s["cosine_to_teacher"] < 1 and 0 <= s["nn_agreement"] <= 1
     assert s["params"] < t["params"] / 2

@@ -11,19 +11,26 @@ from distillery.aggregate import aggregate
 from distillery.evaluate import evaluate
 from distillery.evaluation.evaluators import DisagreementAnalysis
 from distillery.export import export, load_exported
-from distillery.evaluation.report import REPORT_KEYS, cost_per_million
+from distillery.core.tasks import ClassificationTask
+from distillery.evaluation.report import report_keys
+from distillery.evaluation.speed import cost_per_million
 from distillery.train import train
 
 
 @pytest.fixture(scope="module")
-def kd_student(tmp_path_factory, data_dir, mnist1d_teacher_ckpt) -> Path:
+def kd_run(tmp_path_factory, data_dir, mnist1d_teacher_ckpt) -> dict:
     out = tmp_path_factory.mktemp("kd_student")
     cfg = compose_cfg("train", [
         "experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300", "trainer.max_epochs=2",
         f"teacher.ckpt_path={mnist1d_teacher_ckpt}", f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
         "extras.print_config=false",
     ])  # fmt: skip
-    return Path(train(cfg)["best_ckpt"])
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def kd_student(kd_run) -> Path:
+    return Path(kd_run["best_ckpt"])
 
 
 def test_disagreement_analysis_on_known_predictions():
@@ -60,7 +67,7 @@ def test_report_card_v2(kd_student, tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert list(saved["models"]) == ["teacher", "student", "again"]
     for row in saved["models"].values():
-        assert set(row) == set(REPORT_KEYS)
+        assert set(row) == set(report_keys(ClassificationTask()))
         assert row["latency_p95_ms"] >= row["latency_ms"] > 0
         assert row["cost_per_million"] == pytest.approx(2.5 / 3600 / row["throughput"] * 1e6)
     t, s = saved["models"]["teacher"], saved["models"]["student"]
@@ -73,6 +80,16 @@ def test_report_card_v2(kd_student, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "![reliability](reliability.png)" in md and "## disagreement/student" in md
     assert report["teacher"]["source"] == "run_checkpoint"
+
+
+def test_report_card_equals_what_the_run_logged_on_test(kd_run, tmp_path):
+    """One metrics implementation: the card's quality columns for the student are the
+    test/* values the training run logged for the same (best) checkpoint."""
+    cfg = compose_cfg("evaluate", [f"ckpt_path={kd_run['best_ckpt']}", f"paths.output_dir={tmp_path}", "plots=false"])
+    row = evaluate(cfg)["models"]["student"]
+    logged = {"accuracy": "acc", "nll": "nll", "ece": "ece", "agreement": "agreement", "kl_to_teacher": "kl_to_teacher"}
+    for column, metric in logged.items():
+        assert row[column] == pytest.approx(kd_run[f"test/{metric}"], abs=1e-6), column
 
 
 @pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])

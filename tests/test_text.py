@@ -131,8 +131,8 @@ def test_accumulation_is_normalised_by_the_step_token_count(
         module.student.zero_grad()
         n = sum((b["labels"] != -100).sum() for b in micro).float()
         for b in micro:
-            logits, t, extras = module._logits(b, capture=True)
-            total, values = module.objective(logits, t, b["labels"], n, extras)
+            out = module.task.training_outputs(module, b, epoch=0.0)
+            total, values = module.objective(out, n)
             total.backward()
         if experiment == "text_lm_kd_hidden":
             assert values["hidden"] > 0 and values["attn"] > 0
@@ -254,7 +254,8 @@ def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
 
 def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, tmp_path):
     from distillery.evaluate import evaluate
-    from distillery.evaluation.report import LM_REPORT_KEYS
+    from distillery.core.tasks import CausalLMTask
+    from distillery.evaluation.report import report_keys
 
     cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
                     "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
@@ -267,7 +268,7 @@ def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, t
     )
     t, s = report["models"]["teacher"], report["models"]["student"]
     assert (
-        set(s) == set(LM_REPORT_KEYS) and t["quality_retained"] == 100.0 and t["agreement"] == 1.0
+        set(s) == set(report_keys(CausalLMTask())) and t["quality_retained"] == 100.0 and t["agreement"] == 1.0
     )
     assert s["ppl"] == pytest.approx(torch.exp(torch.tensor(s["nll"])).item(), rel=1e-5)
     assert s["quality_retained"] == pytest.approx(100 * t["ppl"] / s["ppl"])

@@ -109,10 +109,10 @@ def test_vocab_guard_and_truncate():
 
 
 def test_feature_terms_in_the_token_objective_are_token_sums():
-    """A hidden-state term inside TokenObjective: sum over trained positions (labels !=
-    -100) of the per-token loss, divided by the step's token count, like TokenKD."""
+    """A hidden-state term under the token reduction: sum over trained positions (labels
+    != -100) of the per-token loss, divided by the step's token count, like TokenKD."""
+    from distillery.core.objective import Objective, Outputs
     from distillery.losses import HiddenStates
-    from distillery.losses.token import TokenObjective
 
     torch.manual_seed(0)
     h_s, h_t = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
@@ -120,13 +120,14 @@ def test_feature_terms_in_the_token_objective_are_token_sums():
     labels[1, 2:] = -100  # 6 + 2 trained positions
     term = HiddenStates("h", "h", kind="mse", projector=None)
     term.setup([h_s.shape], [h_t.shape], "k")
-    objective = TokenObjective({"hidden": term})
-    extras = {"student_features": {"h": [h_s]}, "teacher_features": {"h": [h_t]}}
+    objective = Objective({"hidden": term}, reduction="token")
+    extras = {"student_features": {"h": [h_s]}, "teacher_features": {"h": [h_t]},
+              "token_mask": labels != -100}  # fmt: skip
     logits = torch.randn(2, 6, 9)
-    total, values = objective(logits, None, labels, torch.tensor(20.0), extras)
+    total, values = objective(Outputs(logits, labels, logits, extras=extras), torch.tensor(20.0))
     per_token = (h_s - h_t).pow(2).mean(-1)
     want = per_token[labels != -100].sum() / 20.0
     torch.testing.assert_close(values["hidden"], want)
     torch.testing.assert_close(total, want)
     with pytest.raises(RuntimeError, match="taps"):
-        objective(logits, None, labels, 20.0, {})
+        objective(Outputs(logits, labels, logits), 20.0)

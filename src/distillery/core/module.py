@@ -262,8 +262,8 @@ class DistillationModule(L.LightningModule):
         stray = [k for k in state_dict if k.startswith(self._frozen_prefixes())]
         if stray:
             raise ValueError(
-                f"checkpoint holds teacher (frozen model) weights ({stray[:3]}...); "
-                f"refusing to load them"
+                f"checkpoint holds teacher weights ({stray[:3]}...: the teacher or another "
+                f"frozen model); refusing to load them"
             )
         for name in self.frozen_names:
             state_dict = {

@@ -49,6 +49,14 @@ class FeatureTerm(LossTerm):
                 f"and projector is null"
             )
 
+    def __call__(self, out: Outputs) -> Tensor:
+        if "student_features" not in out.extras:
+            raise RuntimeError(
+                f"a feature term reads taps ({self.student_tap!r}, {self.teacher_tap!r}), but "
+                f"nothing was captured in this forward"
+            )
+        return super().__call__(out)
+
     def features(self, out: Outputs) -> tuple[Tensor, Tensor]:
         s = out.extras["student_features"][self.student_tap]
         t = out.extras["teacher_features"][self.teacher_tap]
