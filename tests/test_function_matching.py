@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.recipes.augment import ImageAugment, SignalAugment
 from distillery.core.checkpoint import read_checkpoint
+from distillery.core.objective import UNLABELED, Outputs
 from distillery.data.batch import TensorDictDataset
 from distillery.data.mnist1d import MNIST1DDataModule
 from distillery.data.pool import ID_STRIDE, TransferPool
 from distillery.losses import CrossEntropy
+from distillery.recipes.augment import ImageAugment, SignalAugment
 from distillery.recipes.mixing import CutMix, Mixup
-from distillery.core.objective import UNLABELED, Outputs
 from distillery.recipes.schedules import WarmupCosine
-from distillery.train import build_run, train
 from distillery.recipes.views import Views, mix_labels
+from distillery.train import build_run, train
 
 POOL = [
     "data.base.num_samples=1000",

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import SMALL_MNIST1D
-from distillery.losses import HintonKD
 from distillery.core.objective import Outputs
+from distillery.losses import HintonKD
 from distillery.train import train
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.losses import DKD, CrossEntropy, HintonKD
 from distillery.core.objective import UNLABELED, Objective, Outputs
+from distillery.losses import DKD, CrossEntropy, HintonKD
 
 
 def hand_kd(t_logits, s_logits, T):

@@ -8,12 +8,12 @@ import torch
 
 from conftest import SMALL_MNIST1D, compose_cfg
 from distillery.aggregate import aggregate
+from distillery.core.tasks import ClassificationTask
 from distillery.evaluate import evaluate
 from distillery.evaluation.evaluators import DisagreementAnalysis
-from distillery.export import export, load_exported
-from distillery.core.tasks import ClassificationTask
 from distillery.evaluation.report import report_keys
 from distillery.evaluation.speed import cost_per_million
+from distillery.export import export, load_exported
 from distillery.train import train
 
 
@@ -85,9 +85,18 @@ def test_report_card_v2(kd_student, tmp_path):
 def test_report_card_equals_what_the_run_logged_on_test(kd_run, tmp_path):
     """One metrics implementation: the card's quality columns for the student are the
     test/* values the training run logged for the same (best) checkpoint."""
-    cfg = compose_cfg("evaluate", [f"ckpt_path={kd_run['best_ckpt']}", f"paths.output_dir={tmp_path}", "plots=false"])
+    cfg = compose_cfg(
+        "evaluate",
+        [f"ckpt_path={kd_run['best_ckpt']}", f"paths.output_dir={tmp_path}", "plots=false"],
+    )
     row = evaluate(cfg)["models"]["student"]
-    logged = {"accuracy": "acc", "nll": "nll", "ece": "ece", "agreement": "agreement", "kl_to_teacher": "kl_to_teacher"}
+    logged = {
+        "accuracy": "acc",
+        "nll": "nll",
+        "ece": "ece",
+        "agreement": "agreement",
+        "kl_to_teacher": "kl_to_teacher",
+    }
     for column, metric in logged.items():
         assert row[column] == pytest.approx(kd_run[f"test/{metric}"], abs=1e-6), column
 

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMALL_MNIST1D, compose_cfg
+from distillery.core.objective import Outputs
+from distillery.core.projectors import MapProjector, TokenProjector, build_projector
+from distillery.core.taps import DuplicateCaptureError, Taps, describe
 from distillery.losses import (
     PKT,
     RKD,
@@ -19,9 +22,6 @@ from distillery.losses import (
     HiddenStates,
     SimilarityPreserving,
 )
-from distillery.core.objective import Outputs
-from distillery.core.projectors import MapProjector, TokenProjector, build_projector
-from distillery.core.taps import DuplicateCaptureError, Taps, describe
 from distillery.train import build_run
 
 FITNET = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=300"]

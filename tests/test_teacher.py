@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from distillery.models import CNN1D, resnet8x4
 from distillery.core.teacher import Teacher, from_state_dict, from_timm, weights_sha256
+from distillery.models import CNN1D, resnet8x4
 
 
 def test_teacher_is_frozen_and_stays_in_eval_mode():

@@ -253,8 +253,8 @@ def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
 
 
 def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, tmp_path):
-    from distillery.evaluate import evaluate
     from distillery.core.tasks import CausalLMTask
+    from distillery.evaluate import evaluate
     from distillery.evaluation.report import report_keys
 
     cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
@@ -268,7 +268,9 @@ def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, t
     )
     t, s = report["models"]["teacher"], report["models"]["student"]
     assert (
-        set(s) == set(report_keys(CausalLMTask())) and t["quality_retained"] == 100.0 and t["agreement"] == 1.0
+        set(s) == set(report_keys(CausalLMTask()))
+        and t["quality_retained"] == 100.0
+        and t["agreement"] == 1.0
     )
     assert s["ppl"] == pytest.approx(torch.exp(torch.tensor(s["nll"])).item(), rel=1e-5)
     assert s["quality_retained"] == pytest.approx(100 * t["ppl"] / s["ppl"])

@@ -8,8 +8,8 @@ import torch
 from omegaconf import open_dict
 
 from conftest import SMALL_MNIST1D
-from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
 from distillery.config import ConfigError
+from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
 from distillery.core.module import DistillationModule
 from distillery.train import build_run, train
 
@@ -84,9 +84,9 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(
     trainer.fit(module, datamodule=datamodule)
     state = read_checkpoint(trainer.checkpoint_callback.last_model_path)["state_dict"]
     module.load_state_dict(state)  # strict, teacher refilled from the live teacher
+    from distillery.core.objective import Objective
     from distillery.losses import CrossEntropy
     from distillery.models import MLP
-    from distillery.core.objective import Objective
 
     bare = DistillationModule(
         MLP(),
@@ -280,8 +280,8 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from distillery.pipeline import run_pipeline
     from distillery.config.resolvers import CONFIG_DIR
+    from distillery.pipeline import run_pipeline
 
     def hydra_list(items):
         return "[" + ",".join(f"'{o}'" for o in items) + "]"

@@ -125,7 +125,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir")
     parser.add_argument("--monitor", default="val/acc")
@@ -143,7 +143,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from rich.markdown import Markdown
 
     Console().print(Markdown(text))
-    return result
 
 
 if __name__ == "__main__":

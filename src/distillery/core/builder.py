@@ -96,7 +96,9 @@ def build_frozen(cfg: DictConfig) -> dict:
         model = build(node, f"frozen.{name}")
         if not isinstance(model, Teacher):
             raise ConfigError(
-                [f"frozen.{name}: must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
+                [
+                    f"frozen.{name}: must return a distillery.core.teacher.Teacher, got {type(model).__name__}"
+                ]
             )
         model.provenance["config"] = to_container(node)
         models[str(name)] = model
@@ -129,7 +131,9 @@ def build_task(cfg: DictConfig, datamodule):
         except ValueError as e:
             raise ConfigError([str(e)]) from e
     if not isinstance(task, Task):
-        raise ConfigError([f"task: expected a distillery.core.tasks.Task, got {type(task).__name__}"])
+        raise ConfigError(
+            [f"task: expected a distillery.core.tasks.Task, got {type(task).__name__}"]
+        )
     if task.output_kind != kind:
         raise ConfigError(
             [f"task: the {task.name} task reads {task.output_kind!r} data, but data gives {kind!r}"]

@@ -24,6 +24,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 META_KEY = "distillery"
+FORMAT = 2  # 2: the unified core (core/, recipes/, evaluation/); 1: before it
+
+# What a format-1 checkpoint is rebuilt from (its student config and its teacher's
+# recorded config) named these targets at their old paths.
+MOVED_TARGETS = {"distillery.teacher.": "distillery.core.teacher."}
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +67,32 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
         ) from e
     if META_KEY not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{key}: {p} is not a Distillery checkpoint (no '{META_KEY}' entry)")
+    ckpt[META_KEY] = upgrade_meta(ckpt[META_KEY])
     return ckpt
+
+
+def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """An older checkpoint's metadata in today's layout: moved ``_target_`` paths
+    (``MOVED_TARGETS``) and ``student.embeddings_from``, which became the ``student_init``
+    step (a trained student's weights come from its checkpoint)."""
+    if meta.get("format", 1) >= FORMAT:
+        return meta
+
+    def fix(node):
+        if isinstance(node, dict):
+            node = {k: fix(v) for k, v in node.items()}
+            target = node.get("_target_")
+            for old, new in MOVED_TARGETS.items():
+                if isinstance(target, str) and target.startswith(old):
+                    node["_target_"] = new + target[len(old) :]
+            return node
+        return [fix(v) for v in node] if isinstance(node, list) else node
+
+    meta = fix(meta)
+    student = (meta.get("config") or {}).get("student")
+    if isinstance(student, dict):
+        student.pop("embeddings_from", None)
+    return {**meta, "format": FORMAT}
 
 
 def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -42,5 +42,3 @@ def finish_loggers(loggers: list[Any]) -> None:
 
             if wandb.run is not None:
                 wandb.finish()
-
-

@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from distillery.core.checkpoint import META_KEY
+from distillery.core.checkpoint import FORMAT, META_KEY
 from distillery.core.input_norm import InputNorm
 from distillery.core.objective import Objective
 from distillery.core.taps import Taps
@@ -275,7 +275,7 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = [n for n in self.frozen_names if n != "teacher"]
         checkpoint[META_KEY] = {
-            "format": 1,
+            "format": FORMAT,
             "config": self.run_config,
             "teacher": None if self.teacher is None else dict(self.teacher.provenance),
             "frozen": {n: dict(getattr(self, n).provenance) for n in extra},

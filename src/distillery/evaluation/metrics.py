@@ -110,7 +110,7 @@ class EmbeddingMetrics(nn.Module):
     def __init__(self, num_classes: int | None = None, with_teacher: bool = True):
         super().__init__()
         if not with_teacher:
-            raise ValueError("module.eval_metrics: EmbeddingMetrics compares with a teacher")
+            raise ValueError("teacher: EmbeddingMetrics compares with a teacher; none is set")
         self.cosine, self.nn_agreement = MeanMetric(), NeighbourAgreement()
 
     def update(

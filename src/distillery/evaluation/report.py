@@ -57,7 +57,9 @@ def held_out_pass(
             if kept:
                 kept[n].append((out, b["labels"], x, b["sample_id"]))
     values = {n: {k: float(v.compute()) for k, v in m.items()} for n, m in metrics.items()}
-    preds = {n: tuple(torch.cat(col) for col in zip(*rows, strict=True)) for n, rows in kept.items()}
+    preds = {
+        n: tuple(torch.cat(col) for col in zip(*rows, strict=True)) for n, rows in kept.items()
+    }
     return values, example, preds
 
 
@@ -74,9 +76,7 @@ def build_report(
 ) -> tuple[dict[str, Any], dict[str, tuple]]:
     """``({"models": {name: row}, "keys": [...], ...}, predictions)``; ``teacher_name``
     is the reference (None: no teacher columns)."""
-    values, example, preds = held_out_pass(
-        models, teacher_name, loader, task, num_classes, device
-    )
+    values, example, preds = held_out_pass(models, teacher_name, loader, task, num_classes, device)
     speed_cfg = {**task.throughput_defaults, **(throughput_cfg or {})}
     keys = report_keys(task)
     report: dict[str, Any] = {

@@ -42,7 +42,9 @@ class ClassificationTask(Task):
     def eval_outputs(self, module, batch: dict) -> Outputs:
         x = batch["inputs"]
         student, teacher, _ = module.forward_both((x,), x, capture=False)
-        return Outputs(student, batch["labels"], teacher, extras={"sample_id": batch.get("sample_id")})
+        return Outputs(
+            student, batch["labels"], teacher, extras={"sample_id": batch.get("sample_id")}
+        )
 
     def model_input(self, batch: dict) -> Tensor:
         return batch["inputs"]

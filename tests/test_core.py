@@ -1,0 +1,233 @@
+"""The one core: package layout, task adapters, frozen models, student initialisation."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distillery
+from conftest import SMALL_MNIST1D
+from distillery.config import ConfigError
+from distillery.core.module import DistillationModule
+from distillery.core.objective import Objective, Outputs
+from distillery.core.teacher import Teacher, from_model
+from distillery.losses import CrossEntropy, HintonKD, TokenKD
+from distillery.train import build_run
+
+COMMANDS = {"train", "evaluate", "pipeline", "generate", "export", "aggregate", "taps"}
+
+
+def package_modules() -> dict[str, Path]:
+    root = Path(distillery.__file__).parent
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = ("distillery", *f.relative_to(root).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in the file, lazy imports too)."""
+
+    def owner(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                t = owner(n) if n.startswith("distillery") else None
+                # a module importing its own package's __init__ (the parent) is no edge
+                if t and t != m and not m.startswith(t + "."):
+                    graph[m].add(t)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                return stack[stack.index(t) :] + [t]
+            if t not in state and (cycle := visit(t)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_every_module_imports_and_there_is_no_import_cycle():
+    for info in pkgutil.walk_packages(distillery.__path__, "distillery."):
+        importlib.import_module(info.name)
+    cycle = find_cycle(import_graph(package_modules()))
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_top_level_modules_are_the_commands_and_each_has_a_console_script():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    top = {m.split(".")[1] for m in package_modules() if m.count(".") == 1}
+    packages = {"config", "core", "data", "evaluation", "losses", "models", "recipes"}
+    assert top == COMMANDS | packages
+    scripts = tomllib.loads((Path(distillery.__file__).parents[2] / "pyproject.toml").read_text())
+    targets = scripts["project"]["scripts"]
+    assert {t.split(":")[0] for t in targets.values()} == {f"distillery.{c}" for c in COMMANDS}
+    for target in targets.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
+
+
+def frozen(out_features: int = 3) -> Teacher:
+    return from_model(nn.Linear(4, out_features))
+
+
+def module(objective: Objective, **kw) -> DistillationModule:
+    return DistillationModule(
+        student=nn.Linear(4, 3), objective=objective, num_classes=3,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1), **kw,
+    )  # fmt: skip
+
+
+def test_every_frozen_model_is_eval_locked_and_outside_optimizer_and_checkpoint():
+    m = module(Objective({"kd": HintonKD()}), teacher=frozen(), frozen={"reference": frozen()})
+    m.train()
+    assert not m.teacher.training and not m.reference.training
+    in_optimizer = {id(p) for g in m.configure_optimizers().param_groups for p in g["params"]}
+    for name in ("teacher", "reference"):
+        assert not any(id(p) in in_optimizer for p in getattr(m, name).parameters())
+    state = m.state_dict()
+    assert state and all(k.startswith(("student.", "student_norm.")) for k in state)
+    ckpt: dict = {}
+    m.on_save_checkpoint(ckpt)
+    assert set(ckpt["distillery"]["frozen"]) == {"reference"}
+    assert ckpt["distillery"]["frozen"]["reference"]["sha256"]
+    m.load_state_dict(state)  # refilled from the live frozen models
+    with pytest.raises(ValueError, match="teacher weights"):
+        m.load_state_dict({**state, "reference.model.weight": torch.zeros(3, 4)})
+
+
+def test_frozen_models_must_be_teachers_with_free_names():
+    with pytest.raises(TypeError, match="frozen.ref"):
+        module(Objective({"task": CrossEntropy()}), frozen={"ref": nn.Linear(4, 3)})
+    with pytest.raises(ValueError, match="frozen.student"):
+        module(Objective({"task": CrossEntropy()}), frozen={"student": frozen()})
+
+
+def test_a_task_refuses_the_other_reduction():
+    with pytest.raises(ValueError, match="distill.reduction"):
+        module(Objective({"kd": TokenKD()}, reduction="token"), teacher=frozen())
+
+
+def test_a_per_token_term_under_the_sample_reduction_names_the_key():
+    objective = Objective({"kd": TokenKD()})
+    logits = torch.randn(2, 5, 7)
+    with pytest.raises(ValueError, match="distill.reduction: token"):
+        objective(Outputs(logits, torch.zeros(2, 5, dtype=torch.long), logits))
+
+
+def test_step_normalised_options_belong_to_step_normalised_tasks():
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches"):
+        module(Objective({"task": CrossEntropy()}), accumulate=2)
+
+
+def test_scheduled_weights_under_the_token_reduction():
+    from distillery.recipes.schedules import LinearWarmupWeight
+
+    objective = Objective(
+        {"kd": TokenKD()}, {"kd": LinearWarmupWeight(1.0, warmup_epochs=2)}, reduction="token"
+    )
+    s, t = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
+    labels = torch.randint(0, 9, (2, 4))
+    half, _ = objective(Outputs(s, labels, t, epoch=1.0))
+    full, values = objective(Outputs(s, labels, t, epoch=2.0))
+    torch.testing.assert_close(half, 0.5 * values["kd"])
+    torch.testing.assert_close(full, values["kd"])
+    assert objective.scheduled == ["kd"]
+
+
+def test_task_must_fit_the_data(train_cfg):
+    cfg = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "task=causal_lm")
+    with pytest.raises(ConfigError, match="task: the causal_lm task reads 'token_logits'"):
+        build_run(cfg)
+
+
+def test_the_data_picks_the_default_task(train_cfg):
+    _, m, _, _ = build_run(train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D))
+    assert m.task.name == "classification" and m.automatic_optimization
+
+
+def test_student_init_runs_after_the_student_is_built(train_cfg, tmp_path):
+    torch.save({"weight": torch.zeros(10, 100)}, tmp_path / "w.pt")
+    cfg = train_cfg(
+        "experiment=mnist1d_baseline", *SMALL_MNIST1D,
+        "+student_init._target_=test_core.load_last_layer", "+student_init._partial_=true",
+        f"+student_init.path={tmp_path / 'w.pt'}",
+    )  # fmt: skip
+    _, m, _, _ = build_run(cfg)
+    last = [p for n, p in m.student.named_parameters() if n.endswith("weight")][-1]
+    assert bool((last == 0).all())
+    bad = train_cfg(
+        "experiment=mnist1d_baseline", *SMALL_MNIST1D,
+        "+student_init._target_=test_core.load_last_layer", "+student_init._partial_=true",
+        f"+student_init.path={tmp_path / 'missing.pt'}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="student_init"):
+        build_run(bad)
+
+
+def load_last_layer(student: nn.Module, path: str) -> None:
+    """A student_init step for the test: the last Linear's weight from a file."""
+    weight = torch.load(path)["weight"]
+    last = [m for m in student.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.copy_(weight)
+
+
+def test_a_checkpoint_from_before_the_unified_core_still_loads(mnist1d_teacher_ckpt, tmp_path):
+    """Format-1 metadata named the teacher sources at distillery.teacher.* and kept
+    embeddings_from in the student config; reading it gives today's layout."""
+    from distillery.core.checkpoint import read_checkpoint
+    from distillery.evaluate import rebuild_teacher
+
+    ckpt = torch.load(mnist1d_teacher_ckpt, weights_only=True)
+    meta = ckpt["distillery"]
+    meta["format"] = 1
+    meta["config"]["student"]["embeddings_from"] = "/nowhere"
+    meta["teacher"] = {
+        "source": "run_checkpoint",
+        "sha256": Teacher(torch.nn.Identity()).provenance["sha256"],
+        "config": {"_target_": "distillery.teacher.from_run_checkpoint", "ckpt_path": "x"},
+    }
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new = read_checkpoint(tmp_path / "old.ckpt")["distillery"]
+    assert new["format"] == 2 and "embeddings_from" not in new["config"]["student"]
+    assert new["teacher"]["config"]["_target_"] == "distillery.core.teacher.from_run_checkpoint"
+    with pytest.raises(ConfigError, match="teacher.ckpt_path: file not found: x"):
+        rebuild_teacher(read_checkpoint(tmp_path / "old.ckpt"))  # today's source runs
