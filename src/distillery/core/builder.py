@@ -149,7 +149,6 @@ def build_run(cfg: DictConfig):
 
     from distillery.config.extras import build_list
     from distillery.core.checkpoint import AtomicCheckpointIO
-    from distillery.core.checks import check_models
     from distillery.core.input_norm import InputNorm
     from distillery.core.loggers import log_hyperparameters, single_lightning_log
     from distillery.core.module import DistillationModule, count_params
@@ -170,7 +169,7 @@ def build_run(cfg: DictConfig):
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
-    check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
+    task.check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:

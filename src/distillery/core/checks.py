@@ -1,10 +1,10 @@
 """Dry-run checks before training: teacher, student and data must fit together.
 
 Each failure is a :class:`~distillery.config.ConfigError` naming the config key, raised
-before anything trains. :func:`check_models` picks the checks by the datamodule's
-``output_kind``: ``logits`` (classifiers: [B, num_classes]), ``embedding`` (sentence
-encoders: outputs shaped like the teacher's, vocabularies and pad ids that fit the
-tokenizer) or ``token_logits`` (language models: vocabularies).
+before anything trains. Each task adapter's ``check_models`` picks its checks:
+classifiers need ``[B, num_classes]`` outputs (:func:`check_compatible`), sentence
+encoders outputs shaped like the teacher's plus vocabularies and pad ids that fit the
+tokenizer (:func:`check_vocab`, :func:`check_pad_id`), language models vocabularies.
 """
 
 from __future__ import annotations
@@ -12,18 +12,6 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from distillery.config import ConfigError
-
-
-def check_models(cfg: DictConfig, student, teacher, datamodule, example) -> None:
-    """``student`` takes raw inputs (its input normalisation included)."""
-    kind = getattr(datamodule, "output_kind", "logits")
-    if kind == "token_logits":
-        check_vocab(cfg, student[-1], teacher, datamodule)
-        return
-    check_compatible(teacher, student, example, getattr(datamodule, "num_classes", None))
-    if kind == "embedding":
-        check_vocab(cfg, student[-1], teacher, datamodule, same_rows=False)
-        check_pad_id(student[-1], teacher, datamodule)
 
 
 def check_compatible(teacher, student, x, num_classes: int | None) -> None:

@@ -212,6 +212,14 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.automatic_optimization:
             return  # Lightning steps the schedulers
+        if self._pending:  # only when the loader's length is unknown (no last batch seen)
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"{len(self._pending)} micro-batch(es) at the end of the epoch did not fill an "
+                f"optimizer step of module.accumulate={self.accumulate} and were not trained on"
+            )
+            self._pending = []
         scheduler = self.lr_schedulers()
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "epoch":
             scheduler.step()

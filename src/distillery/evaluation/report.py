@@ -53,9 +53,10 @@ def held_out_pass(
         outs = {n: m(x.to(device)).float().cpu() for n, m in models.items()}
         ref = outs.get(teacher_name) if teacher_name else None
         for n, out in outs.items():
-            metrics[n].update(out, b["labels"], ref, b.get("sample_id"))
+            labels = task.labels(b)
+            metrics[n].update(out, labels, ref, b.get("sample_id"))
             if kept:
-                kept[n].append((out, b["labels"], x, b["sample_id"]))
+                kept[n].append((out, labels, x, b["sample_id"]))
     values = {n: {k: float(v.compute()) for k, v in m.items()} for n, m in metrics.items()}
     preds = {
         n: tuple(torch.cat(col) for col in zip(*rows, strict=True)) for n, rows in kept.items()

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from distillery.core.checks import check_compatible
 from distillery.core.objective import Outputs
 
 
@@ -53,6 +54,13 @@ class Task:
                 f"{self.reduction!r}, the objective has {module.objective.reduction.name!r}"
             )
 
+    def check_models(self, cfg, student, teacher, datamodule, example: Tensor) -> None:
+        """Dry-run checks before training (``distillery.core.checks``), ``ConfigError``s
+        naming the key. ``student`` takes raw inputs (its input normalisation included).
+        Default: student and teacher run on ``example`` and agree in output shape (and
+        give ``num_classes`` outputs when the data has classes)."""
+        check_compatible(teacher, student, example, getattr(datamodule, "num_classes", None))
+
     def training_outputs(self, module, batch: dict, epoch: float) -> Outputs:
         """Student and teacher forwards of one training batch (taps capturing)."""
         raise NotImplementedError
@@ -64,6 +72,10 @@ class Task:
     def model_input(self, batch: dict) -> Tensor:
         """The tensor a standalone model (exported student, teacher) takes."""
         raise NotImplementedError
+
+    def labels(self, batch: dict) -> Tensor:
+        """What the held-out metrics compare with (class ids, next tokens, targets)."""
+        return batch["labels"]
 
     def count(self, batch: dict) -> Tensor:
         """Units one micro-batch adds to the optimizer step's normaliser."""

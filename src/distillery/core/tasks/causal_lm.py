@@ -14,6 +14,7 @@ import math
 
 from torch import Tensor
 
+from distillery.core.checks import check_vocab
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.base import Task
 from distillery.evaluation.metrics import LMMetrics
@@ -33,6 +34,9 @@ class CausalLMTask(Task):
         super().check(module)
         if module.views is not None:
             raise ValueError("views: augmentation/mixing views are for classifier inputs")
+
+    def check_models(self, cfg, student, teacher, datamodule, example) -> None:
+        check_vocab(cfg, student[-1], teacher, datamodule)
 
     def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
         ids = batch["input_ids"]

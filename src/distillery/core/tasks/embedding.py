@@ -9,6 +9,7 @@ nearest-neighbour agreement over the whole split (``EmbeddingMetrics``).
 
 from __future__ import annotations
 
+from distillery.core.checks import check_pad_id, check_vocab
 from distillery.core.tasks.classification import ClassificationTask
 from distillery.evaluation.metrics import EmbeddingMetrics
 
@@ -26,6 +27,11 @@ class EmbeddingTask(ClassificationTask):
         super().check(module)
         if module.teacher is None:
             raise ValueError("teacher: the embedding task compares with a teacher; none is set")
+
+    def check_models(self, cfg, student, teacher, datamodule, example) -> None:
+        super().check_models(cfg, student, teacher, datamodule, example)
+        check_vocab(cfg, student[-1], teacher, datamodule, same_rows=False)
+        check_pad_id(student[-1], teacher, datamodule)
 
     def metrics(self, num_classes, with_teacher):
         return EmbeddingMetrics(num_classes, with_teacher)
