@@ -6,8 +6,10 @@ Record them anew only for a change that is meant to move the numbers:
 
     DISTILLERY_RECORD_GOLDEN=1 pytest tests/test_golden.py
 
-Tolerance: 1e-5 relative. The gradients are the same operations in the same order; the
-logged value of a token objective may sum its per-token terms in another order.
+Tolerance: 1e-6 relative. Measured after the refactor: mnist1d_kd, mnist1d_fm and
+minilm_embed_kd bit-identical; the token objectives within 1.7e-7 (their per-token values
+are now summed by the reduction, in another order than the old in-term sum; the
+gradients are the same operations).
 """
 
 from __future__ import annotations
@@ -85,4 +87,4 @@ def test_first_losses_equal_the_recorded_ones(
         GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
         return
     assert name in golden, f"no golden losses for {name}; record them (see the module docstring)"
-    assert losses == pytest.approx(golden[name], rel=1e-5, abs=1e-7)
+    assert losses == pytest.approx(golden[name], rel=1e-6, abs=1e-8)
