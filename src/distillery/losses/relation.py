@@ -31,8 +31,10 @@ class RelationTerm(FeatureTerm):
 
 
 class SimilarityPreserving(RelationTerm):
-    """SP (Tung & Mori 2019): G = row-normalise(F F^T);
-    loss = ||G_S - G_T||_F^2 / B^2, i.e. loss_i = sum_j (G_S - G_T)_ij^2 / B."""
+    """SP (Tung & Mori, ICCV 2019): G = row-normalise(F F^T);
+    loss = ||G_T - G_S||_F^2 / B^2, i.e. loss_i = sum_j (G_S - G_T)_ij^2 / B, whose batch
+    mean is the reference's value (RepDistiller ``distiller_zoo/SP.py``,
+    ``Similarity.similarity_loss``, verified there by the paper's author)."""
 
     def forward(self, out: Outputs) -> Tensor:
         s, t = self.pair(out)
@@ -41,9 +43,13 @@ class SimilarityPreserving(RelationTerm):
 
 
 class PKT(RelationTerm):
-    """PKT (Passalis & Tefas 2018): cosine kernel K_ij = (cos(f_i, f_j) + 1) / 2, rows
-    normalised to probabilities P_ij = K_ij / sum_j K_ij;
-    loss_i = KL(P_T[i] || P_S[i]) = sum_j P_T,ij log(P_T,ij / P_S,ij)."""
+    """PKT (Passalis & Tefas, ECCV 2018): features scaled to unit norm as the reference
+    does, f / (||f|| + eps); cosine kernel K_ij = (cos(f_i, f_j) + 1) / 2, rows normalised
+    to probabilities P_ij = K_ij / sum_j K_ij;
+    loss_i = (1/B) sum_j P_T,ij log((P_T,ij + eps) / (P_S,ij + eps)),
+    so the batch mean is the mean over all B^2 entries, the reference's value (the
+    authors' ``cosine_similarity_loss`` in github passalis/probabilistic_kt ``nn/pkt.py``,
+    copied as RepDistiller's ``PKT.cosine_similarity_loss``; eps = 1e-7)."""
 
     def __init__(self, student: str, teacher: str, eps: float = 1e-7):
         super().__init__(student, teacher)
@@ -53,27 +59,36 @@ class PKT(RelationTerm):
         s, t = self.pair(out)
 
         def probs(f):
-            f = F.normalize(f, dim=1)
+            f = f / (f.norm(dim=1, keepdim=True) + self.eps)
             k = (f @ f.T + 1) / 2
             return k / k.sum(1, keepdim=True)
 
         p_s, p_t = probs(s), probs(t)
-        return (p_t * ((p_t + self.eps).log() - (p_s + self.eps).log())).sum(1)
+        kl = p_t * ((p_t + self.eps).log() - (p_s + self.eps).log())
+        return kl.sum(1) / s.shape[0]
 
 
 def _pdist(f: Tensor) -> Tensor:
+    """Euclidean distances with the reference's clamp: sqrt(max(||f_i - f_j||^2, 1e-12)),
+    diagonal set to 0."""
     d = (f.unsqueeze(1) - f.unsqueeze(0)).pow(2).sum(-1).clamp_min(1e-12).sqrt()
     return d * (1 - torch.eye(len(f), device=f.device))
 
 
 class RKD(RelationTerm):
-    """Relational KD (Park et al. 2019).
+    """Relational KD (Park et al., CVPR 2019), as in the authors' code (github
+    lenscloth/RKD ``metric/loss.py``: ``RkdDistance``, ``RKdAngle``; RepDistiller
+    ``RKDLoss``). huber = smooth L1 with beta 1.
 
-    distance: psi_D(i, j) = ||f_i - f_j|| / mu, mu = mean of the non-zero distances;
-        D_i = mean_{j != i} huber(psi_D^S(i, j), psi_D^T(i, j))
-    angle: psi_A(i, j, k) = <e_ij, e_kj>, e_ij = (f_i - f_j) / ||f_i - f_j||;
-        A_j = mean_{i, k} huber(psi_A^S(i, j, k), psi_A^T(i, j, k))
-    loss_i = distance_weight * D_i + angle_weight * A_i (huber = smooth L1, beta 1).
+    distance: psi_D(i, j) = d_ij / mu, d = pdist (``_pdist``: the squared distance clamped
+        at 1e-12, then sqrt, zero diagonal), mu = mean of the positive d_ij;
+        D_i = (1/B) sum_j huber(psi_D^S(i, j), psi_D^T(i, j)) (over all j, the diagonal
+        zeros included, so mean_i D_i is the reference's mean over the B^2 entries)
+    angle: psi_A(j; i, k) = <e_ji, e_jk>, e_ji = normalize(f_i - f_j) (0 for i = j);
+        A_j = (1/B^2) sum_{i, k} huber(psi_A^S(j; i, k), psi_A^T(j; i, k)) (mean_j A_j is
+        the reference's mean over the B^3 entries)
+    loss_i = distance_weight * D_i + angle_weight * A_i (defaults 25 and 50, RepDistiller's
+    ``RKDLoss(w_d=25, w_a=50)``).
     """
 
     def __init__(
@@ -94,11 +109,8 @@ class RKD(RelationTerm):
 
     def forward(self, out: Outputs) -> Tensor:
         s, t = self.pair(out)
-        b = s.shape[0]
-        off = 1 - torch.eye(b, device=s.device)
-        d = F.smooth_l1_loss(self.distances(s), self.distances(t), reduction="none")
-        dist = (d * off).sum(1) / max(b - 1, 1)
         with torch.no_grad():
-            a_t = self.angles(t)
+            d_t, a_t = self.distances(t), self.angles(t)
+        dist = F.smooth_l1_loss(self.distances(s), d_t, reduction="none").mean(1)
         ang = F.smooth_l1_loss(self.angles(s), a_t, reduction="none").mean((1, 2))
         return self.distance_weight * dist + self.angle_weight * ang
