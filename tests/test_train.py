@@ -1,6 +1,7 @@
 """End-to-end training runs in-process: teacher invariants, every experiment under
 debug=fdr, resume, W&B offline, bad input, and the `make distill` pipeline."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -275,8 +276,6 @@ def test_overfit_debug_drives_the_loss_down(train_cfg):
 
 
 def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
-    import json
-
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -321,6 +320,19 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
         run_pipeline(cfg2)
         assert teacher_ckpt.stat().st_mtime_ns == stamp  # reused, not retrained
         assert not (tmp_path / "out2" / "teacher").exists()
+        # an artifact from another teacher configuration is not reused, and not lost
+        teacher3 = hydra_list(["experiment=mnist1d_teacher", *small, "optimizer.lr=0.002"])
+        cfg3 = compose(config_name="pipeline", overrides=[
+            *overrides[:1], f"paths.output_dir={tmp_path / 'out3'}", *overrides[2:],
+            f"stages.teacher={teacher3}", "~extra_students",
+        ])  # fmt: skip
+        run_pipeline(cfg3)
+        assert (tmp_path / "out3" / "teacher").is_dir() and teacher_ckpt.stat().st_mtime_ns != stamp
+        kept = [p for p in teacher_ckpt.parent.glob("teacher.*.ckpt")]
+        assert (
+            len(kept) == 1
+            and read_checkpoint(kept[0])[META_KEY]["config"]["optimizer"]["lr"] == 0.003
+        )
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(saved["models"]) == ["teacher", "student", "baseline", "kd"]
     keys = {
@@ -350,3 +362,50 @@ def test_lightning_lines_are_logged_once(train_cfg):
     assert logging.getLogger().handlers
     handlers = logging.getLogger("lightning").handlers
     assert not [h for h in handlers if type(h) is logging.StreamHandler]
+
+
+@pytest.mark.parametrize(
+    "name", ["mnist1d_teacher", "digits_teacher", "digits_bert_teacher", "text_lm_teacher"]
+)
+def test_a_smoke_test_writes_no_checkpoint_and_no_artifact(name, train_cfg, tmp_path):
+    """debug=fdr on a teacher experiment (which exports to artifacts/) writes nothing: a
+    teacher trained for real is never replaced by a one-batch model."""
+    overrides = SMALL_MNIST1D if "mnist" in name else []
+    assert train_cfg(f"experiment={name}").export_ckpt  # the experiment exports...
+    cfg = train_cfg(f"experiment={name}", "debug=fdr", *overrides)
+    assert cfg.export_ckpt is None  # ...the debug overlay does not
+    train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_fdr_refuses_an_explicit_export(train_cfg, tmp_path):
+    cfg = train_cfg("experiment=mnist1d_teacher", "debug=fdr", *SMALL_MNIST1D,
+                    f"export_ckpt={tmp_path / 'artifacts' / 't.ckpt'}")  # fmt: skip
+    with pytest.raises(ConfigError, match="export_ckpt: a fast_dev_run"):
+        train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_export_never_overwrites_an_artifact_of_another_configuration(
+    train_cfg, mnist1d_teacher_ckpt, tmp_path
+):
+    from distillery.core.checkpoint import artifact_differences, export_artifact
+
+    dst = tmp_path / "artifacts" / "teacher.ckpt"
+    dst.parent.mkdir()
+    dst.write_bytes(mnist1d_teacher_ckpt.read_bytes())
+    recorded = read_checkpoint(dst)[META_KEY]["config"]
+    assert artifact_differences(dst, recorded) == []
+    other = {**recorded, "optimizer": {**recorded["optimizer"], "lr": 0.5}}
+    # the same run writing elsewhere: every value derived from its paths moves with them
+    moved = json.loads(json.dumps(recorded).replace(recorded["paths"]["output_dir"], "/else/run"))
+    assert moved["trainer"]["default_root_dir"] == "/else/run"
+    assert artifact_differences(dst, other) == ["optimizer.lr"]
+    assert artifact_differences(dst, moved) == []
+    before = dst.read_bytes()
+    assert export_artifact(mnist1d_teacher_ckpt, dst, moved) is None  # same run: replaced
+    kept = export_artifact(mnist1d_teacher_ckpt, dst, other)  # another run: the old kept aside
+    assert kept is not None and kept.read_bytes() == before and dst.is_file()
+    assert kept.parent == dst.parent and kept.name.startswith("teacher.") and kept.suffix == ".ckpt"
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    assert "not a readable checkpoint" in artifact_differences(tmp_path / "junk.ckpt", other)[0]

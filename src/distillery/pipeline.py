@@ -1,8 +1,10 @@
 """The main job behind ``make distill``: teacher -> scratch baseline -> distilled
 student -> report card, in one process.
 
-1. teacher: reuses ``teacher_ckpt`` if it exists, else trains ``stages.teacher`` and
-   exports its best checkpoint there;
+1. teacher: reuses ``teacher_ckpt`` if it exists and was made by ``stages.teacher`` (the
+   same resolved config, output paths aside, and at least one trained step), else trains
+   ``stages.teacher`` and exports its best checkpoint there (a different file already
+   there is kept aside, not overwritten);
 2. baseline: the student with the task loss alone (``stages.baseline``);
 3. student: the student distilled from that teacher (``stages.student``), then any
    ``extra_students`` (name -> overrides), e.g. other recipes to compare;
@@ -23,7 +25,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import ConfigError, validate
+from distillery.config import ConfigError, to_container, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ def stage_config(
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
+    from distillery.core.checkpoint import artifact_differences
     from distillery.evaluate import evaluate
     from distillery.train import train
 
@@ -54,13 +57,20 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     teacher_ckpt = Path(cfg.teacher_ckpt)
     ckpts: dict[str, str] = {}
 
-    if teacher_ckpt.is_file() and not cfg.retrain_teacher:
+    tcfg = stage_config(
+        "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
+    )
+    diffs = artifact_differences(teacher_ckpt, to_container(tcfg)) if teacher_ckpt.is_file() else []
+    if teacher_ckpt.is_file() and not diffs and not cfg.retrain_teacher:
         log.info("reusing teacher checkpoint %s", teacher_ckpt)
     else:
-        log.info("no teacher checkpoint at %s: training the teacher", teacher_ckpt)
-        tcfg = stage_config(
-            "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
-        )
+        if diffs:  # the export keeps the old file aside
+            log.warning(
+                "teacher checkpoint %s is not from stages.teacher (%s): training the teacher",
+                teacher_ckpt, ", ".join(diffs[:5]),
+            )  # fmt: skip
+        else:
+            log.info("training the teacher into %s", teacher_ckpt)
         train(tcfg)
 
     runs = {"baseline": list(cfg.stages.baseline), "student": list(cfg.stages.student)}

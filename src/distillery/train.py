@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
-    from distillery.core.checkpoint import copy_atomic
+    from distillery.core.checkpoint import export_artifact
     from distillery.core.loggers import finish_loggers
 
     datamodule, module, trainer, loggers = build_run(cfg)
@@ -38,12 +38,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(trainer.callback_metrics)
         if cfg.get("export_ckpt") and trainer.is_global_zero:
+            if trainer.fast_dev_run:
+                raise ConfigError(
+                    ["export_ckpt: a fast_dev_run (debug=fdr) trains one batch and exports nothing"]
+                )
             src = best or (callback.last_model_path if callback else "")
             if not src:
                 raise RuntimeError(
                     "export_ckpt is set but the run saved no checkpoint (callbacks disabled?)"
                 )
-            copy_atomic(Path(src), Path(cfg.export_ckpt))
+            export_artifact(Path(src), Path(cfg.export_ckpt), module.run_config)
         metrics["best_ckpt"] = best
     finally:
         finish_loggers(loggers)

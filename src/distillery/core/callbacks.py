@@ -12,16 +12,14 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     Lightning writes ``last.ckpt`` after validation, so a step-based run that stops
     between validations (or whose final validation triggered no save) would resume
-    from an earlier step. On ``on_train_end`` the final state is saved as last too."""
+    from an earlier step. On ``on_train_end`` the final state is saved as last too, never
+    under ``fast_dev_run`` (a smoke test writes no checkpoint)."""
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return  # Lightning 2.6 saves last.ckpt here even under fast_dev_run
         super().on_train_end(trainer, pl_module)
-        if (
-            not self.save_last
-            or not self.dirpath
-            or trainer.fast_dev_run
-            or trainer.sanity_checking
-        ):
+        if not self.save_last or not self.dirpath:
             return
         if self._last_global_step_saved == trainer.global_step:
             return

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,84 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
         else InputNorm(mean=stats["mean"].tolist(), std=stats["std"].tolist())
     )
     return nn.Sequential(norm, student).eval()
+
+
+# Keys of a run config that say where outputs go or how a run is shown, not what it trains.
+VOLATILE_KEYS = ("paths", "hydra", "extras", "logger", "callbacks", "ckpt_path", "export_ckpt",
+                 "tags", "task_name")  # fmt: skip
+
+
+def abstract_paths(config: dict) -> dict:
+    """The config with every occurrence of its own ``paths.*`` directories replaced by
+    ``<paths.name>``: values derived from where a run writes (``trainer.default_root_dir``,
+    a teacher under ``paths.artifacts_dir``) then compare equal across locations."""
+    paths = {k: str(v).rstrip("/") for k, v in (config.get("paths") or {}).items()}
+    order = sorted(((k, v) for k, v in paths.items() if len(v) > 1), key=lambda kv: -len(kv[1]))
+    pattern = [(re.compile(re.escape(v) + r"(?=/|$)"), f"<paths.{k}>") for k, v in order]
+
+    def sub(node):
+        if isinstance(node, dict):
+            return {k: sub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        if isinstance(node, str):
+            for regex, name in pattern:
+                node = regex.sub(name, node)
+        return node
+
+    return sub(config)
+
+
+def config_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where two resolved run configs differ: ``VOLATILE_KEYS`` aside, and
+    locations compared relative to each config's own ``paths`` (:func:`abstract_paths`)."""
+    if not prefix:
+        recorded, current = abstract_paths(recorded), abstract_paths(current)
+    missing = object()
+    out = []
+    for k in sorted(set(recorded) | set(current), key=str):
+        if not prefix and k in VOLATILE_KEYS:
+            continue
+        a, b = recorded.get(k, missing), current.get(k, missing)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def artifact_differences(path: Path, run_config: dict) -> list[str]:
+    """Why the checkpoint at ``path`` is not the product of ``run_config``: the differing
+    config keys, or a reason it cannot be read; [] when it is."""
+    try:
+        recorded = read_checkpoint(path, "export_ckpt")
+    except (ValueError, FileNotFoundError) as e:
+        return [str(e)]
+    if int(recorded.get("global_step", 0)) < 1:
+        return ["it holds no trained step"]
+    return config_differences(recorded[META_KEY].get("config") or {}, run_config)
+
+
+def export_artifact(src: Path, dst: Path, run_config: dict) -> Path | None:
+    """Copy a run's checkpoint to ``dst`` (atomic). An existing ``dst`` made by another run
+    configuration is not overwritten: it is kept aside as ``<stem>.<time><suffix>``, whose
+    path is returned (with a warning naming the differing keys)."""
+    kept = None
+    if dst.exists():
+        diffs = artifact_differences(dst, run_config)
+        if diffs:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(dst.stat().st_mtime))
+            kept = dst.with_name(f"{dst.stem}.{stamp}{dst.suffix}")
+            n = 1
+            while kept.exists():
+                kept, n = dst.with_name(f"{dst.stem}.{stamp}-{n}{dst.suffix}"), n + 1
+            os.replace(dst, kept)
+            log.warning(
+                "export_ckpt: %s came from another run configuration (%s); kept it as %s",
+                dst, ", ".join(diffs[:5]), kept,
+            )  # fmt: skip
+    copy_atomic(src, dst)
+    return kept
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
