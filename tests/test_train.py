@@ -100,6 +100,23 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(
         bare.load_state_dict({**state, "teacher.model.0.mean": torch.zeros(1)})
 
 
+def check_control(cfg, unlabeled: bool = False) -> None:
+    """A control run builds no teacher, frozen model, tap or teacher-only term, and runs.
+    ``unlabeled``: the data has no labels (sentence embeddings): refused, naming why."""
+    if unlabeled:
+        with pytest.raises(ConfigError, match="control: every term of distill.terms"):
+            build_run(cfg)
+        return
+    datamodule, module, trainer, _ = build_run(cfg)
+    assert module.teacher is None and module.frozen_names == []
+    assert module.student_taps is None and module.teacher_taps is None
+    assert module.objective.terms and not module.objective.needs_teacher
+    assert module.run_config["teacher"] is None and module.run_config["control"] is True
+    assert set(module.run_config["distill"]["terms"]) == set(module.objective.terms)
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(torch.tensor(float(trainer.callback_metrics["train/loss"])))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_debug_fdr_runs_every_experiment(
     name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, bert_teacher_ckpt, tmp_path
@@ -167,6 +184,9 @@ def test_debug_fdr_runs_every_experiment(
     cfg = train_cfg(f"experiment={name}", "debug=fdr", *extra)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    if cfg.teacher is not None:  # and its no-teacher control: one override
+        control = train_cfg(f"experiment={name}", "debug=fdr", "control=true", *extra)
+        check_control(control, unlabeled=name.startswith("minilm"))
     if name.startswith("minilm_embed_kd"):  # embeddings: compared with the teacher's
         assert -1.0 <= metrics["test/cosine"] <= 1.0 and 0 <= metrics["test/nn_agreement"] <= 1
         if name == "minilm_embed_kd_relations":

@@ -32,6 +32,7 @@ TOP_LEVEL_TYPES: dict[str, Any] = {
     "seed": int | None,
     "train": bool,
     "test": bool,
+    "control": bool,
     "ckpt_path": str | None,
 }
 
@@ -217,7 +218,11 @@ def build(node: DictConfig | None, key: str, **kwargs) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
+        if isinstance(cause, ConfigError):  # already names its key: not wrapped twice
+            raise cause from None
         raise ConfigError([f"{key}: {type(cause).__name__}: {cause}"]) from cause
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ConfigError([f"{key}: {type(e).__name__}: {e}"]) from e
 

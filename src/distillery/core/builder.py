@@ -141,8 +141,52 @@ def build_task(cfg: DictConfig, datamodule):
     return task
 
 
+def control_config(cfg: DictConfig) -> DictConfig:
+    """``control=true``: the run's no-teacher control, the same student, data, views,
+    schedule and seed without the teacher, other frozen models and taps (the objective
+    drops its teacher-only terms in :func:`control_objective`)."""
+    from omegaconf import open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.teacher, cfg.frozen, cfg.taps = None, None, None
+    return cfg
+
+
+def control_objective(cfg: DictConfig, objective, task):
+    """The objective without its teacher-only terms; when no label term is left (e.g.
+    function matching), the task's supervised term (``task.control_term``). The recorded
+    config (``cfg.distill``) is rewritten to match."""
+    from omegaconf import OmegaConf, open_dict
+
+    from distillery.core.objective import Objective
+
+    keep = {n: t for n, t in objective.terms.items() if not t.needs_teacher}
+    dropped = [n for n in objective.terms if n not in keep]
+    weights = {n: objective.weights[n] for n in keep}
+    with open_dict(cfg):
+        for name in dropped:
+            cfg.distill.terms.pop(name, None)
+            if cfg.distill.get("weights"):
+                cfg.distill.weights.pop(name, None)
+        if not keep:
+            fallback = task.control_term()
+            if fallback is None:
+                raise ConfigError(
+                    [f"control: every term of distill.terms ({dropped}) needs a teacher, and the "
+                     f"{task.name} task has no supervised term to train its control with"]
+                )  # fmt: skip
+            name, node = fallback
+            cfg.distill.terms[name] = OmegaConf.create(node)
+            keep, weights = {name: build(cfg.distill.terms[name], f"distill.terms.{name}")}, {}
+    return Objective(keep, weights, reduction=objective.reduction.name)
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
+    control = bool(cfg.get("control"))
+    if control:
+        cfg = control_config(cfg)
     validate(cfg)
     import lightning as L
     from torch import nn
@@ -166,6 +210,8 @@ def build_run(cfg: DictConfig):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     objective = build(cfg.distill, "distill")
     task = build_task(cfg, datamodule)
+    if control:
+        objective = control_objective(cfg, objective, task)
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)

@@ -91,6 +91,11 @@ class Task:
         teacher's, the reference)."""
         raise NotImplementedError
 
+    def control_term(self) -> tuple[str, dict] | None:
+        """The supervised term (name, config node) a no-teacher control trains with when
+        every term of the objective needs a teacher; None: the task has none."""
+        return None
+
     def units_per_sample(self, example: Tensor) -> int:
         """Throughput units per input row (tokens per sequence for language models)."""
         return 1

@@ -61,6 +61,9 @@ class CausalLMTask(Task):
     def count(self, batch: dict) -> Tensor:
         return (batch["labels"] != IGNORE).sum()
 
+    def control_term(self):
+        return "ce", {"_target_": "distillery.losses.TokenCrossEntropy"}
+
     def metrics(self, num_classes, with_teacher):
         return LMMetrics(num_classes, with_teacher)
 

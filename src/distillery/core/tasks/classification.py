@@ -49,6 +49,9 @@ class ClassificationTask(Task):
     def model_input(self, batch: dict) -> Tensor:
         return batch["inputs"]
 
+    def control_term(self):
+        return "task", {"_target_": "distillery.losses.CrossEntropy"}
+
     def metrics(self, num_classes, with_teacher):
         return ClassificationMetrics(num_classes, with_teacher)
 

@@ -33,6 +33,9 @@ class EmbeddingTask(ClassificationTask):
         check_vocab(cfg, student[-1], teacher, datamodule, same_rows=False)
         check_pad_id(student[-1], teacher, datamodule)
 
+    def control_term(self):
+        return None  # unlabeled sentences: nothing to train on without a teacher
+
     def metrics(self, num_classes, with_teacher):
         return EmbeddingMetrics(num_classes, with_teacher)
 
