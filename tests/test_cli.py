@@ -50,10 +50,11 @@ def test_cli_reports_every_missing_key_and_fails(tmp_path, data_dir):
         *common(tmp_path, data_dir),
         check=False,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a config error: one message, no traceback
     out = proc.stdout + proc.stderr
     assert "teacher.ckpt_path: missing value" in out and "optimizer.lr: missing value" in out
     assert "trainer.max_epochs: expected" in out
+    assert "Traceback" not in out and out.count("invalid config") == 1
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
 
 

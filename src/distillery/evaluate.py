@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import ConfigError, build, validate
+from distillery.config import ConfigError, build, exit_on_config_error, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,7 @@ def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except ConfigError as e:
-        log.error(str(e))
-        raise
+    exit_on_config_error(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

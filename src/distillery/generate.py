@@ -15,13 +15,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import validate
+from distillery.config import exit_on_config_error, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -124,8 +123,8 @@ def generate(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="generate")
-def main(cfg: DictConfig) -> Any:
-    return generate(cfg)
+def main(cfg: DictConfig) -> None:
+    exit_on_config_error(lambda: generate(cfg))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import ConfigError, to_container, validate
+from distillery.config import ConfigError, exit_on_config_error, to_container, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    run_pipeline(cfg)
+    exit_on_config_error(lambda: run_pipeline(cfg))
 
 
 if __name__ == "__main__":

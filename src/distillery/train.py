@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from distillery.config import ConfigError
+from distillery.config import ConfigError, exit_on_config_error
 from distillery.config.resolvers import CONFIG_DIR
 from distillery.core.builder import build_run
 
@@ -23,35 +23,43 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
-    from distillery.core.checkpoint import export_artifact
     from distillery.core.loggers import finish_loggers
 
     datamodule, module, trainer, loggers = build_run(cfg)
-    metrics: dict[str, Any] = {}
     try:
-        if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-            metrics.update(trainer.callback_metrics)
-        callback = trainer.checkpoint_callback
-        best = callback.best_model_path if callback else ""
-        if cfg.get("test", True):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-            metrics.update(trainer.callback_metrics)
-        if cfg.get("export_ckpt") and trainer.is_global_zero:
-            if trainer.fast_dev_run:
-                raise ConfigError(
-                    ["export_ckpt: a fast_dev_run (debug=fdr) trains one batch and exports nothing"]
-                )
-            src = best or (callback.last_model_path if callback else "")
-            if not src:
-                raise RuntimeError(
-                    "export_ckpt is set but the run saved no checkpoint (callbacks disabled?)"
-                )
-            export_artifact(Path(src), Path(cfg.export_ckpt), module.run_config)
-        metrics["best_ckpt"] = best
+        metrics = fit_test_export(cfg, datamodule, module, trainer)
+    except FileNotFoundError as e:  # a file the config names (data.root, data.source, ...)
+        raise ConfigError([str(e)]) from e
     finally:
         finish_loggers(loggers)
     return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+
+
+def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, Any]:
+    from distillery.core.checkpoint import export_artifact
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update(trainer.callback_metrics)
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path if callback else ""
+    if cfg.get("test", True):
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(trainer.callback_metrics)
+    if cfg.get("export_ckpt") and trainer.is_global_zero:
+        if trainer.fast_dev_run:
+            raise ConfigError(
+                ["export_ckpt: a fast_dev_run (debug=fdr) trains one batch and exports nothing"]
+            )
+        src = best or (callback.last_model_path if callback else "")
+        if not src:
+            raise RuntimeError(
+                "export_ckpt is set but the run saved no checkpoint (callbacks disabled?)"
+            )
+        export_artifact(Path(src), Path(cfg.export_ckpt), module.run_config)
+    metrics["best_ckpt"] = best
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -59,11 +67,11 @@ def main(cfg: DictConfig) -> float | None:
     from distillery.config.extras import apply_extras
 
     apply_extras(cfg)
-    try:
-        metrics = train(cfg)
-    except ConfigError as e:
-        log.error(str(e))
-        raise
+    return exit_on_config_error(lambda: optimized_value(cfg, train(cfg)))
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The metric a sweeper optimises (``optimized_metric``), if set."""
     name = cfg.get("optimized_metric")
     if name is None:
         return None

@@ -10,9 +10,12 @@ prefixes any failure with the node's key.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -33,6 +36,7 @@ TOP_LEVEL_TYPES: dict[str, Any] = {
     "train": bool,
     "test": bool,
     "control": bool,
+    "allow_oversubscription": bool,
     "ckpt_path": str | None,
 }
 
@@ -225,6 +229,29 @@ def build(node: DictConfig | None, key: str, **kwargs) -> Any:
         raise
     except Exception as e:  # noqa: BLE001
         raise ConfigError([f"{key}: {type(e).__name__}: {e}"]) from e
+
+
+def exit_on_config_error(body: Callable[[], Any]) -> Any:
+    """Run a command's body. A :class:`ConfigError` is logged as one message and the
+    process exits with code 2, no traceback (``HYDRA_FULL_ERROR=1`` shows it). In a
+    multirun the error is re-raised, so the sweeper records the failed job and goes on."""
+    try:
+        return body()
+    except ConfigError as e:
+        logging.getLogger("distillery").error(str(e))
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+            raise
+        sys.exit(2)
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -7,6 +7,7 @@ before anything trains. Used by the commands (``train``, ``evaluate``, ``taps``)
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from omegaconf import DictConfig
@@ -18,7 +19,13 @@ def build_teacher(cfg: DictConfig):
     """The teacher from ``cfg.teacher`` with its config recorded in its provenance."""
     from distillery.core.teacher import Teacher
 
-    teacher = build(cfg.get("teacher"), "teacher")
+    node = cfg.get("teacher")
+    if node is not None and "_target_" not in node:
+        raise ConfigError(
+            [f"teacher: no teacher source (_target_), only {sorted(node)}; choose one with "
+             f"teacher=<source>, or run the no-teacher control with control=true"]
+        )  # fmt: skip
+    teacher = build(node, "teacher")
     if teacher is None:
         return None
     if not isinstance(teacher, Teacher):
@@ -48,6 +55,8 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     try:
         s_taps = Taps(student, spec.get("student"), "student", detach=False)
         t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
+    except ConfigError:
+        raise  # already names its key
     except (ValueError, TypeError) as e:
         raise ConfigError([str(e)]) from e
     problems = []
@@ -79,6 +88,8 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
                     shapes(t_taps.captured[term.teacher_tap]),
                     f"distill.terms.{name}",
                 )
+            except ConfigError:
+                raise  # already names its key
             except (ValueError, KeyError) as e:
                 problems.append(str(e))
     if problems:
@@ -113,6 +124,8 @@ def build_student(cfg: DictConfig):
     if init is not None:
         try:
             init(student)
+        except ConfigError:
+            raise  # already names its key
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError([f"student_init: {e}"]) from e
     return student
@@ -182,6 +195,38 @@ def control_objective(cfg: DictConfig, objective, task):
     return Objective(keep, weights, reduction=objective.reduction.name)
 
 
+def check_processes(cfg: DictConfig) -> None:
+    """Refuse more CPU processes than this machine has cores (``trainer.devices`` x
+    ``trainer.num_nodes`` on ``accelerator: cpu``) unless ``allow_oversubscription``."""
+    trainer = cfg.trainer
+    devices = trainer.get("devices", 1)
+    if trainer.get("accelerator") != "cpu" or not isinstance(devices, int):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if devices > (cores or 1) and not cfg.get("allow_oversubscription"):
+        raise ConfigError(
+            [f"trainer.devices: {devices} CPU processes on a machine with {cores} cores; use at "
+             f"most {cores} (or set allow_oversubscription=true)"]
+        )  # fmt: skip
+
+
+def check_optimization(optimizer, scheduler) -> None:
+    """Build the optimizer and schedule once on a probe parameter: hyperparameters torch
+    or a schedule refuses (a negative lr, a warmup longer than the schedule) are reported
+    before any data or model is built."""
+    import torch
+
+    try:
+        probe = optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        raise ConfigError([f"optimizer: {e}"]) from e
+    try:
+        if scheduler is not None:
+            scheduler(optimizer=probe)
+    except (ValueError, TypeError) as e:
+        raise ConfigError([f"scheduler: {e}"]) from e
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     control = bool(cfg.get("control"))
@@ -202,6 +247,19 @@ def build_run(cfg: DictConfig):
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    check_processes(cfg)
+    if cfg.get("ckpt_path") not in (None, "last", "best", "hpc"):  # resume: checked up front
+        from distillery.core.checkpoint import read_checkpoint
+
+        try:
+            read_checkpoint(cfg.ckpt_path, "ckpt_path")
+        except ConfigError:
+            raise  # already names its key
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError([str(e)]) from e
+    optimizer = build(cfg.optimizer, "optimizer")
+    scheduler = build(cfg.get("scheduler"), "scheduler")
+    check_optimization(optimizer, scheduler)
     datamodule = build(cfg.data, "data")
     student = build_student(cfg)
     teacher = build_teacher(cfg)
@@ -222,9 +280,9 @@ def build_run(cfg: DictConfig):
         module = module_factory(
             student=student,
             objective=objective,
-            optimizer=build(cfg.optimizer, "optimizer"),
+            optimizer=optimizer,
             task=task,
-            scheduler=build(cfg.get("scheduler"), "scheduler"),
+            scheduler=scheduler,
             num_classes=num_classes,
             teacher=teacher,
             frozen=frozen,
@@ -234,6 +292,8 @@ def build_run(cfg: DictConfig):
             teacher_taps=teacher_taps,
             run_config=to_container(cfg),
         )
+    except ConfigError:
+        raise  # already names its key
     except (ValueError, TypeError) as e:
         raise ConfigError([str(e)]) from e
 

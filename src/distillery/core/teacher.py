@@ -158,7 +158,15 @@ def from_state_dict(
     state dict file. ``key`` selects a sub-dict (e.g. ``model`` for RepDistiller
     checkpoints); ``strip_prefix`` removes a prefix such as ``module.``."""
     file = _existing_file(path, "teacher.path")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the key
+        raise ValueError(
+            f"teacher.path: {file} is not a readable state dict ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"teacher.path: {file} holds a {type(state).__name__}, not a state dict")
     if key is not None:
         if key not in state:
             raise KeyError(f"teacher.key: {key!r} not in {file} (keys: {sorted(state)[:10]})")

@@ -132,6 +132,10 @@ def token_divergence_per_token(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0 <= beta <= 1 or not 0 < alpha < 1:
         raise ValueError(f"need 0 <= beta <= 1 and 0 < alpha < 1, got beta={beta}, alpha={alpha}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of tokens or null, got {chunk_size}"
+        )
     vs, vt = student.shape[-1], teacher.shape[-1]
     if vs != vt:
         if vocab_align != "truncate":
@@ -209,6 +213,12 @@ class TokenKD(LossTerm):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(
+                f"chunk_size must be a positive number of tokens or null, got {chunk_size}"
+            )
+        if vocab_align not in ("error", "truncate"):
+            raise ValueError(f"vocab_align must be error or truncate, got {vocab_align!r}")
         self.kwargs = {
             "kind": kind,
             "temperature": temperature,

@@ -1,0 +1,119 @@
+"""Every bad input answered: one ``ConfigError`` whose message names the config key (or
+file), raised before training, leaving no checkpoint or half-written file behind. The
+commands turn it into one logged message and exit code 2 (``tests/test_cli.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_MNIST1D, text_overrides
+from distillery.config import ConfigError
+from distillery.train import train
+
+MNIST_KD = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300"]
+FM = ["experiment=mnist1d_fm", "data.base.num_samples=1000", "data.base.val_size=200",
+      "data.sources.generated.size=300"]  # fmt: skip
+FITNET = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=300"]
+BASE = ["experiment=mnist1d_baseline", *SMALL_MNIST1D]
+
+# (case id, overrides, text the message must contain). "{teacher}" is the MNIST-1D teacher
+# checkpoint, "{junk}" a file that is not a checkpoint, "{tmp}" the test's folder.
+CASES = [
+    ("missing teacher path", [*MNIST_KD, "teacher.ckpt_path=???"], "teacher.ckpt_path: missing value"),
+    ("missing lr", [*MNIST_KD, "optimizer.lr=???"], "optimizer.lr: missing value"),
+    ("epochs not a number", [*BASE, "trainer.max_epochs=ten"], "trainer.max_epochs"),
+    ("batch size not a number", [*BASE, "data.batch_size=abc"], "data.batch_size"),
+    ("unknown student argument", [*BASE, "+student.hiddn=[3]"], "student"),
+    ("seed not a number", [*BASE, "seed=abc"], "seed"),
+    ("negative lr", [*BASE, "optimizer.lr=-0.1"], "optimizer: Invalid learning rate"),
+    ("unknown optimizer", [*BASE, "optimizer._target_=torch.optim.Nope"], "optimizer"),
+    ("unknown student class", [*BASE, "student._target_=distillery.models.Nope"], "student"),
+    ("teacher file missing", [*MNIST_KD, "teacher.ckpt_path={tmp}/none.ckpt"], "teacher.ckpt_path: file not found"),
+    ("teacher file not a checkpoint", [*MNIST_KD, "teacher.ckpt_path={junk}"], "not a readable checkpoint"),
+    ("teacher source removed", [*MNIST_KD, "~teacher"], "teacher: no teacher source"),
+    ("KD without a teacher", [*BASE, "distill=kd"], "need a teacher"),
+    ("negative temperature", [*MNIST_KD, "distill.terms.kd.temperature=-1"], "temperature must be > 0"),
+    ("weight for an unknown term", [*MNIST_KD, "+distill.weights.nope=1"], "distill.weights"),
+    ("weight not a number", [*MNIST_KD, "distill.weights.kd=heavy"], "distill.weights.kd"),
+    ("not a loss term", [*MNIST_KD, "+distill.terms.x._target_=torch.nn.Identity"], "distill.terms.x"),
+    ("unknown reduction", [*MNIST_KD, "+distill.reduction=tokens"], "distill.reduction"),
+    ("too many CPU processes", [*BASE, "trainer.devices=64"], "trainer.devices: 64 CPU processes"),
+    ("negative mixup alpha", [*FM, "teacher.ckpt_path={teacher}", "views.mix.alpha=-1"], "mixup alpha must be > 0"),
+    ("warmup longer than the schedule", [*FM, "teacher.ckpt_path={teacher}", "scheduler.warmup_steps=99999"], "scheduler"),
+    ("task that does not fit the data", [*BASE, "task=causal_lm"], "task: the causal_lm task"),
+    ("step options on a classifier", [*BASE, "+module.accumulate=2"], "module.accumulate"),
+    ("no tap at the path", [*FITNET, "teacher.ckpt_path={teacher}", "taps.student.hint=nope.path"], "taps.student.hint.path: no module matches"),
+    ("term reads a missing tap", [*FITNET, "teacher.ckpt_path={teacher}", "distill.terms.hint.student=nope"], "no tap named 'nope'"),
+    ("frozen model not a teacher", [*MNIST_KD, "+frozen.ref._target_=torch.nn.Identity"], "frozen.ref"),
+    ("student_init fails", [*BASE, "+student_init._target_=torch.load", "+student_init._partial_=true", "+student_init.f={tmp}/none.pt"], "student_init"),
+    ("resume from a missing file", [*BASE, "ckpt_path={tmp}/none.ckpt"], "ckpt_path: checkpoint not found"),
+    ("resume from a non-checkpoint", [*BASE, "ckpt_path={junk}"], "ckpt_path"),
+    ("export from a smoke test", [*BASE, "debug=fdr", "export_ckpt={tmp}/a.ckpt"], "export_ckpt: a fast_dev_run"),
+    ("unknown timm teacher", [*SMALL_MNIST1D, "distill=kd", "teacher=timm", "teacher.model_name=no_such_net"], "teacher.model_name: unknown timm model"),
+    ("experiment keys left in another source", [*MNIST_KD, "teacher=timm", "teacher.model_name=resnet18"], "teacher.ckpt_path: unexpected argument"),
+    ("student for other inputs", [*BASE, "student=digits_mlp"], "student: forward on an input"),
+    ("student with other classes", [*MNIST_KD, "teacher.ckpt_path={teacher}", "student.num_classes=5"], "student: outputs shape"),
+    ("wrong class count", ["experiment=digits_teacher", "data.num_classes=7"], "data.num_classes"),
+    ("image folder missing", ["experiment=mnist1d_baseline", "data=imagefolder", "data.root={tmp}/none", "data.num_classes=3", "student=timm", "student.model_name=resnet18"], "data.root"),
+    ("precision unknown", [*BASE, "trainer.precision=banana"], "trainer"),
+    ("state-dict teacher not a checkpoint", [*SMALL_MNIST1D, "distill=kd", "teacher=state_dict", "+teacher.model._target_=distillery.models.CNN1D", "teacher.path={junk}"], "teacher.path: "),
+    ("embedding control", ["experiment=minilm_embed_kd", "control=true"], "control: every term of distill.terms"),
+    ("embedding width", ["experiment=minilm_embed_kd", "student.output_dim=100"], "student: outputs shape"),
+    ("embedding pad id", ["experiment=minilm_embed_kd", "student.pad_token_id=5"], "pad_token_id"),
+    ("negative chunk size", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "distill.terms.kd.chunk_size=-3"], "chunk_size must be a positive"),
+    ("unknown divergence", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "distill.terms.kd.kind=xx"], "kind must be one of"),
+    ("vocabularies differ", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=600"], "vocabularies differ"),
+    ("student vocab too small", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=300"], "smaller than the tokenizer"),
+    ("zero accumulation", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "module.accumulate=0"], "module.accumulate must be >= 1"),
+    ("text file missing", ["experiment=text_lm_baseline", "{text}", "data.source={tmp}/none.jsonl"], "data.source"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def junk(tmp_path) -> Path:
+    path = tmp_path / "junk.ckpt"
+    path.write_text("this is not a checkpoint\n")
+    return path
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_message_naming_the_key_and_writes_nothing(
+    overrides, needle, train_cfg, tmp_path, junk, request
+):
+    assert len(CASES) >= 40
+    uses_teacher = any("{teacher}" in o or o == MNIST_KD[0] for o in overrides)
+    teacher = request.getfixturevalue("mnist1d_teacher_ckpt") if uses_teacher else None
+    resolved = []
+    for o in overrides:
+        if o == "{text}":
+            tok = request.getfixturevalue("tokenizer_dir")
+            resolved += text_overrides(tok, request.getfixturevalue("data_dir"))
+            continue
+        if o == "{text_teacher}":
+            resolved.append(f"teacher.ckpt_path={request.getfixturevalue('text_teacher_ckpt')}")
+            continue
+        resolved.append(o.format(teacher=teacher, junk=junk, tmp=tmp_path))
+    if teacher is not None and not any(o.startswith(("teacher", "~teacher")) for o in resolved):
+        resolved.append(f"teacher.ckpt_path={teacher}")
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(ConfigError) as err:
+        train(train_cfg(*resolved))
+    message = str(err.value)
+    assert needle in message, message
+    assert message.count("invalid config") == 1, message  # one message, not nested
+    written = {p for p in set(tmp_path.rglob("*")) - before if p.is_file()}
+    assert not [p for p in written if p.suffix in (".ckpt", ".pt", ".tmp")], written
+
+
+def test_the_oversubscription_guard_can_be_lifted(train_cfg):
+    from distillery.core.builder import check_processes
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    with pytest.raises(ConfigError, match="trainer.devices"):
+        check_processes(train_cfg(*BASE, f"trainer.devices={cores + 1}"))
+    check_processes(train_cfg(*BASE, f"trainer.devices={cores + 1}", "allow_oversubscription=true"))
+    check_processes(train_cfg(*BASE, f"trainer.devices={cores}"))
+    assert torch.get_num_threads() >= 1
