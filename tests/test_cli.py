@@ -184,3 +184,45 @@ def test_ddp_sim_with_feature_taps(tmp_path, data_dir, mnist1d_teacher_ckpt):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert "objective.terms.hint.projector.linear.weight" in ckpt["state_dict"]
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_stops_the_run_with_last_ckpt_and_it_resumes(signame, tmp_path, data_dir):
+    """A real signal to a real training process: it stops after the current batch, writes
+    last.ckpt atomically, exits with 128 + the signal number saying how to resume, and a
+    run resumed from that checkpoint finishes."""
+    import signal
+    import time
+
+    from distillery.core.checkpoint import read_checkpoint
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    out = tmp_path / "run"
+    args = ["experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=100000",
+            f"paths.output_dir={out}", *common(tmp_path, data_dir)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "distillery.train", *args], cwd=PROJECT_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first = out / "checkpoints" / "epoch_000.ckpt"  # the end of the first epoch: training
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert first.exists(), proc.communicate(timeout=30)[0][-3000:]
+    steps_per_epoch = read_checkpoint(first)["global_step"]
+    time.sleep(1.0)  # well inside a later epoch
+    proc.send_signal(getattr(signal, signame))
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signame), text[-3000:]
+    assert f"interrupted by {signame}" in text and "resume with ckpt_path=" in text
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(last)
+    assert ckpt["global_step"] > steps_per_epoch and ckpt["epoch"] >= 1
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    epoch = ckpt["epoch"]
+    from conftest import compose_cfg
+    from distillery.train import train
+
+    resumed = train(compose_cfg("train", [*args[:-5], f"paths.output_dir={tmp_path / 'resumed'}",
+                    f"ckpt_path={last}", f"trainer.max_epochs={epoch + 2}", *common(tmp_path, data_dir)]))  # fmt: skip
+    assert resumed["best_ckpt"] and read_checkpoint(resumed["best_ckpt"])["epoch"] >= epoch

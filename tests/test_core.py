@@ -231,3 +231,54 @@ def test_a_checkpoint_from_before_the_unified_core_still_loads(mnist1d_teacher_c
     assert new["teacher"]["config"]["_target_"] == "distillery.core.teacher.from_run_checkpoint"
     with pytest.raises(ConfigError, match="teacher.ckpt_path: file not found: x"):
         rebuild_teacher(read_checkpoint(tmp_path / "old.ckpt"))  # today's source runs
+
+
+class NaNOnCall(CrossEntropy):
+    """Cross-entropy that is NaN on the given calls (1-based): a loss that blows up."""
+
+    def __init__(self, bad_calls: list[int]):
+        super().__init__()
+        self.bad, self.calls = set(bad_calls), 0
+
+    def forward(self, out):
+        self.calls += 1
+        loss = super().forward(out)
+        return loss * float("nan") if self.calls in self.bad else loss
+
+
+def nan_run(train_cfg, *overrides):
+    cfg = train_cfg(
+        "experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=-1",
+        "++trainer.max_steps=6", "++trainer.limit_val_batches=0", "callbacks=none",
+        "+distill.terms.nan._target_=test_core.NaNOnCall", "+distill.terms.nan.bad_calls=[3]",
+        *overrides,
+    )  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    return datamodule, module, trainer
+
+
+def test_a_non_finite_loss_stops_the_run_naming_terms_step_and_samples(train_cfg):
+    datamodule, module, trainer = nan_run(train_cfg)
+    with pytest.raises(FloatingPointError, match=r"step 2: terms \['nan'\], sample ids \[\d+"):
+        trainer.fit(module, datamodule=datamodule)
+
+
+def test_skip_drops_the_step_and_leaves_the_optimizer_state_alone(train_cfg):
+    datamodule, module, trainer = nan_run(
+        train_cfg, "+module.nan_policy=skip", "+module.max_skipped_share=0.5"
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert module.nan_guard.skipped == 1
+    state = trainer.optimizers[0].state
+    steps = {int(s["step"]) for s in state.values()}
+    assert steps == {trainer.global_step - 1}  # the skipped step never reached the optimizer
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+    assert trainer.callback_metrics["train/skipped_steps"] == 1
+
+
+def test_too_many_skips_stop_the_run(train_cfg):
+    datamodule, module, trainer = nan_run(
+        train_cfg, "+module.nan_policy=skip", "+module.max_skipped_share=0.0"
+    )
+    with pytest.raises(FloatingPointError, match="max_skipped_share"):
+        trainer.fit(module, datamodule=datamodule)

@@ -7,6 +7,7 @@ teacher is trained and how the no-teacher baseline runs. Same code path for all 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
 
 
+def fit(cfg: DictConfig, datamodule, module, trainer) -> None:
+    """``trainer.fit``; SIGTERM / SIGUSR1 end it with ``last.ckpt`` and :class:`Interrupted`."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from distillery.core.interrupt import Interrupted, sigusr1_as_sigterm
+
+    with sigusr1_as_sigterm() as received:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException as e:
+            callback = trainer.checkpoint_callback
+            last = callback.last_model_path if callback and callback.last_model_path else None
+            signum = received[0] if received else signal.SIGTERM
+            raise Interrupted(signum, trainer.global_step, last) from e
+
+
 def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, Any]:
     from distillery.core.checkpoint import export_artifact
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit(cfg, datamodule, module, trainer)
         metrics.update(trainer.callback_metrics)
     callback = trainer.checkpoint_callback
     best = callback.best_model_path if callback else ""
@@ -65,9 +84,14 @@ def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, A
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from distillery.config.extras import apply_extras
+    from distillery.core.interrupt import Interrupted
 
     apply_extras(cfg)
-    return exit_on_config_error(lambda: optimized_value(cfg, train(cfg)))
+    try:
+        return exit_on_config_error(lambda: optimized_value(cfg, train(cfg)))
+    except Interrupted as e:
+        log.error(str(e))
+        sys.exit(e.exit_code)
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

@@ -26,3 +26,15 @@ class ModelCheckpoint(LightningModelCheckpoint):
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         self.last_model_path, self._last_global_step_saved = str(path), trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Interrupted by a signal (Lightning's ``SIGTERMException``): write ``last.ckpt``
+        where the run stopped, atomically, so it resumes from there."""
+        super().on_exception(trainer, pl_module, exception)
+        if type(exception).__name__ != "SIGTERMException" or not self.dirpath:
+            return
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        self.last_model_path, self._last_global_step_saved = str(path), trainer.global_step

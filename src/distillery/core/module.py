@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from distillery.core.checkpoint import FORMAT, META_KEY
+from distillery.core.guards import NonFiniteGuard
 from distillery.core.input_norm import InputNorm
 from distillery.core.objective import Objective
 from distillery.core.taps import Taps
@@ -58,10 +59,13 @@ class DistillationModule(L.LightningModule):
         run_config: dict | None = None,
         accumulate: int = 1,
         gradient_clip_val: float | None = None,
+        nan_policy: str = "raise",
+        max_skipped_share: float = 0.01,
     ):
         """``task``: the adapter (default classification). ``accumulate`` and
         ``gradient_clip_val`` apply to step-normalised tasks, which optimise manually;
-        other tasks use ``trainer.accumulate_grad_batches`` / ``trainer.gradient_clip_val``."""
+        other tasks use ``trainer.accumulate_grad_batches`` / ``trainer.gradient_clip_val``.
+        ``nan_policy`` / ``max_skipped_share``: see ``distillery.core.guards``."""
         super().__init__()
         self.task = task if task is not None else ClassificationTask()
         if objective.needs_teacher and teacher is None:
@@ -101,6 +105,7 @@ class DistillationModule(L.LightningModule):
         self.automatic_optimization = not self.task.step_normalised
         self.accumulate, self.gradient_clip_val = accumulate, gradient_clip_val
         self._pending: list[dict] = []  # micro-batches of the step being collected
+        self.nan_guard = NonFiniteGuard(nan_policy, max_skipped_share)
         self.task.check(self)
         self.val_metrics = self.task.metrics(num_classes, teacher is not None)
         self.test_metrics = self.task.metrics(num_classes, teacher is not None)
@@ -169,6 +174,8 @@ class DistillationModule(L.LightningModule):
         if self.automatic_optimization:
             out = self.task.training_outputs(self, batch, self._epoch(batch_idx))
             total, values = self.objective(out)
+            if self.nan_guard.skip(self, total, values, batch):
+                return None  # Lightning then skips backward and the optimizer step
             self._log_terms(total, values, len(out.student))
             return total
         self._pending.append(batch)
@@ -194,6 +201,9 @@ class DistillationModule(L.LightningModule):
         for b in batches:
             out = self.task.training_outputs(self, b, epoch)
             total, values = self.objective(out, step_count)
+            if self.nan_guard.skip(self, total, values, b):
+                opt.zero_grad()  # the whole step is dropped: no step, no schedule
+                return
             self.manual_backward(total * world)  # DDP averages gradients over ranks
             for k, v in {"": total, **values}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
