@@ -2,9 +2,10 @@
 
 Formats (teacher and any projector/objective state are never exported):
 
-* ``state_dict``: ``model.pt``, the student's plain state dict (for a timm student, it
-  loads into ``timm.create_model(name)``), with ``student.yaml`` (how to build it) and
-  ``input_norm.json`` (the normalisation it expects on raw inputs);
+* ``state_dict``: ``model.safetensors``, the student's weights (safetensors: loading them
+  runs no code; for a timm student they load into ``timm.create_model(name)``), with
+  ``student.yaml`` (how to build it) and ``input_norm.json`` (the normalisation it
+  expects on raw inputs);
 * ``torchscript``: ``model.torchscript.pt``, normalisation included, raw inputs in;
 * ``onnx``: ``model.onnx`` (opset 17, dynamic batch), normalisation included.
 
@@ -29,7 +30,11 @@ from distillery.config import exit_on_config_error, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
-FORMATS = {"state_dict": "model.pt", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+FORMATS = {
+    "state_dict": "model.safetensors",
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+}
 
 
 class OnnxModel(nn.Module):
@@ -69,12 +74,19 @@ def load_exported(path: str | Path) -> nn.Module:
         model = torch.jit.load(str(p), map_location="cpu").eval()
         model.size_mb = p.stat().st_size / 2**20
         return model
-    if p.suffix == ".pt":
+    if p.suffix in (".safetensors", ".pt"):  # .pt: state dicts exported before safetensors
         student = instantiate(OmegaConf.load(p.parent / "student.yaml"))
-        student.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_model
+
+            load_model(student, str(p))
+        else:
+            student.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
         norm = json.loads((p.parent / "input_norm.json").read_text())
         return nn.Sequential(InputNorm(norm["mean"], norm["std"]), student).eval()
-    raise ValueError(f"not an exported student: {p} (expected .pt, .torchscript.pt or .onnx)")
+    raise ValueError(
+        f"not an exported student: {p} (expected .safetensors, .torchscript.pt or .onnx)"
+    )
 
 
 def load_any(path: str | Path, key: str) -> nn.Module:
@@ -97,7 +109,9 @@ def export_student(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
     if fmt == "state_dict":
-        torch.save(student.state_dict(), path)
+        from safetensors.torch import save_model
+
+        save_model(student, str(path))  # tied weights stored once
         config = read_checkpoint(ckpt_path)[META_KEY]["config"]["student"]
         (out_dir / "student.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
         (out_dir / "input_norm.json").write_text(

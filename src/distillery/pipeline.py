@@ -25,7 +25,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import ConfigError, exit_on_config_error, to_container, validate
+from distillery.config import ConfigError, exit_on_config_error, to_record, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     tcfg = stage_config(
         "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
     )
-    diffs = artifact_differences(teacher_ckpt, to_container(tcfg)) if teacher_ckpt.is_file() else []
+    diffs = artifact_differences(teacher_ckpt, to_record(tcfg)) if teacher_ckpt.is_file() else []
     if teacher_ckpt.is_file() and not diffs and not cfg.retrain_teacher:
         log.info("reusing teacher checkpoint %s", teacher_ckpt)
     else:

@@ -256,3 +256,39 @@ def _in_multirun() -> bool:
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+# Config keys whose values are credentials, and environment variables that hold them.
+SECRET_KEYS = ("token", "hf_token", "api_key", "apikey", "access_token", "auth_token", "secret",
+               "password", "passwd")  # fmt: skip
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
+REDACTED = "<redacted>"
+
+
+def to_record(cfg: DictConfig) -> dict:
+    """The resolved config as it may be written down (checkpoints, logger hyperparameters,
+    teacher provenance): credentials redacted, by key (``SECRET_KEYS``, ``*_api_key``,
+    ``*_secret``, ``*_password``) and by value (the contents of ``SECRET_ENV``)."""
+    return redact(to_container(cfg))
+
+
+def redact(node: Any) -> Any:
+    secrets = {os.environ[v] for v in SECRET_ENV if os.environ.get(v)}
+
+    def secret_key(key: Any) -> bool:
+        k = str(key).lower()
+        return k in SECRET_KEYS or k.endswith(("_api_key", "_secret", "_password"))
+
+    def walk(value: Any, key: Any = None) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(walk(v) for v in value)
+        if isinstance(value, str) and value and (secret_key(key) or value in secrets):
+            return REDACTED
+        if isinstance(value, str) and any(s in value for s in secrets):
+            for s in secrets:
+                value = value.replace(s, REDACTED)
+        return value
+
+    return walk(node)

@@ -12,7 +12,7 @@ import warnings
 
 from omegaconf import DictConfig
 
-from distillery.config import ConfigError, build, to_container, validate
+from distillery.config import ConfigError, build, to_record, validate
 
 
 def build_teacher(cfg: DictConfig):
@@ -34,7 +34,7 @@ def build_teacher(cfg: DictConfig):
                 f"teacher: the teacher source must return a distillery.core.teacher.Teacher, got {type(teacher).__name__}"
             ]
         )
-    teacher.provenance["config"] = to_container(cfg.teacher)
+    teacher.provenance["config"] = to_record(cfg.teacher)
     return teacher
 
 
@@ -111,7 +111,7 @@ def build_frozen(cfg: DictConfig) -> dict:
                     f"frozen.{name}: must return a distillery.core.teacher.Teacher, got {type(model).__name__}"
                 ]
             )
-        model.provenance["config"] = to_container(node)
+        model.provenance["config"] = to_record(node)
         models[str(name)] = model
     return models
 
@@ -290,7 +290,7 @@ def build_run(cfg: DictConfig):
             views=build(cfg.get("views"), "views"),
             student_taps=student_taps,
             teacher_taps=teacher_taps,
-            run_config=to_container(cfg),
+            run_config=to_record(cfg),
         )
     except ConfigError:
         raise  # already names its key

@@ -7,6 +7,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distillery.config import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def log_hyperparameters(trainer, cfg: DictConfig, extra: dict[str, Any]) -> None
     """Send the resolved config plus parameter counts to every logger."""
     if not trainer.loggers:
         return
-    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams = redact(OmegaConf.to_container(cfg, resolve=True))  # no credentials in logs
     hparams.update({k: v for k, v in extra.items() if v is not None})
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
