@@ -1,8 +1,11 @@
 """Golden losses: the first 20 training losses of five experiments, for a fixed seed.
 
-The values in ``golden/first_losses.json`` were recorded before the core was unified
-(one module, one objective, task adapters); a refactor must leave them where they were.
-Record them anew only for a change that is meant to move the numbers:
+The values in ``golden/first_losses.json`` were first recorded before the core was
+unified (one module, one objective, task adapters), which left them where they were; they
+were recorded anew once since, for a change meant to move them: the training order became
+a function of (seed, epoch, pass) so that resume is exact (``distillery.data.sampling``).
+A refactor must leave them where they are. Record them anew only for a change that is
+meant to move the numbers, and say so in its commit:
 
     DISTILLERY_RECORD_GOLDEN=1 pytest tests/test_golden.py
 

@@ -290,7 +290,17 @@ class DistillationModule(L.LightningModule):
             }
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume exactly: the random states training consumes (dropout, views) and the
+        micro-batches of an optimizer step still being collected."""
+        if "rng" in checkpoint:
+            set_rng_states(checkpoint["rng"])
+        self._pending = list(checkpoint.get("pending_batches", []))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = rng_states()
+        if self._pending:
+            checkpoint["pending_batches"] = list(self._pending)
         extra = [n for n in self.frozen_names if n != "teacher"]
         checkpoint[META_KEY] = {
             "format": FORMAT,
@@ -313,3 +323,35 @@ class RemoveTapsOnException(L.Callback):
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python random states, as tensors and plain values
+    (a checkpoint loads with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -4,19 +4,36 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distillery.data.sampling import EpochSampler, ResumableLoader
+
 
 def make_loader(
-    ds: Dataset, batch_size: int, train: bool, num_workers: int = 0, **kwargs
+    ds: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 0,
+    weights: torch.Tensor | None = None,
+    num_samples: int | None = None,
+    **kwargs,
 ) -> DataLoader:
-    """The project's DataLoader: training loaders shuffle (unless a ``sampler`` is given)
-    and drop a last partial batch, so every batch has the same size and per-batch means
-    stay comparable across steps and under gradient accumulation."""
-    if train and "sampler" not in kwargs:
-        kwargs["shuffle"] = True
-    return DataLoader(
+    """The project's DataLoader. Training loaders draw their order from an
+    :class:`~distillery.data.sampling.EpochSampler` (a function of the run's seed, the
+    epoch and the pass; ``weights``: ``num_samples`` weighted draws with replacement), so a
+    run resumed from any checkpoint, mid-epoch included, sees the batches the straight run
+    sees; they drop a last partial batch, so every batch has the same size and per-batch
+    means stay comparable across steps and under gradient accumulation."""
+    # A loader of its own generator: creating an iterator (every epoch, every validation)
+    # would otherwise draw from the global RNG, which dropout and the views use.
+    kwargs.setdefault("generator", torch.Generator().manual_seed(torch.initial_seed()))
+    if not train:
+        return DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                          persistent_workers=num_workers > 0, **kwargs)  # fmt: skip
+    sampler = EpochSampler(len(ds), weights=weights, num_samples=num_samples)
+    return ResumableLoader(
         ds,
         batch_size=batch_size,
-        drop_last=train and len(ds) > batch_size,
+        sampler=sampler,
+        drop_last=len(sampler) > batch_size,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         **kwargs,

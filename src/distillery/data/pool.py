@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, Dataset
 
 from distillery.core.objective import UNLABELED
 from distillery.data.base import ClassificationDataModule, make_loader
@@ -105,12 +105,10 @@ class TransferPool(ClassificationDataModule):
 
     def train_dataloader(self):
         labeled = self._loader(self.train_set, self.batch_size, train=True)
-        sampler = WeightedRandomSampler(
-            self.sample_weights, self.samples_per_epoch, replacement=True
-        )
         pool = make_loader(
-            self.transfer_set, self.transfer_batch_size, True, self.num_workers, sampler=sampler
-        )
+            self.transfer_set, self.transfer_batch_size, True, self.num_workers,
+            weights=self.sample_weights, num_samples=self.samples_per_epoch,
+        )  # fmt: skip
         return {"labeled": labeled, "transfer": pool}
 
 

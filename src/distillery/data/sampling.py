@@ -1,0 +1,88 @@
+"""Training order that resumes exactly: a function of (seed, epoch, pass), not of the
+global RNG, and a DataLoader that Lightning checkpoints and restores mid-epoch.
+
+:class:`EpochSampler` draws each pass over its dataset (a permutation, or ``num_samples``
+weighted draws with replacement) from a generator seeded by ``(seed, epoch, pass)``;
+Lightning calls ``set_epoch`` at every epoch start, and a loader that runs out inside an
+epoch (the shorter loader of a ``max_size_cycle`` combination) starts its next pass.
+:class:`ResumableLoader` exposes the sampler's position as ``state_dict`` /
+``load_state_dict``: Lightning saves it in every checkpoint and restores it before the
+resumed epoch iterates, so the loader continues with the first batch the interrupted run
+had not trained on. Lightning does not fetch ahead from a loader whose length it knows
+(its fetcher tells the last batch from the length), so the sampler's position is the
+trained one; these loaders always have a length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochSampler(Sampler[int]):
+    def __init__(
+        self,
+        size: int,
+        seed: int | None = None,
+        weights: Tensor | None = None,
+        num_samples: int | None = None,
+    ):
+        """``size`` samples; ``weights``: draw ``num_samples`` with replacement by weight
+        (else a permutation of all). ``seed`` default: ``torch.initial_seed()``, which
+        ``seed_everything`` sets, so a run and its resumption agree."""
+        self.size, self.weights = size, weights
+        self.num_samples = num_samples if num_samples is not None else size
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.epoch, self.next_pass = 0, 0
+        self.pass_index, self.yielded = 0, 0  # the pass being iterated and its progress
+        self._resume: tuple[int, int, int] | None = None  # (epoch, pass, samples to skip)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.next_pass = 0
+        self.epoch = epoch
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None  # the run resumed at another epoch: nothing to skip
+
+    def order(self, epoch: int, pass_index: int) -> Tensor:
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, pass_index)) % 2**62)
+        if self.weights is None:
+            return torch.randperm(self.size, generator=g)
+        return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            _, self.next_pass, skip = self._resume
+            self._resume = None
+        self.pass_index, self.yielded = self.next_pass, skip
+        self.next_pass += 1
+        for i in self.order(self.epoch, self.pass_index)[skip:].tolist():
+            self.yielded += 1
+            yield i
+
+    def state(self) -> dict:
+        """The position after the last batch handed out (= trained on, see above)."""
+        return {"epoch": self.epoch, "pass": self.pass_index, "consumed": self.yielded}
+
+    def resume(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["pass"]), int(state["consumed"]))
+        self.epoch, self.next_pass = int(state["epoch"]), int(state["pass"])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over an :class:`EpochSampler` whose position is saved in
+    checkpoints (Lightning's ``state_dict`` / ``load_state_dict`` protocol)."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state() if isinstance(self.sampler, EpochSampler) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and isinstance(self.sampler, EpochSampler):
+            self.sampler.resume(state)
