@@ -117,3 +117,24 @@ def test_the_oversubscription_guard_can_be_lifted(train_cfg):
     check_processes(train_cfg(*BASE, f"trainer.devices={cores + 1}", "allow_oversubscription=true"))
     check_processes(train_cfg(*BASE, f"trainer.devices={cores}"))
     assert torch.get_num_threads() >= 1
+
+
+def test_a_training_loader_without_a_batch_is_refused():
+    """Fewer samples per process than one batch (with drop_last) would train nothing; under
+    DDP each process gets a share of the samples, so it happens with valid-looking sizes."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from distillery.core.module import DistillationModule
+    from distillery.core.objective import Objective
+    from distillery.losses import CrossEntropy
+
+    module = DistillationModule(torch.nn.Linear(2, 2), Objective({"task": CrossEntropy()}),
+                                optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # fmt: skip
+    empty = DataLoader(torch.zeros(200, 2), batch_size=256, drop_last=True)
+    module._trainer = SimpleNamespace(
+        fit_loop=SimpleNamespace(_combined_loader=SimpleNamespace(flattened=[empty]))
+    )
+    with pytest.raises(ValueError, match="data: a training loader has no batch in this process"):
+        module.on_train_start()

@@ -87,7 +87,7 @@ def test_ddp_sim_two_cpu_processes(tmp_path, data_dir, mnist1d_teacher_ckpt):
         "experiment=mnist1d_kd",
         "trainer=ddp_sim",
         *SMALL_MNIST1D,
-        "data.transfer_size=400",
+        "data.transfer_size=1200",  # 600 per process: two transfer batches of 256 each
         "debug=limit",
         f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         f"hydra.run.dir={out}",
@@ -97,6 +97,7 @@ def test_ddp_sim_two_cpu_processes(tmp_path, data_dir, mnist1d_teacher_ckpt):
     import torch
 
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6  # 2 epochs x 3 batches (debug=limit): it trained
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     assert ckpt["distillery"]["teacher"]["sha256"]
 
@@ -176,12 +177,13 @@ def test_optuna_sweep_survives_a_failing_trial(tmp_path, data_dir, mnist1d_teach
 def test_ddp_sim_with_feature_taps(tmp_path, data_dir, mnist1d_teacher_ckpt):
     out = tmp_path / "ddp_taps"
     proc = run_cli("distillery.train", "experiment=mnist1d_fitnet", "trainer=ddp_sim", *SMALL_MNIST1D,
-                   "data.transfer_size=400", "debug=limit", f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+                   "data.transfer_size=1200", "debug=limit", f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
                    f"hydra.run.dir={out}", *common(tmp_path, data_dir))  # fmt: skip
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
     import torch
 
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6  # it trained
     assert "objective.terms.hint.projector.linear.weight" in ckpt["state_dict"]
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
 

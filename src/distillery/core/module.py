@@ -219,6 +219,20 @@ class DistillationModule(L.LightningModule):
         self._log_terms(sums.pop(""), sums, rows)
         self.log("train/tokens", step_count, batch_size=rows)
 
+    def on_train_start(self) -> None:
+        """A training loader with no batch in this process trains nothing, silently: refuse."""
+        loader = self.trainer.fit_loop._combined_loader
+        empty = [
+            f"{type(dl.dataset).__name__}: {len(dl.sampler)} samples per process, batch size {dl.batch_size}"
+            for dl in (loader.flattened if loader is not None else [])
+            if hasattr(dl, "__len__") and len(dl) == 0
+        ]
+        if empty:
+            raise ValueError(
+                f"data: a training loader has no batch in this process ({'; '.join(empty)}); "
+                f"lower data.batch_size / data.transfer_batch_size or add samples"
+            )
+
     def on_train_epoch_end(self) -> None:
         if self.automatic_optimization:
             return  # Lightning steps the schedulers
