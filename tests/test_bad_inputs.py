@@ -131,7 +131,7 @@ def test_a_training_loader_without_a_batch_is_refused():
     from distillery.losses import CrossEntropy
 
     module = DistillationModule(torch.nn.Linear(2, 2), Objective({"task": CrossEntropy()}),
-                                optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # fmt: skip
+                                optimizer=lambda params: torch.optim.SGD(params, lr=0.1), num_classes=2)  # fmt: skip
     empty = DataLoader(torch.zeros(200, 2), batch_size=256, drop_last=True)
     module._trainer = SimpleNamespace(
         fit_loop=SimpleNamespace(_combined_loader=SimpleNamespace(flattened=[empty]))
