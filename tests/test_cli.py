@@ -202,7 +202,7 @@ def test_a_signal_stops_the_run_with_last_ckpt_and_it_resumes(signame, tmp_path,
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("SLURM_JOB_ID", None)
     out = tmp_path / "run"
-    args = ["experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=100000",
+    args = ["experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=100000", "scheduler.T_max=50",
             f"paths.output_dir={out}", *common(tmp_path, data_dir)]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "distillery.train", *args], cwd=PROJECT_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -223,8 +223,14 @@ def test_a_signal_stops_the_run_with_last_ckpt_and_it_resumes(signame, tmp_path,
     assert not list((out / "checkpoints").glob(".*.tmp"))
     epoch = ckpt["epoch"]
     from conftest import compose_cfg
+    from distillery.core.checkpoint import load_student
     from distillery.train import train
 
-    resumed = train(compose_cfg("train", [*args[:-5], f"paths.output_dir={tmp_path / 'resumed'}",
-                    f"ckpt_path={last}", f"trainer.max_epochs={epoch + 2}", *common(tmp_path, data_dir)]))  # fmt: skip
-    assert resumed["best_ckpt"] and read_checkpoint(resumed["best_ckpt"])["epoch"] >= epoch
+    def finish(name, *extra):  # in-process: the same config up to epoch + 2
+        train(compose_cfg("train", [*args[:-5], f"paths.output_dir={tmp_path / name}", "test=false",
+                                    f"trainer.max_epochs={epoch + 2}", *extra, *common(tmp_path, data_dir)]))  # fmt: skip
+        return load_student(tmp_path / name / "checkpoints" / "last.ckpt").state_dict()
+
+    resumed, straight = finish("resumed", f"ckpt_path={last}"), finish("straight")
+    diff = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
+    assert diff <= 1e-7, diff  # resuming from the interrupted run's last.ckpt is exact

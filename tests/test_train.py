@@ -277,6 +277,34 @@ def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_a_crash_while_writing_leaves_the_previous_last_ckpt_loadable(
+    train_cfg, tmp_path, monkeypatch
+):
+    """A real run, then a resumed one whose checkpoint write dies half-way: last.ckpt is
+    still the first run's, complete and loadable."""
+    first = train_cfg(
+        "experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=1", "test=false"
+    )
+    train(first)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = read_checkpoint(last)["global_step"]
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(100)  # half a file on disk, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    again = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=2", "test=false",
+                      f"ckpt_path={last}")  # fmt: skip
+    with pytest.raises(OSError, match="disk full"):
+        train(again)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_checkpoint(last)["global_step"] == before  # intact and loadable
+    assert not list(last.parent.glob(".*.tmp"))
+
+
 def test_overfit_debug_drives_the_loss_down(train_cfg):
     cfg = train_cfg(
         "experiment=mnist1d_baseline",
