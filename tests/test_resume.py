@@ -66,9 +66,9 @@ def test_resume_is_exact_for_token_kd_with_accumulation(
 
 def test_resume_is_exact_for_sentence_embeddings(train_cfg, tmp_path):
     common = ["experiment=minilm_embed_kd", "data.batch_size=8", "trainer.max_epochs=-1",
-              "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1"]  # fmt: skip
-    assert_exact_resume(train_cfg, tmp_path, common, ["++trainer.max_steps=10"],
-                        ["++trainer.max_steps=4"], ["++trainer.max_steps=10"])  # fmt: skip
+              "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1"]  # fmt: skip
+    assert_exact_resume(train_cfg, tmp_path, common, ["++trainer.max_steps=6"],
+                        ["++trainer.max_steps=3"], ["++trainer.max_steps=6"])  # fmt: skip
 
 
 def test_the_saved_position_skips_what_was_trained():
