@@ -188,6 +188,7 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
         f"ckpt_path={metrics['best_ckpt']}",
         f"paths.output_dir={tmp_path}",
         "price_per_hour=3.6",
+        "latency.repeats=5",
     ]
     report = evaluate(compose_cfg("evaluate", overrides))
     t, s = report["models"]["teacher"], report["models"]["student"]

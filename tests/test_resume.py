@@ -16,6 +16,10 @@ from distillery.core.checkpoint import load_student
 from distillery.train import train
 
 
+# No validation (the function-matching test keeps it, between the steps): last.ckpt only.
+NO_VALIDATION = ["++trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null"]
+
+
 def final_student(train_cfg, tmp_path, name: str, overrides: list[str], resume=None):
     out = tmp_path / name
     extra = [f"ckpt_path={resume}"] if resume else []
@@ -59,14 +63,14 @@ def test_resume_is_exact_for_token_kd_with_accumulation(
 ):
     common = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir),
               f"teacher.ckpt_path={text_teacher_ckpt}", "module.accumulate=2", "trainer.max_epochs=-1",
-              "scheduler.T_max=10", "+trainer.limit_train_batches=10", "+trainer.limit_val_batches=1"]  # fmt: skip
+              "scheduler.T_max=10", "+trainer.limit_train_batches=10", *NO_VALIDATION]  # fmt: skip
     assert_exact_resume(train_cfg, tmp_path, common, ["++trainer.max_steps=12"],
                         ["++trainer.max_steps=7"], ["++trainer.max_steps=12"])  # fmt: skip
 
 
 def test_resume_is_exact_for_sentence_embeddings(train_cfg, tmp_path):
     common = ["experiment=minilm_embed_kd", "data.batch_size=8", "trainer.max_epochs=-1",
-              "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1"]  # fmt: skip
+              "+trainer.limit_train_batches=4", *NO_VALIDATION]  # fmt: skip
     assert_exact_resume(train_cfg, tmp_path, common, ["++trainer.max_steps=6"],
                         ["++trainer.max_steps=3"], ["++trainer.max_steps=6"])  # fmt: skip
 
