@@ -63,13 +63,19 @@ YAMLS = {
 }
 
 
-def test_user_plugins_without_editing_distillery(tmp_path, data_dir, monkeypatch):
-    (tmp_path / "user_plugins.py").write_text(USER_CODE)
+def install_plugin(tmp_path, monkeypatch, module: str, code: str, yamls: dict) -> str:
+    """A user's module and config files outside Distillery; returns the search-path override."""
+    (tmp_path / f"{module}.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
-    for rel, text in YAMLS.items():
+    for rel, text in yamls.items():
         path = tmp_path / "conf" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
+    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+
+
+def test_user_plugins_without_editing_distillery(tmp_path, data_dir, monkeypatch):
+    install_plugin(tmp_path, monkeypatch, "user_plugins", USER_CODE, YAMLS)
     cfg = compose_cfg(
         "train",
         [
@@ -189,13 +195,7 @@ def test_a_new_modality_is_one_adapter_plus_configs(tmp_path, data_dir, monkeypa
     logs its metrics, checkpoints without its teacher and gets a report card."""
     from distillery.evaluate import evaluate
 
-    (tmp_path / "user_modality.py").write_text(MODALITY_CODE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for rel, text in MODALITY_YAMLS.items():
-        path = tmp_path / "conf" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    search = install_plugin(tmp_path, monkeypatch, "user_modality", MODALITY_CODE, MODALITY_YAMLS)
     cfg = compose_cfg("train", [
         search, "data=brightness", "task=brightness", "student=regressor", "teacher=brightness",
         "distill=regression_kd", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=val/mse",

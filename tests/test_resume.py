@@ -15,7 +15,6 @@ from conftest import SMALL_MNIST1D, text_overrides
 from distillery.core.checkpoint import load_student
 from distillery.train import train
 
-
 # No validation (the function-matching test keeps it, between the steps): last.ckpt only.
 NO_VALIDATION = ["++trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null"]
 
