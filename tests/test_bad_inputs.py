@@ -68,6 +68,9 @@ CASES = [
     ("vocabularies differ", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=600"], "vocabularies differ"),
     ("student vocab too small", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=300"], "smaller than the tokenizer"),
     ("zero accumulation", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "module.accumulate=0"], "module.accumulate must be >= 1"),
+    ("tokenizer missing", ["experiment=text_lm_baseline", "{text}", "data.tokenizer={tmp}/no_tokenizer"], "data.tokenizer"),
+    ("sweep metric never logged", [*MNIST_KD, "optimized_metric=val/accuracy"], "optimized_metric: this run never logs 'val/accuracy'"),
+    ("sweep metric misspelt", [*MNIST_KD, "hparams_search=kd_optuna", "optimized_metric=val/acc_"], "optimized_metric"),
     ("text file missing", ["experiment=text_lm_baseline", "{text}", "data.source={tmp}/none.jsonl"], "data.source"),
 ]  # fmt: skip
 

@@ -26,10 +26,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns the final metrics as floats plus ``best_ckpt``."""
     from distillery.core.loggers import finish_loggers
 
-    datamodule, module, trainer, loggers = build_run(cfg)
+    try:  # a missing file the config names (data.root, data.source, data.tokenizer, ...)
+        datamodule, module, trainer, loggers = build_run(cfg)
+    except FileNotFoundError as e:
+        raise ConfigError([str(e)]) from e
     try:
         metrics = fit_test_export(cfg, datamodule, module, trainer)
-    except FileNotFoundError as e:  # a file the config names (data.root, data.source, ...)
+    except FileNotFoundError as e:
         raise ConfigError([str(e)]) from e
     finally:
         finish_loggers(loggers)

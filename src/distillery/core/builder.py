@@ -227,6 +227,24 @@ def check_optimization(optimizer, scheduler) -> None:
         raise ConfigError([f"scheduler: {e}"]) from e
 
 
+def check_optimized_metric(cfg: DictConfig, module) -> None:
+    """A sweep's ``optimized_metric`` must be one the run logs (known before training from
+    the objective's terms and the task's metrics), not found missing after the last epoch."""
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return
+    terms = list(module.objective.terms)
+    logged = {"train/loss", *(f"train/loss/{t}" for t in terms)}
+    logged |= {f"train/weight/{t}" for t in module.objective.scheduled}
+    logged |= {f"{stage}/{m}" for stage in ("val", "test") for m, _ in module.val_metrics.items()}
+    if not module.automatic_optimization:
+        logged.add("train/tokens")
+    if name not in logged:
+        raise ConfigError(
+            [f"optimized_metric: this run never logs {name!r} (it logs {sorted(logged)})"]
+        )
+
+
 def build_run(cfg: DictConfig):
     """Validate the config, then build (datamodule, module, trainer, loggers)."""
     control = bool(cfg.get("control"))
@@ -297,6 +315,7 @@ def build_run(cfg: DictConfig):
     except (ValueError, TypeError) as e:
         raise ConfigError([str(e)]) from e
 
+    check_optimized_metric(cfg, module)
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
     loggers = build_list(cfg.get("logger"), "logger")
     strategy = cfg.trainer.get("strategy", "auto")
