@@ -136,8 +136,9 @@ def test_every_frozen_model_is_eval_locked_and_outside_optimizer_and_checkpoint(
 def test_frozen_models_must_be_teachers_with_free_names():
     with pytest.raises(TypeError, match="frozen.ref"):
         module(Objective({"task": CrossEntropy()}), frozen={"ref": nn.Linear(4, 3)})
-    with pytest.raises(ValueError, match="frozen.student"):
-        module(Objective({"task": CrossEntropy()}), frozen={"student": frozen()})
+    for name in ("student", "teacher", "log", "trainer"):  # the module's, or the teacher's
+        with pytest.raises(ValueError, match=f"frozen.{name}: '{name}' is taken"):
+            module(Objective({"task": CrossEntropy()}), frozen={name: frozen()})
 
 
 def test_a_task_refuses_the_other_reduction():

@@ -84,7 +84,7 @@ def test_the_saved_position_skips_what_was_trained():
     it = iter(loader)
     seen = [next(it), next(it)]  # two batches trained on
     state = loader.state_dict()
-    assert state == {"epoch": 1, "pass": 0, "consumed": 8}
+    assert state == {"seed": 3, "epoch": 1, "pass": 0, "consumed": 8}
     fresh = ResumableLoader(data, batch_size=4, sampler=EpochSampler(20, seed=3), drop_last=True)
     fresh.load_state_dict(state)
     fresh.sampler.set_epoch(1)
@@ -94,6 +94,11 @@ def test_the_saved_position_skips_what_was_trained():
     other = EpochSampler(20, seed=3)
     other.set_epoch(2)
     assert list(other) != list(loader.sampler.order(1, 0).tolist())  # a new order per epoch
+    workers = ResumableLoader(data, batch_size=4, sampler=EpochSampler(20, seed=3), drop_last=True,
+                              num_workers=2)  # fmt: skip
+    it = iter(workers)
+    next(it)  # the workers have fetched indices ahead; the position is what was handed out
+    assert workers.state_dict()["consumed"] == 4
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -2,12 +2,17 @@
 
 * ``raise`` (default): the run stops with a message naming the loss terms that went
   non-finite, the optimizer step and the batch's sample ids.
-* ``skip``: that optimizer step is dropped (no backward, no optimizer or scheduler step:
-  the optimizer state is untouched) and counted (``train/skipped_steps``); a run that
-  skips more than ``module.max_skipped_share`` of its planned optimizer steps stops.
+* ``skip``: that step's update is dropped (no backward, the optimizer state untouched)
+  and counted (``train/skipped_steps``); a run that skips more than
+  ``module.max_skipped_share`` of its planned optimizer steps stops. Under Lightning's
+  automatic optimisation the skipped batch still counts as a step (``global_step`` and
+  step-based schedules advance), and with ``trainer.accumulate_grad_batches > 1`` only
+  that micro-batch is dropped; language models (manual optimisation) drop the whole step.
+  Lightning refuses skipped steps under DDP with automatic optimisation: ``skip`` is then
+  a config error (``raise`` works).
 
-Under DDP the decision is taken for all ranks together (one rank's NaN skips the step
-everywhere), so no rank waits in a gradient all-reduce the others never join.
+Under DDP the decision is taken for all ranks together (one rank's NaN stops or skips
+the step everywhere), so no rank waits in a gradient all-reduce the others never join.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class NonFiniteGuard:
             raise FloatingPointError(f"{where} (module.nan_policy=raise; 'skip' drops such steps)")
         self.skipped += 1
         planned = trainer.estimated_stepping_batches
+        if not module.automatic_optimization:  # Lightning counts micro-batches here
+            planned = math.ceil(planned / module.accumulate)
         allowed = self.max_skipped_share * planned if math.isfinite(planned) else math.inf
         if self.skipped > allowed:
             raise FloatingPointError(

@@ -4,8 +4,8 @@ batch, ``last.ckpt`` is written atomically (``distillery.core.callbacks.ModelChe
 and the command exits with 128 + the signal number, saying how to resume.
 
 Lightning handles SIGTERM itself (it raises ``SIGTERMException`` after the batch); SIGUSR1
-is turned into the same path. Under SLURM with auto-requeue Lightning's own SIGUSR1
-handler (checkpoint + requeue) is left alone.
+is turned into the same path, except inside a SLURM job (``SLURM_JOB_ID`` set), where
+SIGUSR1 is left to Lightning's SLURM handling (checkpoint and requeue with auto-requeue).
 """
 
 from __future__ import annotations

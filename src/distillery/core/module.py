@@ -72,6 +72,12 @@ class DistillationModule(L.LightningModule):
             needing = [n for n, t in objective.terms.items() if t.needs_teacher]
             raise ValueError(f"distill.terms {needing} need a teacher, but `teacher` is null")
         self.frozen_names: list[str] = []
+        taken = {*RESERVED, "teacher", *dir(self)}  # attributes of the module, properties too
+        for name in frozen or {}:
+            if name in taken:
+                raise ValueError(
+                    f"frozen.{name}: {name!r} is taken by the module; choose another name"
+                )
         for name, model in {"teacher": teacher, **dict(frozen or {})}.items():
             if model is None:
                 continue
@@ -80,8 +86,6 @@ class DistillationModule(L.LightningModule):
                 raise TypeError(
                     f"{key}: expected a distillery.core.teacher.Teacher, got {type(model).__name__}"
                 )
-            if name in RESERVED:
-                raise ValueError(f"{key}: {name!r} is taken by the module; choose another name")
             self.frozen_names.append(name)
         self.student = student
         self.student_norm = student_norm if student_norm is not None else InputNorm()
@@ -220,7 +224,15 @@ class DistillationModule(L.LightningModule):
         self.log("train/tokens", step_count, batch_size=rows)
 
     def on_train_start(self) -> None:
-        """A training loader with no batch in this process trains nothing, silently: refuse."""
+        """A training loader with no batch in this process trains nothing, silently: refuse.
+        ``nan_policy=skip`` with automatic optimisation under DDP: Lightning refuses skipped
+        steps there, so refuse it before the first NaN does."""
+        if self.nan_guard.policy == "skip" and self.automatic_optimization:
+            if self.trainer.world_size > 1:
+                raise ValueError(
+                    "module.nan_policy: skip is not supported by Lightning under DDP with "
+                    "automatic optimisation; use raise"
+                )
         loader = self.trainer.fit_loop._combined_loader
         empty = [
             f"{type(dl.dataset).__name__}: {len(dl.sampler)} samples per process, batch size {dl.batch_size}"
@@ -307,14 +319,15 @@ class DistillationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume exactly: the random states training consumes (dropout, views) and the
         micro-batches of an optimizer step still being collected."""
-        if "rng" in checkpoint:
+        if "rng" in checkpoint:  # one process's states: restored in single-process runs
             set_rng_states(checkpoint["rng"])
         self._pending = list(checkpoint.get("pending_batches", []))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng"] = rng_states()
-        if self._pending:
-            checkpoint["pending_batches"] = list(self._pending)
+        if self._trainer is None or self.trainer.world_size == 1:  # rank 0's alone otherwise
+            checkpoint["rng"] = rng_states()
+            if self._pending:
+                checkpoint["pending_batches"] = list(self._pending)
         extra = [n for n in self.frozen_names if n != "teacher"]
         checkpoint[META_KEY] = {
             "format": FORMAT,
@@ -367,5 +380,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # as many devices as this machine has
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)

@@ -125,7 +125,7 @@ class TokenSum:
     def __call__(self, terms: Mapping[str, LossTerm], out: Outputs, normaliser=None) -> dict:
         trained = out.labels != IGNORE
         n = normaliser if normaliser is not None else trained.sum()
-        n = n if isinstance(n, Tensor) else max(float(n), 1.0)
+        n = n.clamp_min(1.0) if isinstance(n, Tensor) else max(float(n), 1.0)  # no 0/0
         values: dict[str, Tensor] = {}
         per_sequence_count = None
         for name, term in terms.items():

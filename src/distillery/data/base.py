@@ -19,8 +19,8 @@ def make_loader(
     """The project's DataLoader. Training loaders draw their order from an
     :class:`~distillery.data.sampling.EpochSampler` (a function of the run's seed, the
     epoch and the pass; ``weights``: ``num_samples`` weighted draws with replacement), so a
-    run resumed from any checkpoint, mid-epoch included, sees the batches the straight run
-    sees; they drop a last partial batch, so every batch has the same size and per-batch
+    single-process run resumed from any checkpoint, mid-epoch included, sees the batches
+    the straight run sees; they drop a last partial batch, so every batch has the same size and per-batch
     means stay comparable across steps and under gradient accumulation."""
     # A loader of its own generator: creating an iterator (every epoch, every validation)
     # would otherwise draw from the global RNG, which dropout and the views use.

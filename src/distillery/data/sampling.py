@@ -8,9 +8,10 @@ epoch (the shorter loader of a ``max_size_cycle`` combination) starts its next p
 :class:`ResumableLoader` exposes the sampler's position as ``state_dict`` /
 ``load_state_dict``: Lightning saves it in every checkpoint and restores it before the
 resumed epoch iterates, so the loader continues with the first batch the interrupted run
-had not trained on. Lightning does not fetch ahead from a loader whose length it knows
-(its fetcher tells the last batch from the length), so the sampler's position is the
-trained one; these loaders always have a length.
+had not trained on. The position counts the batches the loader handed out (workers fetch
+indices ahead; Lightning does not fetch ahead from a loader whose length it knows, and
+these loaders always have one). Exact in a single process; under DDP Lightning wraps the
+sampler in its distributed sampler, and the position is not saved.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class EpochSampler(Sampler[int]):
         self.num_samples = num_samples if num_samples is not None else size
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.epoch, self.next_pass = 0, 0
-        self.pass_index, self.yielded = 0, 0  # the pass being iterated and its progress
+        self.pass_index = 0  # the pass being iterated
         self._resume: tuple[int, int, int] | None = None  # (epoch, pass, samples to skip)
 
     def __len__(self) -> int:
@@ -61,17 +62,21 @@ class EpochSampler(Sampler[int]):
         if self._resume is not None and self._resume[0] == self.epoch:
             _, self.next_pass, skip = self._resume
             self._resume = None
-        self.pass_index, self.yielded = self.next_pass, skip
+        self.pass_index = self.next_pass
         self.next_pass += 1
-        for i in self.order(self.epoch, self.pass_index)[skip:].tolist():
-            self.yielded += 1
-            yield i
+        yield from self.order(self.epoch, self.pass_index)[skip:].tolist()
 
-    def state(self) -> dict:
-        """The position after the last batch handed out (= trained on, see above)."""
-        return {"epoch": self.epoch, "pass": self.pass_index, "consumed": self.yielded}
+    def state(self, consumed: int) -> dict:
+        """The position after ``consumed`` samples of the current pass."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "pass": self.pass_index,
+            "consumed": consumed,
+        }
 
     def resume(self, state: dict) -> None:
+        self.seed = int(state.get("seed", self.seed))
         self._resume = (int(state["epoch"]), int(state["pass"]), int(state["consumed"]))
         self.epoch, self.next_pass = int(state["epoch"]), int(state["pass"])
 
@@ -80,8 +85,23 @@ class ResumableLoader(DataLoader):
     """A training DataLoader over an :class:`EpochSampler` whose position is saved in
     checkpoints (Lightning's ``state_dict`` / ``load_state_dict`` protocol)."""
 
+    _handed = 0  # batches handed out by the current iterator (one pass of the sampler)
+    _skipped = 0  # samples the current pass skipped on resume
+
+    def __iter__(self):
+        self._handed, self._skipped = 0, 0
+        if isinstance(self.sampler, EpochSampler) and self.sampler._resume is not None:
+            self._skipped = (
+                self.sampler._resume[2] if self.sampler._resume[0] == self.sampler.epoch else 0
+            )
+        for batch in super().__iter__():
+            self._handed += 1
+            yield batch
+
     def state_dict(self) -> dict:
-        return self.sampler.state() if isinstance(self.sampler, EpochSampler) else {}
+        if not isinstance(self.sampler, EpochSampler):
+            return {}
+        return self.sampler.state(self._skipped + self._handed * self.batch_size)
 
     def load_state_dict(self, state: dict) -> None:
         if state and isinstance(self.sampler, EpochSampler):
