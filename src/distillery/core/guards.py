@@ -2,7 +2,7 @@
 
 * ``raise`` (default): the run stops with a message naming the loss terms that went
   non-finite, the optimizer step and the batch's sample ids.
-* ``skip``: that step's update is dropped (no backward, the optimizer state untouched)
+* ``skip``: that step's update is dropped (no optimizer step: its state untouched)
   and counted (``train/skipped_steps``); a run that skips more than
   ``module.max_skipped_share`` of its planned optimizer steps stops. Under Lightning's
   automatic optimisation the skipped batch still counts as a step (``global_step`` and

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from distillery.config import redact
+from distillery.config import to_record
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def log_hyperparameters(trainer, cfg: DictConfig, extra: dict[str, Any]) -> None
     """Send the resolved config plus parameter counts to every logger."""
     if not trainer.loggers:
         return
-    hparams = redact(OmegaConf.to_container(cfg, resolve=True))  # no credentials in logs
+    hparams = to_record(cfg)  # resolved, no credentials
     hparams.update({k: v for k, v in extra.items() if v is not None})
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)

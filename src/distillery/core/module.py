@@ -205,13 +205,15 @@ class DistillationModule(L.LightningModule):
         for b in batches:
             out = self.task.training_outputs(self, b, epoch)
             total, values = self.objective(out, step_count)
-            if self.nan_guard.skip(self, total, values, b):
-                opt.zero_grad()  # the whole step is dropped: no step, no schedule
-                return
             self.manual_backward(total * world)  # DDP averages gradients over ranks
             for k, v in {"": total, **values}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
             rows += len(out.student)
+        step_total = sums.pop("")
+        # one non-finite check per optimizer step (a sum is non-finite iff a part is)
+        if self.nan_guard.skip(self, step_total, sums, {str(i): b for i, b in enumerate(batches)}):
+            opt.zero_grad()  # the whole step is dropped: no step, no schedule
+            return
         if self.gradient_clip_val:
             self.clip_gradients(
                 opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
@@ -220,7 +222,7 @@ class DistillationModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
             scheduler.step()
-        self._log_terms(sums.pop(""), sums, rows)
+        self._log_terms(step_total, sums, rows)
         self.log("train/tokens", step_count, batch_size=rows)
 
     def on_train_start(self) -> None:
