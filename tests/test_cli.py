@@ -96,7 +96,7 @@ def test_make_distill_command_line(tmp_path, data_dir):
         *common(tmp_path, data_dir)[1:3],
     )
     report = json.loads((out / "report.json").read_text())
-    assert list(report["models"]) == ["teacher", "student", "baseline"]
+    assert list(report["models"]) == ["teacher", "student", "control"]
     evaluated = run_cli(
         "distillery.evaluate",
         f"ckpt_path={report['checkpoints']['student']}",

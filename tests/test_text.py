@@ -76,13 +76,17 @@ def test_text_experiments_under_fdr(
         assert metrics["train/loss/kd"] > 0 and 0 <= metrics["test/agreement"] <= 1
     if name == "text_lm_kd_hidden":
         assert metrics["train/loss/hidden"] > 0 and metrics["train/loss/attn"] > 0
-    if name in ("text_lm_kd", "text_lm_kd_hidden", "text_prompt_kd"):  # its no-teacher control
+    if name in ("text_lm_kd", "text_lm_kd_hidden"):  # its no-teacher control
         from test_train import check_control
 
         overrides = text_overrides(tokenizer_dir, data_dir)
         check_control(
             train_cfg(f"experiment={name}", "debug=fdr", "control=true", *overrides, *extra)
         )
+    if name in ("text_prompt_kd", "text_seqkd"):  # its data came from the teacher
+        control = train_cfg(f"experiment={name}", "control=true", *extra)
+        with pytest.raises(ConfigError, match="control: data.source .* holds teacher generations"):
+            build_run(control)
 
 
 def test_vocab_mismatch_is_an_error_unless_truncated(

@@ -135,6 +135,7 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
         ],
         "digits_kd": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
+        "digits_fm": [f"teacher.ckpt_path={digits_teacher_ckpt}"],
         "bert_hidden_attention": [f"teacher.ckpt_path={bert_teacher_ckpt}"],
         "mnist1d_fitnet": [
             *SMALL_MNIST1D,
@@ -352,7 +353,6 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
             f"paths.output_dir={tmp_path / 'out'}",
             f"overrides=['paths.data_dir={data_dir}']",
             f"stages.teacher={hydra_list(['experiment=mnist1d_teacher', *small])}",
-            f"stages.baseline={hydra_list(['experiment=mnist1d_baseline', *small])}",
             f"stages.student={hydra_list(fm)}",
             "~extra_students.kd_transfer",
             f"+extra_students.kd={hydra_list(['experiment=mnist1d_kd', *small, 'data.transfer_size=300'])}",
@@ -382,7 +382,12 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
             and read_checkpoint(kept[0])[META_KEY]["config"]["optimizer"]["lr"] == 0.003
         )
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert list(saved["models"]) == ["teacher", "student", "baseline", "kd"]
+    assert list(saved["models"]) == ["teacher", "student", "control", "kd"]
+    stages = json.loads((tmp_path / "out" / "stages.json").read_text())
+    assert stages["control"]["overrides"] == [*fm, "control=true"]  # the student's own control
+    control = read_checkpoint(stages["control"]["checkpoint"])[META_KEY]["config"]
+    assert control["control"] is True and control["teacher"] is None
+    assert all(stages[s]["seconds"] > 0 for s in ("teacher", "control", "student", "kd"))
     keys = {
         "accuracy",
         "nll",
@@ -398,7 +403,7 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
         assert keys <= set(row)  # report v1 keys (v2 adds more)
     assert saved["models"]["teacher"]["agreement"] == 1.0
     assert (tmp_path / "out" / "report.md").read_text().count("|") > 20
-    assert report["models"]["student"]["params"] == saved["models"]["baseline"]["params"]
+    assert report["models"]["student"]["params"] == saved["models"]["control"]["params"]
 
 
 def test_lightning_lines_are_logged_once(train_cfg):

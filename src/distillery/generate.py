@@ -62,7 +62,7 @@ def generate(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
     from transformers import AutoTokenizer
 
-    from distillery.core.checkpoint import load_student
+    from distillery.core.checkpoint import atomic_write_text, load_student
     from distillery.core.teacher import weights_sha256
 
     model = load_student(cfg.teacher_ckpt, "teacher_ckpt")[1]
@@ -91,7 +91,7 @@ def generate(cfg: DictConfig) -> Path:
             f"output: {output} was written with other provenance ({meta_path}); "
             f"choose another output or delete it"
         )
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     prompts = load_prompts(cfg, tokenizer)
     done = read_done(output)
     hf.eval()

@@ -1,14 +1,18 @@
-"""The main job behind ``make distill``: teacher -> scratch baseline -> distilled
+"""The main job behind ``make distill``: teacher -> no-teacher control -> distilled
 student -> report card, in one process.
 
 1. teacher: reuses ``teacher_ckpt`` if it exists and was made by ``stages.teacher`` (the
    same resolved config, output paths aside, and at least one trained step), else trains
    ``stages.teacher`` and exports its best checkpoint there (a different file already
    there is kept aside, not overwritten);
-2. baseline: the student with the task loss alone (``stages.baseline``);
+2. control: the distilled student's own no-teacher control (``stages.control: null``:
+   the student's overrides + ``control=true``: same student, data, views, schedule and
+   seed, no teacher and no teacher-only term), or the runs named in ``stages.control``
+   (e.g. the original data for a student trained on teacher generations);
 3. student: the student distilled from that teacher (``stages.student``), then any
    ``extra_students`` (name -> overrides), e.g. other recipes to compare;
-4. report: all of them on the test split -> ``report.json``, ``report.md`` and a table.
+4. report: all of them on the test split -> ``report.json``, ``report.md`` and a table;
+   ``stages.json`` records each stage's overrides, checkpoint and wall time.
 
 Each stage is a ``distillery.train`` run composed from ``conf/train.yaml`` with the
 stage's overrides, then ``overrides`` (shared by all stages), writing into
@@ -17,7 +21,9 @@ stage's overrides, then ``overrides`` (shared by all stages), writing into
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,7 @@ def stage_config(
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
-    from distillery.core.checkpoint import artifact_differences
+    from distillery.core.checkpoint import artifact_differences, atomic_write_text
     from distillery.evaluate import evaluate
     from distillery.train import train
 
@@ -61,6 +67,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
     )
     diffs = artifact_differences(teacher_ckpt, to_record(tcfg)) if teacher_ckpt.is_file() else []
+    stages: dict[str, dict] = {
+        "teacher": {"overrides": list(cfg.stages.teacher), "checkpoint": str(teacher_ckpt),
+                    "seconds": 0.0, "reused": not diffs and teacher_ckpt.is_file() and not cfg.retrain_teacher}
+    }  # fmt: skip
     if teacher_ckpt.is_file() and not diffs and not cfg.retrain_teacher:
         log.info("reusing teacher checkpoint %s", teacher_ckpt)
     else:
@@ -71,17 +81,27 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             )  # fmt: skip
         else:
             log.info("training the teacher into %s", teacher_ckpt)
+        start = time.perf_counter()
         train(tcfg)
+        stages["teacher"]["seconds"] = round(time.perf_counter() - start, 1)
 
-    runs = {"baseline": list(cfg.stages.baseline), "student": list(cfg.stages.student)}
-    runs.update({str(k): list(v) for k, v in (cfg.get("extra_students") or {}).items()})
+    student = list(cfg.stages.student)
+    control = cfg.stages.get("control")
+    runs = {
+        "control": [*student, "control=true"] if control is None else list(control),
+        "student": [*student, f"teacher.ckpt_path={teacher_ckpt}"],
+    }
+    for name, overrides in (cfg.get("extra_students") or {}).items():
+        runs[str(name)] = [*overrides, f"teacher.ckpt_path={teacher_ckpt}"]
     for name, stage_overrides in runs.items():
-        extra = [] if name == "baseline" else [f"teacher.ckpt_path={teacher_ckpt}"]
-        scfg = stage_config(name, [*stage_overrides, *extra], cfg, out_dir)
+        scfg = stage_config(name, stage_overrides, cfg, out_dir)
+        start = time.perf_counter()
         metrics = train(scfg)
         if not metrics.get("best_ckpt"):
             raise RuntimeError(f"stages.{name}: the run saved no checkpoint; the report needs one")
         ckpts[name] = metrics["best_ckpt"]
+        stages[name] = {"overrides": stage_overrides, "checkpoint": ckpts[name],
+                        "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
     ecfg = compose(
         config_name="evaluate",
@@ -91,7 +111,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             f"paths.output_dir={out_dir}",
         ],
     )
-    return evaluate(ecfg)
+    report = evaluate(ecfg)
+    atomic_write_text(out_dir / "stages.json", json.dumps(stages, indent=2))
+    return report
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="pipeline")

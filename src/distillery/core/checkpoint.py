@@ -34,6 +34,22 @@ MOVED_TARGETS = {"distillery.teacher.": "distillery.core.teacher."}
 log = logging.getLogger(__name__)
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file in the target directory, then renames it.
 

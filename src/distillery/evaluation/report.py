@@ -123,16 +123,11 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    from distillery.core.checkpoint import atomic_write_text
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    js, md = out / "report.json", out / "report.md"
-    for path, text in (
-        (js, json.dumps(report, indent=2)),
-        (md, "# Report card\n\n" + to_markdown(report)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    js = atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    md = atomic_write_text(out / "report.md", "# Report card\n\n" + to_markdown(report))
     return js, md
 
 
