@@ -115,7 +115,9 @@ def main() -> None:
         for seed in args.seeds:
             start = time.perf_counter()
             runs.append(run_one(name, seed, args.out, env) | {"seed": seed})
-            print(f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {runs[-1]}", flush=True)
+            print(
+                f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {runs[-1]}", flush=True
+            )
         saved[name] = runs
         results_json.parent.mkdir(parents=True, exist_ok=True)
         results_json.write_text(json.dumps(saved, indent=2))
