@@ -56,7 +56,7 @@ def run_one(name: str, seed: int, out: Path, env: dict) -> dict:
     if not ((run_dir / "report.json").is_file() and (run_dir / "stages.json").is_file()):
         cmd = [
             sys.executable, "-m", "distillery.pipeline", f"seed={seed}",
-            f"stages.teacher=[experiment={teacher}]", f"stages.student=[experiment={name}]",
+            f"stages.teacher=['experiment={teacher}']", f"stages.student=['experiment={name}']",
             "extra_students=null", f"teacher_ckpt={out / 'teachers' / f'{teacher}_seed{seed}.ckpt'}",
             f"hydra.run.dir={run_dir}",
         ]  # fmt: skip
