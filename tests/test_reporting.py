@@ -51,6 +51,7 @@ def test_disagreement_analysis_on_known_predictions():
 
 def test_cost_per_million_formula():
     assert cost_per_million(1000.0, 3.6) == pytest.approx(1.0)  # 0.001 USD/s / 1000 samples/s * 1e6
+    assert cost_per_million(1000.0, 0.0) is None  # no price: an empty cell, not a free model
 
 
 def test_report_card_v2(kd_student, tmp_path):

@@ -406,15 +406,24 @@ def test_make_distill_pipeline_on_a_shrunken_config(tmp_path, data_dir):
     assert report["models"]["student"]["params"] == saved["models"]["control"]["params"]
 
 
-def test_lightning_lines_are_logged_once(train_cfg):
+def test_lightning_lines_are_logged_once(train_cfg, caplog, recwarn):
     """Lightning's own console handler is dropped when the root logger is configured
-    (Hydra, pytest): each line reaches the console and the run's log file once."""
+    (Hydra, pytest): each line reaches the console and the run's log file once. Its
+    advertising tip, its note about our ModelSummary and its internal deprecation warning
+    are not shown; a step-based run's bar reads "Epoch 3", not "Epoch 3/-2"."""
     import logging
 
-    build_run(train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D))
+    cfg = train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "debug=fdr")
+    with caplog.at_level(logging.INFO):
+        datamodule, module, trainer, _ = build_run(cfg)
+        trainer.fit(module, datamodule=datamodule)
     assert logging.getLogger().handlers
     handlers = logging.getLogger("lightning").handlers
     assert not [h for h in handlers if type(h) is logging.StreamHandler]
+    assert "Trainer already configured" not in caplog.text and "Tip:" not in caplog.text
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+    trainer.fit_loop.max_epochs = -1  # step-based
+    assert trainer.progress_bar_callback._get_train_description(3).strip() == "Epoch 3"
 
 
 @pytest.mark.parametrize(

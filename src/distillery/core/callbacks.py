@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.callbacks import RichProgressBar
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -39,3 +40,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         self.last_model_path, self._last_global_step_saved = str(path), trainer.global_step
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar; a step-based run (``max_epochs: -1``) shows
+    ``Epoch 74``, not ``Epoch 74/-2``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+        return super()._get_train_description(current_epoch)

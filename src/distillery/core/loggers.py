@@ -12,13 +12,33 @@ from distillery.config import to_record
 log = logging.getLogger(__name__)
 
 
+# Lightning lines a user has no use for: advertising, a note about our own callback, and
+# a deprecation inside Lightning's code (not the user's).
+NOISE = (
+    "💡 Tip:",
+    "Trainer already configured with model summary callbacks",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NOISE)
+
+
 def single_lightning_log() -> None:
     """Lightning's package logger has a console handler of its own and also propagates to
     the root logger; under Hydra (root configured) every Lightning line was printed twice.
     With a configured root, drop Lightning's console handler: the root's console and the
-    run's log file still get each line once."""
+    run's log file still get each line once. Lines in ``NOISE`` and Lightning's internal
+    ``LeafSpec`` deprecation warning are not shown."""
+    import warnings
+
     import lightning  # noqa: F401 - the handler is added on import
 
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if logging.getLogger().handlers:
         lightning_log = logging.getLogger("lightning")
         for handler in list(lightning_log.handlers):

@@ -106,6 +106,13 @@ def _fmt(v) -> str:
     return f"{v:.4g}"
 
 
+def cost_note(report: dict[str, Any]) -> str:
+    price = report.get("price_per_hour")
+    if not price:
+        return "no cost: set price_per_hour (USD per hour of this device) to fill the cost row."
+    return f"cost at {price} USD/hour."
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     names = list(report["models"])
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -114,7 +121,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"| {key} | " + " | ".join(_fmt(report["models"][n][key]) for n in names) + " |"
         )
     text = "\n".join(lines) + "\n"
-    text += f"\nDevice: {report.get('device', 'cpu')}; cost at {report.get('price_per_hour', 0)} USD/hour.\n"
+    text += f"\nDevice: {report.get('device', 'cpu')}; {cost_note(report)}\n"
     for name, path in (report.get("plots") or {}).items():
         text += f"\n![{name}]({Path(path).name})\n"
     for name, result in (report.get("evaluations") or {}).items():
@@ -143,3 +150,4 @@ def print_table(report: dict[str, Any]) -> None:
     for key in report["keys"]:
         table.add_row(key, *(_fmt(report["models"][n][key]) for n in names))
     Console().print(table)
+    Console().print(cost_note(report))

@@ -62,8 +62,11 @@ def throughput(
     return batch_size * repeats / (time.perf_counter() - t0)
 
 
-def cost_per_million(samples_per_second: float, price_per_hour: float) -> float:
-    """USD per million samples: price_per_hour / 3600 s / throughput * 1e6."""
+def cost_per_million(samples_per_second: float, price_per_hour: float) -> float | None:
+    """USD per million samples: price_per_hour / 3600 s / throughput * 1e6; None (an
+    empty cell, not a free model) when no ``price_per_hour`` is set."""
+    if not price_per_hour:
+        return None
     return price_per_hour / 3600.0 / samples_per_second * 1e6
 
 
