@@ -9,13 +9,14 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup distill test test-fast lint format clean
+.PHONY: setup distill test test-fast lint format clean lock
 .DEFAULT_GOAL := distill
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions CI last tested (see `make lock`).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,6 +35,15 @@ lint: setup
 
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+# Resolve the newest versions pyproject.toml allows into a scratch venv and write them to
+# constraints.txt; then `make test` (which reinstalls from it) and commit it if it passes.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q -U pip
+	.venv-lock/bin/python -m pip install -q -e ".[dev]"
+	{ head -2 constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
