@@ -67,6 +67,8 @@ CASES = [
     ("unknown divergence", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "distill.terms.kd.kind=xx"], "kind must be one of"),
     ("vocabularies differ", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=600"], "vocabularies differ"),
     ("student vocab too small", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "student.config.vocab_size=300"], "smaller than the tokenizer"),
+    ("fused with logit terms", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "task=causal_lm", "task.fused=true"], "task.fused: distill.terms.ce (TokenCrossEntropy) reads logits"),
+    ("fused without fused task", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "distill=token_kd_fused"], "set task=causal_lm task.fused=true"),
     ("zero accumulation", ["experiment=text_lm_kd", "{text}", "{text_teacher}", "module.accumulate=0"], "module.accumulate must be >= 1"),
     ("tokenizer missing", ["experiment=text_lm_baseline", "{text}", "data.tokenizer={tmp}/no_tokenizer"], "data.tokenizer"),
     ("sweep metric never logged", [*MNIST_KD, "optimized_metric=val/accuracy"], "optimized_metric: this run never logs 'val/accuracy'"),

@@ -118,13 +118,19 @@ class DistillationModule(L.LightningModule):
         return self.student(self.student_norm(x), *args)
 
     def forward_both(
-        self, student_args: tuple, teacher_input: Tensor, capture: bool
+        self, student_args: tuple, teacher_input: Tensor, capture: bool, head: bool = False
     ) -> tuple[Tensor, Tensor | None, dict]:
         """Teacher and student outputs plus, with ``capture``, the features their taps
-        captured (evaluation passes ``capture=False``: no feature term reads them there)."""
+        captured (evaluation passes ``capture=False``: no feature term reads them there).
+        ``head``: their last hidden states and output layers instead (``HeadOutputs``,
+        for fused token losses)."""
         self.start_capture(capture)
-        teacher = self.teacher(teacher_input) if self.teacher is not None else None
-        return self(*student_args), teacher, self.captured()
+        if not head:
+            teacher = self.teacher(teacher_input) if self.teacher is not None else None
+            return self(*student_args), teacher, self.captured()
+        teacher = None if self.teacher is None else self.teacher.hidden_and_head(teacher_input)
+        x, *rest = student_args
+        return self.student.hidden_and_head(self.student_norm(x), *rest), teacher, self.captured()
 
     # --- taps: registered once, removed on teardown and on exceptions -----------
     def start_capture(self, capture: bool) -> None:

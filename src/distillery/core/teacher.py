@@ -87,6 +87,11 @@ class Teacher(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.input_norm(x))
 
+    @torch.no_grad()
+    def hidden_and_head(self, x: Tensor):
+        """Last hidden states and output layer of the network (fused token losses)."""
+        return self.network.hidden_and_head(self.input_norm(x))
+
 
 def _norm(input_norm: dict | None) -> InputNorm:
     return (

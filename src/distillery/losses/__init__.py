@@ -16,6 +16,7 @@ from distillery.losses.feature import (
     HiddenStates,
     ValueRelationKL,
 )
+from distillery.losses.fused import FusedTokenLoss
 from distillery.losses.kd import HintonKD
 from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
@@ -23,6 +24,6 @@ from distillery.losses.token import TokenCrossEntropy, TokenKD
 
 __all__ = [
     "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "EmbeddingCosine",
-    "EmbeddingMSE", "FeatureTerm", "FitNet",
+    "EmbeddingMSE", "FeatureTerm", "FitNet", "FusedTokenLoss",
     "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "TokenCrossEntropy", "TokenKD", "ValueRelationKL",
 ]  # fmt: skip

@@ -122,6 +122,19 @@ class HFCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids.long(), attention_mask=attention_mask).logits
 
+    def hidden_and_head(self, input_ids: Tensor, attention_mask: Tensor | None = None):
+        """The last hidden states and the output layer (``task.fused``): ``forward``'s
+        logits are ``head(hidden)``, never built here."""
+        from distillery.losses.fused import HeadOutputs
+
+        if getattr(self.model.config, "final_logit_softcapping", None):
+            raise ValueError(
+                "task.fused: this model soft-caps its logits after the output layer; "
+                "the fused loss would skip that: set task.fused=false"
+            )
+        out = self.model.base_model(input_ids=input_ids.long(), attention_mask=attention_mask)
+        return HeadOutputs(out.last_hidden_state, self.model.get_output_embeddings())
+
 
 class HFSentenceEncoder(nn.Module):
     """Sentence embeddings: e = normalize(W pool(h)), with h the encoder's last hidden

@@ -6,6 +6,11 @@ by the valid-token count of the whole optimizer step (``reduction: token``): the
 pulls ``module.accumulate`` micro-batches, counts their tokens (summed over DDP ranks)
 and steps the optimizer itself, so padding and accumulation leave the loss unchanged.
 Held-out metrics per token: nll, ppl and, with a teacher, top-1 agreement and KL.
+
+``fused: true``: training steps hand the terms the models' last hidden states and output
+layers (``losses.fused.HeadOutputs``) instead of logits, for ``FusedTokenLoss``, which
+never builds the ``tokens x vocab`` logits; taps and the step normalisation are the same.
+Evaluation still computes logits (its metrics read them; no gradient is kept).
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ class CausalLMTask(Task):
     quality_key = "ppl"
     throughput_defaults = {"batch_size": 16, "repeats": 3}
 
+    def __init__(self, fused: bool = False):
+        self.fused = fused
+
     def check(self, module) -> None:
         super().check(module)
         if module.views is not None:
             raise ValueError("views: augmentation/mixing views are for classifier inputs")
+        check_fused(module, self.fused)
 
     def check_models(self, cfg, student, teacher, datamodule, example) -> None:
         check_vocab(cfg, student[-1], teacher, datamodule)
@@ -41,7 +50,7 @@ class CausalLMTask(Task):
     def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
         ids = batch["input_ids"]
         student, teacher, extras = module.forward_both(
-            (ids, batch.get("attention_mask")), ids, capture=capture
+            (ids, batch.get("attention_mask")), ids, capture=capture, head=self.fused and capture
         )
         if extras:
             if "attention_mask" in batch:  # padding keys of relation terms
@@ -62,6 +71,8 @@ class CausalLMTask(Task):
         return (batch["labels"] != IGNORE).sum()
 
     def control_term(self):
+        if self.fused:
+            return "ce", {"_target_": "distillery.losses.FusedTokenLoss", "kd_weight": 0.0, "ce_weight": 1.0}  # fmt: skip
         return "ce", {"_target_": "distillery.losses.TokenCrossEntropy"}
 
     def metrics(self, num_classes, with_teacher):
@@ -77,3 +88,34 @@ class CausalLMTask(Task):
 
     def units_per_sample(self, example: Tensor) -> int:
         return int(example.shape[1])  # tokens per sequence
+
+
+def check_fused(module, fused: bool) -> None:
+    """``task.fused``: both models expose ``hidden_and_head`` and no term reads logits;
+    without it, no term reads hidden states and output layers."""
+    from distillery.losses.fused import FusedTokenLoss
+    from distillery.losses.token import TokenCrossEntropy, TokenKD
+
+    if not fused:
+        for name, term in module.objective.terms.items():
+            if isinstance(term, FusedTokenLoss):
+                raise ValueError(
+                    f"distill.terms.{name} (FusedTokenLoss) reads hidden states and output "
+                    f"layers: set task=causal_lm task.fused=true"
+                )
+        return
+    models = [("student", module.student)]
+    if module.teacher is not None:
+        models.append(("teacher", module.teacher.network))
+    for role, model in models:
+        if not callable(getattr(model, "hidden_and_head", None)):
+            raise ValueError(
+                f"task.fused: the {role} ({type(model).__name__}) has no hidden_and_head() "
+                f"giving its last hidden states and output layer; set task.fused=false"
+            )
+    for name, term in module.objective.terms.items():
+        if isinstance(term, (TokenKD, TokenCrossEntropy)):
+            raise ValueError(
+                f"task.fused: distill.terms.{name} ({type(term).__name__}) reads logits; "
+                f"use distillery.losses.FusedTokenLoss (distill=token_kd_fused)"
+            )
