@@ -49,7 +49,7 @@ def test_fused_equals_dense_values_and_gradients(kind, bias):
                 values = dense(hs, head_s, ht, head_t, labels, kind, 2.0, 0.3, 0.7)
             (values * upstream).sum().backward()
             grads.append([values.detach(), hs.grad, *(p.grad for p in head_s.parameters())])
-        for fused, ref in zip(*grads):
+        for fused, ref in zip(*grads, strict=True):
             torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
         assert grads[0][0][labels == -100].abs().max() == 0  # masked positions: 0
 
