@@ -46,7 +46,7 @@ ROWS = {
 
 def mean_std(values: list[float], fmt: str) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {std:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {std:{fmt.lstrip('+')}}"
 
 
 def run_one(name: str, seed: int, out: Path, env: dict) -> dict:

@@ -111,9 +111,9 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         scale = upstream.float()
         kept = scale[rows_all]
         if kept.numel() and bool((kept == kept[0]).all()):  # the token reduction's case
-            c = kept[0]
-            dw = (grad_w * c).to(w_s.dtype)
-            db = None if grad_b is None else (grad_b * c).to(b_s.dtype)
+            c = kept[0]  # scaled in place: no second head-sized buffer
+            dw = grad_w.mul_(c).to(w_s.dtype)
+            db = None if grad_b is None else grad_b.mul_(c).to(b_s.dtype)
         else:  # a per-token upstream gradient: recompute the head's sum with it
             with torch.autocast(h_s.device.type, enabled=False):
                 _, _, dw, db = _accumulate(
