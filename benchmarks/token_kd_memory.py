@@ -105,7 +105,9 @@ def main() -> None:
             for mode in ("dense", "chunked", "fused"):
                 need = tokens * vocab * HELD.get(mode, 0) / 2**30
                 if need > budget:
-                    lines.append(f"| {vocab} | {tokens} | {mode} | not run: about {need:.0f} GB | | | |")
+                    lines.append(
+                        f"| {vocab} | {tokens} | {mode} | not run: about {need:.0f} GB | | | |"
+                    )
                     continue
                 rows[mode] = r = measure(mode, tokens, vocab, args.hidden, args.chunk)
                 mem = time_ratio = ""

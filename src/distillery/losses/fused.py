@@ -49,10 +49,9 @@ class HeadOutputs:
         return self.hidden.new_zeros(*args, **kwargs)
 
 
-def _chunk_losses(hs, w_s, b_s, ht, w_t, b_t, labels, weights, kwargs) -> Tensor:
-    """Per-token loss of one chunk of rows, float32, from the logits it builds."""
+def _chunk_losses(z: Tensor, ht, w_t, b_t, labels, weights, kwargs) -> Tensor:
+    """Per-token loss of one chunk from the student's logits ``z`` (float32)."""
     ce_weight, kd_weight = weights
-    z = F.linear(hs.to(w_s.dtype), w_s, b_s).float()
     values = torch.zeros(z.shape[0], dtype=torch.float32, device=z.device)
     if kd_weight:
         zt = F.linear(ht.to(w_t.dtype), w_t, b_t).float()
@@ -66,7 +65,9 @@ def _chunk_losses(hs, w_s, b_s, ht, w_t, b_t, labels, weights, kwargs) -> Tensor
 
 def _accumulate(inputs, rows_all: Tensor, chunk: int, weights, kwargs, scale=None):
     """Values and gradients over ``rows_all`` chunk by chunk; ``scale``: per-row upstream
-    gradient (None: 1). Returns (values [N], d l_i / d h_i [N, D], dW, db)."""
+    gradient (None: 1). Returns (values [N], d l_i / d h_i [N, D], dW, db): autograd
+    gives the chunk's d l / d logits, two matmuls take it to the hidden states and
+    (accumulated in place, float32) to the head."""
     h_s, w_s, b_s, h_t, w_t, b_t, labels = inputs
     values = torch.zeros(h_s.shape[0], dtype=torch.float32, device=h_s.device)
     grad_h = torch.zeros_like(h_s)
@@ -74,22 +75,19 @@ def _accumulate(inputs, rows_all: Tensor, chunk: int, weights, kwargs, scale=Non
     grad_b = None if b_s is None else torch.zeros_like(b_s, dtype=torch.float32)
     for start in range(0, rows_all.numel(), chunk):
         rows = rows_all[start : start + chunk]
-        hs = h_s[rows].detach()
+        hs = h_s[rows].detach().to(w_s.dtype)
         ht = h_t[rows] if h_t is not None else None
         with torch.enable_grad():
-            leaf_w = w_s.detach().requires_grad_(True)
-            leaf_b = None if b_s is None else b_s.detach().requires_grad_(True)
-            leaf_h = hs.requires_grad_(True)
-            v = _chunk_losses(leaf_h, leaf_w, leaf_b, ht, w_t, b_t, labels[rows], weights, kwargs)
+            z = F.linear(hs, w_s.detach(), None if b_s is None else b_s.detach())
+            z = z.float().requires_grad_(True)
+            v = _chunk_losses(z, ht, w_t, b_t, labels[rows], weights, kwargs)
             upstream = torch.ones_like(v) if scale is None else scale[rows].float()
-            grads = torch.autograd.grad(
-                v, [leaf_h, leaf_w] + ([leaf_b] if leaf_b is not None else []), upstream
-            )
+            (dz,) = torch.autograd.grad(v, z, upstream)
         values[rows] = v.detach()
-        grad_h[rows] = grads[0].to(grad_h.dtype)
-        grad_w += grads[1].float()
+        grad_h[rows] = (dz.to(w_s.dtype) @ w_s.detach()).to(grad_h.dtype)
+        grad_w.addmm_(dz.T, hs.float())
         if grad_b is not None:
-            grad_b += grads[2].float()
+            grad_b += dz.sum(0)
     return values, grad_h, grad_w, grad_b
 
 
@@ -186,7 +184,7 @@ class FusedTokenLoss(LossTerm):
         alpha: float = 0.1,
         ce_weight: float = 0.0,
         kd_weight: float = 1.0,
-        chunk_size: int = 1024,
+        chunk_size: int = 128,
     ):
         super().__init__()
         if kind not in KINDS:
