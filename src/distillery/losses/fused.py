@@ -132,7 +132,7 @@ def fused_token_loss_per_token(
     alpha: float = 0.1,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
 ) -> Tensor:
     """``kd_weight * D(p || q) + ce_weight * CE`` at every position of ``labels``
     (``[...]``, -100 = not trained: 0 there), from hidden states ``[..., D]`` and output
