@@ -217,3 +217,24 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     with torch.no_grad():
         want = load_student(metrics["best_ckpt"])(other)
     torch.testing.assert_close(load_exported(path)(other), want, atol=1e-5, rtol=1e-4)
+
+    # Hugging Face export: a sentence-transformers directory that embeds text as the
+    # student does, loadable without Distillery or the teacher.
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    hf_dir = export_student(metrics["best_ckpt"], "hf", tmp_path / "hf_export", example)
+    torch.testing.assert_close(load_exported(hf_dir)(other), want, atol=1e-5, rtol=1e-4)
+    st = SentenceTransformer(str(hf_dir), device="cpu")
+    sentence = "Return the number of items in a container."
+    ids = st.tokenizer(sentence, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.from_numpy(st.encode([sentence])),
+            load_student(metrics["best_ckpt"])(ids),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    assert (
+        list(hf_dir.rglob("*.safetensors")) and AutoModel.from_pretrained(str(hf_dir)) is not None
+    )

@@ -164,6 +164,44 @@ def test_export_reloads_and_matches_the_student(fmt, kd_student, tmp_path, data_
     assert report["models"]["exported"]["latency_ms"] > 0
 
 
+def test_int8_export_is_close_smaller_and_on_the_report_card(kd_student, tmp_path):
+    """int8 dynamic quantisation of the student's Linear layers: within int8_tolerance of
+    the float student, and measured by the report card next to it."""
+    from distillery.core.checkpoint import load_student
+
+    path = export(compose_cfg("export", [f"ckpt_path={kd_student}", "format=int8",
+                                         f"paths.output_dir={tmp_path / 'int8'}"]))  # fmt: skip
+    assert path.name == "model.int8.torchscript.pt"
+    x = torch.randn(64, 40)
+    with torch.no_grad():
+        want, got = load_student(kd_student)(x), load_exported(path)(x)
+    assert 0 < (got - want).abs().max() <= 0.05 * want.abs().max()  # quantised, and close
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    report = evaluate(compose_cfg("evaluate", [
+        f"ckpt_path={kd_student}", f"+compare.int8={path}", f"paths.output_dir={tmp_path / 'r'}",
+        "plots=false", "evaluators={}"]))  # fmt: skip
+    s, q = report["models"]["student"], report["models"]["int8"]
+    assert (
+        q["size_mb"] > 0
+        and q["latency_ms"] > 0
+        and q["accuracy"] == pytest.approx(s["accuracy"], abs=0.02)
+    )
+
+
+def test_export_formats_a_model_cannot_take_are_named(kd_student, tmp_path):
+    from distillery.config import ConfigError
+
+    cfg = compose_cfg(
+        "export", [f"ckpt_path={kd_student}", "format=hf", f"paths.output_dir={tmp_path}"]
+    )
+    with pytest.raises(ValueError, match="format: hf takes Hugging Face .* not MLP"):
+        export(cfg)
+    cfg.format = "tflite"
+    with pytest.raises(ConfigError, match="format: expected one of"):
+        export(cfg)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "MODEL_CARD.md").exists()
+
+
 def test_export_that_does_not_match_is_removed(kd_student, tmp_path):
     out = tmp_path / "export"
     with pytest.raises(RuntimeError, match="differs from the student"):

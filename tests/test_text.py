@@ -311,3 +311,27 @@ def test_lm_under_ddp_normalises_by_the_tokens_of_both_ranks(
     rows = list(csv.DictReader((out / "csv" / "version_0" / "metrics.csv").open()))
     tokens = {float(r["train/tokens"]) for r in rows if r.get("train/tokens")}
     assert tokens == {2 * 4 * 32}
+
+
+def test_lm_student_exports_as_a_hugging_face_directory(tmp_path, text_teacher_ckpt):
+    """format=hf: save_pretrained weights (safetensors), the run's tokenizer and a
+    generation config; AutoModelForCausalLM loads it, gives the student's logits, and
+    generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from distillery.core.checkpoint import load_student
+    from distillery.export import export_student, load_exported
+
+    ids = torch.randint(3, 500, (2, 12))
+    path = export_student(str(text_teacher_ckpt), "hf", tmp_path / "export", ids)
+    assert (path / "model.safetensors").is_file() and (path / "generation_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with torch.no_grad():
+        want = load_student(str(text_teacher_ckpt))(ids)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_exported(path)(ids), want, atol=1e-5, rtol=1e-5)
+        prompt = tokenizer("def read(path):", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert GenerationConfig.from_pretrained(str(path)).pad_token_id is not None

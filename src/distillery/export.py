@@ -7,17 +7,30 @@ Formats (teacher and any projector/objective state are never exported):
   ``student.yaml`` (how to build it) and ``input_norm.json`` (the normalisation it
   expects on raw inputs);
 * ``torchscript``: ``model.torchscript.pt``, normalisation included, raw inputs in;
-* ``onnx``: ``model.onnx`` (opset 17, dynamic batch), normalisation included.
+* ``onnx``: ``model.onnx`` (opset 17, dynamic batch), normalisation included;
+* ``int8``: ``model.int8.torchscript.pt``, the student with its ``nn.Linear`` layers
+  dynamically quantised to int8 (weights int8, activations quantised on the fly; CPU
+  inference), normalisation included; checked to ``int8_tolerance`` (the largest output
+  difference relative to the largest float output) instead of ``atol``;
+* ``hf``: an ``hf/`` Hugging Face directory for language-model and sentence-encoder
+  students: ``save_pretrained`` weights (safetensors), config and the run's tokenizer;
+  causal LMs also get a ``generation_config.json`` and load with
+  ``AutoModelForCausalLM.from_pretrained``; sentence encoders are written in the
+  sentence-transformers layout (transformer, pooling, the linear map, normalisation) and
+  load with ``SentenceTransformer(path)`` (or ``AutoModel`` for the transformer alone).
 
-Every export is reloaded and checked against the trained student on test inputs
-(``atol``) before it is reported done; a failed check removes the export. A
-``MODEL_CARD.md`` goes next to it.
+None needs the teacher or Distillery to load, except ``state_dict`` for a student class
+defined in Distillery (``student.yaml`` names it). Every export is reloaded and checked
+against the trained student on test inputs before it is reported done; a failed check
+removes the export. A ``MODEL_CARD.md`` goes next to it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distillery.config import exit_on_config_error, validate
+from distillery.config import ConfigError, exit_on_config_error, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -34,7 +47,93 @@ FORMATS = {
     "state_dict": "model.safetensors",
     "torchscript": "model.torchscript.pt",
     "onnx": "model.onnx",
+    "int8": "model.int8.torchscript.pt",
+    "hf": "hf",
 }
+
+
+class HFExported(nn.Module):
+    """An ``hf`` export directory behind the student's call convention (token ids in):
+    a causal LM's logits, or a sentence-transformers model's embeddings."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        if (self.path / "modules.json").is_file():
+            from sentence_transformers import SentenceTransformer
+
+            self.model, self.sentence = SentenceTransformer(str(self.path), device="cpu"), True
+            self.pad_token_id = self.model.tokenizer.pad_token_id or 0
+        else:
+            from transformers import AutoModelForCausalLM
+
+            self.model, self.sentence = AutoModelForCausalLM.from_pretrained(str(self.path)), False
+        self.model.eval()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.size_mb = sum(f.stat().st_size for f in self.path.rglob("*.safetensors")) / 2**20
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = input_ids.long()
+        if self.sentence:
+            mask = (input_ids != self.pad_token_id).long()
+            return self.model({"input_ids": input_ids, "attention_mask": mask})[
+                "sentence_embedding"
+            ]
+        return self.model(input_ids=input_ids).logits
+
+
+def save_hf(student: nn.Module, config: dict, out: Path) -> None:
+    """``format=hf``: the student's transformer, the run's tokenizer and, for sentence
+    encoders, the sentence-transformers modules around it."""
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
+
+    from distillery.models.hf import HFCausalLM, HFSentenceEncoder
+
+    hf = getattr(student, "model", None)
+    if not isinstance(student, (HFCausalLM, HFSentenceEncoder)) or not isinstance(
+        hf, PreTrainedModel
+    ):
+        raise ValueError(
+            f"format: hf takes Hugging Face language-model or sentence-encoder students, "
+            f"not {type(student).__name__}; use state_dict, torchscript, onnx or int8"
+        )
+    tokenizer_path = (config.get("data") or {}).get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError(
+            "format: hf needs the run's tokenizer, and its data.tokenizer is not recorded"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    if isinstance(student, HFCausalLM):
+        hf.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        generation = GenerationConfig.from_model_config(hf.config)
+        generation.eos_token_id = tokenizer.eos_token_id
+        generation.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        generation.save_pretrained(out)
+        return
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Dense,
+        Normalize,
+        Pooling,
+        Transformer,
+    )
+
+    inner = out / "transformer.tmp"
+    hf.save_pretrained(inner, safe_serialization=True)
+    tokenizer.save_pretrained(inner)
+    modules = [Transformer(str(inner)), Pooling(hf.config.hidden_size, student.pooling)]
+    if isinstance(student.proj, nn.Linear):
+        lin = student.proj
+        modules.append(Dense(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                             activation_function=nn.Identity(), init_weight=lin.weight.detach(),
+                             init_bias=None if lin.bias is None else lin.bias.detach()))  # fmt: skip
+    if student.normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(out))
+    shutil.rmtree(inner)
 
 
 class OnnxModel(nn.Module):
@@ -68,6 +167,8 @@ def load_exported(path: str | Path) -> nn.Module:
     from distillery.core.input_norm import InputNorm
 
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return HFExported(p)
     if p.suffix == ".onnx":
         return OnnxModel(p)
     if p.name.endswith(".torchscript.pt"):
@@ -85,7 +186,8 @@ def load_exported(path: str | Path) -> nn.Module:
         norm = json.loads((p.parent / "input_norm.json").read_text())
         return nn.Sequential(InputNorm(norm["mean"], norm["std"]), student).eval()
     raise ValueError(
-        f"not an exported student: {p} (expected .safetensors, .torchscript.pt or .onnx)"
+        f"not an exported student: {p} (expected .safetensors, .torchscript.pt, .onnx or an "
+        f"hf directory)"
     )
 
 
@@ -97,7 +199,12 @@ def load_any(path: str | Path, key: str) -> nn.Module:
 
 
 def export_student(
-    ckpt_path: str, fmt: str, out_dir: Path, example: torch.Tensor, atol: float = 1e-5
+    ckpt_path: str,
+    fmt: str,
+    out_dir: Path,
+    example: torch.Tensor,
+    atol: float = 1e-5,
+    int8_tolerance: float = 0.05,
 ) -> Path:
     from distillery.core.checkpoint import META_KEY, read_checkpoint
     from distillery.core.checkpoint import load_student as load
@@ -119,6 +226,13 @@ def export_student(
         )
     elif fmt == "torchscript":
         torch.jit.trace(model, example[:2]).save(str(path))
+    elif fmt == "int8":
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
+        )
+        torch.jit.trace(quantized, example[:2], check_trace=False).save(str(path))
+    elif fmt == "hf":
+        save_hf(student, read_checkpoint(ckpt_path)[META_KEY]["config"], path)
     else:
         import warnings
 
@@ -143,12 +257,19 @@ def export_student(
         want = model(example)
         got = load_exported(path)(example)
     err = float((got - want).abs().max())
-    if err > atol:
-        path.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"format={fmt}: the reloaded export differs from the student by {err:.2e} > atol={atol}"
+    limit, what = atol, "atol"
+    if fmt == "int8":  # relative to the outputs' scale
+        err, limit, what = (
+            err / max(float(want.abs().max()), 1e-12),
+            int8_tolerance,
+            "int8_tolerance",
         )
-    log.info("exported %s (max abs difference on reload %.2e)", path, err)
+    if err > limit:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"format={fmt}: the reloaded export differs from the student by {err:.2e} > {what}={limit}"
+        )
+    log.info("exported %s (difference on reload %.2e, %s %s)", path, err, what, limit)
     return path
 
 
@@ -227,15 +348,19 @@ def export(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
     from distillery.config import build
     from distillery.core.checkpoint import META_KEY, read_checkpoint
+    from distillery.core.tasks import task_for
 
+    if cfg.format not in FORMATS:
+        raise ConfigError([f"format: expected one of {sorted(FORMATS)}, got {cfg.format!r}"])
     ckpt = read_checkpoint(cfg.ckpt_path)
     data = build(OmegaConf.create(ckpt[META_KEY]["config"]["data"]), "data (recorded in ckpt_path)")
     data.prepare_data()
     data.setup("test")
-    example = next(iter(data.test_dataloader()))["inputs"][:64]
+    batch = next(iter(data.test_dataloader()))
+    example = task_for(data.output_kind).model_input(batch)[:16]
     out_dir = Path(cfg.output_dir)
     path = export_student(
-        cfg.ckpt_path, cfg.format, out_dir, example, atol=cfg.atol
+        cfg.ckpt_path, cfg.format, out_dir, example, cfg.atol, cfg.int8_tolerance
     )  # removes a bad export
     metrics = None
     if cfg.get("report"):
