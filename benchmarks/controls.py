@@ -7,7 +7,8 @@ experiment, and the default ``stages.control`` (the experiment + ``control=true`
 student, data, views, schedule and seed, no teacher and no teacher-only term), in a
 fresh subprocess. Each seed trains its own teacher once (shared by every experiment of
 that seed: the pipeline reuses a teacher checkpoint made by the same configuration).
-A finished (experiment, seed) is not run again: rerun the script to resume.
+A finished (experiment, seed) is not run again: rerun the script to resume;
+``--report`` tabulates what has finished without running anything.
 
 Writes ``benchmarks/results/controls.md`` (the README table) and ``controls.json``
 (every number) and prints the table: teacher, control and distilled student on the test
@@ -49,11 +50,14 @@ def mean_std(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} ± {std:{fmt.lstrip('+')}}"
 
 
-def run_one(name: str, seed: int, out: Path, env: dict) -> dict:
-    """One pipeline run (teacher reused when present, control, distilled) -> its numbers."""
+def run_one(name: str, seed: int, out: Path, env: dict, run: bool = True) -> dict | None:
+    """One pipeline run (teacher reused when present, control, distilled) -> its numbers;
+    ``run=False``: the numbers of a finished run, or None."""
     teacher, metric, _ = ROWS[name]
     run_dir = out / name / f"seed{seed}"
     if not ((run_dir / "report.json").is_file() and (run_dir / "stages.json").is_file()):
+        if not run:
+            return None
         cmd = [
             sys.executable, "-m", "distillery.pipeline", f"seed={seed}",
             f"stages.teacher=['experiment={teacher}']", f"stages.student=['experiment={name}']",
@@ -74,14 +78,15 @@ def run_one(name: str, seed: int, out: Path, env: dict) -> dict:
         "distilled": models["student"][metric],
         "control_s": stages["control"]["seconds"],
         "distilled_s": stages["student"]["seconds"],
+        "seed": seed,
     }
 
 
 def table(results: dict[str, list[dict]]) -> str:
     lines = [
-        "| experiment | metric | teacher | control (no teacher) | distilled | distilled - control | "
-        "time: control / distilled |",
-        "|---|---|---|---|---|---|---|",
+        "| experiment | metric | seeds | teacher | control (no teacher) | distilled | "
+        "distilled - control | time: control / distilled |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         _, metric, higher = ROWS[name]
@@ -91,6 +96,7 @@ def table(results: dict[str, list[dict]]) -> str:
         cells = [
             f"`{name}`",
             metric + (" (higher is better)" if higher else " (lower is better)"),
+            ", ".join(str(r["seed"]) for r in runs),
             *(mean_std([r[k] for r in runs], fmt) for k in ("teacher", "control", "distilled")),
             ("**" if better else "") + mean_std(diff, "+" + fmt) + ("**" if better else ""),
             f"{statistics.mean(r['control_s'] for r in runs):.0f} s / "
@@ -105,27 +111,32 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS), default=list(ROWS))
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_controls")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: tabulate the finished (experiment, seed) runs")  # fmt: skip
     args = parser.parse_args()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    if not args.report:
+        for name in args.only:
+            for seed in args.seeds:
+                start = time.perf_counter()
+                numbers = run_one(name, seed, args.out, env)
+                print(
+                    f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {numbers}",
+                    flush=True,
+                )
+    results = {}
+    for name in ROWS:
+        runs = [r for seed in args.seeds if (r := run_one(name, seed, args.out, env, run=False))]
+        if runs:
+            results[name] = runs
     results_json = ROOT / "benchmarks" / "results" / "controls.json"
-    saved = json.loads(results_json.read_text()) if results_json.is_file() else {}
-    for name in args.only:
-        runs = []
-        for seed in args.seeds:
-            start = time.perf_counter()
-            runs.append(run_one(name, seed, args.out, env) | {"seed": seed})
-            print(
-                f"{name} seed {seed} ({time.perf_counter() - start:.0f} s): {runs[-1]}", flush=True
-            )
-        saved[name] = runs
-        results_json.parent.mkdir(parents=True, exist_ok=True)
-        results_json.write_text(json.dumps(saved, indent=2))
-    ordered = {name: saved[name] for name in ROWS if name in saved}
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(json.dumps(results, indent=2))
     text = (
-        f"Test split, mean ± std over seeds {sorted({r['seed'] for v in ordered.values() for r in v})}; "
-        "each seed trains its own teacher. Control: the same experiment with `control=true`. "
-        "Times: wall seconds per run on this machine (2 CPU cores).\n\n" + table(ordered)
+        "Test split, mean ± std over the seeds listed; each seed trains its own teacher. "
+        "Control: the same experiment with `control=true`. Times: wall seconds per run on "
+        "this machine (2 CPU cores, shared with other jobs while measured).\n\n" + table(results)
     )
     (ROOT / "benchmarks" / "results" / "controls.md").write_text(text)
     print(text)
