@@ -122,6 +122,17 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None, None, None
 
 
+def check_arguments(kind: str, chunk_size, ce_weight: float, kd_weight: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if chunk_size is None or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if ce_weight < 0 or kd_weight < 0 or not (ce_weight or kd_weight):
+        raise ValueError(
+            f"ce_weight and kd_weight must be >= 0, not both 0; got {ce_weight}, {kd_weight}"
+        )
+
+
 def fused_token_loss_per_token(
     student: HeadOutputs,
     teacher: HeadOutputs | None,
@@ -137,10 +148,7 @@ def fused_token_loss_per_token(
     """``kd_weight * D(p || q) + ce_weight * CE`` at every position of ``labels``
     (``[...]``, -100 = not trained: 0 there), from hidden states ``[..., D]`` and output
     layers; float32, shape of ``labels``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if chunk_size is None or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    check_arguments(kind, chunk_size, ce_weight, kd_weight)
     if kd_weight and teacher is None:
         raise ValueError("kd_weight > 0 needs the teacher's hidden states and output layer")
     w_s, b_s = student.head.weight, student.head.bias
@@ -187,14 +195,7 @@ class FusedTokenLoss(LossTerm):
         chunk_size: int = 128,
     ):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if chunk_size is None or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-        if ce_weight < 0 or kd_weight < 0 or not (ce_weight or kd_weight):
-            raise ValueError(
-                f"ce_weight and kd_weight must be >= 0, not both 0; got {ce_weight}, {kd_weight}"
-            )
+        check_arguments(kind, chunk_size, ce_weight, kd_weight)
         self.needs_teacher = kd_weight > 0
         self.kwargs = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha,
                        "ce_weight": ce_weight, "kd_weight": kd_weight, "chunk_size": chunk_size}  # fmt: skip
