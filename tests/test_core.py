@@ -283,3 +283,34 @@ def test_too_many_skips_stop_the_run(train_cfg):
     )
     with pytest.raises(FloatingPointError, match="max_skipped_share"):
         trainer.fit(module, datamodule=datamodule)
+
+
+def test_bf16_teacher_halves_its_memory_and_keeps_the_loss(train_cfg, mnist1d_teacher_ckpt):
+    """teacher.dtype=bf16: weights and forward in bfloat16 (half the bytes), float32
+    outputs; the first KD loss within 1e-2 (relative) of the float32 teacher's; the
+    report card rebuilds it from the checkpoint's provenance (hash of the loaded weights)."""
+    from distillery.config import ConfigError
+    from distillery.evaluate import rebuild_teacher
+    from distillery.train import build_run
+
+    base = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300", "debug=fdr",
+            f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "seed=5"]  # fmt: skip
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["teacher.dtype=bf16"])):
+        datamodule, module, trainer, _ = build_run(train_cfg(*base, *extra))
+        runs[name] = module
+        trainer.fit(module, datamodule=datamodule)
+        runs[name + "_loss"] = float(trainer.callback_metrics["train/loss"])
+    size = {
+        n: sum(p.numel() * p.element_size() for p in runs[n].teacher.parameters())
+        for n in ("fp32", "bf16")
+    }
+    assert size["bf16"] * 2 == size["fp32"]
+    assert {p.dtype for p in runs["bf16"].teacher.parameters()} == {torch.bfloat16}
+    x = torch.randn(4, 40)
+    assert runs["bf16"].teacher(x).dtype == torch.float32
+    assert runs["bf16_loss"] == pytest.approx(runs["fp32_loss"], rel=1e-2)
+    ckpt = {"distillery": {"teacher": runs["bf16"].teacher.provenance}}
+    assert rebuild_teacher(ckpt).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="teacher.dtype: teacher.dtype must be one of"):
+        build_run(train_cfg(*base, "teacher.dtype=int3"))

@@ -23,14 +23,14 @@ log = logging.getLogger(__name__)
 
 def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
     """The teacher a student was distilled from, from its recorded provenance."""
+    from distillery.core.builder import build_frozen_model
     from distillery.core.checkpoint import META_KEY
-    from distillery.core.teacher import weights_sha256
 
     provenance = ckpt[META_KEY].get("teacher")
     if provenance is None:
         return None
-    teacher = build(OmegaConf.create(provenance["config"]), f"{key} (recorded teacher config)")
-    found = weights_sha256(teacher.model)
+    teacher = build_frozen_model(provenance["config"], f"{key} (recorded teacher config)")
+    found = teacher.provenance["sha256"]  # of the weights as loaded, before any cast
     if found != provenance["sha256"]:
         raise ValueError(
             f"{key}: the teacher rebuilt from its recorded config ({provenance.get('source')}) has "

@@ -106,6 +106,12 @@ def _signature(fn) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
     return params, hints, True
 
 
+def _consumed_keys(key: str) -> set[str]:
+    """Keys Distillery reads around a node's ``_target_`` and does not pass to it: a
+    frozen model's ``dtype`` (``core.builder.build_frozen_model``)."""
+    return {"dtype"} if key == "teacher" or key.startswith("frozen.") else set()
+
+
 def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
     target = node.get("_target_")
     try:
@@ -117,8 +123,9 @@ def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:
         params, hints, takes_kwargs = _signature(fn)
     except (TypeError, ValueError, NameError):
         return
+    consumed = _consumed_keys(key)
     for name in node:
-        if str(name).startswith("_"):
+        if str(name).startswith("_") or name in consumed:
             continue
         if name not in params:
             if not takes_kwargs:

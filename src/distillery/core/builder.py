@@ -16,27 +16,42 @@ from omegaconf import DictConfig
 from distillery.config import ConfigError, build, to_record, validate
 
 
-def build_teacher(cfg: DictConfig):
-    """The teacher from ``cfg.teacher`` with its config recorded in its provenance."""
+def build_frozen_model(node, key: str):
+    """A frozen model from a teacher-source node: ``_target_`` (the source) plus an
+    optional ``dtype`` (``bf16``: weights and forward in bfloat16, see
+    ``Teacher.cast``), with its config recorded in its provenance."""
+    from omegaconf import OmegaConf, open_dict
+
     from distillery.core.teacher import Teacher
 
-    node = cfg.get("teacher")
-    if node is not None and "_target_" not in node:
-        raise ConfigError(
-            [f"teacher: no teacher source (_target_), only {sorted(node)}; choose one with "
-             f"teacher=<source>, or run the no-teacher control with control=true"]
-        )  # fmt: skip
-    teacher = build(node, "teacher")
-    if teacher is None:
+    if node is None:
         return None
-    if not isinstance(teacher, Teacher):
+    node = OmegaConf.create(node) if isinstance(node, dict) else node
+    if "_target_" not in node:
         raise ConfigError(
-            [
-                f"teacher: the teacher source must return a distillery.core.teacher.Teacher, got {type(teacher).__name__}"
-            ]
-        )
-    teacher.provenance["config"] = to_record(cfg.teacher)
-    return teacher
+            [f"{key}: no teacher source (_target_), only {sorted(node)}; choose one with "
+             f"{key}=<source>, or run the no-teacher control with control=true"]
+        )  # fmt: skip
+    source = node.copy()
+    with open_dict(source):
+        dtype = source.pop("dtype", None)
+    model = build(source, key)
+    if not isinstance(model, Teacher):
+        raise ConfigError(
+            [f"{key}: the teacher source must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
+        )  # fmt: skip
+    model.provenance["config"] = to_record(node)
+    if dtype is not None:
+        try:
+            model.cast(str(dtype))
+        except ValueError as e:
+            raise ConfigError([f"{key}.dtype: {e}"]) from e
+    return model
+
+
+def build_teacher(cfg: DictConfig):
+    """The teacher from ``cfg.teacher``."""
+    return build_frozen_model(cfg.get("teacher"), "teacher")
 
 
 def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
@@ -101,20 +116,10 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
 def build_frozen(cfg: DictConfig) -> dict:
     """Further frozen models (``frozen: {name: <teacher source>}``, e.g. a DPO reference),
     each under the Teacher contract, with its config in its provenance."""
-    from distillery.core.teacher import Teacher
-
-    models = {}
-    for name, node in (cfg.get("frozen") or {}).items():
-        model = build(node, f"frozen.{name}")
-        if not isinstance(model, Teacher):
-            raise ConfigError(
-                [
-                    f"frozen.{name}: must return a distillery.core.teacher.Teacher, got {type(model).__name__}"
-                ]
-            )
-        model.provenance["config"] = to_record(node)
-        models[str(name)] = model
-    return models
+    return {
+        str(name): build_frozen_model(node, f"frozen.{name}")
+        for name, node in (cfg.get("frozen") or {}).items()
+    }
 
 
 def build_student(cfg: DictConfig):

@@ -145,9 +145,12 @@ class DistillationModule(L.LightningModule):
         taps = [t for t in (self.student_taps, self.teacher_taps) if t]
         if not taps or not all(t.active for t in taps):
             return {}
+        teacher = self.teacher_taps.captured if self.teacher_taps else {}
+        if self.teacher is not None and self.teacher.dtype is not None:  # low-precision teacher
+            teacher = {k: v.float() if torch.is_tensor(v) else v for k, v in teacher.items()}
         return {
             "student_features": self.student_taps.captured if self.student_taps else {},
-            "teacher_features": self.teacher_taps.captured if self.teacher_taps else {},
+            "teacher_features": teacher,
         }
 
     def setup(self, stage: str) -> None:

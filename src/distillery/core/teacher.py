@@ -11,7 +11,10 @@ guarantees, whatever the surrounding code does:
   the running statistics are never updated;
 * provenance: ``provenance`` records where the weights came from (source, config,
   sha256 of the weights) so a student checkpoint can rebuild its teacher without
-  storing its weights.
+  storing its weights;
+* precision: ``cast("bf16")`` (the ``dtype`` key of any teacher config) keeps the
+  weights and runs the forward in bfloat16 (half the memory) and hands float32 outputs
+  to the losses; the provenance hash stays the one of the weights as loaded.
 
 Teacher sources are plain functions returning a ``Teacher``; add one by writing a
 function and a YAML file ``conf/teacher/<name>.yaml`` with ``_target_`` pointing to it.
@@ -30,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from distillery.core.input_norm import InputNorm
 
 BNMode = Literal["eval", "batch_stats"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -64,7 +68,20 @@ class Teacher(nn.Module):
                     m.momentum = 0.0
         self.provenance: dict[str, Any] = dict(provenance or {})
         self.provenance.setdefault("sha256", weights_sha256(self.model))
+        self.dtype: torch.dtype | None = None
         self.train(False)
+
+    def cast(self, dtype: str) -> Teacher:
+        """Weights and forward in ``dtype`` (``fp32``, ``bf16``, ``fp16``); outputs float32."""
+        if dtype not in DTYPES:
+            raise ValueError(f"teacher.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype]
+        self.model.to(self.dtype)
+        return self
+
+    def _in(self, x: Tensor) -> Tensor:
+        x = self.input_norm(x)
+        return x.to(self.dtype) if self.dtype is not None and x.is_floating_point() else x
 
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - mode is ignored on purpose
         super().train(False)
@@ -85,12 +102,13 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(self.input_norm(x))
+        out = self.model(self._in(x))
+        return out.float() if self.dtype is not None else out
 
     @torch.no_grad()
     def hidden_and_head(self, x: Tensor):
         """Last hidden states and output layer of the network (fused token losses)."""
-        return self.network.hidden_and_head(self.input_norm(x))
+        return self.network.hidden_and_head(self._in(x))
 
 
 def _norm(input_norm: dict | None) -> InputNorm:
