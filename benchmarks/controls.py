@@ -7,8 +7,9 @@ experiment, and the default ``stages.control`` (the experiment + ``control=true`
 student, data, views, schedule and seed, no teacher and no teacher-only term), in a
 fresh subprocess. Each seed trains its own teacher once (shared by every experiment of
 that seed: the pipeline reuses a teacher checkpoint made by the same configuration).
-A finished (experiment, seed) is not run again: rerun the script to resume;
-``--report`` tabulates what has finished without running anything.
+A finished (experiment, seed), in ``--out`` or in the committed ``controls.json``, is
+not run again: rerun the script to resume; ``--report`` tabulates what has finished
+without running anything.
 
 Writes ``benchmarks/results/controls.md`` (the README table) and ``controls.json``
 (every number) and prints the table: teacher, control and distilled student on the test
@@ -116,9 +117,14 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    results_json = ROOT / "benchmarks" / "results" / "controls.json"
+    saved = json.loads(results_json.read_text()) if results_json.is_file() else {}
+    done = {(name, r["seed"]): r for name, runs in saved.items() for r in runs}
     if not args.report:
         for name in args.only:
             for seed in args.seeds:
+                if (name, seed) in done:  # measured before (committed results)
+                    continue
                 start = time.perf_counter()
                 numbers = run_one(name, seed, args.out, env)
                 print(
@@ -127,10 +133,13 @@ def main() -> None:
                 )
     results = {}
     for name in ROWS:
-        runs = [r for seed in args.seeds if (r := run_one(name, seed, args.out, env, run=False))]
+        runs = [
+            r
+            for seed in args.seeds
+            if (r := done.get((name, seed)) or run_one(name, seed, args.out, env, run=False))
+        ]
         if runs:
             results[name] = runs
-    results_json = ROOT / "benchmarks" / "results" / "controls.json"
     results_json.parent.mkdir(parents=True, exist_ok=True)
     results_json.write_text(json.dumps(results, indent=2))
     text = (
