@@ -268,9 +268,11 @@ def build_run(cfg: DictConfig):
         cfg = control_config(cfg)
     validate(cfg)
     import lightning as L
+    from lightning.pytorch.callbacks.progress import ProgressBar as ProgressBarBase
     from torch import nn
 
     from distillery.config.extras import build_list
+    from distillery.core.callbacks import ProgressBar
     from distillery.core.checkpoint import AtomicCheckpointIO
     from distillery.core.input_norm import InputNorm
     from distillery.core.loggers import log_hyperparameters, single_lightning_log
@@ -333,6 +335,10 @@ def build_run(cfg: DictConfig):
 
     check_optimized_metric(cfg, module)
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBarBase) for c in callbacks
+    ):  # Lightning's rich bar, step-based runs shown without "/-2"
+        callbacks.append(ProgressBar())
     loggers = build_list(cfg.get("logger"), "logger")
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
