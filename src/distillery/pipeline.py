@@ -53,6 +53,13 @@ def stage_config(
         raise ConfigError([f"stages.{name}: cannot compose {overrides}: {e}"]) from e
 
 
+def timed(fn, *args) -> tuple[Any, float]:
+    """``fn(*args)`` and its wall time in seconds (one decimal), for ``stages.json``."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, round(time.perf_counter() - start, 1)
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
     from distillery.core.checkpoint import artifact_differences, atomic_write_text
@@ -67,11 +74,12 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         "teacher", [*cfg.stages.teacher, f"export_ckpt={teacher_ckpt}"], cfg, out_dir
     )
     diffs = artifact_differences(teacher_ckpt, to_record(tcfg)) if teacher_ckpt.is_file() else []
+    reuse = teacher_ckpt.is_file() and not diffs and not cfg.retrain_teacher
     stages: dict[str, dict] = {
         "teacher": {"overrides": list(cfg.stages.teacher), "checkpoint": str(teacher_ckpt),
-                    "seconds": 0.0, "reused": not diffs and teacher_ckpt.is_file() and not cfg.retrain_teacher}
+                    "seconds": 0.0, "reused": reuse}
     }  # fmt: skip
-    if teacher_ckpt.is_file() and not diffs and not cfg.retrain_teacher:
+    if reuse:
         log.info("reusing teacher checkpoint %s", teacher_ckpt)
     else:
         if diffs:  # the export keeps the old file aside
@@ -81,9 +89,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             )  # fmt: skip
         else:
             log.info("training the teacher into %s", teacher_ckpt)
-        start = time.perf_counter()
-        train(tcfg)
-        stages["teacher"]["seconds"] = round(time.perf_counter() - start, 1)
+        stages["teacher"]["seconds"] = timed(train, tcfg)[1]
 
     student = list(cfg.stages.student)
     control = cfg.stages.get("control")
@@ -94,14 +100,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     for name, overrides in (cfg.get("extra_students") or {}).items():
         runs[str(name)] = [*overrides, f"teacher.ckpt_path={teacher_ckpt}"]
     for name, stage_overrides in runs.items():
-        scfg = stage_config(name, stage_overrides, cfg, out_dir)
-        start = time.perf_counter()
-        metrics = train(scfg)
+        metrics, seconds = timed(train, stage_config(name, stage_overrides, cfg, out_dir))
         if not metrics.get("best_ckpt"):
             raise RuntimeError(f"stages.{name}: the run saved no checkpoint; the report needs one")
         ckpts[name] = metrics["best_ckpt"]
-        stages[name] = {"overrides": stage_overrides, "checkpoint": ckpts[name],
-                        "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        stages[name] = {"overrides": stage_overrides, "checkpoint": ckpts[name], "seconds": seconds}
 
     ecfg = compose(
         config_name="evaluate",
