@@ -24,11 +24,13 @@ setup: $(VENV)/.installed
 distill: setup
 	$(PY) -m distillery.pipeline $(ARGS)
 
+# One pytest-xdist worker per core (TEST_WORKERS=0: one process, e.g. to debug).
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

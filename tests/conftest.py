@@ -16,6 +16,10 @@ from distillery.config.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 
 SMALL_MNIST1D = ["data.num_samples=1000", "data.val_size=200"]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core, so
+    os.environ["OMP_NUM_THREADS"] = "1"  # N workers (and their subprocesses) do not
+    torch.set_num_threads(1)  # oversubscribe N cores
+
 
 def compose_cfg(config_name: str, overrides: list[str]):
     GlobalHydra.instance().clear()

@@ -83,7 +83,7 @@ class CausalLMTask(Task):
         return {
             "ppl": ppl, "nll": values["nll"],
             "agreement": values.get("agreement"), "kl_to_teacher": values.get("kl_to_teacher"),
-            "quality_retained": 100.0 * math.exp(teacher["nll"]) / ppl if teacher else None,
+            "quality_retained": 100.0 * (math.exp(teacher["nll"]) / ppl) if teacher else None,
         }  # fmt: skip
 
     def units_per_sample(self, example: Tensor) -> int:

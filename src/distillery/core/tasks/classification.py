@@ -59,5 +59,5 @@ class ClassificationTask(Task):
         return {
             "accuracy": values["acc"], "nll": values["nll"], "ece": values["ece"],
             "agreement": values.get("agreement"), "kl_to_teacher": values.get("kl_to_teacher"),
-            "quality_retained": 100.0 * values["acc"] / teacher["acc"] if teacher and teacher["acc"] else None,
+            "quality_retained": 100.0 * (values["acc"] / teacher["acc"]) if teacher and teacher["acc"] else None,
         }  # fmt: skip
