@@ -213,9 +213,16 @@ def control_objective(cfg: DictConfig, objective, task):
 
 def check_processes(cfg: DictConfig) -> None:
     """Refuse more CPU processes than this machine has cores (``trainer.devices`` x
-    ``trainer.num_nodes`` on ``accelerator: cpu``) unless ``allow_oversubscription``."""
+    ``trainer.num_nodes`` on ``accelerator: cpu``) unless ``allow_oversubscription``, and
+    several processes without a seed."""
     trainer = cfg.trainer
     devices = trainer.get("devices", 1)
+    many = not isinstance(devices, int) or devices * int(trainer.get("num_nodes") or 1) > 1
+    if many and cfg.get("seed") is None and str(trainer.get("strategy", "auto")) != "auto":
+        raise ConfigError(
+            ["seed: null with several processes: each would draw its own data order, and the "
+             "ranks' shards would overlap; set a seed"]
+        )  # fmt: skip
     if trainer.get("accelerator") != "cpu" or not isinstance(devices, int):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -153,6 +153,22 @@ class DistillationModule(L.LightningModule):
             "teacher_features": teacher,
         }
 
+    def configure_model(self) -> None:
+        """``trainer=fsdp2``: the strategy shards student, objective and frozen models
+        (``core/sharding.py``); other strategies need nothing here."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from distillery.core.sharding import FSDP2Strategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self)
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ValueError(
+                "trainer.strategy: ModelParallelStrategy needs the distillation sharding plan; "
+                "use distillery.core.sharding.FSDP2Strategy (trainer=fsdp2 or fsdp2_sim)"
+            )
+
     def setup(self, stage: str) -> None:
         for t in (self.student_taps, self.teacher_taps):
             if t:
@@ -175,10 +191,16 @@ class DistillationModule(L.LightningModule):
         n = self.trainer.num_training_batches if self._trainer is not None else 0
         return self.current_epoch + (batch_idx / n if n and n != float("inf") else 0.0)
 
-    def _log_terms(self, total: Tensor, values: dict, batch_size: int) -> None:
-        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+    def _log_terms(
+        self, total: Tensor, values: dict, batch_size: int, shares: bool = False
+    ) -> None:
+        """Log the step's losses over all processes: the mean of the ranks' batch means,
+        or with ``shares`` (step-normalised: each rank holds its share of the step's
+        loss) their sum."""
+        sync = {"sync_dist": True, "reduce_fx": "sum" if shares else "mean"}
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size, **sync)
         for name, value in values.items():
-            self.log(f"train/loss/{name}", value, batch_size=batch_size)
+            self.log(f"train/loss/{name}", value, batch_size=batch_size, **sync)
         for name in self.objective.scheduled:
             w = self.objective.current_weights[name]
             self.log(f"train/weight/{name}", w, batch_size=batch_size)
@@ -231,7 +253,7 @@ class DistillationModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
             scheduler.step()
-        self._log_terms(step_total, sums, rows)
+        self._log_terms(step_total, sums, rows, shares=True)
         self.log("train/tokens", step_count, batch_size=rows)
 
     def on_train_start(self) -> None:

@@ -5,13 +5,18 @@ global RNG, and a DataLoader that Lightning checkpoints and restores mid-epoch.
 weighted draws with replacement) from a generator seeded by ``(seed, epoch, pass)``;
 Lightning calls ``set_epoch`` at every epoch start, and a loader that runs out inside an
 epoch (the shorter loader of a ``max_size_cycle`` combination) starts its next pass.
+Under DDP / FSDP2 it shards itself: rank ``r`` of ``R`` takes items ``r, r + R, ...`` of
+the same pass (padded to a multiple of ``R`` from its start), so the ``R`` batches of a
+step together are the single-process batch of ``R`` times the size. It is a
+``DistributedSampler`` subclass so that Lightning does not wrap it in its own (which
+would re-split and re-draw the order).
 :class:`ResumableLoader` exposes the sampler's position as ``state_dict`` /
 ``load_state_dict``: Lightning saves it in every checkpoint and restores it before the
 resumed epoch iterates, so the loader continues with the first batch the interrupted run
 had not trained on. The position counts the batches the loader handed out (workers fetch
 indices ahead; Lightning does not fetch ahead from a loader whose length it knows, and
-these loaders always have one). Exact in a single process; under DDP Lightning wraps the
-sampler in its distributed sampler, and the position is not saved.
+these loaders always have one), as samples of the whole pass, so a run may resume on
+another number of processes.
 """
 
 from __future__ import annotations
@@ -20,10 +25,20 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochSampler(Sampler[int]):
+def replicas() -> tuple[int, int]:
+    """(number of processes, this process's rank) of the initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    # DistributedSampler.__init__ is not called: it wants a dataset and a process group.
     def __init__(
         self,
         size: int,
@@ -37,12 +52,13 @@ class EpochSampler(Sampler[int]):
         self.size, self.weights = size, weights
         self.num_samples = num_samples if num_samples is not None else size
         self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.num_replicas, self.rank = replicas()
         self.epoch, self.next_pass = 0, 0
         self.pass_index = 0  # the pass being iterated
         self._resume: tuple[int, int, int] | None = None  # (epoch, pass, samples to skip)
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)  # this process's share
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -64,20 +80,26 @@ class EpochSampler(Sampler[int]):
             self._resume = None
         self.pass_index = self.next_pass
         self.next_pass += 1
-        yield from self.order(self.epoch, self.pass_index)[skip:].tolist()
+        order = self.order(self.epoch, self.pass_index)
+        if self.num_replicas > 1:
+            order = torch.cat([order, order[: -len(order) % self.num_replicas]])
+            order = order[self.rank :: self.num_replicas]
+        yield from order[skip:].tolist()
 
     def state(self, consumed: int) -> dict:
-        """The position after ``consumed`` samples of the current pass."""
+        """The position after this process consumed ``consumed`` samples of the current
+        pass (all processes together: ``consumed`` x the number of processes)."""
         return {
             "seed": self.seed,
             "epoch": self.epoch,
             "pass": self.pass_index,
-            "consumed": consumed,
+            "consumed": consumed * self.num_replicas,
         }
 
     def resume(self, state: dict) -> None:
         self.seed = int(state.get("seed", self.seed))
-        self._resume = (int(state["epoch"]), int(state["pass"]), int(state["consumed"]))
+        skip = int(state["consumed"]) // self.num_replicas
+        self._resume = (int(state["epoch"]), int(state["pass"]), skip)
         self.epoch, self.next_pass = int(state["epoch"]), int(state["pass"])
 
 

@@ -1,0 +1,132 @@
+"""trainer=fsdp2 (FSDP2 through Lightning's ModelParallelStrategy) with a frozen teacher,
+on 2 CPU processes (gloo): the same steps as one process with the same global batch,
+student-only checkpoints, resume."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_MNIST1D, compose_cfg, text_overrides
+
+# one process with batch 2b equals two processes with b each, up to the order of float sums
+TOL = 1e-5
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def student_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def single_process(tmp_path, data_dir, name, *overrides) -> Path:
+    from distillery.train import train
+
+    out = tmp_path / name
+    train(compose_cfg("train", [*overrides, f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
+                                f"paths.artifacts_dir={tmp_path / 'artifacts'}", "extras.print_config=false"]))  # fmt: skip
+    return out
+
+
+def fsdp2(tmp_path, data_dir, name, *overrides) -> Path:
+    from test_cli import common, run_cli
+
+    out = tmp_path / name
+    proc = run_cli("distillery.train", "trainer=fsdp2_sim", *overrides, f"hydra.run.dir={out}",
+                   *common(tmp_path, data_dir))  # fmt: skip
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_kd_takes_the_single_process_steps_and_resumes(
+    tmp_path, data_dir, mnist1d_teacher_ckpt
+):
+    """mnist1d_kd: 2 ranks x (64 labeled + 256 transfer) per step == 1 process x (128 +
+    512): the logged losses and the student after 6 steps, the last 3 of them resumed
+    from the sharded run's last.ckpt. The checkpoint holds the student only, and the
+    optimizer state covers exactly the student's parameters."""
+    common = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=1200", "seed=5", "test=false",
+              "trainer.log_every_n_steps=1", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    single = single_process(tmp_path, data_dir, "single", *common, "+trainer.max_steps=6",
+                            "data.batch_size=128", "data.transfer_batch_size=512")  # fmt: skip
+    first = fsdp2(tmp_path, data_dir, "fsdp2", *common, "+trainer.max_steps=3")
+    resumed = fsdp2(tmp_path, data_dir, "fsdp2_resumed", *common, "+trainer.max_steps=6",
+                    f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+
+    want = logged_losses(single)
+    got = {**logged_losses(first), **logged_losses(resumed)}
+    assert sorted(got) == sorted(want) == list(range(6))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=TOL, abs=TOL), step
+    ckpt, reference = student_state(resumed), student_state(single)
+    assert ckpt["global_step"] == 6
+    assert max_diff(ckpt["state_dict"], reference["state_dict"]) <= TOL
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+    from distillery.core.checkpoint import load_student
+
+    trainable = [p for p in load_student(resumed / "checkpoints" / "last.ckpt").parameters()]
+    (state,) = ckpt["optimizer_states"]
+    assert len(state["state"]) == len(trainable)  # Adam moments of the student's tensors only
+    sizes = sorted(s["exp_avg"].numel() for s in state["state"].values())
+    assert sizes == sorted(p.numel() for p in trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["dense", "fused"])
+def test_fsdp2_token_kd_takes_the_single_process_steps(
+    tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt, fused
+):
+    """text_lm_kd with GPT-2 blocks as FSDP2 units (teacher sharded in its own): 2 ranks x
+    4 sequences == 1 process x 8 (step-normalised tokens, manual optimisation, clipping),
+    for the dense token loss and the fused one (which runs the models' hidden_and_head)."""
+    no_dropout = [f"+student.config.{k}=0.0" for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
+    common = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), *no_dropout, "seed=2",
+              "test=false", "trainer.log_every_n_steps=1", "+trainer.max_steps=3", "trainer.max_epochs=1",
+              f"teacher.ckpt_path={text_teacher_ckpt}", "+trainer.limit_val_batches=1"]  # fmt: skip
+    if fused:
+        common += ["task=causal_lm", "task.fused=true", "distill=token_kd_fused"]
+    single = single_process(tmp_path, data_dir, "single", *common, "data.batch_size=8")
+    sharded = fsdp2(tmp_path, data_dir, "fsdp2", *common, "data.batch_size=4")
+    want, got = logged_losses(single), logged_losses(sharded)
+    assert sorted(got) == sorted(want) == [0, 1, 2]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=TOL, abs=TOL), step
+    ckpt = student_state(sharded)
+    assert max_diff(ckpt["state_dict"], student_state(single)["state_dict"]) <= TOL
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+
+
+def test_fsdp2_plan_names_its_keys(train_cfg):
+    from distillery.config import ConfigError
+    from distillery.core.builder import build_run
+    from distillery.core.sharding import units
+    from distillery.models.hf import HFCausalLM
+
+    with pytest.raises(ConfigError, match="trainer.strategy.teacher"):
+        build_run(
+            train_cfg(
+                "experiment=mnist1d_baseline", "trainer=fsdp2_sim", "trainer.strategy.teacher=half"
+            )
+        )
+    with pytest.raises(ConfigError, match="save_distributed_checkpoint"):
+        build_run(train_cfg("experiment=mnist1d_baseline", "trainer=fsdp2_sim",
+                            "+trainer.strategy.save_distributed_checkpoint=true"))  # fmt: skip
+    with pytest.raises(ConfigError, match="seed: null with several processes"):
+        build_run(train_cfg("experiment=mnist1d_baseline", "trainer=fsdp2_sim", "seed=null"))
+    gpt = HFCausalLM(
+        config={"model_type": "gpt2", "vocab_size": 50, "n_embd": 8, "n_layer": 2, "n_head": 2}
+    )
+    assert [type(m).__name__ for m in units(gpt, None, "k")] == ["GPT2Block", "GPT2Block"]
+    assert len(units(gpt, ["model.transformer.h.*"], "k")) == 2
+    with pytest.raises(ValueError, match=r"k: \['Block'\] match no module"):
+        units(gpt, ["Block"], "k")
