@@ -1,5 +1,7 @@
 """GPU-only checks (marker `gpu`; skipped without CUDA)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,3 +37,35 @@ def test_gpu_bf16_distillation_run(train_cfg, mnist1d_teacher_ckpt):
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert metrics["test/acc"] > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp", "deepspeed"])
+def test_sharded_strategies_on_one_gpu(train_cfg, mnist1d_teacher_ckpt, strategy):
+    """trainer=fsdp2 (bf16 parameters), fsdp (FSDP1, teacher in ignored_modules) and
+    deepspeed (ZeRO-2; skipped without the package) on one GPU: a few steps train, and
+    the checkpoint holds the student, never the teacher."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    cfg = train_cfg(
+        "experiment=mnist1d_kd",
+        f"trainer={strategy}",
+        "trainer.devices=1",
+        *SMALL_MNIST1D,
+        "data.transfer_size=400",
+        f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+        "trainer.max_epochs=1",
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    path = Path(metrics["best_ckpt"])
+    if path.is_dir():  # a DeepSpeed checkpoint directory: consolidate it first
+        from lightning.pytorch.utilities.deepspeed import (
+            convert_zero_checkpoint_to_fp32_state_dict,
+        )
+
+        single = path.with_suffix(".fp32.ckpt")
+        convert_zero_checkpoint_to_fp32_state_dict(path, single)
+        path = single
+    ckpt = torch.load(path, weights_only=False)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]

@@ -86,9 +86,10 @@ def test_fsdp2_kd_takes_the_single_process_steps_and_resumes(
 def test_fsdp2_token_kd_takes_the_single_process_steps(
     tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt, fused
 ):
-    """text_lm_kd with GPT-2 blocks as FSDP2 units (teacher sharded in its own): 2 ranks x
-    4 sequences == 1 process x 8 (step-normalised tokens, manual optimisation, clipping),
-    for the dense token loss and the fused one (which runs the models' hidden_and_head)."""
+    """text_lm_kd with GPT-2 blocks as FSDP2 units: 2 ranks x 4 sequences == 1 process x 8
+    (step-normalised tokens, manual optimisation, clipping), for the dense token loss
+    (teacher replicated) and the fused one (teacher sharded in its own units; the
+    models run through hidden_and_head)."""
     no_dropout = [f"+student.config.{k}=0.0" for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
     common = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), *no_dropout, "seed=2",
               "test=false", "trainer.log_every_n_steps=1", "+trainer.max_steps=3", "trainer.max_epochs=1",
@@ -96,7 +97,9 @@ def test_fsdp2_token_kd_takes_the_single_process_steps(
     if fused:
         common += ["task=causal_lm", "task.fused=true", "distill=token_kd_fused"]
     single = single_process(tmp_path, data_dir, "single", *common, "data.batch_size=8")
-    sharded = fsdp2(tmp_path, data_dir, "fsdp2", *common, "data.batch_size=4")
+    teacher = "shard" if fused else "replicate"  # both placements of the frozen teacher
+    sharded = fsdp2(tmp_path, data_dir, "fsdp2", *common, "data.batch_size=4",
+                    f"trainer.strategy.teacher={teacher}")  # fmt: skip
     want, got = logged_losses(single), logged_losses(sharded)
     assert sorted(got) == sorted(want) == [0, 1, 2]
     for step in want:
@@ -130,3 +133,32 @@ def test_fsdp2_plan_names_its_keys(train_cfg):
     assert len(units(gpt, ["model.transformer.h.*"], "k")) == 2
     with pytest.raises(ValueError, match=r"k: \['Block'\] match no module"):
         units(gpt, ["Block"], "k")
+
+
+class Frozen(torch.nn.Module):
+    """The part of a DistillationModule the sharding plan reads: named frozen models."""
+
+    frozen_names = ["teacher"]
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.teacher = torch.nn.Linear(width, width)
+
+
+def test_replicated_teacher_must_fit_and_fsdp1_keeps_it_out_of_flat_parameters(monkeypatch):
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    import distillery.core.sharding as sharding
+    from distillery.config import ConfigError
+
+    module = Frozen(64)  # 64 x 65 float32 = 16.6 kB
+    monkeypatch.setattr(sharding, "free_memory", lambda device: 40_000)
+    with pytest.raises(ConfigError, match=r"trainer.strategy.teacher: .*full copy.*shard them"):
+        sharding.check_replicate(module, torch.device("cpu"), 2, "trainer.strategy.teacher")
+    sharding.check_replicate(module, torch.device("cpu"), 1, "trainer.strategy.teacher")  # fits
+
+    fsdp1 = FSDPStrategy(parallel_devices=[torch.device("cpu")])
+    sharding.configure_sharding(module, fsdp1)  # Lightning wraps the root after this hook
+    assert fsdp1.kwargs["ignored_modules"] == [module.teacher]
+    with pytest.raises(ConfigError, match="use distillery.core.sharding.FSDP2Strategy"):
+        sharding.configure_sharding(module, ModelParallelStrategy())

@@ -154,20 +154,12 @@ class DistillationModule(L.LightningModule):
         }
 
     def configure_model(self) -> None:
-        """``trainer=fsdp2``: the strategy shards student, objective and frozen models
-        (``core/sharding.py``); other strategies need nothing here."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        """Sharding strategies shard the models here (``core/sharding.py``: the student
+        per block, frozen models in their own units or replicated); others: nothing."""
+        from distillery.core.sharding import configure_sharding
 
-        from distillery.core.sharding import FSDP2Strategy
-
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDP2Strategy):
-            strategy.shard(self)
-        elif isinstance(strategy, ModelParallelStrategy):
-            raise ValueError(
-                "trainer.strategy: ModelParallelStrategy needs the distillation sharding plan; "
-                "use distillery.core.sharding.FSDP2Strategy (trainer=fsdp2 or fsdp2_sim)"
-            )
+        if self._trainer is not None:
+            configure_sharding(self, self.trainer.strategy)
 
     def setup(self, stage: str) -> None:
         for t in (self.student_taps, self.teacher_taps):

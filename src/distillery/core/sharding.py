@@ -19,6 +19,11 @@ hands the module to :meth:`FSDP2Strategy.shard`, which calls
    its forward then needs no communication). Frozen models stay in eval mode, run under
    ``no_grad`` and are never in the optimizer (``DistillationModule.trainable_parameters``).
 
+``teacher: replicate`` (and FSDP1, below) refuses frozen models larger than half of the
+memory a process has free. Under FSDP1 (Lightning's ``FSDPStrategy``, ``trainer=fsdp``,
+GPUs) the frozen models are ``ignored_modules`` of the root wrapper: replicated, outside
+every flat parameter (:func:`configure_sharding`).
+
 ``param_dtype`` / ``reduce_dtype`` (``bf16``, ``fp16``, ``fp32`` or null) set the
 student's ``MixedPrecisionPolicy`` (all-gathered parameters, gradient reduce-scatter).
 
@@ -42,6 +47,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from distillery.config import ConfigError
 from distillery.core.checkpoint import AtomicCheckpointIO
 from distillery.core.taps import path_matches
 
@@ -67,9 +73,11 @@ def units(model: nn.Module, patterns: list[str] | None, key: str) -> list[nn.Mod
             used.update(hit)
     unused = [p for p in patterns if p not in used]
     if unused:
-        raise ValueError(
-            f"{key}: {unused} match no module (give class names, e.g. GPT2Block, or module "
-            f"paths such as model.transformer.h.*)"
+        raise ConfigError(
+            [
+                f"{key}: {unused} match no module (give class names, e.g. GPT2Block, or module "
+                f"paths such as model.transformer.h.*)"
+            ]
         )
     return chosen[::-1]  # children before their parents
 
@@ -122,7 +130,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         shard_root(module.student, mesh, policy)
         if any(p.requires_grad for p in module.objective.parameters()):
             fully_shard(module.objective, mesh=mesh, mp_policy=policy)
-        if self.teacher_mode == "shard":
+        if self.teacher_mode == "replicate":
+            check_replicate(
+                module, self.root_device, self.num_processes, "trainer.strategy.teacher"
+            )
+        else:
             for name in module.frozen_names:
                 frozen = getattr(module, name)
                 key = "trainer.strategy.teacher_units"
@@ -160,3 +172,58 @@ def shard_root(model: nn.Module, mesh, policy) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
     if hasattr(model, "hidden_and_head"):
         register_fsdp_forward_method(model, "hidden_and_head")
+
+
+def configure_sharding(module: nn.Module, strategy) -> None:
+    """``DistillationModule.configure_model``: shard by the strategy's kind.
+
+    * :class:`FSDP2Strategy`: the plan above;
+    * Lightning's ``FSDPStrategy`` (FSDP1, ``trainer=fsdp``, GPUs): Lightning wraps the
+      whole module after this hook; the frozen models are passed as ``ignored_modules``,
+      so they stay whole on every rank (replicated), outside every flat parameter;
+    * a plain ``ModelParallelStrategy`` would leave the models unsharded and their
+      gradients unsynchronised: refused;
+    * anything else (single device, DDP, DeepSpeed): nothing to do.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDP2Strategy):
+        strategy.shard(module)
+    elif isinstance(strategy, FSDPStrategy):
+        check_replicate(module, strategy.root_device, strategy.num_processes, "trainer.strategy")
+        frozen = [getattr(module, name) for name in module.frozen_names]
+        strategy.kwargs["ignored_modules"] = frozen
+    elif isinstance(strategy, ModelParallelStrategy):
+        raise ConfigError(
+            ["trainer.strategy: ModelParallelStrategy needs the distillation sharding plan; "
+             "use distillery.core.sharding.FSDP2Strategy (trainer=fsdp2 or fsdp2_sim)"]
+        )  # fmt: skip
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for one process on ``device``: the GPU's free memory, or the machine's
+    available memory for a CPU process."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_replicate(module: nn.Module, device: torch.device, processes: int, key: str) -> None:
+    """A replicated teacher is a full copy per process: refuse one larger than half of
+    what a process has free (CPU processes share the machine's memory)."""
+    size = sum(
+        p.numel() * p.element_size()
+        for name in module.frozen_names
+        for p in getattr(module, name).parameters()
+    )
+    free = free_memory(device) // (processes if device.type == "cpu" else 1)
+    if size > free // 2:
+        raise ConfigError(
+            [
+                f"{key}: every process would hold a full copy of the frozen models "
+                f"({size / 2**30:.2f} GiB), more than half of the {free / 2**30:.2f} GiB free per "
+                f"process on {device}; shard them (trainer=fsdp2, trainer.strategy.teacher=shard)"
+            ]
+        )
