@@ -109,7 +109,7 @@ def test_fsdp2_token_kd_takes_the_single_process_steps(
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
 
 
-def test_fsdp2_plan_names_its_keys(train_cfg):
+def test_fsdp2_plan_names_its_keys(train_cfg, mnist1d_teacher_ckpt):
     from distillery.config import ConfigError
     from distillery.core.builder import build_run
     from distillery.core.sharding import units
@@ -124,6 +124,19 @@ def test_fsdp2_plan_names_its_keys(train_cfg):
     with pytest.raises(ConfigError, match="save_distributed_checkpoint"):
         build_run(train_cfg("experiment=mnist1d_baseline", "trainer=fsdp2_sim",
                             "+trainer.strategy.save_distributed_checkpoint=true"))  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"trainer.strategy.student_units: \['Block'\] match no module"
+    ):
+        build_run(
+            train_cfg(
+                "experiment=mnist1d_baseline",
+                "trainer=fsdp2_sim",
+                "trainer.strategy.student_units=[Block]",
+            )
+        )
+    with pytest.raises(ConfigError, match="trainer.strategy.teacher_units"):
+        build_run(train_cfg("experiment=mnist1d_kd", "trainer=fsdp2_sim", f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+                            "trainer.strategy.teacher_units=[BertLayer]"))  # fmt: skip
     with pytest.raises(ConfigError, match="seed: null with several processes"):
         build_run(train_cfg("experiment=mnist1d_baseline", "trainer=fsdp2_sim", "seed=null"))
     gpt = HFCausalLM(

@@ -284,6 +284,7 @@ def build_run(cfg: DictConfig):
     from distillery.core.input_norm import InputNorm
     from distillery.core.loggers import log_hyperparameters, single_lightning_log
     from distillery.core.module import DistillationModule, count_params
+    from distillery.core.sharding import check_plan
 
     single_lightning_log()
 
@@ -350,6 +351,7 @@ def build_run(cfg: DictConfig):
     strategy = cfg.trainer.get("strategy", "auto")
     plugins = [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "ddp_spawn", None) else []
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers, plugins=plugins)
+    check_plan(module, trainer.strategy)  # trainer=fsdp2: units exist, a replicated teacher fits
     log_hyperparameters(
         trainer,
         cfg,

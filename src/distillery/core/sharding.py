@@ -174,6 +174,23 @@ def shard_root(model: nn.Module, mesh, policy) -> None:
         register_fsdp_forward_method(model, "hidden_and_head")
 
 
+def check_plan(module: nn.Module, strategy) -> None:
+    """Before any process starts (``build_run``): the units the plan names exist, and a
+    replicated teacher fits, so a bad plan is one ConfigError, not one per rank."""
+    if not isinstance(strategy, FSDP2Strategy):
+        if isinstance(strategy, ModelParallelStrategy):
+            configure_sharding(module, strategy)  # refused, with the reason
+        return
+    units(module.student, strategy.student_units, "trainer.strategy.student_units")
+    if strategy.teacher_mode == "replicate":
+        check_replicate(
+            module, strategy.root_device, strategy.num_processes, "trainer.strategy.teacher"
+        )
+        return
+    for name in module.frozen_names:
+        units(getattr(module, name), strategy.teacher_units, "trainer.strategy.teacher_units")
+
+
 def configure_sharding(module: nn.Module, strategy) -> None:
     """``DistillationModule.configure_model``: shard by the strategy's kind.
 
