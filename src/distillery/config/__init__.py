@@ -108,8 +108,8 @@ def _signature(fn) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
 
 def _consumed_keys(key: str) -> set[str]:
     """Keys Distillery reads around a node's ``_target_`` and does not pass to it: a
-    frozen model's ``dtype`` (``core.builder.build_frozen_model``)."""
-    return {"dtype"} if key == "teacher" or key.startswith("frozen.") else set()
+    frozen model's ``dtype`` and ``cache`` (``core.builder.build_frozen_model``)."""
+    return {"dtype", "cache"} if key == "teacher" or key.startswith("frozen.") else set()
 
 
 def _check_node(node: DictConfig, key: str, problems: list[str]) -> None:

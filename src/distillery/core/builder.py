@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 from distillery.config import ConfigError, build, to_record, validate
 
 
-def build_frozen_model(node, key: str):
+def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
     """A frozen model from a teacher-source node: ``_target_`` (the source) plus an
     optional ``dtype`` (``bf16``: weights and forward in bfloat16, see
-    ``Teacher.cast``), with its config recorded in its provenance."""
+    ``Teacher.cast``), with its config recorded in its provenance; or, with ``cache``
+    (a directory written by ``python -m distillery.cache``), its cached outputs, once
+    the cache is shown to come from this teacher config and ``cfg``'s data."""
     from omegaconf import OmegaConf, open_dict
 
     from distillery.core.teacher import Teacher
@@ -35,7 +37,20 @@ def build_frozen_model(node, key: str):
     source = node.copy()
     with open_dict(source):
         dtype = source.pop("dtype", None)
-    model = build(source, key)
+        cache = source.pop("cache", None)
+    if cache is not None:
+        from distillery.core.teacher_cache import cached_teacher
+
+        teacher_node = node.copy()
+        with open_dict(teacher_node):
+            teacher_node.pop("cache")
+        run = {"paths": to_record(cfg.paths), "data": to_record(cfg.data)} if cfg else {}
+        return cached_teacher(str(cache), to_record(teacher_node), run, key)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # building it (random init, then its weights)
+        model = build(source, key)  # leaves the run's random stream as it was: dropout
+        # masks do not depend on which teacher (or teacher cache) the run has
     if not isinstance(model, Teacher):
         raise ConfigError(
             [f"{key}: the teacher source must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
@@ -51,7 +66,7 @@ def build_frozen_model(node, key: str):
 
 def build_teacher(cfg: DictConfig):
     """The teacher from ``cfg.teacher``."""
-    return build_frozen_model(cfg.get("teacher"), "teacher")
+    return build_frozen_model(cfg.get("teacher"), "teacher", cfg)
 
 
 def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
@@ -211,6 +226,26 @@ def control_objective(cfg: DictConfig, objective, task):
     return Objective(keep, weights, reduction=objective.reduction.name)
 
 
+def check_cached_teacher(cfg: DictConfig, teacher, task) -> None:
+    """A cached teacher (``teacher.cache``) holds outputs for fixed inputs and has no
+    modules: refuse what needs a live teacher, naming the key."""
+    if teacher is None or "cache" not in teacher.provenance:
+        return
+    problems = []
+    views = cfg.get("views")
+    if views is not None and (views.get("augment") or views.get("mix")):
+        problems.append("views: augmentation/mixing draws new teacher inputs every step, which "
+                        "teacher.cache cannot hold; use views=none or the live teacher")  # fmt: skip
+    if (cfg.get("taps") or {}).get("teacher"):
+        problems.append("taps.teacher: teacher.cache holds the teacher's outputs only, no "
+                        "features to tap; drop the teacher taps or use the live teacher")  # fmt: skip
+    if getattr(task, "fused", False):
+        problems.append("task.fused: the fused loss needs the teacher's hidden states and "
+                        "output layer; teacher.cache holds its outputs (set task.fused=false)")  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
+
+
 def check_processes(cfg: DictConfig) -> None:
     """Refuse more CPU processes than this machine has cores (``trainer.devices`` x
     ``trainer.num_nodes`` on ``accelerator: cpu``) unless ``allow_oversubscription``, and
@@ -318,6 +353,7 @@ def build_run(cfg: DictConfig):
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
     task.check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
+    check_cached_teacher(cfg, teacher, task)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
     try:

@@ -1,0 +1,127 @@
+"""Write a run's teacher-output cache: ``python -m distillery.cache experiment=...``.
+
+The run's teacher runs once over every input the run will show it: each training
+source (labeled set, transfer pool sources) in order, validation, test and the dry-run
+example. Train with ``teacher.cache=<cache.dir>`` (same experiment): the teacher's
+forward becomes a read. Format, keys and checks: ``distillery/core/teacher_cache.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from distillery.config import ConfigError, build, exit_on_config_error, to_record, validate
+from distillery.config.resolvers import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+
+def input_loaders(datamodule, batch_size: int) -> dict:
+    """Every loader of inputs the run's teacher sees, in a fixed order: the training
+    sources (not shuffled, each sample once), validation and test."""
+    from torch.utils.data import DataLoader
+
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    train = datamodule.train_dataloader()
+    train = train if isinstance(train, dict) else {"train": train}
+    loaders = {
+        f"train/{name}": DataLoader(
+            loader.dataset, batch_size=batch_size, collate_fn=loader.collate_fn
+        )
+        for name, loader in train.items()
+    }
+    loaders["val"] = datamodule.val_dataloader()
+    datamodule.setup("test")
+    loaders["test"] = datamodule.test_dataloader()
+    return loaders
+
+
+def write_cache(cfg: DictConfig) -> dict:
+    from distillery.core.builder import build_task, build_teacher
+    from distillery.core.teacher_cache import DTYPES, CacheWriter, compress, row_keys
+
+    options = cfg.cache
+    run = cfg.copy()
+    with open_dict(run):
+        del run["cache"]
+    validate(run)
+    problems = []
+    if run.get("teacher") is None:
+        problems.append("teacher: null; the cache holds a teacher's outputs (choose a teacher)")
+    elif run.teacher.get("cache") is not None:
+        problems.append("teacher.cache: set; the cache command runs the live teacher (drop it)")
+    if options.dtype not in DTYPES:
+        problems.append(f"cache.dtype: {options.dtype!r} is not one of {sorted(DTYPES)}")
+    if options.k is not None and (not isinstance(options.k, int) or options.k < 1):
+        problems.append(f"cache.k: {options.k!r} is not a positive integer or null")
+    if problems:
+        raise ConfigError(problems)
+    if run.get("seed") is not None:
+        torch.manual_seed(run.seed)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu")
+        if options.device == "auto"
+        else options.device
+    )
+    datamodule = build(run.data, "data")
+    teacher = build_teacher(run).to(device)
+    task = build_task(run, datamodule)
+    example = datamodule.example_input(2)
+    outputs = teacher(example.to(device))
+    vocab = int(outputs.shape[-1])
+    if options.k is not None and options.k >= vocab:
+        raise ConfigError(
+            [f"cache.k: {options.k} is not below the teacher's {vocab} outputs per position; "
+             f"k: null stores them all"]
+        )  # fmt: skip
+    meta = {
+        "teacher_config": teacher.provenance["config"],
+        "teacher_provenance": teacher.provenance,
+        "data": to_record(run.data),
+        "paths": to_record(run.paths),
+        "task": task.name,
+        "k": options.k,
+        "dtype": options.dtype,
+        "vocab": vocab,
+    }
+    writer = CacheWriter(Path(options.dir), meta, options.shard_rows)
+    dtype = DTYPES[options.dtype]
+
+    def add(x: torch.Tensor) -> int:
+        keys = row_keys(x).tolist()
+        fresh = writer.new_rows(keys)
+        if fresh:
+            out = teacher(x[fresh].to(device))
+            writer.add([keys[i] for i in fresh], compress(out, options.k, dtype))
+        return len(fresh)
+
+    start = time.perf_counter()
+    add(example)
+    for name, loader in input_loaders(datamodule, options.batch_size).items():
+        written = sum(add(task.model_input(batch)) for batch in loader)
+        log.info("%s: %d new rows (%.0f s)", name, written, time.perf_counter() - start)
+    meta = writer.close()
+    log.info(
+        "teacher cache: %d rows in %s (%.0f s)",
+        meta["rows"],
+        options.dir,
+        time.perf_counter() - start,
+    )
+    return meta
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="cache")
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    exit_on_config_error(lambda: write_cache(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The offline teacher-output cache: the teacher run once, its outputs read back as a
+:class:`~distillery.core.teacher.Teacher` (``teacher.cache=<dir>`` on any teacher).
+
+Written by ``python -m distillery.cache experiment=...`` (:class:`CacheWriter`) over
+every input a run shows its teacher: the training sets (each source once), validation,
+test and the dry-run example. Read by :class:`CachedOutputs`, the cached teacher's
+``model``: it maps each input row to the stored outputs by the row's content
+(:func:`row_keys`: a hash of its dtype, shape and bytes), so the Teacher contract, the
+task adapters and the losses are unchanged, and an input the cache does not hold (other
+data, random views) is an error, never a silent wrong target.
+
+What is stored per row:
+
+* ``k: null``: the teacher's outputs as they are (classifier logits), in ``dtype``
+  (``fp32``: the cached loss equals the online loss exactly);
+* ``k: <int>``: per position, the top-``k`` log-probabilities (``dtype``), their token
+  ids (int16 when the vocabulary fits, else int32) and the remaining probability mass
+  (float32). Read back as log-probabilities over the whole vocabulary, the remaining
+  mass spread evenly over the other ``V - k`` tokens. Log-probabilities are logits of
+  the same distribution at any temperature: softmax(log p / T) = softmax(z / T).
+
+Layout: ``<dir>/cache.json`` (provenance: the teacher's config and provenance, the data
+config, the task, ``k``, ``dtype``, rows, ``complete``) and ``shard_<i>.safetensors``
+files, each written to a temporary file and renamed. A writer finds the shards already
+there and skips their rows (resumable); a cache of another teacher, data or format is
+refused. A run refuses a cache whose teacher or data config differs from its own,
+naming the keys (:func:`cached_teacher`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMAT = 1
+META = "cache.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+_MULTIPLIERS: dict[int, Tensor] = {}
+
+
+def _multipliers(n: int) -> Tensor:
+    """``n`` fixed random odd int64 multipliers (the same in every process and run)."""
+    if n not in _MULTIPLIERS:
+        g = torch.Generator().manual_seed(20240611)
+        m = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64) * 2 + 1
+        _MULTIPLIERS[n] = m
+    return _MULTIPLIERS[n]
+
+
+def row_keys(x: Tensor) -> Tensor:
+    """One int64 key per row of ``x``, from its bytes, dtype and shape: a random linear
+    hash modulo 2^64 (rows differing in one byte never collide; two of a million rows
+    collide with probability ~1e-5). Vectorised: no Python work per row."""
+    a = x.detach().cpu().contiguous()
+    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
+    head = int.from_bytes(
+        hashlib.blake2b(f"{a.dtype}|{tuple(a.shape[1:])}".encode(), digest_size=8).digest(),
+        "little",
+        signed=True,
+    )
+    return (data * _multipliers(data.shape[1])).sum(1) + head
+
+
+def read_meta(path: Path, key: str) -> dict[str, Any]:
+    meta = path / META
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{key}: no teacher cache at {path} ({META} missing); write one with python -m distillery.cache"
+        )
+    return json.loads(meta.read_text())
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    tmp = path / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path / META)
+
+
+def shards(path: Path) -> list[Path]:
+    return sorted(path.glob("shard_*.safetensors"))
+
+
+def load_shard(file: Path, key: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - re-raised naming the key and file
+        raise ValueError(
+            f"{key}: cannot read cache shard {file} (truncated or not safetensors: {e})"
+        ) from e
+
+
+def compress(outputs: Tensor, k: int | None, dtype: torch.dtype) -> dict[str, Tensor]:
+    """What the cache stores for a batch of teacher outputs (see the module docstring)."""
+    if k is None:
+        return {"values": outputs.detach().to(dtype).cpu()}
+    logp = torch.log_softmax(outputs.detach().float(), dim=-1)
+    values, indices = logp.topk(k, dim=-1)
+    rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
+    index_dtype = torch.int16 if outputs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+    return {
+        "values": values.to(dtype).cpu(),
+        "indices": indices.to(index_dtype).cpu(),
+        "rest": rest.cpu(),
+    }
+
+
+def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
+    """Stored rows -> float32 outputs: as they are, or top-k log-probabilities with the
+    remaining mass spread over the other tokens."""
+    values = stored["values"].float()
+    if "indices" not in stored:
+        return values
+    k = values.shape[-1]
+    fill = torch.log(stored["rest"].clamp_min(1e-30) / (vocab - k))
+    out = fill.unsqueeze(-1).expand(*values.shape[:-1], vocab).clone()
+    return out.scatter_(-1, stored["indices"].long(), values)
+
+
+class CacheWriter:
+    """Appends teacher outputs to ``path`` in shards of ``shard_rows`` rows; rows whose
+    key is already stored are skipped (a rerun resumes)."""
+
+    def __init__(self, path: Path, meta: dict, shard_rows: int = 8192):
+        self.path, self.shard_rows = Path(path), shard_rows
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.meta = {**meta, "format": FORMAT}
+        self.seen: set[int] = set()
+        if (self.path / META).is_file():
+            old = read_meta(self.path, "cache.dir")
+            from distillery.core.checkpoint import config_differences
+
+            diffs = config_differences(
+                {k: v for k, v in old.items() if k not in ("rows", "complete")},
+                {k: v for k, v in self.meta.items() if k not in ("rows", "complete")},
+            )
+            if diffs:
+                raise ValueError(
+                    f"cache.dir: {self.path} holds a cache of another run ({', '.join(diffs[:6])} "
+                    f"differ); choose another cache.dir or delete it"
+                )
+            for file in shards(self.path):
+                self.seen.update(load_shard(file, "cache.dir")["keys"].tolist())
+        self.next_shard = len(shards(self.path))
+        self.rows = len(self.seen)
+        self.pending: list[tuple[list[int], dict[str, Tensor]]] = []
+        self.pending_rows = 0
+        write_meta(self.path, {**self.meta, "rows": self.rows, "complete": False})
+
+    def new_rows(self, keys: list[int]) -> list[int]:
+        """Positions of ``keys`` (:func:`row_keys` as a list) not stored yet (the first
+        occurrence of each)."""
+        fresh, taken = [], set()
+        for i, key in enumerate(keys):
+            if key not in self.seen and key not in taken:
+                fresh.append(i)
+                taken.add(key)
+        return fresh
+
+    def add(self, keys: list[int], stored: dict[str, Tensor]) -> None:
+        self.seen.update(keys)
+        self.pending.append((keys, stored))
+        self.pending_rows += len(keys)
+        if self.pending_rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {
+            "keys": torch.tensor([k for keys, _ in self.pending for k in keys], dtype=torch.int64)
+        }
+        for name in self.pending[0][1]:
+            tensors[name] = torch.cat([s[name] for _, s in self.pending]).contiguous()
+        file = self.path / f"shard_{self.next_shard:05d}.safetensors"
+        tmp = self.path / f".{file.name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, file)
+        self.next_shard += 1
+        self.rows += len(tensors["keys"])
+        self.pending, self.pending_rows = [], 0
+        write_meta(self.path, {**self.meta, "rows": self.rows, "complete": False})
+
+    def close(self) -> dict:
+        self.flush()
+        meta = {**self.meta, "rows": self.rows, "complete": True}
+        write_meta(self.path, meta)
+        return meta
+
+
+class CachedOutputs(nn.Module):
+    """The cached teacher's model: input rows -> stored outputs (float32)."""
+
+    def __init__(self, path: str | Path, key: str = "teacher.cache"):
+        super().__init__()
+        self.path, self.key = Path(path), key
+        meta = read_meta(self.path, key)
+        if not meta.get("complete"):
+            raise ValueError(
+                f"{key}: the cache at {self.path} is incomplete ({meta.get('rows', 0)} rows); "
+                f"rerun python -m distillery.cache to finish it"
+            )
+        self.vocab = meta.get("vocab")
+        parts = [load_shard(f, key) for f in shards(self.path)]
+        if not parts or sum(len(p["keys"]) for p in parts) != meta["rows"]:
+            raise ValueError(
+                f"{key}: {self.path} should hold {meta['rows']} rows in its shards; a shard is missing"
+            )
+        self.stored = {
+            name: torch.cat([p[name] for p in parts]) for name in parts[0] if name != "keys"
+        }
+        keys = torch.cat([p["keys"] for p in parts])
+        self.sorted_keys, self.order = keys.sort()
+
+    def forward(self, x: Tensor) -> Tensor:
+        keys = row_keys(x)
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=len(self.sorted_keys) - 1)
+        missing = int((self.sorted_keys[pos] != keys).sum())
+        if missing:
+            raise ValueError(
+                f"{self.key}: {missing} of {len(keys)} teacher inputs are not in the cache at "
+                f"{self.path} (written for other data, or the inputs change each step: random "
+                f"views); rewrite it with python -m distillery.cache"
+            )
+        rows = self.order[pos]
+        return expand({n: t[rows] for n, t in self.stored.items()}, self.vocab).to(x.device)
+
+
+def cached_teacher(path: str, node: dict, run: dict, key: str):
+    """A :class:`Teacher` reading the cache at ``path``, after checking that it was
+    written for this teacher config (``node``: the teacher node without ``cache``) and
+    this run's data (``run``: ``{"paths", "data"}`` records)."""
+    from distillery.config import ConfigError
+    from distillery.core.checkpoint import config_differences
+    from distillery.core.teacher import Teacher
+
+    cache = Path(path).expanduser()
+    try:
+        meta = read_meta(cache, f"{key}.cache")
+    except FileNotFoundError as e:
+        raise ConfigError([str(e)]) from e
+    recorded = {"paths": meta["paths"], "data": meta["data"], "teacher": meta["teacher_config"]}
+    diffs = config_differences(recorded, {**run, "teacher": node})
+    if diffs:
+        raise ConfigError(
+            [f"{key}.cache: {cache} was written for another run: {', '.join(diffs[:8])} differ"]
+        )
+    try:
+        outputs = CachedOutputs(cache, f"{key}.cache")
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
+    provenance = {**meta["teacher_provenance"], "cache": str(cache)}
+    return Teacher(outputs, provenance=provenance)
+
+
+def bytes_per_row(path: Path) -> float:
+    """Shard bytes per cached row (the benchmark's bytes per sequence or sample)."""
+    meta = read_meta(path, "cache.dir")
+    total = sum(f.stat().st_size for f in shards(path))
+    return total / max(1, meta["rows"])

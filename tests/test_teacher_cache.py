@@ -1,0 +1,146 @@
+"""The offline teacher-output cache: python -m distillery.cache, then teacher.cache=<dir>."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL_MNIST1D, compose_cfg, text_overrides
+from distillery.config import ConfigError
+
+
+def write(tmp_path, data_dir, *overrides):
+    from distillery.cache import write_cache
+
+    return write_cache(compose_cfg("cache", [*overrides, f"paths.output_dir={tmp_path / 'cache_run'}",
+                                             f"paths.data_dir={data_dir}", "extras.print_config=false"]))  # fmt: skip
+
+
+def student_after(train_cfg, tmp_path, name, *overrides):
+    from distillery.train import train
+
+    train(train_cfg(*overrides, "test=false", out=tmp_path / name))
+    ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+    return ckpt
+
+
+def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
+    train_cfg, tmp_path, data_dir, mnist1d_teacher_ckpt
+):
+    """mnist1d_kd for 8 steps with the teacher's logits read from the cache: the very
+    same student as with the live teacher (full fp32 logits are exact). The cache is
+    sharded, resumable, and refused for another teacher, other data, random views, a
+    truncated shard or an unfinished write."""
+    run = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=1200",
+           f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    cache = tmp_path / "cache"
+    meta = write(tmp_path, data_dir, *run, f"cache.dir={cache}", "cache.shard_rows=700")
+    shards = sorted(cache.glob("shard_*.safetensors"))
+    assert meta["complete"] and meta["rows"] == 1 + 800 + 1200 + 200 + 200 and len(shards) == 3
+
+    steps = ["+trainer.max_steps=8", "trainer.max_epochs=1"]
+    online = student_after(train_cfg, tmp_path, "online", *run, *steps)
+    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"+teacher.cache={cache}")
+    for k, v in online["state_dict"].items():
+        assert torch.equal(cached["state_dict"][k], v), k
+    assert cached["distillery"]["teacher"]["sha256"] == online["distillery"]["teacher"]["sha256"]
+
+    from distillery.core.builder import build_run
+    from distillery.core.teacher_cache import CachedOutputs, row_keys
+
+    with pytest.raises(
+        ValueError, match=r"teacher.cache: 3 of 3 teacher inputs are not in the cache"
+    ):
+        CachedOutputs(cache)(torch.randn(3, 40))  # inputs it was not written for
+    x = torch.randn(4, 40)
+    y = x.clone()
+    y[2, 17] = torch.nextafter(y[2, 17], torch.tensor(1.0))  # one bit of one value
+    assert (row_keys(x) != row_keys(y)).tolist() == [False, False, True, False]
+    assert row_keys(x.double()).tolist() != row_keys(x).tolist()  # dtype is part of the key
+
+    def refused(*overrides, match):
+        with pytest.raises(ConfigError, match=match):
+            build_run(train_cfg(*run, f"+teacher.cache={cache}", *overrides))
+
+    refused(
+        "teacher.ckpt_path=/elsewhere/teacher.ckpt",
+        match=r"teacher.cache: .* teacher.ckpt_path differ",
+    )
+    refused("data.transfer_size=600", match=r"data.transfer_size differ")
+    refused("views=mixup_signal", match="views: augmentation/mixing")
+
+    # resumable: a lost last shard and an unfinished record are written again, the rest kept
+    shards[-1].unlink()
+    record = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({**record, "complete": False}))
+    refused(match="incomplete")
+    kept = shards[0].stat().st_mtime_ns
+    assert (
+        write(tmp_path, data_dir, *run, f"cache.dir={cache}", "cache.shard_rows=700")["rows"]
+        == meta["rows"]
+    )
+    assert shards[0].stat().st_mtime_ns == kept
+    with pytest.raises(ValueError, match=r"cache.dir: .* another run \(.*data.transfer_size"):
+        write(tmp_path, data_dir, *run, "data.transfer_size=600", f"cache.dir={cache}")
+    with pytest.raises(ConfigError, match=r"cache.k: 10 is not below the teacher's 10 outputs"):
+        write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'k10'}", "cache.k=10")
+    shards[1].write_bytes(shards[1].read_bytes()[:100])  # truncated
+    refused(match=r"teacher.cache: cannot read cache shard .*shard_00001")
+
+
+def test_topk_token_cache(train_cfg, tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt):
+    """text_lm_kd from a top-k cache (k = 16 of 512 tokens, fp16 log-probabilities, int16
+    ids): bytes per token as designed, read back as a distribution whose KL from the
+    teacher's falls with k, the run trains; a full cache (k: null) gives the online
+    student."""
+    from distillery.core.teacher import from_run_checkpoint
+    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row, compress, expand
+
+    run = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
+           "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]  # fmt: skip
+    topk = tmp_path / "top16"
+    meta = write(tmp_path, data_dir, *run, f"cache.dir={topk}", "cache.k=16", "cache.dtype=fp16")
+    assert meta["vocab"] == 512 and meta["rows"] > 100
+    # per token: 16 fp16 values + 16 int16 ids + a float32 remaining mass; per row a key
+    per_token = (bytes_per_row(topk) - 8) / 32
+    assert 16 * 2 + 16 * 2 + 4 <= per_token < 16 * 2 + 16 * 2 + 4 + 4  # + safetensors headers
+
+    teacher = from_run_checkpoint(str(text_teacher_ckpt))
+    ids = torch.stack(_some_rows(data_dir, run))
+    with torch.no_grad():
+        logits = teacher(ids).float()
+    q = CachedOutputs(topk)(ids)  # what a run reads: the stored rows, expanded
+    torch.testing.assert_close(q, expand(compress(logits, 16, torch.float16), 512))
+    assert torch.allclose(q.exp().sum(-1), torch.ones(()), atol=1e-3)  # a distribution
+    p = torch.log_softmax(logits, -1)
+
+    def kl(k):  # KL(teacher || its top-k cache), per position
+        return float(
+            (p.exp() * (p - expand(compress(logits, k, torch.float32), 512))).sum(-1).mean()
+        )
+
+    errors = [kl(k) for k in (16, 64, 256)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02, errors
+
+    steps = ["+trainer.max_steps=3", "trainer.max_epochs=1"]
+    from_topk = student_after(train_cfg, tmp_path, "topk", *run, *steps, f"+teacher.cache={topk}")
+    assert from_topk["global_step"] == 3
+    full = tmp_path / "full"
+    write(tmp_path, data_dir, *run, f"cache.dir={full}")
+    online = student_after(train_cfg, tmp_path, "online", *run, *steps)
+    cached_full = student_after(
+        train_cfg, tmp_path, "full_run", *run, *steps, f"+teacher.cache={full}"
+    )
+    for k, v in online["state_dict"].items():
+        torch.testing.assert_close(cached_full["state_dict"][k], v, rtol=0, atol=0)
+
+
+def _some_rows(data_dir, run):
+    """A few training sequences of the run (what the cache was written from)."""
+    from distillery.config import build
+
+    cfg = compose_cfg("train", [*run, f"paths.data_dir={data_dir}"])
+    dm = build(cfg.data, "data")
+    dm.prepare_data()
+    dm.setup("fit")
+    return [dm.train_set[i]["input_ids"] for i in range(4)]
