@@ -61,6 +61,8 @@ def write_cache(cfg: DictConfig) -> dict:
         problems.append(f"cache.dtype: {options.dtype!r} is not one of {sorted(DTYPES)}")
     if options.k is not None and (not isinstance(options.k, int) or options.k < 1):
         problems.append(f"cache.k: {options.k!r} is not a positive integer or null")
+    if options.dtype == "q8" and options.k is None:
+        problems.append("cache.dtype: q8 quantises top-k log-probabilities; set cache.k")
     if problems:
         raise ConfigError(problems)
     if run.get("seed") is not None:

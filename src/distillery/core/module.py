@@ -61,11 +61,16 @@ class DistillationModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         nan_policy: str = "raise",
         max_skipped_share: float = 0.01,
+        compile: bool | Mapping[str, Any] = False,
     ):
         """``task``: the adapter (default classification). ``accumulate`` and
         ``gradient_clip_val`` apply to step-normalised tasks, which optimise manually;
         other tasks use ``trainer.accumulate_grad_batches`` / ``trainer.gradient_clip_val``.
-        ``nan_policy`` / ``max_skipped_share``: see ``distillery.core.guards``."""
+        ``nan_policy`` / ``max_skipped_share``: see ``distillery.core.guards``.
+        ``compile``: ``torch.compile`` the student's and the frozen models' forwards in
+        place (``nn.Module.compile``: parameter names, checkpoints and taps unchanged;
+        the taps' hooks are attached first, so the compiled graphs run them); ``true``
+        or the keyword arguments of ``torch.compile`` (e.g. ``{mode: max-autotune}``)."""
         super().__init__()
         self.task = task if task is not None else ClassificationTask()
         if objective.needs_teacher and teacher is None:
@@ -110,6 +115,9 @@ class DistillationModule(L.LightningModule):
         self.accumulate, self.gradient_clip_val = accumulate, gradient_clip_val
         self._pending: list[dict] = []  # micro-batches of the step being collected
         self.nan_guard = NonFiniteGuard(nan_policy, max_skipped_share)
+        self.compile_kwargs = (
+            None if compile is False else ({} if compile is True else dict(compile))
+        )
         self.task.check(self)
         self.val_metrics = self.task.metrics(num_classes, teacher is not None)
         self.test_metrics = self.task.metrics(num_classes, teacher is not None)
@@ -165,6 +173,10 @@ class DistillationModule(L.LightningModule):
         for t in (self.student_taps, self.teacher_taps):
             if t:
                 t.attach()
+        if self.compile_kwargs is not None and not getattr(self, "_compiled", False):
+            for model in (self.student, *(getattr(self, n).model for n in self.frozen_names)):
+                model.compile(**self.compile_kwargs)  # after the hooks: compiled, they run
+            self._compiled = True
 
     def teardown(self, stage: str) -> None:
         self.remove_taps()

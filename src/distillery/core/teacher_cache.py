@@ -13,9 +13,9 @@ What is stored per row:
 
 * ``k: null``: the teacher's outputs as they are (classifier logits), in ``dtype``
   (``fp32``: the cached loss equals the online loss exactly);
-* ``k: <int>``: per position, the top-``k`` log-probabilities (``dtype``), their token
-  ids (int16 when the vocabulary fits, else int32) and the remaining probability mass
-  (float32). Read back as log-probabilities over the whole vocabulary, the remaining
+* ``k: <int>``: per position, the top-``k`` log-probabilities (``dtype``; ``q8``: 256
+  levels between the position's min and max), their token ids (int16 when the
+  vocabulary fits, else int32) and the remaining probability mass (float32). Read back as log-probabilities over the whole vocabulary, the remaining
   mass spread evenly over the other ``V - k`` tokens. Log-probabilities are logits of
   the same distribution at any temperature: softmax(log p / T) = softmax(z / T).
 
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 FORMAT = 1
 META = "cache.json"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "q8": torch.uint8}
 
 
 _MULTIPLIERS: dict[int, Tensor] = {}
@@ -100,24 +100,33 @@ def load_shard(file: Path, key: str) -> dict[str, Tensor]:
 
 
 def compress(outputs: Tensor, k: int | None, dtype: torch.dtype) -> dict[str, Tensor]:
-    """What the cache stores for a batch of teacher outputs (see the module docstring)."""
+    """What the cache stores for a batch of teacher outputs (see the module docstring).
+    ``uint8`` (``dtype: q8``, top-k only): each position's log-probabilities quantised
+    to 256 levels between their minimum and maximum (both kept in float16)."""
     if k is None:
+        if dtype == torch.uint8:
+            raise ValueError("cache.dtype: q8 quantises top-k log-probabilities; set cache.k")
         return {"values": outputs.detach().to(dtype).cpu()}
     logp = torch.log_softmax(outputs.detach().float(), dim=-1)
     values, indices = logp.topk(k, dim=-1)
     rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
     index_dtype = torch.int16 if outputs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
-    return {
-        "values": values.to(dtype).cpu(),
-        "indices": indices.to(index_dtype).cpu(),
-        "rest": rest.cpu(),
-    }
+    out = {"indices": indices.to(index_dtype).cpu(), "rest": rest.cpu()}
+    if dtype != torch.uint8:
+        return {**out, "values": values.to(dtype).cpu()}
+    low, high = values.amin(-1, keepdim=True), values.amax(-1, keepdim=True)
+    scale = (high - low).clamp_min(1e-6) / 255
+    levels = ((values - low) / scale).round().to(torch.uint8)
+    return {**out, "values": levels.cpu(), "low": low.half().cpu(), "high": high.half().cpu()}
 
 
 def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
     """Stored rows -> float32 outputs: as they are, or top-k log-probabilities with the
     remaining mass spread over the other tokens."""
     values = stored["values"].float()
+    if "low" in stored:  # q8 levels
+        low, high = stored["low"].float(), stored["high"].float()
+        values = low + values * (high - low).clamp_min(1e-6) / 255
     if "indices" not in stored:
         return values
     k = values.shape[-1]

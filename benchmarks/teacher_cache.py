@@ -1,0 +1,201 @@
+"""The offline teacher-output cache, measured: training speed and storage.
+
+1. Classifier (``mnist1d_kd``: CNN teacher, MLP student, 64 labeled + 256 transfer
+   inputs per step): steady-state ms per optimizer step of the student alone
+   (``control=true``), with the live teacher, and with ``teacher.cache`` (full fp32
+   logits), each from the difference of two step counts of ``trainer.fit`` in this
+   process (validation, checkpoints, loggers and the progress bar off), repeated and
+   interleaved; the median per mode. Goal: cached <= 1.10 x student alone.
+2. Language model (``text_lm_kd``, GPT-2 teacher over the pydoc BPE vocabulary): for
+   ``k`` = 16, 64 and 256 and stored values fp16 / q8, bytes per token on disk (shards
+   included, keys included) and KL(teacher || read-back) per position, mean over a
+   sample of training sequences. Goal: <= 300 bytes per token at k = 64.
+
+    python benchmarks/teacher_cache.py [--steps 40 160] [--repeats 3]
+        [--text-teacher <text_lm_teacher ckpt>]   (default: train one briefly)
+
+Writes ``benchmarks/results/teacher_cache.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(key, "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+QUIET = ["extras.print_config=false", "~logger", "callbacks=none", "+trainer.enable_progress_bar=false",
+         "+trainer.limit_val_batches=0", "+trainer.enable_model_summary=false"]  # fmt: skip
+
+
+def compose(name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from distillery.config.resolvers import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=overrides)
+
+
+def fit_seconds(overrides: list[str], steps: int) -> float:
+    """Wall seconds of ``trainer.fit`` for ``steps`` optimizer steps."""
+    from distillery.core.builder import build_run
+
+    cfg = compose(
+        "train", [*overrides, f"+trainer.max_steps={steps}", "trainer.max_epochs=1000", *QUIET]
+    )
+    datamodule, module, trainer, _ = build_run(cfg)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return time.perf_counter() - start
+
+
+def train_teacher(experiment: str, out: Path, overrides: list[str]) -> Path:
+    from distillery.train import train
+
+    ckpt = out / f"{experiment}.ckpt"
+    train(compose("train", [f"experiment={experiment}", *overrides, f"paths.output_dir={out / experiment}",
+                            f"export_ckpt={ckpt}", "extras.print_config=false"]))  # fmt: skip
+    return ckpt
+
+
+def write_cache(overrides: list[str], cache: Path, out: Path, *options: str) -> None:
+    from distillery.cache import write_cache as write
+
+    write(compose("cache", [*overrides, f"cache.dir={cache}", f"paths.output_dir={out / 'cache_run'}",
+                            "extras.print_config=false", *options]))  # fmt: skip
+
+
+def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:
+    common = [f"paths.data_dir={out / 'data'}", f"paths.output_dir={out / 'runs'}"]
+    teacher = train_teacher("mnist1d_teacher", out, [*common, "trainer.max_epochs=3"])
+    run = [
+        "experiment=mnist1d_kd",
+        *common,
+        "data.transfer_size=50000",
+        f"teacher.ckpt_path={teacher}",
+    ]
+    cache = out / "mnist1d_cache"
+    start = time.perf_counter()
+    write_cache(run, cache, out)
+    cache_seconds = time.perf_counter() - start
+    modes = {
+        "student alone (control=true)": [*run, "control=true"],
+        "live teacher": run,
+        "teacher.cache": [*run, f"+teacher.cache={cache}"],
+    }
+    ms: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):  # interleaved, so load on the machine hits every mode alike
+        for mode, overrides in modes.items():
+            short, long = (fit_seconds(overrides, n) for n in steps)
+            ms[mode].append(1000 * (long - short) / (steps[1] - steps[0]))
+            print(f"{mode}: {ms[mode][-1]:.2f} ms/step", flush=True)
+    base = statistics.median(ms["student alone (control=true)"])
+    lines = [
+        "### Classifier: `mnist1d_kd` (50 000 transfer inputs), ms per optimizer step\n",
+        f"Median of {repeats} interleaved measurements, each (t({steps[1]} steps) - t({steps[0]} steps)) / "
+        f"{steps[1] - steps[0]}; validation, checkpoints, loggers, progress bar off. Writing the cache "
+        f"(51 001 rows, full fp32 logits) took {cache_seconds:.1f} s.\n",
+        "| mode | ms/step (median) | all measurements | / student alone |",
+        "|---|---|---|---|",
+    ]
+    for mode, values in ms.items():
+        med = statistics.median(values)
+        lines.append(
+            f"| {mode} | {med:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {med / base:.2f}x |"
+        )
+    ratio = statistics.median(ms["teacher.cache"]) / base
+    lines.append(
+        f"\nGoal cached <= 1.10 x student alone: **{'met' if ratio <= 1.10 else 'not met'}** ({ratio:.2f}x).\n"
+    )
+    return lines
+
+
+def language_model(out: Path, text_teacher: Path | None) -> list[str]:
+    import torch
+
+    from distillery.config import build
+    from distillery.core.teacher import from_run_checkpoint
+    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row
+
+    common = [f"paths.data_dir={out / 'data'}", f"paths.output_dir={out / 'runs'}"]
+    if text_teacher is None:
+        text_teacher = train_teacher("text_lm_teacher", out, [*common, "trainer.max_epochs=3"])
+    run = ["experiment=text_lm_kd", *common, f"teacher.ckpt_path={text_teacher}"]
+    cfg = compose("train", run)
+    data = build(cfg.data, "data")
+    data.prepare_data()
+    data.setup("fit")
+    ids = torch.stack(
+        [
+            data.train_set[i]["input_ids"]
+            for i in range(0, len(data.train_set), max(1, len(data.train_set) // 64))
+        ][:64]
+    )
+    teacher = from_run_checkpoint(str(text_teacher))
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(ids).float(), -1)
+    entropy = float(-(p.exp() * p).sum(-1).mean())
+    vocab, seq_len = p.shape[-1], ids.shape[1]
+    lines = [
+        f"### Language model: `text_lm_kd` teacher (vocabulary {vocab}, {seq_len} tokens per row)\n",
+        f"Bytes per token: shard bytes / rows / {seq_len} (the 8-byte key per row and safetensors headers "
+        f"included). KL(teacher || read-back), nats per position, mean over {len(ids)} training "
+        f"sequences; the teacher's entropy there is {entropy:.2f} nats.\n",
+        "| k | values | bytes/token | KL per position |",
+        "|---|---|---|---|",
+    ]
+    for k in (16, 64, 256):
+        for dtype in ("fp16", "q8"):
+            cache = out / f"lm_k{k}_{dtype}"
+            write_cache(run, cache, out, f"cache.k={k}", f"cache.dtype={dtype}")
+            with torch.no_grad():
+                q = CachedOutputs(cache)(ids)
+            kl = float((p.exp() * (p - q)).sum(-1).mean())
+            lines.append(f"| {k} | {dtype} | {bytes_per_row(cache) / seq_len:.0f} | {kl:.4f} |")
+            print(lines[-1], flush=True)
+    lines.append(
+        f"\nThe full distribution in fp32 would be {4 * vocab} bytes per token. Goal <= 300 bytes per token "
+        f"at k = 64 (fp16 values, int16 ids, float32 remaining mass)."
+    )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs=2, default=[40, 160])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text-teacher", type=Path, default=None)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="scratch folder (default: a temporary one)"
+    )
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="distillery_cache_bench_"))
+    lines = [
+        "# Teacher-output cache\n",
+        f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"`python benchmarks/teacher_cache.py`\n",
+        *classifier(out, tuple(args.steps), args.repeats),
+        *language_model(out, args.text_teacher),
+    ]
+    text = "\n".join(lines) + "\n"
+    (ROOT / "benchmarks" / "results" / "teacher_cache.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
