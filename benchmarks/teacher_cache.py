@@ -11,7 +11,7 @@
    included, keys included) and KL(teacher || read-back) per position, mean over a
    sample of training sequences. Goal: <= 300 bytes per token at k = 64.
 
-    python benchmarks/teacher_cache.py [--steps 40 160] [--repeats 3]
+    python benchmarks/teacher_cache.py [--steps 40 160] [--repeats 3] [--threads 1]
         [--text-teacher <text_lm_teacher ckpt>]   (default: train one briefly)
 
 Writes ``benchmarks/results/teacher_cache.md``.
@@ -184,6 +184,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
+    torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="distillery_cache_bench_"))
     lines = [
         "# Teacher-output cache\n",

@@ -471,3 +471,21 @@ def test_an_export_never_overwrites_an_artifact_of_another_configuration(
     assert kept.parent == dst.parent and kept.name.startswith("teacher.") and kept.suffix == ".ckpt"
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     assert "not a readable checkpoint" in artifact_differences(tmp_path / "junk.ckpt", other)[0]
+
+
+def test_a_pipeline_stage_may_pin_its_seed(tmp_path):
+    """stages.teacher=[..., seed=0]: one teacher for several student seeds; other stages
+    take the pipeline's seed."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from distillery.config.resolvers import CONFIG_DIR
+    from distillery.pipeline import stage_config
+
+    cfg = OmegaConf.create({"overrides": [], "seed": 3})
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        pinned = stage_config("teacher", ["experiment=mnist1d_teacher", "seed=0"], cfg, tmp_path)
+        student = stage_config("student", ["experiment=mnist1d_kd"], cfg, tmp_path)
+    assert (pinned.seed, student.seed) == (0, 3)

@@ -15,8 +15,9 @@ student -> report card, in one process.
    ``stages.json`` records each stage's overrides, checkpoint and wall time.
 
 Each stage is a ``distillery.train`` run composed from ``conf/train.yaml`` with the
-stage's overrides, then ``overrides`` (shared by all stages), writing into
-``<output_dir>/<stage>``.
+stage's overrides, then ``overrides`` (shared by all stages) and ``seed`` (unless the
+stage pins its own, e.g. ``stages.teacher=[experiment=..., seed=0]``: one teacher for
+several student seeds), writing into ``<output_dir>/<stage>``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ log = logging.getLogger(__name__)
 def stage_config(
     name: str, stage_overrides: list[str], cfg: DictConfig, out_dir: Path
 ) -> DictConfig:
-    overrides = [
+    pinned = any(str(o).startswith("seed=") for o in stage_overrides)  # e.g. one teacher
+    overrides = [  # for several student seeds
         *stage_overrides,
         *cfg.overrides,
-        f"seed={cfg.seed}",
+        *([] if pinned else [f"seed={cfg.seed}"]),
         f"paths.output_dir={out_dir / name}",
         "extras.print_config=false",
     ]
