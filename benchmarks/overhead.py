@@ -17,13 +17,18 @@ Three ways to train the same student from the same teacher on the same batches
 Each is timed at two step counts from a fresh start (a fresh trainer, optimizer and
 loader iterators); steady-state ms/step is the difference of the two times over the
 difference of the step counts, so set-up costs cancel. The repeats interleave the three
-ways, so machine noise hits them alike; the table gives the median of the repeats and
-the range of the per-repeat ratios. For the step itself to be compared, the Distillery
-runs have no validation, loggers, callbacks (checkpoints, model summary) or progress bar.
-The teachers are trained here for a few batches (their weights do not change the time).
-Writes benchmarks/results/overhead.md.
+ways (the order reversed every other repeat), so machine noise hits them alike; the
+tables give the median ms/step over the repeats and the median and range of the
+per-repeat ratios, by the CPU time of this process (the robust clock on a shared
+machine: time spent descheduled for other jobs does not count) and by wall time.
+One torch thread by default: with two threads on a 2-core machine that also runs other
+jobs, a parallel region waits for whichever thread is descheduled, and step times were
+erratic (negative differences included). For the step itself to be compared, the
+Distillery runs have no validation, loggers, callbacks (checkpoints, model summary) or
+progress bar. The teachers are trained here for a few batches (their weights do not
+change the time). Writes benchmarks/results/overhead.md.
 
-    python benchmarks/overhead.py [--steps 20 80] [--repeats 3] [--sizes small medium]
+    python benchmarks/overhead.py [--steps 10 50] [--repeats 7] [--sizes small medium]
         [--threads 1] [--profile small|medium]
 
 ``--profile small|medium`` also prints a cProfile of one Distillery fit of that size
@@ -62,6 +67,7 @@ LABELS = {
     "base": "teacher fwd + student step",
 }
 GOALS = {"hand": 1.03, "base": 1.05}  # Distillery / method, on the medium model
+CLOCKS = ("cpu", "wall")  # CPU time of this process, wall time
 
 
 def quiet() -> None:
@@ -171,9 +177,6 @@ class HandLoop:
         return since(start)
 
 
-CLOCKS = ("cpu", "wall")
-
-
 def measure(compose, common, ckpts, sizes, steps, repeats) -> tuple[dict, dict]:
     """({(size, method, clock): [ms/step per repeat]}, {size: (student, teacher) params}),
     the three methods interleaved, after one unrecorded warm-up round (first calls:
@@ -206,10 +209,12 @@ def measure(compose, common, ckpts, sizes, steps, repeats) -> tuple[dict, dict]:
                 for m in METHODS:
                     runs[m](few)
                 continue
-            times = {(m, n): runs[m](n) for n in (few, many) for m in METHODS}
-            for m in METHODS:
+            # each method's two runs back to back; the order reversed every other repeat,
+            # so a drift in the machine's load falls on all three alike
+            for m in METHODS if r % 2 == 0 else METHODS[::-1]:
+                t_few, t_many = runs[m](few), runs[m](many)
                 for clock in CLOCKS:
-                    ms = 1000 * (times[m, many][clock] - times[m, few][clock]) / (many - few)
+                    ms = 1000 * (t_many[clock] - t_few[clock]) / (many - few)
                     per_step.setdefault((size, m, clock), []).append(ms)
             print(f"repeat {r + 1}/{repeats} {size}: " + ", ".join(
                 f"{m} {per_step[size, m, 'cpu'][-1]:.2f} ({per_step[size, m, 'wall'][-1]:.2f} wall)"
@@ -218,21 +223,24 @@ def measure(compose, common, ckpts, sizes, steps, repeats) -> tuple[dict, dict]:
 
 
 def ratio(per_step, size: str, method: str, clock: str) -> tuple[float, list[float]]:
-    """Distillery / ``method``: of the medians, and per repeat."""
+    """Distillery / ``method``: the median of the per-repeat ratios, and those ratios."""
     ours, theirs = per_step[size, "distillery", clock], per_step[size, method, clock]
     each = [a / b for a, b in zip(ours, theirs, strict=True)]
-    return statistics.median(ours) / statistics.median(theirs), each
+    return statistics.median(each), each
 
 
 def clock_table(per_step, params, sizes, clock: str) -> list[str]:
     lines = [
         "| model | student params | teacher params | Distillery | hand loop | teacher fwd + "
-        "student step | Distillery / hand loop | Distillery / (teacher fwd + student step) |",
-        "|---|---|---|---|---|---|---|---|",
+        "student step | Distillery - hand loop | Distillery / hand loop | Distillery / "
+        "(teacher fwd + student step) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
         student, teacher = params[size]
-        ms = [f"{statistics.median(per_step[size, m, clock]):.2f}" for m in METHODS]
+        medians = {m: statistics.median(per_step[size, m, clock]) for m in METHODS}
+        ms = [f"{medians[m]:.2f}" for m in METHODS]
+        ms.append(f"{medians['distillery'] - medians['hand']:+.2f}")
         ratios = []
         for m in ("hand", "base"):
             value, each = ratio(per_step, size, m, clock)
@@ -244,23 +252,24 @@ def clock_table(per_step, params, sizes, clock: str) -> list[str]:
     return lines
 
 
-def report(per_step, params, sizes, steps, repeats, threads: int) -> str:
+def report(per_step, params, sizes, steps, repeats, threads: int, load: list[float]) -> str:
     few, many = steps
     lines = [
         f"Steady-state ms/step of a KD step (`experiment=mnist1d_kd`: 64 labeled + 256 "
         f"transfer samples, float32, CPU), the difference of {few}- and {many}-step runs over "
         f"{many - few} steps, median of {repeats} interleaved repeats after a warm-up round; "
-        f"ratios: of the medians (in brackets: the range of the per-repeat ratios). Machine: "
-        f"{os.cpu_count()} CPU cores shared with other jobs, {threads} torch thread(s). "
+        f"ratios: the median of the per-repeat ratios (in brackets: their range). Machine: "
+        f"{os.cpu_count()} CPU cores, {threads} torch thread(s), 1-minute load average "
+        f"{load[0]:.1f} at the start and {load[1]:.1f} at the end (other jobs included). "
         f"Distillery runs without validation, loggers, callbacks (checkpoints, model summary) "
         f"and progress bar; the hand loops use the same student, teacher, optimizer "
         f"(type, lr, weight decay), loss weights, temperature and batches.",
         "",
-        "CPU time of the process (robust to the other jobs' load):",
+        "CPU time of this process (what the step costs, whatever else the machine runs):",
         "",
         *clock_table(per_step, params, sizes, "cpu"),
         "",
-        "Wall time (moves with the other jobs' load):",
+        "Wall time (moves with the machine's other load):",
         "",
         *clock_table(per_step, params, sizes, "wall"),
     ]
@@ -300,8 +309,8 @@ def profile(compose, overrides: list[str], steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, nargs=2, default=[20, 80])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs=2, default=[10, 50])
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (0: torch's default); on a shared machine one thread "
@@ -320,7 +329,9 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="overhead_"))
+    load = [os.getloadavg()[0]]
+    tmp = tempfile.TemporaryDirectory(prefix="overhead_")
+    work = Path(tmp.name)
     common = [f"paths.output_dir={work / 'run'}", f"paths.data_dir={args.data_dir}",
               f"paths.artifacts_dir={work / 'artifacts'}", "extras.print_config=false"]  # fmt: skip
     GlobalHydra.instance().clear()
@@ -341,7 +352,9 @@ def main() -> None:
                 ckpts[size] = work / f"teacher_{size}.ckpt"
                 train_teacher(cfg, common, SIZES[size]["teacher"], ckpts[size])
             profile(cfg, [*kd_overrides(size, ckpts[size]), *common], args.steps[1])
-    text = report(*measured, args.sizes, args.steps, args.repeats, torch.get_num_threads())
+    tmp.cleanup()
+    load.append(os.getloadavg()[0])
+    text = report(*measured, args.sizes, args.steps, args.repeats, torch.get_num_threads(), load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -177,6 +177,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 160])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text-teacher", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine, an oversubscribed thread "
+                        "pool makes every parallel op wait for a descheduled thread)")  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None, help="scratch folder (default: a temporary one)"
     )
