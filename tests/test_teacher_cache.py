@@ -40,7 +40,7 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
 
     steps = ["+trainer.max_steps=8", "trainer.max_epochs=1"]
     online = student_after(train_cfg, tmp_path, "online", *run, *steps)
-    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"+teacher.cache={cache}")
+    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"teacher.cache={cache}")
     for k, v in online["state_dict"].items():
         assert torch.equal(cached["state_dict"][k], v), k
     assert cached["distillery"]["teacher"]["sha256"] == online["distillery"]["teacher"]["sha256"]
@@ -60,7 +60,7 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
 
     def refused(*overrides, match):
         with pytest.raises(ConfigError, match=match):
-            build_run(train_cfg(*run, f"+teacher.cache={cache}", *overrides))
+            build_run(train_cfg(*run, f"teacher.cache={cache}", *overrides))
 
     refused(
         "teacher.ckpt_path=/elsewhere/teacher.ckpt",
@@ -123,13 +123,13 @@ def test_topk_token_cache(train_cfg, tmp_path, data_dir, tokenizer_dir, text_tea
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02, errors
 
     steps = ["+trainer.max_steps=3", "trainer.max_epochs=1"]
-    from_topk = student_after(train_cfg, tmp_path, "topk", *run, *steps, f"+teacher.cache={topk}")
+    from_topk = student_after(train_cfg, tmp_path, "topk", *run, *steps, f"teacher.cache={topk}")
     assert from_topk["global_step"] == 3
     full = tmp_path / "full"
     write(tmp_path, data_dir, *run, f"cache.dir={full}")
     online = student_after(train_cfg, tmp_path, "online", *run, *steps)
     cached_full = student_after(
-        train_cfg, tmp_path, "full_run", *run, *steps, f"+teacher.cache={full}"
+        train_cfg, tmp_path, "full_run", *run, *steps, f"teacher.cache={full}"
     )
     for k, v in online["state_dict"].items():
         torch.testing.assert_close(cached_full["state_dict"][k], v, rtol=0, atol=0)

@@ -38,12 +38,12 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
     with open_dict(source):
         dtype = source.pop("dtype", None)
         cache = source.pop("cache", None)
+    teacher_node = node.copy()  # what the provenance records: the teacher, not the cache
+    with open_dict(teacher_node):
+        teacher_node.pop("cache", None)
     if cache is not None:
         from distillery.core.teacher_cache import cached_teacher
 
-        teacher_node = node.copy()
-        with open_dict(teacher_node):
-            teacher_node.pop("cache")
         run = {"paths": to_record(cfg.paths), "data": to_record(cfg.data)} if cfg else {}
         return cached_teacher(str(cache), to_record(teacher_node), run, key)
     import torch
@@ -55,7 +55,7 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
         raise ConfigError(
             [f"{key}: the teacher source must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
         )  # fmt: skip
-    model.provenance["config"] = to_record(node)
+    model.provenance["config"] = to_record(teacher_node)
     if dtype is not None:
         try:
             model.cast(str(dtype))
