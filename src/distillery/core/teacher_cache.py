@@ -209,7 +209,9 @@ class CacheWriter:
 
 
 class CachedOutputs(nn.Module):
-    """The cached teacher's model: input rows -> stored outputs (float32)."""
+    """The cached teacher's model: input rows -> stored outputs (float32). The store
+    stays in host memory; keys are computed on the CPU (one copy of the teacher inputs
+    to the host per step on an accelerator) and the rows are sent to the inputs' device."""
 
     def __init__(self, path: str | Path, key: str = "teacher.cache"):
         super().__init__()
