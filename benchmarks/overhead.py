@@ -10,14 +10,17 @@ Three ways to train the same student from the same teacher on the same batches
   hyperparameters, over the datamodule's own training loaders combined as Lightning
   combines them (the labeled loader cycled under the transfer loader): concatenate,
   teacher forward under no_grad, student forward, CE on the labeled rows + T^2 KL on
-  all rows (the config's weights and temperature), backward, step; from the same
-  initial student weights as the Distillery run;
+  all rows (the config's weights and temperature), backward, step;
 * teacher forward + student step: the same batches, teacher forward under no_grad and
   a student forward/backward/step with a trivial loss (the mean logit), no KD.
 
-Each is timed at two step counts from a fresh start (a fresh trainer, optimizer and
-loader iterators); steady-state ms/step is the difference of the two times over the
-difference of the step counts, so set-up costs cancel. The repeats interleave the three
+Every timed run starts on a freshly built run (``build_run``, the same seed: the same
+initial weights and batches for all three; the hand loops take its modules) and a
+garbage collection: a student trained on across runs, or the leftovers of earlier runs
+in the process, changed the step time (by up to 10%, kernel time for page faults
+included). Each way is timed at two step counts; steady-state ms/step is the
+difference of the two times over the difference of the step counts, so set-up costs
+(trainer, optimizer, loaders, first allocations) cancel. The repeats interleave the three
 ways (the order reversed every other repeat), so machine noise hits them alike; the
 tables give the median ms/step over the repeats and the median and range of the
 per-repeat ratios, by the CPU time of this process (the robust clock on a shared
@@ -29,17 +32,18 @@ Distillery runs have no validation, loggers, callbacks (checkpoints, model summa
 progress bar. The teachers are trained here for a few batches (their weights do not
 change the time). Writes benchmarks/results/overhead.md.
 
-    python benchmarks/overhead.py [--steps 10 50] [--repeats 7] [--sizes small medium]
+    python benchmarks/overhead.py [--steps FEW MANY] [--repeats 7] [--sizes small medium]
         [--threads 1] [--profile small|medium]
 
 ``--profile small|medium`` also prints a cProfile of one Distillery fit of that size
-(``--steps``' larger count): where the time outside the models goes.
+(its larger step count): where the time outside the models goes. ``--steps`` sets the
+step counts of every size (defaults: 20 and 120 small, 10 and 40 medium).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import itertools
 import logging
 import os
@@ -54,10 +58,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 ROOT = Path(__file__).resolve().parents[1]
 
-# student MLP hidden widths and teacher CNN1D channels; small: mnist1d_kd's own models
+# student MLP hidden widths, teacher CNN1D channels (small: mnist1d_kd's own models) and
+# the two step counts timed (at most one epoch: 195 steps)
 SIZES = {
-    "small": {"student": [100, 100], "teacher": [32, 64, 64]},
-    "medium": {"student": [2048, 2048], "teacher": [64, 128, 128]},
+    "small": {"student": [100, 100], "teacher": [32, 64, 64], "steps": (20, 120)},
+    "medium": {"student": [2048, 2048], "teacher": [64, 128, 128], "steps": (10, 40)},
 }
 # the Distillery runs time the step alone: no validation, loggers, callbacks, progress bar
 QUIET = ["++trainer.limit_val_batches=0", "~logger", "callbacks=none",
@@ -107,20 +112,6 @@ def since(start: dict[str, float]) -> dict[str, float]:
     return {clock: now[clock] - start[clock] for clock in start}
 
 
-def distillery_seconds(compose, overrides: list[str], steps: int) -> dict[str, float]:
-    """CPU and wall seconds of ``trainer.fit`` for ``steps`` steps of a freshly built run."""
-    from distillery.core.builder import build_run
-
-    datamodule, module, trainer, _ = build_run(
-        compose([*overrides, f"++trainer.max_steps={steps}"])
-    )
-    start = clocks()
-    trainer.fit(module, datamodule=datamodule)
-    elapsed = since(start)
-    assert trainer.global_step == steps, (trainer.global_step, steps)
-    return elapsed
-
-
 def combined(loaders):
     """(labeled, transfer) batches as Lightning's ``max_size_cycle`` gives them: one pass
     over the transfer loader, the labeled loader restarted when it runs out."""
@@ -134,92 +125,84 @@ def combined(loaders):
         yield batch, transfer
 
 
-class HandLoop:
-    """The KD step written in plain PyTorch (``kd=True``), or teacher forward + student
-    step with a trivial loss (``kd=False``), on the modules of a built run. Every run
-    starts from the student's initial weights, as every Distillery run does (a freshly
-    built run, the same seed): a student trained on for hundreds of steps was measurably
-    slower per step (about 7% on the medium model)."""
+def hand_steps(datamodule, module, cfg, steps: int, kd: bool) -> None:
+    """``steps`` steps in plain PyTorch on the modules of a built run: the KD step
+    (``kd=True``), or teacher forward + student step with a trivial loss (``kd=False``)."""
+    import torch
+    import torch.nn.functional as F
 
-    def __init__(self, datamodule, module, cfg):
-        self.datamodule = datamodule
-        self.student, self.student_norm = module.student, module.student_norm
-        self.initial = copy.deepcopy(module.student.state_dict())
-        self.teacher = module.teacher.model  # Sequential(InputNorm, CNN1D), frozen, eval
-        self.optimizer = module.optimizer_factory  # the config's AdamW(lr, weight_decay)
-        self.temperature = float(cfg.distill.terms.kd.temperature)
-        self.w_task, self.w_kd = float(cfg.distill.weights.task), float(cfg.distill.weights.kd)
-
-    def seconds(self, steps: int, kd: bool) -> dict[str, float]:
-        """CPU and wall seconds of ``steps`` steps from a fresh optimizer and loaders."""
-        import torch
-        import torch.nn.functional as F
-
-        self.student.load_state_dict(self.initial)
-        start = clocks()
-        student, norm, teacher, temp = (
-            self.student,
-            self.student_norm,
-            self.teacher,
-            self.temperature,
-        )
-        student.train()
-        opt = self.optimizer(params=student.parameters())
-        batches = combined(self.datamodule.train_dataloader())
-        for labeled, transfer in itertools.islice(batches, steps):
-            x = torch.cat([labeled["inputs"], transfer["inputs"]])
-            opt.zero_grad()
-            with torch.no_grad():
-                t = teacher(x)
-            s = student(norm(x))
-            if kd:
-                ce = F.cross_entropy(s[: len(labeled["labels"])], labeled["labels"])
-                log_p, log_q = F.log_softmax(t / temp, -1), F.log_softmax(s / temp, -1)
-                kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-                loss = self.w_task * ce + self.w_kd * temp**2 * kl
-            else:
-                loss = s.mean()
-            loss.backward()
-            opt.step()
-        return since(start)
+    student, norm = module.student, module.student_norm
+    teacher = module.teacher.model  # Sequential(InputNorm, CNN1D): frozen, eval mode
+    temp = float(cfg.distill.terms.kd.temperature)
+    w_task, w_kd = float(cfg.distill.weights.task), float(cfg.distill.weights.kd)
+    student.train()
+    opt = module.optimizer_factory(params=student.parameters())  # AdamW(lr, weight_decay)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    for labeled, transfer in itertools.islice(combined(datamodule.train_dataloader()), steps):
+        x = torch.cat([labeled["inputs"], transfer["inputs"]])
+        opt.zero_grad()
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(norm(x))
+        if kd:
+            ce = F.cross_entropy(s[: len(labeled["labels"])], labeled["labels"])
+            log_p, log_q = F.log_softmax(t / temp, -1), F.log_softmax(s / temp, -1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+            loss = w_task * ce + w_kd * temp**2 * kl
+        else:
+            loss = s.mean()
+        loss.backward()
+        opt.step()
 
 
-def measure(compose, common, ckpts, sizes, steps, repeats) -> tuple[dict, dict]:
+def timed_run(compose, overrides: list[str], method: str, steps: int) -> dict[str, float]:
+    """CPU and wall seconds of ``steps`` steps of ``method`` on a freshly built run (the
+    same seed: the same initial weights and batches for every method), timed from a
+    garbage collection on."""
+    from distillery.core.builder import build_run
+
+    cfg = compose([*overrides, f"++trainer.max_steps={steps}"])
+    datamodule, module, trainer, _ = build_run(cfg)
+    gc.collect()
+    start = clocks()
+    if method == "distillery":
+        trainer.fit(module, datamodule=datamodule)
+    else:
+        hand_steps(datamodule, module, cfg, steps, kd=method == "hand")
+    elapsed = since(start)
+    if method == "distillery":
+        assert trainer.global_step == steps, (trainer.global_step, steps)
+    return elapsed
+
+
+def measure(compose, common, ckpts, sizes, steps: dict, repeats) -> tuple[dict, dict]:
     """({(size, method, clock): [ms/step per repeat]}, {size: (student, teacher) params}),
     the three methods interleaved, after one unrecorded warm-up round (first calls:
     kernels, lazy imports and initialisations)."""
     from distillery.core.builder import build_run
     from distillery.core.module import count_params
 
-    few, many = steps
     per_step: dict = {}
-    setups, params = {}, {}
+    params = {}
     for size in sizes:
-        overrides = [*kd_overrides(size, ckpts[size]), *common]
-        cfg = compose([*overrides, f"++trainer.max_steps={many}"])
-        datamodule, module, _, _ = build_run(cfg)
-        datamodule.prepare_data()
+        datamodule, module, _, _ = build_run(compose([*kd_overrides(size, ckpts[size]), *common]))
         datamodule.setup("fit")
-        batches = len(datamodule.train_dataloader()["transfer"])
+        batches, many = len(datamodule.train_dataloader()["transfer"]), steps[size][1]
         assert many <= batches, f"--steps: at most {batches} (one epoch), got {many}"
-        setups[size] = (overrides, HandLoop(datamodule, module, cfg))
         params[size] = (count_params(module.student), count_params(module.teacher))
     for r in range(-1, repeats):
         for size in sizes:
-            overrides, hand = setups[size]
-            runs = {
-                "distillery": lambda n, o=overrides: distillery_seconds(compose, o, n),
-                "hand": lambda n, h=hand: h.seconds(n, kd=True),
-                "base": lambda n, h=hand: h.seconds(n, kd=False),
-            }
+            overrides = [*kd_overrides(size, ckpts[size]), *common]
+            few, many = steps[size]
             if r < 0:  # warm-up
                 for m in METHODS:
-                    runs[m](few)
+                    timed_run(compose, overrides, m, few)
                 continue
             # each method's two runs back to back; the order reversed every other repeat,
             # so a drift in the machine's load falls on all three alike
             for m in METHODS if r % 2 == 0 else METHODS[::-1]:
-                t_few, t_many = runs[m](few), runs[m](many)
+                t_few, t_many = (timed_run(compose, overrides, m, n) for n in (few, many))
                 for clock in CLOCKS:
                     ms = 1000 * (t_many[clock] - t_few[clock]) / (many - few)
                     per_step.setdefault((size, m, clock), []).append(ms)
@@ -236,12 +219,12 @@ def ratio(per_step, size: str, method: str, clock: str) -> tuple[float, list[flo
     return statistics.median(each), each
 
 
-def clock_table(per_step, params, sizes, clock: str) -> list[str]:
+def clock_table(per_step, params, sizes, steps: dict, clock: str) -> list[str]:
     lines = [
-        "| model | student params | teacher params | Distillery | hand loop | teacher fwd + "
+        "| model | student params | teacher params | steps | Distillery | hand loop | teacher fwd + "
         "student step | Distillery - hand loop | Distillery / hand loop | Distillery / "
         "(teacher fwd + student step) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
         student, teacher = params[size]
@@ -254,17 +237,18 @@ def clock_table(per_step, params, sizes, clock: str) -> list[str]:
             ratios.append(f"{value:.3f} ({min(each):.3f}-{max(each):.3f})")
         arch = f"MLP {SIZES[size]['student']} <- CNN1D {SIZES[size]['teacher']}"
         lines.append(
-            f"| {size}: {arch} | {student:,} | {teacher:,} | " + " | ".join(ms + ratios) + " |"
+            f"| {size}: {arch} | {student:,} | {teacher:,} | {steps[size][1]} - "
+            f"{steps[size][0]} | " + " | ".join(ms + ratios) + " |"
         )
     return lines
 
 
 def report(per_step, params, sizes, steps, repeats, threads: int, load: list[float]) -> str:
-    few, many = steps
     lines = [
         f"Steady-state ms/step of a KD step (`experiment=mnist1d_kd`: 64 labeled + 256 "
-        f"transfer samples, float32, CPU), the difference of {few}- and {many}-step runs over "
-        f"{many - few} steps, median of {repeats} interleaved repeats after a warm-up round; "
+        f"transfer samples, float32, CPU): the time of the longer run minus that of the "
+        f"shorter over the difference in steps (column steps), each run freshly built, median "
+        f"of {repeats} interleaved repeats after a warm-up round; "
         f"ratios: the median of the per-repeat ratios (in brackets: their range). Machine: "
         f"{os.cpu_count()} CPU cores, {threads} torch thread(s), 1-minute load average "
         f"{load[0]:.1f} at the start and {load[1]:.1f} at the end (other jobs included). "
@@ -274,11 +258,11 @@ def report(per_step, params, sizes, steps, repeats, threads: int, load: list[flo
         "",
         "CPU time of this process (what the step costs, whatever else the machine runs):",
         "",
-        *clock_table(per_step, params, sizes, "cpu"),
+        *clock_table(per_step, params, sizes, steps, "cpu"),
         "",
         "Wall time (moves with the machine's other load):",
         "",
-        *clock_table(per_step, params, sizes, "wall"),
+        *clock_table(per_step, params, sizes, steps, "wall"),
     ]
     if "medium" in sizes:
         lines.append("")
@@ -316,7 +300,7 @@ def profile(compose, overrides: list[str], steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, nargs=2, default=[10, 50])
+    parser.add_argument("--steps", type=int, nargs=2, default=None, metavar=("FEW", "MANY"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--threads", type=int, default=1,
@@ -336,6 +320,7 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    steps = {size: tuple(args.steps or SIZES[size]["steps"]) for size in SIZES}
     load = [os.getloadavg()[0]]
     tmp = tempfile.TemporaryDirectory(prefix="overhead_")
     work = Path(tmp.name)
@@ -352,16 +337,16 @@ def main() -> None:
             ckpts[size] = work / f"teacher_{size}.ckpt"
             train_teacher(cfg, common, SIZES[size]["teacher"], ckpts[size])
             quiet()  # the runs reset Lightning's loggers
-        measured = measure(cfg, common, ckpts, args.sizes, args.steps, args.repeats)
+        measured = measure(cfg, common, ckpts, args.sizes, steps, args.repeats)
         if args.profile:
             size = args.profile
             if size not in ckpts:
                 ckpts[size] = work / f"teacher_{size}.ckpt"
                 train_teacher(cfg, common, SIZES[size]["teacher"], ckpts[size])
-            profile(cfg, [*kd_overrides(size, ckpts[size]), *common], args.steps[1])
+            profile(cfg, [*kd_overrides(size, ckpts[size]), *common], steps[size][1])
     tmp.cleanup()
     load.append(os.getloadavg()[0])
-    text = report(*measured, args.sizes, args.steps, args.repeats, torch.get_num_threads(), load)
+    text = report(*measured, args.sizes, steps, args.repeats, torch.get_num_threads(), load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
