@@ -16,9 +16,10 @@ Three ways to train the same student from the same teacher on the same batches
 
 Every timed run starts on a freshly built run (``build_run``, the same seed: the same
 initial weights and batches for all three; the hand loops take its modules) and a
-garbage collection: a student trained on across runs, or the leftovers of earlier runs
-in the process, changed the step time (by up to 10%, kernel time for page faults
-included). Each way is timed at two step counts; steady-state ms/step is the
+garbage collection, and glibc's malloc keeps freed memory (``steady_allocator``;
+``--default-allocator`` leaves it as it is): a student trained on across runs, or the
+allocation history of the process (page faults at every step, or none), changed the
+step time by up to 10% whichever way of training ran. Each way is timed at two step counts; steady-state ms/step is the
 difference of the two times over the difference of the step counts, so set-up costs
 (trainer, optimizer, loaders, first allocations) cancel. The repeats interleave the three
 ways (the order reversed every other repeat), so machine noise hits them alike; the
@@ -33,7 +34,7 @@ progress bar. The teachers are trained here for a few batches (their weights do 
 change the time). Writes benchmarks/results/overhead.md.
 
     python benchmarks/overhead.py [--steps FEW MANY] [--repeats 7] [--sizes small medium]
-        [--threads 1] [--profile small|medium]
+        [--threads 1] [--default-allocator] [--profile small|medium]
 
 ``--profile small|medium`` also prints a cProfile of one Distillery fit of that size
 (its larger step count): where the time outside the models goes. ``--steps`` sets the
@@ -100,6 +101,25 @@ def train_teacher(compose, common: list[str], channels: list[int], ckpt: Path) -
 def kd_overrides(size: str, ckpt: Path) -> list[str]:
     return ["experiment=mnist1d_kd", f"teacher.ckpt_path={ckpt}",
             f"student.hidden={SIZES[size]['student']}", *QUIET]  # fmt: skip
+
+
+def steady_allocator() -> bool:
+    """glibc's malloc: serve blocks up to 32 MB (the medium student's gradients are 16 MB)
+    from the heap and keep freed memory, instead of mapping them afresh and faulting their
+    pages in at every step. Whether that churn happens otherwise depends on the process's
+    allocation history (up to ~6000 page faults and ~10 ms of kernel time per medium step
+    in one run, none in the next), whichever way of training runs. False: not applied."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
+            libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def clocks() -> dict[str, float]:
@@ -243,7 +263,7 @@ def clock_table(per_step, params, sizes, steps: dict, clock: str) -> list[str]:
     return lines
 
 
-def report(per_step, params, sizes, steps, repeats, threads: int, load: list[float]) -> str:
+def report(per_step, params, sizes, steps, repeats, threads, load, allocator: bool) -> str:
     lines = [
         f"Steady-state ms/step of a KD step (`experiment=mnist1d_kd`: 64 labeled + 256 "
         f"transfer samples, float32, CPU): the time of the longer run minus that of the "
@@ -251,7 +271,9 @@ def report(per_step, params, sizes, steps, repeats, threads: int, load: list[flo
         f"of {repeats} interleaved repeats after a warm-up round; "
         f"ratios: the median of the per-repeat ratios (in brackets: their range). Machine: "
         f"{os.cpu_count()} CPU cores, {threads} torch thread(s), 1-minute load average "
-        f"{load[0]:.1f} at the start and {load[1]:.1f} at the end (other jobs included). "
+        f"{load[0]:.1f} at the start and {load[1]:.1f} at the end (other jobs included); "
+        f"{'steady' if allocator else 'default'} allocator (glibc malloc thresholds: "
+        f"{'fixed, see steady_allocator' if allocator else 'dynamic'}). "
         f"Distillery runs without validation, loggers, callbacks (checkpoints, model summary) "
         f"and progress bar; the hand loops use the same student, teacher, optimizer "
         f"(type, lr, weight decay), loss weights, temperature and batches.",
@@ -307,10 +329,13 @@ def main() -> None:
                         help="torch threads (0: torch's default); on a shared machine one thread "
                              "keeps a parallel region from waiting on a descheduled thread")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc malloc's thresholds as they are (see steady_allocator)")  # fmt: skip
     parser.add_argument("--profile", choices=list(SIZES), default=None,
                         help="also print a cProfile of one Distillery fit of this size")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.md")
     args = parser.parse_args()
+    allocator = not args.default_allocator and steady_allocator()
     quiet()
     import torch
     from hydra import compose, initialize_config_dir
@@ -346,7 +371,9 @@ def main() -> None:
             profile(cfg, [*kd_overrides(size, ckpts[size]), *common], steps[size][1])
     tmp.cleanup()
     load.append(os.getloadavg()[0])
-    text = report(*measured, args.sizes, steps, args.repeats, torch.get_num_threads(), load)
+    text = report(
+        *measured, args.sizes, steps, args.repeats, torch.get_num_threads(), load, allocator
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
