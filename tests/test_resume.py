@@ -84,7 +84,7 @@ def test_the_saved_position_skips_what_was_trained():
     it = iter(loader)
     seen = [next(it), next(it)]  # two batches trained on
     state = loader.state_dict()
-    assert state == {"seed": 3, "epoch": 1, "pass": 0, "consumed": 8}
+    assert state == {"seed": 3, "epoch": 1, "pass": 0, "consumed": 8, "replicas": 1}
     fresh = ResumableLoader(data, batch_size=4, sampler=EpochSampler(20, seed=3), drop_last=True)
     fresh.load_state_dict(state)
     fresh.sampler.set_epoch(1)
@@ -110,3 +110,26 @@ def test_the_order_depends_on_the_seed_not_the_global_rng(seed):
     torch.manual_seed(456)
     b = list(EpochSampler(10, seed=seed))
     assert a == b and sorted(a) == list(range(10))
+
+
+def test_epoch_sampler_shards_by_rank_and_refuses_a_mid_epoch_resume_on_other_ranks():
+    from distillery.data.sampling import EpochSampler
+
+    def shard(size, rank, replicas):
+        sampler = EpochSampler(size, seed=4)
+        sampler.num_replicas, sampler.rank = replicas, rank
+        return sampler
+
+    order = list(EpochSampler(10, seed=4))
+    shards = [list(shard(10, r, 4)) for r in range(4)]
+    assert [len(s) for s in shards] == [len(shard(10, 0, 4))] * 4 == [3] * 4  # padded to 12
+    assert [shards[r][i] for i in range(2) for r in range(4)] == order[
+        :8
+    ]  # steps = one-process order
+    assert [len(list(shard(1, r, 4))) for r in range(4)] == [1] * 4  # fewer samples than ranks
+    two = shard(10, 0, 2)
+    state = two.state(consumed=2)  # 2 per rank = the first 4 of the pass
+    assert state["consumed"] == 4 and state["replicas"] == 2
+    with pytest.raises(ValueError, match="ckpt_path: the checkpoint stopped mid-epoch with 2"):
+        shard(10, 0, 4).resume(state)
+    shard(10, 0, 4).resume({**state, "consumed": 0})  # an epoch boundary: any number of ranks

@@ -68,6 +68,7 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
     )
     refused("data.transfer_size=600", match=r"data.transfer_size differ")
     refused("views=mixup_signal", match="views: augmentation/mixing")
+    build_run(train_cfg(*run, f"teacher.cache={cache}", "data.batch_size=32"))  # loader-only change
 
     # resumable: a lost last shard and an unfinished record are written again, the rest kept
     shards[-1].unlink()
@@ -144,3 +145,29 @@ def _some_rows(data_dir, run):
     dm.prepare_data()
     dm.setup("fit")
     return [dm.train_set[i]["input_ids"] for i in range(4)]
+
+
+def test_runs_a_cache_cannot_serve_are_refused_by_key():
+    from omegaconf import OmegaConf
+
+    from distillery.core.builder import build_frozen_model
+    from distillery.core.tasks import CausalLMTask, ClassificationTask, EmbeddingTask
+    from distillery.core.teacher_cache import unsupported
+
+    def problems(task=None, **cfg):
+        return " | ".join(unsupported(OmegaConf.create(cfg), task or ClassificationTask()))
+
+    assert problems() == ""
+    assert problems(data={"augment": True}).startswith("data.augment:")
+    assert problems(CausalLMTask(), data={"format": "prompt_response"}).startswith("data.format:")
+    assert problems(EmbeddingTask()).startswith("task: batches pad rows")
+    assert problems(teacher={"bn_mode": "batch_stats"}).startswith("teacher.bn_mode:")
+    assert problems(taps={"teacher": {"f": "layer1"}}).startswith("taps.teacher:")
+    assert problems(CausalLMTask(fused=True)).startswith("task.fused:")
+    node = {
+        "_target_": "distillery.core.teacher.from_run_checkpoint",
+        "ckpt_path": "x",
+        "cache": "/c",
+    }
+    with pytest.raises(ConfigError, match="frozen.reference.cache: only the teacher"):
+        build_frozen_model(node, "frozen.reference")

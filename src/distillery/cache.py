@@ -45,7 +45,7 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 def write_cache(cfg: DictConfig) -> dict:
     from distillery.core.builder import build_task, build_teacher
-    from distillery.core.teacher_cache import DTYPES, CacheWriter, compress, row_keys
+    from distillery.core.teacher_cache import DTYPES, CacheWriter, compress, row_keys, unsupported
 
     options = cfg.cache
     run = cfg.copy()
@@ -75,6 +75,8 @@ def write_cache(cfg: DictConfig) -> dict:
     datamodule = build(run.data, "data")
     teacher = build_teacher(run).to(device)
     task = build_task(run, datamodule)
+    if problems := unsupported(run, task):
+        raise ConfigError(problems)
     example = datamodule.example_input(2)
     outputs = teacher(example.to(device))
     vocab = int(outputs.shape[-1])

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 def stage_config(
     name: str, stage_overrides: list[str], cfg: DictConfig, out_dir: Path
 ) -> DictConfig:
-    pinned = any(str(o).startswith("seed=") for o in stage_overrides)  # e.g. one teacher
+    pinned = any(str(o).lstrip("+").startswith("seed=") for o in stage_overrides)  # one teacher
     overrides = [  # for several student seeds
         *stage_overrides,
         *cfg.overrides,

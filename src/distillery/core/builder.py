@@ -11,7 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from distillery.config import ConfigError, build, to_record, validate
 
@@ -43,6 +43,9 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
         teacher_node.pop("cache", None)
     if cache is not None:
         from distillery.core.teacher_cache import cached_teacher
+
+        if key != "teacher":
+            raise ConfigError([f"{key}.cache: only the teacher reads a teacher-output cache"])
 
         run = {"paths": to_record(cfg.paths), "data": to_record(cfg.data)} if cfg else {}
         return cached_teacher(str(cache), to_record(teacher_node), run, key)
@@ -231,17 +234,9 @@ def check_cached_teacher(cfg: DictConfig, teacher, task) -> None:
     modules: refuse what needs a live teacher, naming the key."""
     if teacher is None or "cache" not in teacher.provenance:
         return
-    problems = []
-    views = cfg.get("views")
-    if views is not None and (views.get("augment") or views.get("mix")):
-        problems.append("views: augmentation/mixing draws new teacher inputs every step, which "
-                        "teacher.cache cannot hold; use views=none or the live teacher")  # fmt: skip
-    if (cfg.get("taps") or {}).get("teacher"):
-        problems.append("taps.teacher: teacher.cache holds the teacher's outputs only, no "
-                        "features to tap; drop the teacher taps or use the live teacher")  # fmt: skip
-    if getattr(task, "fused", False):
-        problems.append("task.fused: the fused loss needs the teacher's hidden states and "
-                        "output layer; teacher.cache holds its outputs (set task.fused=false)")  # fmt: skip
+    from distillery.core.teacher_cache import unsupported
+
+    problems = unsupported(cfg, task)
     if problems:
         raise ConfigError(problems)
 
@@ -252,8 +247,10 @@ def check_processes(cfg: DictConfig) -> None:
     several processes without a seed."""
     trainer = cfg.trainer
     devices = trainer.get("devices", 1)
-    many = not isinstance(devices, int) or devices * int(trainer.get("num_nodes") or 1) > 1
-    if many and cfg.get("seed") is None and str(trainer.get("strategy", "auto")) != "auto":
+    count = len(devices) if isinstance(devices, list | ListConfig) else devices
+    nodes = int(trainer.get("num_nodes") or 1)  # devices "auto" / -1: not known here
+    many = nodes > 1 or (isinstance(count, int) and count > 1)
+    if many and cfg.get("seed") is None:
         raise ConfigError(
             ["seed: null with several processes: each would draw its own data order, and the "
              "ranks' shards would overlap; set a seed"]

@@ -163,20 +163,24 @@ class DistillationModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Sharding strategies shard the models here (``core/sharding.py``: the student
-        per block, frozen models in their own units or replicated); others: nothing."""
+        per block, frozen models in their own units or replicated); then ``compile``
+        (Lightning calls ``setup``, which attaches the taps, before this hook)."""
         from distillery.core.sharding import configure_sharding
 
         if self._trainer is not None:
             configure_sharding(self, self.trainer.strategy)
+        if self.compile_kwargs is not None and not getattr(self, "_compiled", False):
+            from distillery.core.teacher_cache import CachedOutputs
+
+            frozen = [getattr(self, n).model for n in self.frozen_names]
+            for model in (self.student, *(m for m in frozen if not isinstance(m, CachedOutputs))):
+                model.compile(**self.compile_kwargs)  # after the taps' hooks (setup) and sharding
+            self._compiled = True
 
     def setup(self, stage: str) -> None:
         for t in (self.student_taps, self.teacher_taps):
             if t:
                 t.attach()
-        if self.compile_kwargs is not None and not getattr(self, "_compiled", False):
-            for model in (self.student, *(getattr(self, n).model for n in self.frozen_names)):
-                model.compile(**self.compile_kwargs)  # after the hooks: compiled, they run
-            self._compiled = True
 
     def teardown(self, stage: str) -> None:
         self.remove_taps()

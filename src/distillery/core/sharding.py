@@ -60,6 +60,7 @@ def units(model: nn.Module, patterns: list[str] | None, key: str) -> list[nn.Mod
     names or module-path globs (relative to ``model``, as taps: ``*`` one path component,
     ``**`` any number); None: the Hugging Face model's
     ``_no_split_modules`` block classes (none for other models)."""
+    given = patterns is not None
     if patterns is None:
         hf = next((m for m in model.modules() if getattr(m, "_no_split_modules", None)), None)
         patterns = list(hf._no_split_modules) if hf is not None else []
@@ -72,7 +73,7 @@ def units(model: nn.Module, patterns: list[str] | None, key: str) -> list[nn.Mod
             chosen.append(module)
             used.update(hit)
     unused = [p for p in patterns if p not in used]
-    if unused:
+    if unused and given:  # a model's own _no_split_modules may name blocks it lacks
         raise ConfigError(
             [
                 f"{key}: {unused} match no module (give class names, e.g. GPT2Block, or module "
@@ -99,7 +100,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 raise ValueError(f"trainer.strategy.{key}: {value!r} is not one of {list(DTYPES)}")
         if teacher not in TEACHER_MODES:
             raise ValueError(f"trainer.strategy.teacher: {teacher!r} is not one of {TEACHER_MODES}")
-        if kwargs.get("save_distributed_checkpoint"):
+        if kwargs.pop("save_distributed_checkpoint", False):
             raise ValueError(
                 "trainer.strategy.save_distributed_checkpoint: not offered; Distillery "
                 "checkpoints are one file (the student's full state dict, gathered on rank 0)"
@@ -210,6 +211,8 @@ def configure_sharding(module: nn.Module, strategy) -> None:
         check_replicate(module, strategy.root_device, strategy.num_processes, "trainer.strategy")
         frozen = [getattr(module, name) for name in module.frozen_names]
         strategy.kwargs["ignored_modules"] = frozen
+        for model in frozen:  # FSDP1 moves only what it manages to the device
+            model.to(strategy.root_device)
     elif isinstance(strategy, ModelParallelStrategy):
         raise ConfigError(
             ["trainer.strategy: ModelParallelStrategy needs the distillation sharding plan; "

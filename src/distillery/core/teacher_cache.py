@@ -7,7 +7,9 @@ test and the dry-run example. Read by :class:`CachedOutputs`, the cached teacher
 ``model``: it maps each input row to the stored outputs by the row's content
 (:func:`row_keys`: a hash of its dtype, shape and bytes), so the Teacher contract, the
 task adapters and the losses are unchanged, and an input the cache does not hold (other
-data, random views) is an error, never a silent wrong target.
+data, random views) is an error, not a silent wrong target (up to a 64-bit hash
+collision: ~3e-8 for a million rows; rows differing in one byte never collide). Runs
+whose inputs change per step or whose batches pad rows are refused (:func:`unsupported`).
 
 What is stored per row:
 
@@ -23,8 +25,8 @@ Layout: ``<dir>/cache.json`` (provenance: the teacher's config and provenance, t
 config, the task, ``k``, ``dtype``, rows, ``complete``) and ``shard_<i>.safetensors``
 files, each written to a temporary file and renamed. A writer finds the shards already
 there and skips their rows (resumable); a cache of another teacher, data or format is
-refused. A run refuses a cache whose teacher or data config differs from its own,
-naming the keys (:func:`cached_teacher`).
+refused. A run refuses a cache whose teacher or data config differs from its own
+(batch sizes and workers aside), naming the keys (:func:`cached_teacher`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 FORMAT = 1
 META = "cache.json"
+SHARD_BYTES = 2**30  # a shard is cut at shard_rows rows or 1 GiB, whichever comes first
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "q8": torch.uint8}
 
 
@@ -57,8 +60,8 @@ def _multipliers(n: int) -> Tensor:
 
 def row_keys(x: Tensor) -> Tensor:
     """One int64 key per row of ``x``, from its bytes, dtype and shape: a random linear
-    hash modulo 2^64 (rows differing in one byte never collide; two of a million rows
-    collide with probability ~1e-5). Vectorised: no Python work per row."""
+    hash modulo 2^64 (rows differing in one byte never collide; any two of a million rows
+    collide with probability ~3e-8). Vectorised: no Python work per row."""
     a = x.detach().cpu().contiguous()
     data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
     head = int.from_bytes(
@@ -67,6 +70,46 @@ def row_keys(x: Tensor) -> Tensor:
         signed=True,
     )
     return (data * _multipliers(data.shape[1])).sum(1) + head
+
+
+def unsupported(cfg, task) -> list[str]:
+    """Why a run cannot read its teacher from a cache (one problem per config key): its
+    teacher inputs change from step to step, its batches pad rows to their longest one
+    (a row's bytes then depend on its batch), its teacher's outputs depend on the batch,
+    or it needs more of the teacher than its outputs."""
+    problems = []
+    views = cfg.get("views")
+    if views is not None and (views.get("augment") or views.get("mix")):
+        problems.append("views: augmentation/mixing draws new teacher inputs every step; a "
+                        "teacher cache holds outputs for fixed inputs (views=none, or the live teacher)")  # fmt: skip
+    data = cfg.get("data") or {}
+    if data.get("augment"):
+        problems.append("data.augment: random crops/flips draw new teacher inputs every step; "
+                        "a teacher cache holds outputs for fixed inputs")  # fmt: skip
+    if data.get("format") == "prompt_response" or task.name == "embedding":
+        key = "data.format" if data.get("format") == "prompt_response" else "task"
+        problems.append(f"{key}: batches pad rows to their longest one, so a row's bytes depend on "
+                        f"its batch; the teacher cache keys rows by their bytes (use the live teacher)")  # fmt: skip
+    if (cfg.get("teacher") or {}).get("bn_mode") == "batch_stats":
+        problems.append("teacher.bn_mode: batch_stats makes the teacher's outputs depend on the "
+                        "whole batch; a cache stores one output per input")  # fmt: skip
+    if (cfg.get("taps") or {}).get("teacher"):
+        problems.append("taps.teacher: a teacher cache holds the teacher's outputs only, no "
+                        "features to tap (drop the teacher taps or use the live teacher)")  # fmt: skip
+    if getattr(task, "fused", False):
+        problems.append("task.fused: the fused loss needs the teacher's hidden states and "
+                        "output layer; a teacher cache holds its outputs (task.fused=false)")  # fmt: skip
+    return problems
+
+
+LOADER_KEYS = {"batch_size", "transfer_batch_size", "eval_batch_size", "num_workers"}
+
+
+def without_loader_keys(node: Any) -> Any:
+    """A data config without what only changes how it is batched (not which inputs)."""
+    if isinstance(node, dict):
+        return {k: without_loader_keys(v) for k, v in node.items() if k not in LOADER_KEYS}
+    return node
 
 
 def read_meta(path: Path, key: str) -> dict[str, Any]:
@@ -136,8 +179,8 @@ def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
 
 
 class CacheWriter:
-    """Appends teacher outputs to ``path`` in shards of ``shard_rows`` rows; rows whose
-    key is already stored are skipped (a rerun resumes)."""
+    """Appends teacher outputs to ``path`` in shards of ``shard_rows`` rows (or 1 GiB);
+    rows whose key is already stored are skipped (a rerun resumes)."""
 
     def __init__(self, path: Path, meta: dict, shard_rows: int = 8192):
         self.path, self.shard_rows = Path(path), shard_rows
@@ -159,10 +202,10 @@ class CacheWriter:
                 )
             for file in shards(self.path):
                 self.seen.update(load_shard(file, "cache.dir")["keys"].tolist())
-        self.next_shard = len(shards(self.path))
+        self.next_shard = max((int(f.stem.split("_")[1]) + 1 for f in shards(self.path)), default=0)
         self.rows = len(self.seen)
         self.pending: list[tuple[list[int], dict[str, Tensor]]] = []
-        self.pending_rows = 0
+        self.pending_rows = self.pending_bytes = 0
         write_meta(self.path, {**self.meta, "rows": self.rows, "complete": False})
 
     def new_rows(self, keys: list[int]) -> list[int]:
@@ -179,7 +222,8 @@ class CacheWriter:
         self.seen.update(keys)
         self.pending.append((keys, stored))
         self.pending_rows += len(keys)
-        if self.pending_rows >= self.shard_rows:
+        self.pending_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+        if self.pending_rows >= self.shard_rows or self.pending_bytes >= SHARD_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -198,7 +242,7 @@ class CacheWriter:
         os.replace(tmp, file)
         self.next_shard += 1
         self.rows += len(tensors["keys"])
-        self.pending, self.pending_rows = [], 0
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
         write_meta(self.path, {**self.meta, "rows": self.rows, "complete": False})
 
     def close(self) -> dict:
@@ -244,8 +288,8 @@ class CachedOutputs(nn.Module):
                 f"{self.path} (written for other data, or the inputs change each step: random "
                 f"views); rewrite it with python -m distillery.cache"
             )
-        rows = self.order[pos]
-        return expand({n: t[rows] for n, t in self.stored.items()}, self.vocab).to(x.device)
+        rows = self.order[pos]  # the compressed rows travel; the expansion happens there
+        return expand({n: t[rows].to(x.device) for n, t in self.stored.items()}, self.vocab)
 
 
 def cached_teacher(path: str, node: dict, run: dict, key: str):
@@ -261,8 +305,10 @@ def cached_teacher(path: str, node: dict, run: dict, key: str):
         meta = read_meta(cache, f"{key}.cache")
     except FileNotFoundError as e:
         raise ConfigError([str(e)]) from e
-    recorded = {"paths": meta["paths"], "data": meta["data"], "teacher": meta["teacher_config"]}
-    diffs = config_differences(recorded, {**run, "teacher": node})
+    recorded = {"paths": meta["paths"], "data": without_loader_keys(meta["data"]),
+                "teacher": meta["teacher_config"]}  # fmt: skip
+    current = {**run, "data": without_loader_keys(run.get("data")), "teacher": node}
+    diffs = config_differences(recorded, current)
     if diffs:
         raise ConfigError(
             [f"{key}.cache: {cache} was written for another run: {', '.join(diffs[:8])} differ"]

@@ -15,8 +15,8 @@ would re-split and re-draw the order).
 resumed epoch iterates, so the loader continues with the first batch the interrupted run
 had not trained on. The position counts the batches the loader handed out (workers fetch
 indices ahead; Lightning does not fetch ahead from a loader whose length it knows, and
-these loaders always have one), as samples of the whole pass, so a run may resume on
-another number of processes.
+these loaders always have one), as samples of the whole pass; a run that stopped
+mid-epoch resumes on the same number of processes (at an epoch boundary, on any).
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ class EpochSampler(DistributedSampler):
         self.pass_index = self.next_pass
         self.next_pass += 1
         order = self.order(self.epoch, self.pass_index)
-        if self.num_replicas > 1:
-            order = torch.cat([order, order[: -len(order) % self.num_replicas]])
+        if self.num_replicas > 1:  # pad (repeating the pass) to a multiple of the ranks
+            total = -(-len(order) // self.num_replicas) * self.num_replicas
+            order = order.repeat(-(-total // len(order)))[:total]
             order = order[self.rank :: self.num_replicas]
         yield from order[skip:].tolist()
 
@@ -94,10 +95,18 @@ class EpochSampler(DistributedSampler):
             "epoch": self.epoch,
             "pass": self.pass_index,
             "consumed": consumed * self.num_replicas,
+            "replicas": self.num_replicas,
         }
 
     def resume(self, state: dict) -> None:
         self.seed = int(state.get("seed", self.seed))
+        saved = int(state.get("replicas", 1))
+        if saved != self.num_replicas and int(state["consumed"]):
+            raise ValueError(
+                f"ckpt_path: the checkpoint stopped mid-epoch with {saved} process(es); resume it "
+                f"with {saved} (Lightning counts the epoch's batches per process), or from a "
+                f"checkpoint at an epoch boundary"
+            )
         skip = int(state["consumed"]) // self.num_replicas
         self._resume = (int(state["epoch"]), int(state["pass"]), skip)
         self.epoch, self.next_pass = int(state["epoch"]), int(state["pass"])
