@@ -123,14 +123,14 @@ def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:
     return lines
 
 
-def language_model(out: Path, text_teacher: Path | None) -> list[str]:
+def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) -> list[str]:
     import torch
 
     from distillery.config import build
     from distillery.core.teacher import from_run_checkpoint
     from distillery.core.teacher_cache import CachedOutputs, bytes_per_row
 
-    common = [f"paths.data_dir={out / 'data'}", f"paths.output_dir={out / 'runs'}"]
+    common = [f"paths.data_dir={data_dir or out / 'data'}", f"paths.output_dir={out / 'runs'}"]
     if text_teacher is None:
         text_teacher = train_teacher("text_lm_teacher", out, [*common, "trainer.max_epochs=3"])
     run = ["experiment=text_lm_kd", *common, f"teacher.ckpt_path={text_teacher}"]
@@ -178,6 +178,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 160])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-teacher", type=Path, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="paths.data_dir (the tokenizer --text-teacher was trained with; "
+                        "default: a fresh one under --out)")  # fmt: skip
     parser.add_argument(
         "--parts", nargs="+", choices=["classifier", "lm"], default=["classifier", "lm"]
     )
@@ -198,7 +201,7 @@ def main() -> None:
         f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"`python benchmarks/teacher_cache.py`\n",
         *(classifier(out, tuple(args.steps), args.repeats) if "classifier" in args.parts else []),
-        *(language_model(out, args.text_teacher) if "lm" in args.parts else []),
+        *(language_model(out, args.text_teacher, args.data_dir) if "lm" in args.parts else []),
     ]
     text = "\n".join(lines) + "\n"
     results = ROOT / "benchmarks" / "results" / "teacher_cache.md"
