@@ -15,8 +15,8 @@
     python benchmarks/teacher_cache.py [--steps 40 160] [--repeats 5] [--threads 1]
         [--text-teacher <text_lm_teacher ckpt>]   (default: train one briefly)
 
-Writes ``benchmarks/results/teacher_cache.md`` (``--parts classifier lm``: one or both;
-with one, only its section of the file is replaced).
+Writes ``benchmarks/results/teacher_cache_classifier.md`` and ``teacher_cache_lm.md``
+(``--parts``: one or both).
 """
 
 from __future__ import annotations
@@ -196,30 +196,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="distillery_cache_bench_"))
-    lines = [
-        "# Teacher-output cache\n",
-        f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
-        f"`python benchmarks/teacher_cache.py`\n",
-        *(classifier(out, tuple(args.steps), args.repeats) if "classifier" in args.parts else []),
-        *(language_model(out, args.text_teacher, args.data_dir) if "lm" in args.parts else []),
-    ]
-    text = "\n".join(lines) + "\n"
-    results = ROOT / "benchmarks" / "results" / "teacher_cache.md"
-    if len(args.parts) == 1 and results.is_file():  # keep the other part's section
-        old = results.read_text()
-        mark = "### Language model" if args.parts == ["classifier"] else "### Classifier"
-        if mark in old:
-            keep = (
-                old[old.index(mark) :]
-                if args.parts == ["classifier"]
-                else old[old.index(mark) : old.index("### Language model")]
-            )
-            body = text[text.index("###") :]
-            text = text[: text.index("###")] + (
-                body + "\n" + keep if args.parts == ["classifier"] else keep + body
-            )
-    results.write_text(text)
-    print(text)
+    header = (
+        f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
+        f"`python benchmarks/teacher_cache.py --parts {{part}}`\n"
+    )
+    parts = {
+        "classifier": lambda: classifier(out, tuple(args.steps), args.repeats),
+        "lm": lambda: language_model(out, args.text_teacher, args.data_dir),
+    }
+    for part in args.parts:  # one results file per part
+        text = "\n".join([header.format(part=part), *parts[part]()]) + "\n"
+        (ROOT / "benchmarks" / "results" / f"teacher_cache_{part}.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":
