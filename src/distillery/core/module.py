@@ -170,11 +170,10 @@ class DistillationModule(L.LightningModule):
         if self._trainer is not None:
             configure_sharding(self, self.trainer.strategy)
         if self.compile_kwargs is not None and not getattr(self, "_compiled", False):
-            from distillery.core.teacher_cache import CachedOutputs
-
             frozen = [getattr(self, n).model for n in self.frozen_names]
-            for model in (self.student, *(m for m in frozen if not isinstance(m, CachedOutputs))):
-                model.compile(**self.compile_kwargs)  # after the taps' hooks (setup) and sharding
+            for model in (self.student, *frozen):
+                if any(True for _ in model.parameters()):  # a teacher cache: nothing to compile
+                    model.compile(**self.compile_kwargs)  # after the taps' hooks and sharding
             self._compiled = True
 
     def setup(self, stage: str) -> None:
