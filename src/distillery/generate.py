@@ -1,12 +1,18 @@
 """Teacher-generated sequences for sequence-level KD: ``python -m distillery.generate``.
 
-Runs the teacher's ``generate`` over a prompt set in batches and appends
+Runs the teacher through the generation interface (``core/generation.py``) over a
+prompt set in batches and appends
 ``{"prompt_id", "prompt", "response"}`` rows to a jsonl file; ``<output>.meta.json``
 records the provenance (teacher checkpoint and weights hash, tokenizer, generation
 parameters, seed). Batches are a fixed partition of the prompt set, each generated with
 its own seed (``seed`` + index of its first prompt), so an interrupted run resumes where
 it stopped: a torn last line is dropped, finished prompts are skipped, and the rows are
 the same as those of an uninterrupted run. Resuming with other provenance is an error.
+
+Prompts (``prompts.source``): ``pydoc`` (windows cut from the corpus), ``data`` (the
+training prompts of the ``data`` config, e.g. ``data=arith``: the datamodule's
+``training_prompts()``) or a ``.jsonl`` file. ``generation``: ``max_new_tokens``,
+``temperature`` (0: greedy), ``top_p``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ def load_prompts(cfg: DictConfig, tokenizer) -> list[str]:
             ids = tokenizer(doc)["input_ids"]
             for start in range(0, len(ids) - p.prompt_tokens, p.stride):
                 prompts.append(tokenizer.decode(ids[start : start + p.prompt_tokens]))
+    elif p.source == "data":
+        from distillery.config import build
+
+        if cfg.get("data") is None:
+            raise ValueError("prompts.source: data needs a data config (e.g. data=arith)")
+        datamodule = build(cfg.data, "data")
+        if not callable(getattr(datamodule, "training_prompts", None)):
+            raise ValueError(f"data: {type(datamodule).__name__} has no training_prompts()")
+        prompts = datamodule.training_prompts()
     else:
         path = Path(p.source).expanduser()
         if not path.is_file():
@@ -63,17 +78,19 @@ def generate(cfg: DictConfig) -> Path:
     from transformers import AutoTokenizer
 
     from distillery.core.checkpoint import atomic_write_text, load_student
+    from distillery.core.generation import generator_for
     from distillery.core.teacher import weights_sha256
 
     model = load_student(cfg.teacher_ckpt, "teacher_ckpt")[1]
     hf = getattr(model, "model", model)
-    if not hasattr(hf, "generate"):
-        raise ValueError(f"teacher_ckpt: {type(hf).__name__} cannot generate (not a causal LM)")
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer))
-    tokenizer.padding_side = "left"
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
+    try:
+        generator = generator_for(model, tokenizer.eos_token_id, pad_id)
+    except ValueError as e:
+        raise ValueError(f"teacher_ckpt: {e}") from e
     params = OmegaConf.to_container(cfg.generation, resolve=True)
     meta = {
         "teacher_ckpt": str(cfg.teacher_ckpt),
@@ -94,23 +111,18 @@ def generate(cfg: DictConfig) -> Path:
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     prompts = load_prompts(cfg, tokenizer)
     done = read_done(output)
-    hf.eval()
     with open(output, "a") as f:
         for first in range(0, len(prompts), cfg.batch_size):
             ids = list(range(first, min(first + cfg.batch_size, len(prompts))))
             if all(i in done for i in ids):
                 continue
             torch.manual_seed(cfg.seed + first)
-            enc = tokenizer([prompts[i] for i in ids], return_tensors="pt", padding=True)
-            with torch.no_grad():
-                out = hf.generate(**enc, pad_token_id=pad_id, **params)
+            responses = generator(tokenizer([prompts[i] for i in ids])["input_ids"], **params)
             rows = []
             for k, i in enumerate(ids):
                 if i in done:
                     continue
-                response = tokenizer.decode(
-                    out[k, enc["input_ids"].shape[1] :], skip_special_tokens=True
-                )
+                response = tokenizer.decode(responses[k], skip_special_tokens=True)
                 rows.append(
                     json.dumps({"prompt_id": i, "prompt": prompts[i], "response": response}) + "\n"
                 )

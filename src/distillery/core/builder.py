@@ -164,7 +164,7 @@ def build_task(cfg: DictConfig, datamodule):
     task = build(cfg.get("task"), "task")
     if task is None:
         try:
-            return task_for(kind)
+            task = task_for(kind)
         except ValueError as e:
             raise ConfigError([str(e)]) from e
     if not isinstance(task, Task):
@@ -175,6 +175,7 @@ def build_task(cfg: DictConfig, datamodule):
         raise ConfigError(
             [f"task: the {task.name} task reads {task.output_kind!r} data, but data gives {kind!r}"]
         )
+    task.bind(datamodule)
     return task
 
 

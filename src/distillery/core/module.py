@@ -214,6 +214,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
+            batch = self.task.prepare_batch(self, batch)
             out = self.task.training_outputs(self, batch, self._epoch(batch_idx))
             total, values = self.objective(out)
             if self.nan_guard.skip(self, total, values, batch):
@@ -231,6 +232,7 @@ class DistillationModule(L.LightningModule):
 
     def _manual_step(self, batches: list[dict], epoch: float) -> None:
         """One optimizer step over ``batches``, every term divided by the step's count."""
+        batches = [self.task.prepare_batch(self, b) for b in batches]  # before counting
         local = sum(self.task.count(b) for b in batches).to(self.device, torch.float32)
         world = self.trainer.world_size
         step_count = (

@@ -50,8 +50,11 @@ def held_out_pass(
     for b in loader:
         x = task.model_input(b)
         example = x if example is None else example
-        outs = {n: m(x.to(device)).float().cpu() for n, m in models.items()}
+        outs = {n: task.predict(m, b, device) for n, m in models.items()}
         ref = outs.get(teacher_name) if teacher_name else None
+        for n, out in outs.items():
+            if teacher_name and n != teacher_name:
+                task.teacher_scores(models[teacher_name], out, b, device)
         for n, out in outs.items():
             labels = task.labels(b)
             metrics[n].update(out, labels, ref, b.get("sample_id"))

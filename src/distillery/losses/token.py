@@ -195,8 +195,10 @@ class TokenCrossEntropy(LossTerm):
 
 
 class TokenKD(LossTerm):
-    """Token-level distillation: :func:`token_divergence_per_token` at the positions whose
-    label is not -100 (padding and masked prompts are left out), 0 elsewhere."""
+    """Token-level distillation: :func:`token_divergence_per_token` at the trained
+    positions, 0 elsewhere: those whose label is not -100 (padding and masked prompts are
+    left out), or ``extras["token_mask"]`` when the task sets it (on-policy batches: the
+    positions of the student's own samples, which carry no label)."""
 
     needs_teacher = True
     per = "token"
@@ -229,6 +231,6 @@ class TokenKD(LossTerm):
         }
 
     def forward(self, out: Outputs) -> Tensor:
-        return token_divergence_per_token(
-            out.student, out.teacher, out.labels != IGNORE, **self.kwargs
-        )
+        mask = out.extras.get("token_mask")
+        mask = out.labels != IGNORE if mask is None else mask
+        return token_divergence_per_token(out.student, out.teacher, mask, **self.kwargs)

@@ -6,9 +6,10 @@ from distillery.core.tasks.base import Task
 from distillery.core.tasks.causal_lm import CausalLMTask
 from distillery.core.tasks.classification import ClassificationTask
 from distillery.core.tasks.embedding import EmbeddingTask
+from distillery.core.tasks.generative import GenerativeLMTask
 
 TASKS: dict[str, type[Task]] = {
-    t.output_kind: t for t in (ClassificationTask, EmbeddingTask, CausalLMTask)
+    t.output_kind: t for t in (ClassificationTask, EmbeddingTask, CausalLMTask, GenerativeLMTask)
 }
 
 
@@ -22,4 +23,4 @@ def task_for(output_kind: str, key: str = "data") -> Task:
     return TASKS[output_kind]()
 
 
-__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "EmbeddingTask", "Task", "task_for"]
+__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "EmbeddingTask", "GenerativeLMTask", "Task", "task_for"]

@@ -61,6 +61,15 @@ class Task:
         give ``num_classes`` outputs when the data has classes)."""
         check_compatible(teacher, student, example, getattr(datamodule, "num_classes", None))
 
+    def bind(self, datamodule) -> None:
+        """Take what the adapter needs from the data before anything runs (e.g. the
+        special token ids of generation). Default: nothing."""
+
+    def prepare_batch(self, module, batch: dict) -> dict:
+        """A training batch before it is counted and trained (e.g. responses replaced by
+        the student's own samples). Default: unchanged."""
+        return batch
+
     def training_outputs(self, module, batch: dict, epoch: float) -> Outputs:
         """Student and teacher forwards of one training batch (taps capturing)."""
         raise NotImplementedError
@@ -72,6 +81,15 @@ class Task:
     def model_input(self, batch: dict) -> Tensor:
         """The tensor a standalone model (exported student, teacher) takes."""
         raise NotImplementedError
+
+    def predict(self, model: nn.Module, batch: dict, device) -> Any:
+        """A standalone model's output on a held-out batch, on the CPU, in what
+        :meth:`metrics` reads (report card). Default: ``model(model_input(batch))``."""
+        return model(self.model_input(batch).to(device)).float().cpu()
+
+    def teacher_scores(self, teacher: nn.Module, out: Any, batch: dict, device) -> None:
+        """Add to a model's :meth:`predict` output what needs the teacher run on that
+        model's own outputs (report card). Default: nothing."""
 
     def labels(self, batch: dict) -> Tensor:
         """What the held-out metrics compare with (class ids, next tokens, targets)."""

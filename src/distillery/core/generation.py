@@ -1,0 +1,139 @@
+"""The generation interface: prompts (token ids) in, responses (token ids) out.
+
+Every place that makes a model write text goes through :func:`generator_for` and a
+:class:`Generator`: greedy answers in validation, test and the report card, the
+student's own samples of on-policy distillation (``task.on_policy``) and the teacher's
+generations of ``distillery.generate``. A faster engine (an inference server, a
+batched sampler) serves all of them by being another :class:`Generator`; the losses
+never see which one ran.
+
+:class:`HFGenerator` runs a local HF model's ``generate`` on left-padded prompts (HF
+derives the position ids from the attention mask). Sampling draws from torch's global
+random state, which run checkpoints save, so a resumed run samples what an
+uninterrupted one samples.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+IGNORE = -100
+
+
+class Generator(Protocol):
+    def __call__(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        """One response per prompt: the new tokens, ending with EOS unless cut at
+        ``max_new_tokens``. ``temperature`` 0: greedy; else sampling at ``temperature``
+        from the smallest set of tokens holding ``top_p`` of the probability."""
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The HF model with ``generate`` inside a Distillery model (HFCausalLM, a run
+    checkpoint's ``Sequential(InputNorm, net)``, a Teacher)."""
+    m = getattr(model, "network", model)
+    if isinstance(m, nn.Sequential):
+        m = m[-1]
+    m = getattr(m, "model", m)
+    if not callable(getattr(m, "generate", None)):
+        raise ValueError(f"{type(model).__name__} cannot generate text (no HF generate())")
+    return m
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :], mask[i, n - len(p) :] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(tokens: list[int], eos_id: int, pad_id: int) -> list[int]:
+    if eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    while tokens and tokens[-1] == pad_id:  # HF pads finished rows
+        tokens = tokens[:-1]
+    return tokens
+
+
+class HFGenerator:
+    """:class:`Generator` over a local HF causal LM (``model.generate``)."""
+
+    def __init__(self, model: nn.Module, eos_id: int, pad_id: int):
+        self.model, self.eos_id, self.pad_id = hf_model(model), eos_id, pad_id
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad(prompts, self.pad_id, device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                **(sample if temperature > 0 else {"do_sample": False}),
+            )
+        finally:
+            self.model.train(was_training)
+        new = out[:, ids.shape[1] :].tolist()
+        return [cut_at_eos(t, self.eos_id, self.pad_id) for t in new]
+
+
+def generator_for(model: nn.Module, eos_id: int, pad_id: int) -> Generator:
+    """The generator serving ``model`` (local HF generate)."""
+    return HFGenerator(model, eos_id, pad_id)
+
+
+def pack(
+    prompts: list[list[int]], responses: list[list[int] | None], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-padded ``input_ids`` = prompt + response, ``labels`` = the response's tokens
+    at the positions that predict them (-100 elsewhere, and for a None response),
+    ``attention_mask``, ``prompt_len``."""
+    seqs = [p + (r or []) for p, r in zip(prompts, responses, strict=True)]
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (p, r, s) in enumerate(zip(prompts, responses, seqs, strict=True)):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        if r:
+            labels[i, len(p) - 1 : len(s) - 1] = torch.tensor(r)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "prompt_len": torch.tensor([len(p) for p in prompts]),
+    }
+
+
+def prompts_of(batch: dict) -> list[list[int]]:
+    """The prompts of a right-padded prompt/answer batch (``input_ids``, ``prompt_len``)."""
+    return [
+        row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_len"], strict=True)
+    ]
+
+
+def answers_of(batch: dict) -> list[list[int]]:
+    """The reference answers of such a batch (the trained next tokens of each row)."""
+    return [row[row != IGNORE].tolist() for row in batch["labels"]]

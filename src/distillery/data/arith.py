@@ -1,0 +1,270 @@
+"""Arithmetic with checkable answers: the embedded task of generative distillation.
+
+Generated offline and deterministically (like MNIST-1D for vision): every problem is a
+prompt with exactly one correct answer of several tokens, e.g. ``"347+085="`` ->
+``"432"`` or ``"012 minus 305 is "`` -> ``"-293"`` (``pad_operands``: operands written
+with ``max_digits`` digits, so each place has one position; false: ``"12 minus 305 is "``). Each problem records its group
+fields: ``op`` (add, sub), ``format`` (sym: ``a+b=``; words: ``a plus b is ``) and
+``digits`` (the longer operand's digit count, 1..``max_digits``; operand lengths are
+drawn uniformly, so short problems are not swamped by long ones). ``group`` of a batch
+row indexes :attr:`ArithDataModule.groups` (names ``op/format/<digits>d``).
+
+The tokenizer is character level (:func:`char_tokenizer`: ``<pad>``, ``<eos>``,
+``<unk>``, digits, signs, lower-case letters) and is written as an HF fast tokenizer to
+``tokenizer`` on first use, so ``distillery.generate`` and any HF tooling load it.
+
+Splits are disjoint sets of problems (no prompt of val/test occurs in train). Of the
+training problems the first ``labeled`` keep their answers (null: all); with ``transfer:
+true`` the others are served as prompts without an answer (labels all -100): inputs for
+methods that label prompts themselves (on-policy sampling), invisible to the
+cross-entropy. ``responses`` replaces the training answers by the rows of a
+``distillery.generate`` jsonl (teacher generations for sequence-level KD, matched by
+prompt); validation and test always keep the true answers.
+
+Batches (right-padded): ``input_ids`` (prompt + answer + EOS), ``labels`` (next tokens;
+prompt, padding and unanswered rows -100), ``attention_mask``, ``prompt_len``,
+``group``, ``sample_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from distillery.core.generation import pack
+from distillery.data.base import make_loader
+
+ALPHABET = "0123456789+-=<>?,.:;!'() abcdefghijklmnopqrstuvwxyz"
+SPECIAL = ("<pad>", "<eos>", "<unk>")
+OPS = ("add", "sub")
+FORMATS = ("sym", "words")
+_SIGN = {"add": ("+", "plus"), "sub": ("-", "minus")}
+
+
+def char_tokenizer(out_dir: str | Path):
+    """The character-level HF fast tokenizer of the task, loaded from ``out_dir`` (written
+    there first when missing). Ids: <pad> 0, <eos> 1, <unk> 2, then :data:`ALPHABET`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir).expanduser()
+    if not (out / "tokenizer.json").is_file():
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate((*SPECIAL, *ALPHABET))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        )
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        fast.save_pretrained(str(tmp))  # then renamed: a reader never sees half a directory
+        try:
+            tmp.replace(out)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def make_problem(rng: random.Random, max_digits: int, pad: bool = True, ops=OPS, formats=FORMATS) -> dict:
+    """One problem: ``{prompt, answer, op, format, digits}``; ``pad``: operands written
+    with ``max_digits`` digits (leading zeros), so digits of one place share a position."""
+    op, fmt = rng.choice(ops), rng.choice(formats)
+    da, db = rng.randint(1, max_digits), rng.randint(1, max_digits)
+    a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
+    b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+    symbol, word = _SIGN[op]
+    sa, sb = (f"{a:0{max_digits}d}", f"{b:0{max_digits}d}") if pad else (str(a), str(b))
+    prompt = f"{sa}{symbol}{sb}=" if fmt == "sym" else f"{sa} {word} {sb} is "
+    answer = str(a + b if op == "add" else a - b)
+    return {"prompt": prompt, "answer": answer, "op": op, "format": fmt, "digits": max(da, db)}
+
+
+def make_problems(
+    n: int, seed: int, max_digits: int, exclude: set[str] = frozenset(), pad: bool = True
+) -> list:
+    """``n`` distinct problems (by prompt) not in ``exclude``, drawn with ``seed``."""
+    rng, seen, out = random.Random(seed), set(exclude), []
+    space = len(OPS) * len(FORMATS) * (10**max_digits) ** 2
+    if n > space // 2:
+        raise ValueError(f"data: {n} distinct problems asked of a space of ~{space}")
+    while len(out) < n:
+        p = make_problem(rng, max_digits, pad)
+        if p["prompt"] not in seen:
+            seen.add(p["prompt"])
+            out.append(p)
+    return out
+
+
+def group_name(p: dict) -> str:
+    return f"{p['op']}/{p['format']}/{p['digits']}d"
+
+
+class ProblemDataset(Dataset):
+    """Tokenized problems: prompt ids, answer ids (+ EOS; None: no answer), group index."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int] | None, int]], ids: torch.Tensor):
+        self.rows, self.ids = rows, ids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        prompt, answer, group = self.rows[i]
+        return {"prompt": prompt, "answer": answer, "group": group, "sample_id": self.ids[i]}
+
+
+def collate_problems(pad_id: int):
+    """Right-padded ``input_ids`` = prompt + answer, ``labels`` the answer's next tokens
+    (``distillery.core.generation.pack``), plus ``group`` and ``sample_id``."""
+
+    def collate(items: list[dict]) -> dict:
+        batch = pack([it["prompt"] for it in items], [it["answer"] for it in items], pad_id)
+        batch["group"] = torch.tensor([it["group"] for it in items])
+        batch["sample_id"] = torch.stack([torch.as_tensor(it["sample_id"]) for it in items])
+        return batch
+
+    return collate
+
+
+def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
+    """``{prompt: response}`` from a ``distillery.generate`` jsonl (``data.responses``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.responses: file not found: {p}")
+    out = {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "prompt" not in row or "response" not in row:
+            raise ValueError(f"data.responses: line {n} of {p} lacks 'prompt' or 'response'")
+        if not row["response"].strip():
+            raise ValueError(f"data.responses: line {n} of {p} has an empty response")
+        out[row["prompt"]] = row["response"]
+    missing = [q for q in prompts if q not in out]
+    if missing:
+        raise ValueError(
+            f"data.responses: {p} has no response for {len(missing)} of the {len(prompts)} "
+            f"training prompts (e.g. {missing[0]!r}); generate them with prompts.source=arith"
+        )
+    return out
+
+
+class ArithDataModule(L.LightningDataModule):
+    output_kind = "prompt_answer"
+
+    def __init__(
+        self,
+        tokenizer: str,
+        num_train: int = 50_000,
+        num_val: int = 1000,
+        num_test: int = 2000,
+        max_digits: int = 3,
+        pad_operands: bool = True,
+        labeled: int | None = None,
+        transfer: bool = True,
+        responses: str | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if max_digits < 1:
+            raise ValueError(f"data.max_digits must be >= 1, got {max_digits}")
+        if min(num_train, num_val, num_test) < 1:
+            raise ValueError("data.num_train/num_val/num_test must be >= 1")
+        if labeled is not None and not 1 <= labeled <= num_train:
+            raise ValueError(f"data.labeled must be in [1, num_train={num_train}], got {labeled}")
+        self.tokenizer_path, self.seed, self.max_digits = tokenizer, seed, max_digits
+        self.pad_operands = pad_operands
+        self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
+        self.labeled, self.transfer, self.responses = labeled, transfer, responses
+        self.batch_size, self.eval_batch_size, self.num_workers = (
+            batch_size,
+            eval_batch_size,
+            num_workers,
+        )
+        self.input_norm, self.tokenizer, self.groups = None, None, []
+        self.train_set = self.val_set = self.test_set = None
+        self.collate = None
+
+    def load_tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = char_tokenizer(self.tokenizer_path)
+        return self.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.load_tokenizer())
+
+    def splits(self) -> dict[str, list[dict]]:
+        """The problems of each split (test and val first, so train sizes leave them be)."""
+        n, pad = self.max_digits, self.pad_operands
+        test = make_problems(self.num_test, self.seed * 3 + 1, n, pad=pad)
+        val = make_problems(self.num_val, self.seed * 3 + 2, n, {p["prompt"] for p in test}, pad)
+        train = make_problems(self.num_train, self.seed * 3, n, {p["prompt"] for p in test + val}, pad)
+        return {"train": train, "val": val, "test": test}
+
+    def training_prompts(self) -> list[str]:
+        return [p["prompt"] for p in self.splits()["train"]]
+
+    def example_input(self, n: int = 2) -> torch.Tensor:
+        return torch.ones(n, self.longest_sequence(), dtype=torch.long)
+
+    def longest_sequence(self) -> int:
+        """Tokens of the longest prompt + answer + EOS the generator can write."""
+        n = self.max_digits
+        return max(len(f"{'9' * n} minus {'9' * n} is "), len(f"{'9' * n}+{'9' * n}=")) + n + 2
+
+    def prepare_data(self) -> None:
+        self.load_tokenizer()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tok = self.load_tokenizer()
+        splits = self.splits()
+        self.groups = sorted({group_name(p) for ps in splits.values() for p in ps})
+        index = {g: i for i, g in enumerate(self.groups)}
+        train = splits["train"]
+        n_answered = self.labeled if self.labeled is not None else len(train)
+        if self.responses:
+            answers = read_responses(self.responses, {p["prompt"] for p in train[:n_answered]})
+            train = [p | {"answer": answers[p["prompt"]]} for p in train]
+        if not self.transfer:
+            train = train[:n_answered]
+
+        def encode(ps: list[dict], answered: int) -> list:
+            prompts = tok([p["prompt"] for p in ps])["input_ids"]
+            answers = tok([p["answer"] for p in ps[:answered]])["input_ids"] if answered else []
+            return [
+                (q, (answers[i] + [tok.eos_token_id]) if i < answered else None, index[group_name(p)])
+                for i, (q, p) in enumerate(zip(prompts, ps, strict=True))
+            ]
+
+        self.train_set = ProblemDataset(encode(train, n_answered), torch.arange(len(train)))
+        self.val_set = ProblemDataset(encode(splits["val"], self.num_val), torch.arange(self.num_val))
+        self.test_set = ProblemDataset(encode(splits["test"], self.num_test), torch.arange(self.num_test))
+        self.collate = collate_problems(tok.pad_token_id)
+
+    def _loader(self, ds, batch_size: int, shuffle: bool):
+        return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=self.collate)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, self.batch_size, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.eval_batch_size, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, self.eval_batch_size, False)

@@ -1,0 +1,222 @@
+"""Generative distillation on the embedded arith task: data, generation interface,
+answer metrics, on-policy sampling (GKD), sequence KD through distillery.generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import compose_cfg
+from distillery.core.builder import build_run
+from distillery.core.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
+from distillery.core.objective import IGNORE, Outputs
+from distillery.core.tasks.generative import Answers, GenerativeLMTask
+from distillery.data.arith import ArithDataModule, char_tokenizer, make_problems
+from distillery.evaluation.metrics import AnswerMetrics
+from distillery.losses import TokenKD
+
+SMALL = ["data.num_train=400", "data.num_val=16", "data.num_test=16", "data.eval_batch_size=8",
+         "data.batch_size=8", "data.labeled=100"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def arith_tok(tmp_path_factory):
+    return tmp_path_factory.mktemp("arith") / "arith_char"
+
+
+@pytest.fixture(scope="session")
+def arith_teacher_ckpt(tmp_path_factory, data_dir, arith_tok):
+    """A 4-layer arith teacher trained for a few steps (a real run, not a good teacher)."""
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("arith_teacher")
+    cfg = compose_cfg("train", [
+        "experiment=arith_teacher", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=6", "scheduler.warmup_steps=2",
+        "trainer.val_check_interval=3", f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
+        f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
+    ])  # fmt: skip
+    train(cfg)
+    return out / "teacher.ckpt"
+
+
+def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
+    dm = ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, labeled=100)
+    splits = dm.splits()
+    assert splits == ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50).splits()
+    prompts = {k: {p["prompt"] for p in v} for k, v in splits.items()}
+    assert all(len(prompts[k]) == len(splits[k]) for k in splits)  # distinct
+    assert not prompts["train"] & prompts["test"] and not prompts["val"] & prompts["test"]
+    assert not prompts["train"] & prompts["val"]
+    for p in splits["train"]:
+        a, op, b = p["prompt"].replace(" plus ", "+").replace(" minus ", "-").rstrip("= is").partition("+" if p["op"] == "add" else "-")
+        assert len(a) == len(b) == 3  # padded operands
+        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(p["answer"]), p
+    assert {p["op"] for p in splits["train"]} == {"add", "sub"}
+    assert {p["format"] for p in splits["train"]} == {"sym", "words"}
+    # a larger train split keeps val and test as they are
+    bigger = ArithDataModule(str(arith_tok), num_train=600, num_val=50, num_test=50).splits()
+    assert bigger["test"] == splits["test"] and bigger["val"] == splits["val"]
+
+
+def test_batches_train_only_the_answer(arith_tok):
+    tok = char_tokenizer(arith_tok)
+    assert tok.decode(tok("12 minus 305 is -293")["input_ids"]) == "12 minus 305 is -293"
+    dm = ArithDataModule(str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, batch_size=200)
+    dm.setup()
+    assert len(dm.train_set) == 200
+    b = next(iter(dm.train_dataloader()))
+    answered = (b["labels"] != IGNORE).any(1)
+    assert int(answered.sum()) == 50  # transfer prompts carry no label
+    for i in range(len(b["input_ids"])):
+        p, n = int(b["prompt_len"][i]), int(b["attention_mask"][i].sum())
+        lab = b["labels"][i]
+        if answered[i]:
+            # position t predicts token t + 1: labels are the answer + EOS, after the prompt
+            assert (lab[: p - 1] == IGNORE).all() and (lab[n - 1 :] == IGNORE).all()
+            assert lab[p - 1 : n - 1].tolist() == b["input_ids"][i, p:n].tolist()[0:] and int(lab[n - 2]) == tok.eos_token_id
+        else:
+            assert n == p
+    dm2 = ArithDataModule(str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, transfer=False)
+    dm2.setup()
+    assert len(dm2.train_set) == 50
+
+
+def test_pack_and_prompts_round_trip():
+    prompts, responses = [[5, 6, 7], [5]], [[8, 1], None]
+    b = pack(prompts, responses, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 1], [5, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE, IGNORE, 8, 1, IGNORE], [IGNORE] * 5]
+    assert prompts_of(b) == prompts
+    ids, mask = left_pad(prompts, 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 5]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_eos([3, 1, 4, 4], 1, 0) == [3, 1] and cut_at_eos([3, 4, 0, 0], 1, 0) == [3, 4]
+
+
+def test_answer_metrics_exact_match_and_teacher_nll():
+    labels = pack([[5, 6], [5, 6]], [[7, 1], [8, 9, 1]], 0)["labels"]
+    logits = torch.zeros(2, labels.shape[1], 12)
+    m = AnswerMetrics(with_teacher=True)
+    student = Answers(logits, [[7, 1], [8, 9]], teacher_nll=torch.tensor([1.0, 3.0]))
+    teacher = Answers(logits, [[7, 1], [8, 9, 1]])
+    m.update(student, labels, teacher)
+    values = {k: float(v.compute()) for k, v in m.items()}
+    assert values["exact_match"] == 0.5  # the second answer lacks its EOS
+    assert values["answer_agreement"] == 0.5 and values["teacher_nll"] == 2.0
+    assert values["nll"] == pytest.approx(torch.log(torch.tensor(12.0)).item())
+
+
+def test_on_policy_batches_train_exactly_the_sampled_positions(train_cfg, arith_tok, arith_teacher_ckpt):
+    """GKD with lambda = 1: the batch's responses are the student's samples; they carry no
+    label (no CE on the student's own text); the token divergence is non-zero at exactly
+    the positions that predict a sampled token, and the step count is theirs."""
+    cfg = train_cfg("experiment=arith_gkd", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+                    f"teacher.ckpt_path={arith_teacher_ckpt}", "distill.weights.ce=1.0")  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.manual_seed(0)
+    prepared = module.task.prepare_batch(module, batch)
+    sampled = prepared["token_mask"]
+    assert (prepared["labels"] == IGNORE).all() and sampled.any()
+    assert prompts_of(prepared) == prompts_of(batch)
+    lengths = sampled.sum(1)
+    for i, n in enumerate(lengths.tolist()):  # the positions predicting the n sampled tokens
+        p = int(prepared["prompt_len"][i])
+        assert sampled[i].nonzero().squeeze(1).tolist() == list(range(p - 1, p - 1 + n))
+    out = module.task.training_outputs(module, prepared, 0.0)
+    kd = TokenKD(kind="jsd")(out)
+    assert (kd[~sampled] == 0).all() and (kd[sampled] > 0).all()
+    assert int(module.task.count(prepared)) == int(sampled.sum())
+    total, values = module.objective(out, module.task.count(prepared).float())
+    assert values["ce"] == 0  # nothing labeled in an on-policy batch
+    # the same seed gives the same samples (a resumed run restores torch's RNG state)
+    torch.manual_seed(0)
+    again = module.task.prepare_batch(module, batch)
+    assert torch.equal(again["input_ids"], prepared["input_ids"])
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_off_policy_batch_is_unchanged(arith_tok):
+    task = GenerativeLMTask(on_policy=0.0)
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    assert task.prepare_batch(None, batch) is batch
+    with pytest.raises(ValueError, match=r"task.on_policy \(lambda\) must be in \[0, 1\]"):
+        GenerativeLMTask(on_policy=1.5)
+
+
+@pytest.mark.parametrize("experiment", ["arith_teacher", "arith_sft", "arith_kd", "arith_gkd"])
+def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt, experiment):
+    extra = [] if experiment in ("arith_teacher", "arith_sft") else [f"teacher.ckpt_path={arith_teacher_ckpt}"]
+    cfg = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", *extra)
+    datamodule, module, trainer, _ = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["test/exact_match"]) <= 1.0
+    assert torch.isfinite(metrics["test/nll"])
+    if extra:
+        assert torch.isfinite(metrics["test/teacher_nll"])
+
+
+def test_seqkd_generates_resumes_and_trains(tmp_path, train_cfg, arith_tok, arith_teacher_ckpt, data_dir):
+    """distillery.generate over data=arith's training prompts: an interrupted run resumes to
+    the rows of an uninterrupted one; arith_seqkd trains on them; a missing prompt or an
+    empty response is refused naming data.responses."""
+    from distillery.generate import generate
+
+    def gen(out):
+        return generate(compose_cfg("generate_arith", [
+            f"teacher_ckpt={arith_teacher_ckpt}", f"tokenizer={arith_tok}", f"output={out}",
+            *[o.replace("data.", "data.", 1) for o in SMALL], f"data.tokenizer={arith_tok}",
+            "batch_size=64", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}",
+        ]))  # fmt: skip
+
+    full = gen(tmp_path / "full.jsonl")
+    rows = [json.loads(x) for x in full.read_text().splitlines()]
+    assert len(rows) == 400 and [r["prompt_id"] for r in rows] == list(range(400))
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(x + "\n" for x in full.read_text().splitlines()[:100]) + '{"prompt_id": 1')
+    gen(part)
+    assert part.read_text() == full.read_text()
+    base = ["experiment=arith_seqkd", "debug=fdr", *SMALL, "data.labeled=null", f"data.tokenizer={arith_tok}"]
+    good = tmp_path / "good.jsonl"  # a barely trained teacher may answer nothing: "0" then
+    good.write_text("".join(json.dumps(r | {"response": r["response"].strip() or "0"}) + "\n" for r in rows))
+    datamodule, module, trainer, _ = build_run(train_cfg(*base, f"data.responses={good}"))
+    trainer.fit(module, datamodule=datamodule)
+    datamodule.setup()
+    tok = datamodule.load_tokenizer()
+    by_prompt = {r["prompt"]: r["response"].strip() or "0" for r in rows}
+    assert len(datamodule.train_set) == 400
+    for prompt, answer, _ in datamodule.train_set.rows:  # the teacher's answers, + EOS
+        assert tok.decode(answer[:-1]) == by_prompt[tok.decode(prompt)]
+    short = tmp_path / "short.jsonl"
+    short.write_text(good.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="data.responses: .* has no response for 399"):
+        build_run(train_cfg(*base, f"data.responses={short}"))[0].setup()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join(json.dumps(r | {"response": ""}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="data.responses: line 1 .* empty response"):
+        build_run(train_cfg(*base, f"data.responses={empty}"))[0].setup()
+
+
+def test_hf_generator_is_greedy_and_left_pad_invariant(arith_tok):
+    """Greedy answers do not depend on the other prompts of the batch (left padding and
+    position ids handled), and match step-by-step argmax decoding."""
+    from distillery.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    model = HFCausalLM(config={"model_type": "gpt2", "vocab_size": 64, "n_embd": 32, "n_layer": 2,
+                               "n_head": 2, "n_positions": 32, "eos_token_id": 1, "bos_token_id": 1})  # fmt: skip
+    gen = HFGenerator(model, eos_id=1, pad_id=0)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    together = gen(prompts, max_new_tokens=4)
+    alone = [gen([p], max_new_tokens=4)[0] for p in prompts]
+    assert together == alone
+    for p, answer in zip(prompts, alone, strict=True):
+        ids = list(p)
+        for _ in range(len(answer)):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert ids[len(p) :] == answer
