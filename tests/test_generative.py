@@ -42,9 +42,10 @@ def arith_teacher_ckpt(tmp_path_factory, data_dir, arith_tok):
 
 
 def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
-    dm = ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, labeled=100)
+    both = ("add", "sub")
+    dm = ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, labeled=100, ops=both)
     splits = dm.splits()
-    assert splits == ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50).splits()
+    assert splits == ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, ops=both).splits()
     prompts = {k: {p["prompt"] for p in v} for k, v in splits.items()}
     assert all(len(prompts[k]) == len(splits[k]) for k in splits)  # distinct
     assert not prompts["train"] & prompts["test"] and not prompts["val"] & prompts["test"]
@@ -56,7 +57,7 @@ def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
     assert {p["op"] for p in splits["train"]} == {"add", "sub"}
     assert {p["format"] for p in splits["train"]} == {"sym", "words"}
     # a larger train split keeps val and test as they are
-    bigger = ArithDataModule(str(arith_tok), num_train=600, num_val=50, num_test=50).splits()
+    bigger = ArithDataModule(str(arith_tok), num_train=600, num_val=50, num_test=50, ops=both).splits()
     assert bigger["test"] == splits["test"] and bigger["val"] == splits["val"]
 
 
@@ -112,7 +113,7 @@ def test_on_policy_batches_train_exactly_the_sampled_positions(train_cfg, arith_
     label (no CE on the student's own text); the token divergence is non-zero at exactly
     the positions that predict a sampled token, and the step count is theirs."""
     cfg = train_cfg("experiment=arith_gkd", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
-                    f"teacher.ckpt_path={arith_teacher_ckpt}", "distill.weights.ce=1.0")  # fmt: skip
+                    f"teacher.ckpt_path={arith_teacher_ckpt}", "+distill.terms.ce._target_=distillery.losses.TokenCrossEntropy")  # fmt: skip
     datamodule, module, trainer, _ = build_run(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
@@ -145,6 +146,8 @@ def test_off_policy_batch_is_unchanged(arith_tok):
     assert task.prepare_batch(None, batch) is batch
     with pytest.raises(ValueError, match=r"task.on_policy \(lambda\) must be in \[0, 1\]"):
         GenerativeLMTask(on_policy=1.5)
+    with pytest.raises(ValueError, match=r"data.ops: choose from"):
+        ArithDataModule(str(arith_tok), ops=["mul"])
 
 
 @pytest.mark.parametrize("experiment", ["arith_teacher", "arith_sft", "arith_kd", "arith_gkd"])
@@ -220,3 +223,70 @@ def test_hf_generator_is_greedy_and_left_pad_invariant(arith_tok):
         for _ in range(len(answer)):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert ids[len(p) :] == answer
+
+
+def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
+    """Two pairs with known token probabilities: the loss is -log sigmoid(beta * margin)
+    with margin from the sums of the response tokens' log-probabilities."""
+    from distillery.losses.preference import DPO, sequence_logprob
+
+    torch.manual_seed(0)
+    v, t = 5, 4
+    student, ref = torch.randn(4, t, v), torch.randn(4, t, v)
+    labels = torch.full((4, t), IGNORE)
+    labels[0, 1:3] = torch.tensor([2, 3])  # chosen 1: two tokens
+    labels[1, 2] = 4  # chosen 2: one token
+    labels[2, 1:4] = torch.tensor([0, 1, 1])  # rejected 1
+    labels[3, 1:3] = torch.tensor([3, 3])  # rejected 2
+    out = Outputs(student, torch.full((4, t), IGNORE), extras={"response_labels": labels, "pairs": 2, "frozen": {"reference": ref}})  # fmt: skip
+
+    def lp(z, row):
+        logp = torch.log_softmax(z[row], -1)
+        return sum(float(logp[i, y]) for i, y in enumerate(labels[row].tolist()) if y != IGNORE)
+
+    for beta in (0.1, 2.0):
+        loss = DPO(beta=beta)(out)
+        for pair in range(2):
+            h = beta * ((lp(student, pair) - lp(ref, pair)) - (lp(student, pair + 2) - lp(ref, pair + 2)))
+            assert float(loss[pair]) == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(h))), rel=1e-5)
+    assert sequence_logprob(student, labels)[1] == pytest.approx(lp(student, 1), rel=1e-6)
+    # the policy's gradient raises the chosen response and lowers the rejected one
+    s = student.clone().requires_grad_(True)
+    DPO(beta=1.0)(Outputs(s, out.labels, extras=out.extras)).sum().backward()
+    assert s.grad[0, 1, 2] < 0 and s.grad[2, 1, 0] > 0  # descent increases chosen logits
+    with pytest.raises(ValueError, match="frozen.other"):
+        DPO(reference="other")(out)
+
+
+def test_preference_batches_pair_teacher_ranked_samples(train_cfg, arith_tok, arith_teacher_ckpt, tmp_path):
+    """k samples per prompt, the teacher's best and worst by mean log-prob per token as
+    (chosen, rejected); no label (no CE on either); the step counts pairs."""
+    from distillery.train import train
+
+    sft = tmp_path / "sft.ckpt"
+    train(train_cfg("experiment=arith_sft", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=2",
+                    "scheduler.warmup_steps=1", f"export_ckpt={sft}", out=tmp_path / "sft"))  # fmt: skip
+    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+                    f"teacher.ckpt_path={arith_teacher_ckpt}", f"student_init.ckpt_path={sft}")  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    start = {k: v.clone() for k, v in module.student.state_dict().items()}
+    ref = module.reference.network.state_dict()
+    assert all(torch.equal(start[k], ref[k]) for k in start)  # starts at the reference
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.manual_seed(1)
+    pairs = module.task.prepare_batch(module, batch)
+    n = len(batch["input_ids"])
+    assert pairs["pairs"] == n and len(pairs["input_ids"]) == 2 * n
+    assert (pairs["labels"] == IGNORE).all() and prompts_of(pairs) == prompts_of(batch) * 2
+    # the chosen response scores at least as well under the teacher as the rejected one
+    nll = module.task.score(module.teacher, pairs, [r[r != IGNORE].tolist() for r in pairs["response_labels"]], per_row=True)
+    assert (nll[:n] <= nll[n:] + 1e-6).all()
+    assert module.task.count(pairs)["pair"] == n
+    out = module.task.training_outputs(module, pairs, 0.0)
+    total, values = module.objective(out, module.task.count(pairs))
+    assert float(values["dpo"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)  # policy = reference
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    with pytest.raises(ValueError, match="preference_samples: a pair needs k >= 2"):
+        GenerativeLMTask(preference_samples=1)

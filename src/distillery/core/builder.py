@@ -183,18 +183,20 @@ def control_config(cfg: DictConfig) -> DictConfig:
     """``control=true``: the run's no-teacher control, the same student, data, views,
     schedule and seed without the teacher, other frozen models and taps (the objective
     drops its teacher-only terms in :func:`control_objective`). Data the teacher wrote
-    (``data.source`` with a ``distillery.generate`` provenance file) is refused: a
+    (``data.source`` or ``data.responses`` with a ``distillery.generate`` provenance file) is refused: a
     control trained on it still learns from the teacher."""
     from omegaconf import open_dict
 
-    source = (cfg.get("data") or {}).get("source")
-    meta = Path(str(source) + ".meta.json") if isinstance(source, str) else None
-    if meta is not None and meta.is_file() and "teacher_sha256" in meta.read_text():
-        raise ConfigError(
-            [f"control: data.source {source} holds teacher generations ({meta.name}, written "
-             f"by distillery.generate); a no-teacher control must not train on them: point "
-             f"data.source at the original data (e.g. experiment=text_lm_baseline)"]
-        )  # fmt: skip
+    for key in ("source", "responses"):
+        source = (cfg.get("data") or {}).get(key)
+        meta = Path(str(source) + ".meta.json") if isinstance(source, str) else None
+        if meta is not None and meta.is_file() and "teacher_sha256" in meta.read_text():
+            raise ConfigError(
+                [f"control: data.{key} {source} holds teacher generations ({meta.name}, "
+                 f"written by distillery.generate); a no-teacher control must not train on "
+                 f"them: point data.{key} at the original data (e.g. experiment=text_lm_baseline "
+                 f"or arith_sft)"]
+            )  # fmt: skip
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.teacher, cfg.frozen, cfg.taps = None, None, None

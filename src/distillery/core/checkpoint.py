@@ -222,3 +222,16 @@ def copy_atomic(src: Path, dst: Path) -> None:
     shutil.copyfile(src, tmp)
     tmp.replace(dst)
     log.info("exported %s -> %s", src, dst)
+
+
+def init_from_run(student: nn.Module, ckpt_path: str) -> None:
+    """``student_init`` step: load the student weights of a Distillery run checkpoint
+    into ``student`` (same architecture: every key and shape must match)."""
+    ckpt = read_checkpoint(ckpt_path, "student_init.ckpt_path")
+    weights = sub_state_dict(ckpt["state_dict"], "student.")
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(
+            f"student_init.ckpt_path: {ckpt_path} holds another architecture than `student` ({e})"
+        ) from e

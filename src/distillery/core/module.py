@@ -233,11 +233,8 @@ class DistillationModule(L.LightningModule):
     def _manual_step(self, batches: list[dict], epoch: float) -> None:
         """One optimizer step over ``batches``, every term divided by the step's count."""
         batches = [self.task.prepare_batch(self, b) for b in batches]  # before counting
-        local = sum(self.task.count(b) for b in batches).to(self.device, torch.float32)
+        step_count = self._step_units(batches)
         world = self.trainer.world_size
-        step_count = (
-            self.trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local
-        )
         opt = self.optimizers()
         opt.zero_grad()
         sums: dict[str, Tensor] = {}
@@ -263,7 +260,21 @@ class DistillationModule(L.LightningModule):
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
             scheduler.step()
         self._log_terms(step_total, sums, rows, shares=True)
-        self.log("train/tokens", step_count, batch_size=rows)
+        self.log("train/tokens", step_count["token"], batch_size=rows)
+
+    def _step_units(self, batches: list[dict]) -> dict[str, Tensor]:
+        """The step's normalisers: each unit the task counts (``token``; ``pair`` for
+        preference batches) summed over the micro-batches and the processes."""
+        counts = [self.task.count(b) for b in batches]
+        counts = [c if isinstance(c, Mapping) else {"token": c} for c in counts]
+        units = sorted({u for c in counts for u in c})
+        local = torch.stack([
+            sum(torch.as_tensor(c.get(u, 0)) for c in counts).to(self.device, torch.float32)
+            for u in units
+        ])  # fmt: skip
+        if self.trainer.world_size > 1:
+            local = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return dict(zip(units, local, strict=True))
 
     def on_train_start(self) -> None:
         """A training loader with no batch in this process trains nothing, silently: refuse.

@@ -70,7 +70,8 @@ class LossTerm(nn.Module):
 
     Subclasses set ``needs_labels`` (only labeled samples are passed in, sample
     reduction), ``needs_teacher`` (an error when no teacher is configured) and ``per``
-    (``sample``: ``forward(out) -> [B]``; ``token``: ``forward(out) -> [B, T]``).
+    (``sample``: ``forward(out) -> [B]``; ``token``: ``forward(out) -> [B, T]``;
+    ``pair``: ``forward(out) -> [P]``, one loss per preference pair of the batch).
     """
 
     needs_labels: bool = False
@@ -118,13 +119,19 @@ class SampleMean:
 
 
 class TokenSum:
-    """Token sums over the optimizer step's valid-token count (labels != IGNORE)."""
+    """Token sums over the optimizer step's valid-token count (labels != IGNORE, or the
+    task's ``extras["token_mask"]``); per-pair terms (``per = "pair"``, preference
+    losses) are summed over pairs and divided by the step's pair count. ``normaliser``:
+    the step's token count, or ``{"token": n, "pair": m}``; None: this batch's."""
 
     name = "token"
 
     def __call__(self, terms: Mapping[str, LossTerm], out: Outputs, normaliser=None) -> dict:
-        trained = out.labels != IGNORE
-        n = normaliser if normaliser is not None else trained.sum()
+        trained = out.extras.get("token_mask")
+        trained = out.labels != IGNORE if trained is None else trained
+        units = normaliser if isinstance(normaliser, Mapping) else {"token": normaliser}
+        n = units.get("token")
+        n = trained.sum() if n is None else n
         n = n.clamp_min(1.0) if isinstance(n, Tensor) else max(float(n), 1.0)  # no 0/0
         values: dict[str, Tensor] = {}
         per_sequence_count = None
@@ -133,6 +140,12 @@ class TokenSum:
             if term.per == "token":
                 _check_shape(name, value, tuple(out.labels.shape), "token")
                 values[name] = value.sum() / n
+            elif term.per == "pair":
+                pairs = units.get("pair")
+                pairs = value.numel() if pairs is None else pairs
+                values[name] = value.sum() / (
+                    pairs.clamp_min(1.0) if isinstance(pairs, Tensor) else max(float(pairs), 1.0)
+                )
             else:  # the mean over each sequence's trained positions, back into a token sum
                 _check_shape(name, value, tuple(out.labels.shape[:1]), "sequence")
                 if per_sequence_count is None:

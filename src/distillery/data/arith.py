@@ -2,12 +2,14 @@
 
 Generated offline and deterministically (like MNIST-1D for vision): every problem is a
 prompt with exactly one correct answer of several tokens, e.g. ``"347+085="`` ->
-``"432"`` or ``"012 minus 305 is "`` -> ``"-293"`` (``pad_operands``: operands written
-with ``max_digits`` digits, so each place has one position; false: ``"12 minus 305 is "``). Each problem records its group
-fields: ``op`` (add, sub), ``format`` (sym: ``a+b=``; words: ``a plus b is ``) and
-``digits`` (the longer operand's digit count, 1..``max_digits``; operand lengths are
-drawn uniformly, so short problems are not swamped by long ones). ``group`` of a batch
-row indexes :attr:`ArithDataModule.groups` (names ``op/format/<digits>d``).
+``"432"`` or ``"012 plus 305 is "`` -> ``"317"``. ``pad_operands`` writes operands with
+``max_digits`` digits (each place has one position; false: ``"12 plus 305 is "``).
+Each problem records its group fields: ``op`` (``ops``: add, and sub, whose answers may
+be negative and which a small model learns far more slowly), ``format`` (sym:
+``a+b=``; words: ``a plus b is ``) and ``digits`` (the longer operand's digit count,
+1..``max_digits``; operand lengths are drawn uniformly, so short problems are not
+swamped by long ones). ``group`` of a batch row indexes :attr:`ArithDataModule.groups`
+(names ``op/format/<digits>d``).
 
 The tokenizer is character level (:func:`char_tokenizer`: ``<pad>``, ``<eos>``,
 ``<unk>``, digits, signs, lower-case letters) and is written as an HF fast tokenizer to
@@ -89,15 +91,20 @@ def make_problem(rng: random.Random, max_digits: int, pad: bool = True, ops=OPS,
 
 
 def make_problems(
-    n: int, seed: int, max_digits: int, exclude: set[str] = frozenset(), pad: bool = True
+    n: int,
+    seed: int,
+    max_digits: int,
+    exclude: set[str] = frozenset(),
+    pad: bool = True,
+    ops: tuple[str, ...] = OPS,
 ) -> list:
     """``n`` distinct problems (by prompt) not in ``exclude``, drawn with ``seed``."""
     rng, seen, out = random.Random(seed), set(exclude), []
-    space = len(OPS) * len(FORMATS) * (10**max_digits) ** 2
+    space = len(ops) * len(FORMATS) * (10**max_digits) ** 2
     if n > space // 2:
         raise ValueError(f"data: {n} distinct problems asked of a space of ~{space}")
     while len(out) < n:
-        p = make_problem(rng, max_digits, pad)
+        p = make_problem(rng, max_digits, pad, ops)
         if p["prompt"] not in seen:
             seen.add(p["prompt"])
             out.append(p)
@@ -169,6 +176,7 @@ class ArithDataModule(L.LightningDataModule):
         num_val: int = 1000,
         num_test: int = 2000,
         max_digits: int = 3,
+        ops: list[str] | tuple[str, ...] = ("add",),
         pad_operands: bool = True,
         labeled: int | None = None,
         transfer: bool = True,
@@ -181,12 +189,15 @@ class ArithDataModule(L.LightningDataModule):
         super().__init__()
         if max_digits < 1:
             raise ValueError(f"data.max_digits must be >= 1, got {max_digits}")
+        unknown = [o for o in ops if o not in OPS]
+        if not ops or unknown:
+            raise ValueError(f"data.ops: choose from {list(OPS)}, got {list(ops)}")
         if min(num_train, num_val, num_test) < 1:
             raise ValueError("data.num_train/num_val/num_test must be >= 1")
         if labeled is not None and not 1 <= labeled <= num_train:
             raise ValueError(f"data.labeled must be in [1, num_train={num_train}], got {labeled}")
         self.tokenizer_path, self.seed, self.max_digits = tokenizer, seed, max_digits
-        self.pad_operands = pad_operands
+        self.pad_operands, self.ops = pad_operands, tuple(ops)
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
         self.labeled, self.transfer, self.responses = labeled, transfer, responses
         self.batch_size, self.eval_batch_size, self.num_workers = (
@@ -209,10 +220,11 @@ class ArithDataModule(L.LightningDataModule):
 
     def splits(self) -> dict[str, list[dict]]:
         """The problems of each split (test and val first, so train sizes leave them be)."""
-        n, pad = self.max_digits, self.pad_operands
-        test = make_problems(self.num_test, self.seed * 3 + 1, n, pad=pad)
-        val = make_problems(self.num_val, self.seed * 3 + 2, n, {p["prompt"] for p in test}, pad)
-        train = make_problems(self.num_train, self.seed * 3, n, {p["prompt"] for p in test + val}, pad)
+        n, pad, ops = self.max_digits, self.pad_operands, self.ops
+        test = make_problems(self.num_test, self.seed * 3 + 1, n, pad=pad, ops=ops)
+        val = make_problems(self.num_val, self.seed * 3 + 2, n, {p["prompt"] for p in test}, pad, ops)
+        held = {p["prompt"] for p in test + val}
+        train = make_problems(self.num_train, self.seed * 3, n, held, pad, ops)
         return {"train": train, "val": val, "test": test}
 
     def training_prompts(self) -> list[str]:

@@ -18,12 +18,13 @@ from distillery.losses.feature import (
 )
 from distillery.losses.fused import FusedTokenLoss
 from distillery.losses.kd import HintonKD
+from distillery.losses.preference import DPO
 from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
 from distillery.losses.token import TokenCrossEntropy, TokenKD
 
 __all__ = [
-    "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "EmbeddingCosine",
+    "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "DPO", "EmbeddingCosine",
     "EmbeddingMSE", "FeatureTerm", "FitNet", "FusedTokenLoss",
     "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "TokenCrossEntropy", "TokenKD", "ValueRelationKL",
 ]  # fmt: skip

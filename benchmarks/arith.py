@@ -1,0 +1,124 @@
+"""Generative distillation on the embedded arith task, over seeds: the README table.
+
+For each seed, in fresh subprocesses: the teacher (``experiment=arith_teacher``), its
+greedy answers to every training prompt (``distillery.generate --config-name
+generate_arith``, the data of ``arith_seqkd``), then each student method with that seed
+and teacher, and one report card (``distillery.evaluate``) over the test split with the
+teacher and every student side by side: greedy exact match, the teacher's per-token
+NLL of each model's answers, params and tokens/s. A finished step (its checkpoint,
+jsonl or report exists) is not run again: rerun to resume; ``--report`` tabulates.
+
+Writes ``benchmarks/results/arith.md`` and ``arith.json``:
+
+    python benchmarks/arith.py [--seeds 0 1 2] [--methods sft kd seqkd gkd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("sft", "kd", "seqkd", "gkd")
+COLUMNS = (("exact_match", ".3f"), ("teacher_nll", ".3f"), ("params", ",.0f"),
+           ("tokens_per_second", ",.0f"))  # fmt: skip
+
+
+def run(cmd: list[str], log: Path, env: dict) -> float:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed (exit {done.returncode}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - start
+
+
+def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
+    py = [sys.executable, "-m"]
+    d = out / f"seed{seed}"
+    teacher, answers = d / "arith_teacher.ckpt", d / "arith_teacher.jsonl"
+    seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
+    if not teacher.is_file():
+        seconds["teacher"] = run([*py, "distillery.train", "experiment=arith_teacher", f"seed={seed}",
+                                  f"export_ckpt={teacher}", f"hydra.run.dir={d / 'teacher'}"], d / "teacher.log", env)  # fmt: skip
+    if not answers.is_file() or not answers.with_name(answers.name + ".done").is_file():
+        run([*py, "distillery.generate", "--config-name", "generate_arith", f"teacher_ckpt={teacher}",
+             f"output={answers}", f"hydra.run.dir={d / 'generate'}"], d / "generate.log", env)  # fmt: skip
+        answers.with_name(answers.name + ".done").touch()
+    ckpts = {}
+    for m in methods:
+        ckpts[m] = d / f"arith_{m}.ckpt"
+        if ckpts[m].is_file():
+            continue
+        extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(m, [f"teacher.ckpt_path={teacher}"])
+        seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
+                          f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
+    (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
+    report = d / "report" / "report.json"
+    if not report.is_file():
+        # the report's reference teacher is the seed's teacher (passed explicitly: sft has none)
+        compare = [f"+compare.{m}={ckpts[m]}" for m in methods]
+        run([*py, "distillery.evaluate", f"ckpt_path={ckpts[methods[0]]}", *compare,
+             "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}", f"output_dir={d / 'report'}",
+             "plots=false", "evaluators={}", f"hydra.run.dir={d / 'report'}"], d / "report.log", env)  # fmt: skip
+    models = json.loads(report.read_text())["models"]
+    return {"seed": seed, "models": models, "seconds": seconds}
+
+
+def table(results: list[dict], methods: list[str]) -> str:
+    head = "| model | " + " | ".join(c for c, _ in COLUMNS) + " | train time |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    teacher_em = statistics.mean(r["models"]["teacher"]["exact_match"] for r in results)
+    for name in ("teacher", *methods):
+        row = [f"`{name}`" if name == "teacher" else f"`arith_{name}`"]
+        for col, fmt in COLUMNS:
+            vals = [r["models"][name][col] for r in results if r["models"][name].get(col) is not None]
+            if not vals:
+                row.append("")
+                continue
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row.append(f"{statistics.mean(vals):{fmt}}" + (f" ± {std:{fmt}}" if col == "exact_match" else ""))
+        secs = [r["seconds"].get(name) for r in results if r["seconds"].get(name)]
+        row.append(f"{statistics.mean(secs):.0f} s" if secs else "")
+        lines.append("| " + " | ".join(row) + " |")
+    sft = statistics.mean(r["models"]["sft"]["exact_match"] for r in results) if "sft" in methods else None
+    notes = []
+    if sft is not None and teacher_em > sft:
+        for m in methods:
+            if m != "sft":
+                em = statistics.mean(r["models"][m]["exact_match"] for r in results)
+                notes.append(f"- `arith_{m}` recovers {100 * (em - sft) / (teacher_em - sft):.0f} % "
+                             f"of the teacher-vs-`arith_sft` exact-match gap")  # fmt: skip
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    return f"Seeds {seeds} (mean ± std of exact match; other columns are means).\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_arith")
+    args = parser.parse_args()
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results = []
+    for seed in args.seeds:
+        start = time.perf_counter()
+        results.append(one_seed(seed, args.out, args.methods, env))
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "arith.json").write_text(json.dumps(results, indent=2))
+    md = table(results, args.methods)
+    (out / "arith.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
