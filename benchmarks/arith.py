@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("sft", "kd", "seqkd", "gkd")
+METHODS = ("sft", "kd", "seqkd", "gkd", "dpo")
 COLUMNS = (("exact_match", ".3f"), ("teacher_nll", ".3f"), ("params", ",.0f"),
            ("tokens_per_second", ",.0f"))  # fmt: skip
 
@@ -58,6 +58,8 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
         if ckpts[m].is_file():
             continue
         extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(m, [f"teacher.ckpt_path={teacher}"])
+        if m == "dpo":  # starts from (and is referenced to) this seed's arith_sft student
+            extra.append(f"student_init.ckpt_path={d / 'arith_sft.ckpt'}")
         seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
                           f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
     (d / "seconds.json").write_text(json.dumps(seconds, indent=2))

@@ -290,3 +290,68 @@ def test_preference_batches_pair_teacher_ranked_samples(train_cfg, arith_tok, ar
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     with pytest.raises(ValueError, match="preference_samples: a pair needs k >= 2"):
         GenerativeLMTask(preference_samples=1)
+
+
+def test_uld_equals_its_formula_across_vocabularies_and_positions():
+    """Student (V = 6) and teacher (V = 4) answers at other positions and of other
+    lengths: the k-th answer tokens are paired, k < the shorter answer; the value is the
+    L1 distance of the sorted probabilities, the teacher's padded with zeros."""
+    from distillery.losses.uld import ULD
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 6), torch.randn(2, 5, 4)
+    s_labels = torch.full((2, 6), IGNORE)
+    t_labels = torch.full((2, 5), IGNORE)
+    s_labels[0, 2:5] = 1  # 3 answer tokens at 2, 3, 4
+    t_labels[0, 1:3] = 1  # 2 answer tokens at 1, 2: pairs (2, 1), (3, 2)
+    s_labels[1, 4] = 1  # 1 token at 4
+    t_labels[1, 2:5] = 1  # pairs (4, 2)
+    out = Outputs(s, s_labels, t, extras={"teacher_labels": t_labels})
+    got = ULD()(out)
+
+    def uld(a, b):
+        pa = sorted(torch.softmax(a, -1).tolist(), reverse=True)
+        pb = sorted(torch.softmax(b, -1).tolist(), reverse=True) + [0.0] * 2
+        return sum(abs(x - y) for x, y in zip(pa, pb, strict=True))
+
+    want = torch.zeros(2, 6)
+    for b, sp, tp in ((0, 2, 1), (0, 3, 2), (1, 4, 2)):
+        want[b, sp] = uld(s[b, sp], t[b, tp])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    # invariant to a permutation of either vocabulary; 0 for the same distribution
+    perm = torch.randperm(6)
+    torch.testing.assert_close(ULD()(Outputs(s[..., perm], s_labels, t, extras=out.extras)), got)
+    same = ULD()(Outputs(s, s_labels, s.clone(), extras={"teacher_labels": s_labels}))
+    assert same.abs().max() < 1e-6
+
+
+def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ckpt, tmp_path):
+    """arith_uld: a BPE student and the character teacher; batches hold both
+    tokenizations; the run trains and reports the teacher-scored NLL of the student's
+    re-tokenized answers. A logit term across tokenizers and a tokenizer mismatch the
+    data does not declare are refused with the keys to set."""
+    from distillery.config import ConfigError
+
+    good = tmp_path / "answers.jsonl"  # the true answers stand in for the teacher's
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
+    base = ["experiment=arith_uld", "debug=fdr", *SMALL, "data.labeled=null", f"data.responses={good}",
+            f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}",
+            f"teacher.ckpt_path={arith_teacher_ckpt}"]  # fmt: skip
+    datamodule, module, trainer, _ = build_run(train_cfg(*base))
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    tok, ttok = datamodule.load_tokenizer(), datamodule.load_teacher_tokenizer()
+    assert batch["input_ids"].shape[1] < batch["teacher"]["input_ids"].shape[1]  # BPE merges
+    for i in range(len(batch["input_ids"])):
+        s_text = tok.decode(batch["input_ids"][i][batch["attention_mask"][i] == 1], skip_special_tokens=True)
+        t_text = ttok.decode(batch["teacher"]["input_ids"][i][batch["teacher"]["attention_mask"][i] == 1], skip_special_tokens=True)
+        assert s_text == t_text
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["test/teacher_nll"])
+    assert "test/kl_to_teacher" not in trainer.callback_metrics  # positions do not correspond
+    with pytest.raises(ValueError, match=r"data.teacher_tokenizer: .*\['kd'\].* use distillery.losses.ULD"):
+        build_run(train_cfg(*base, "distill=token_kd"))
+    with pytest.raises(ConfigError, match="(?s)vocabularies differ.*data.teacher_tokenizer"):
+        build_run(train_cfg(*base, "data.teacher_tokenizer=null", "distill=token_kd"))

@@ -23,6 +23,11 @@ cross-entropy. ``responses`` replaces the training answers by the rows of a
 ``distillery.generate`` jsonl (teacher generations for sequence-level KD, matched by
 prompt); validation and test always keep the true answers.
 
+Cross-tokenizer distillation (``losses/uld.py``): ``bpe_vocab`` makes the student's
+tokenizer a byte-level BPE of that size trained on the training problems (written to
+``tokenizer``), and ``teacher_tokenizer`` names the teacher's; every batch then also
+holds ``teacher``: the same prompts and answers packed in the teacher's tokens.
+
 Batches (right-padded): ``input_ids`` (prompt + answer + EOS), ``labels`` (next tokens;
 prompt, padding and unanswered rows -100), ``attention_mask``, ``prompt_len``,
 ``group``, ``sample_id``.
@@ -115,28 +120,45 @@ def group_name(p: dict) -> str:
     return f"{p['op']}/{p['format']}/{p['digits']}d"
 
 
-class ProblemDataset(Dataset):
-    """Tokenized problems: prompt ids, answer ids (+ EOS; None: no answer), group index."""
+def tokenize(tok, problems: list[dict], answered: int) -> list[tuple[list[int], list[int] | None]]:
+    """(prompt ids, answer ids + EOS) of each problem; None for the answers of problems
+    from ``answered`` on."""
+    prompts = tok([p["prompt"] for p in problems])["input_ids"]
+    answers = tok([p["answer"] for p in problems[:answered]])["input_ids"] if answered else []
+    eos = tok.eos_token_id
+    return [(q, answers[i] + [eos] if i < answered else None) for i, q in enumerate(prompts)]
 
-    def __init__(self, rows: list[tuple[list[int], list[int] | None, int]], ids: torch.Tensor):
+
+class ProblemDataset(Dataset):
+    """Tokenized problems: prompt ids, answer ids (+ EOS; None: no answer), group index
+    and, for cross-tokenizer runs, the teacher's prompt and answer ids."""
+
+    def __init__(self, rows: list[tuple], ids: torch.Tensor):
         self.rows, self.ids = rows, ids
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        prompt, answer, group = self.rows[i]
-        return {"prompt": prompt, "answer": answer, "group": group, "sample_id": self.ids[i]}
+        prompt, answer, group, *teacher = self.rows[i]
+        item = {"prompt": prompt, "answer": answer, "group": group, "sample_id": self.ids[i]}
+        if teacher:
+            item["teacher_prompt"], item["teacher_answer"] = teacher
+        return item
 
 
-def collate_problems(pad_id: int):
+def collate_problems(pad_id: int, teacher_pad_id: int | None = None):
     """Right-padded ``input_ids`` = prompt + answer, ``labels`` the answer's next tokens
-    (``distillery.core.generation.pack``), plus ``group`` and ``sample_id``."""
+    (``distillery.core.generation.pack``), plus ``group`` and ``sample_id``; with a
+    teacher tokenizer, ``teacher``: the same packing in the teacher's tokens."""
 
     def collate(items: list[dict]) -> dict:
         batch = pack([it["prompt"] for it in items], [it["answer"] for it in items], pad_id)
         batch["group"] = torch.tensor([it["group"] for it in items])
         batch["sample_id"] = torch.stack([torch.as_tensor(it["sample_id"]) for it in items])
+        if teacher_pad_id is not None:
+            batch["teacher"] = pack([it["teacher_prompt"] for it in items],
+                                    [it["teacher_answer"] for it in items], teacher_pad_id)  # fmt: skip
         return batch
 
     return collate
@@ -161,7 +183,8 @@ def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
     if missing:
         raise ValueError(
             f"data.responses: {p} has no response for {len(missing)} of the {len(prompts)} "
-            f"training prompts (e.g. {missing[0]!r}); generate them with prompts.source=arith"
+            f"answered training prompts (e.g. {missing[0]!r}); generate them with "
+            f"python -m distillery.generate --config-name generate_arith"
         )
     return out
 
@@ -181,6 +204,8 @@ class ArithDataModule(L.LightningDataModule):
         labeled: int | None = None,
         transfer: bool = True,
         responses: str | None = None,
+        bpe_vocab: int | None = None,
+        teacher_tokenizer: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 256,
@@ -205,14 +230,33 @@ class ArithDataModule(L.LightningDataModule):
             eval_batch_size,
             num_workers,
         )
-        self.input_norm, self.tokenizer, self.groups = None, None, []
+        if bpe_vocab is not None and bpe_vocab < len(SPECIAL) + 256:
+            raise ValueError(f"data.bpe_vocab: a byte-level BPE needs >= 259 tokens, got {bpe_vocab}")
+        self.bpe_vocab, self.teacher_tokenizer_path = bpe_vocab, teacher_tokenizer
+        self.input_norm, self.tokenizer, self.teacher_tokenizer, self.groups = None, None, None, []
         self.train_set = self.val_set = self.test_set = None
         self.collate = None
 
     def load_tokenizer(self):
+        """The student's tokenizer (``tokenizer``): the character tokenizer, or with
+        ``bpe_vocab`` a byte-level BPE of that size trained on the training problems."""
         if self.tokenizer is None:
-            self.tokenizer = char_tokenizer(self.tokenizer_path)
+            path = Path(self.tokenizer_path).expanduser()
+            if self.bpe_vocab and not (path / "tokenizer.json").is_file():
+                from distillery.data.text import train_bpe
+
+                texts = [p["prompt"] + p["answer"] for p in self.splits()["train"]]
+                self.tokenizer = train_bpe(texts, self.bpe_vocab, path)
+            else:
+                self.tokenizer = char_tokenizer(path)
         return self.tokenizer
+
+    def load_teacher_tokenizer(self):
+        """The teacher's tokenizer when it differs from the student's (``teacher_tokenizer``;
+        cross-tokenizer distillation), else None."""
+        if self.teacher_tokenizer is None and self.teacher_tokenizer_path:
+            self.teacher_tokenizer = char_tokenizer(self.teacher_tokenizer_path)
+        return self.teacher_tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -252,22 +296,25 @@ class ArithDataModule(L.LightningDataModule):
         n_answered = self.labeled if self.labeled is not None else len(train)
         if self.responses:
             answers = read_responses(self.responses, {p["prompt"] for p in train[:n_answered]})
-            train = [p | {"answer": answers[p["prompt"]]} for p in train]
+            train = [p | {"answer": answers[p["prompt"]]} for p in train[:n_answered]] + train[n_answered:]
         if not self.transfer:
             train = train[:n_answered]
+        teacher_tok = self.load_teacher_tokenizer()
 
         def encode(ps: list[dict], answered: int) -> list:
-            prompts = tok([p["prompt"] for p in ps])["input_ids"]
-            answers = tok([p["answer"] for p in ps[:answered]])["input_ids"] if answered else []
-            return [
-                (q, (answers[i] + [tok.eos_token_id]) if i < answered else None, index[group_name(p)])
-                for i, (q, p) in enumerate(zip(prompts, ps, strict=True))
-            ]
+            rows = tokenize(tok, ps, answered)
+            if teacher_tok is None:
+                return [(q, a, index[group_name(p)]) for (q, a), p in zip(rows, ps, strict=True)]
+            t_rows = tokenize(teacher_tok, ps, answered)
+            return [(q, a, index[group_name(p)], tq, ta)
+                    for (q, a), (tq, ta), p in zip(rows, t_rows, ps, strict=True)]  # fmt: skip
 
         self.train_set = ProblemDataset(encode(train, n_answered), torch.arange(len(train)))
         self.val_set = ProblemDataset(encode(splits["val"], self.num_val), torch.arange(self.num_val))
         self.test_set = ProblemDataset(encode(splits["test"], self.num_test), torch.arange(self.num_test))
-        self.collate = collate_problems(tok.pad_token_id)
+        self.collate = collate_problems(
+            tok.pad_token_id, None if teacher_tok is None else teacher_tok.pad_token_id
+        )
 
     def _loader(self, ds, batch_size: int, shuffle: bool):
         return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=self.collate)

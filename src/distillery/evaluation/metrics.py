@@ -167,27 +167,35 @@ class AnswerMetrics(LMMetrics):
     """Prompt/answer tasks (``core/tasks/generative.py``, outputs ``Answers``): the LM
     metrics of the reference answer (nll, ppl per answer token; agreement, kl_to_teacher)
     plus exact_match (the greedy answer equals the reference, EOS included) and, with a
-    teacher, answer_agreement (the greedy answers are equal) and teacher_nll (the
-    teacher's per-token NLL of the model's greedy answers, when they were scored)."""
+    teacher, answer_agreement (the greedy answers are equal: as text when both were
+    decoded) and teacher_nll (the teacher's per-token NLL of the model's greedy answers,
+    when they were scored). ``same_tokens=False`` (teacher of another tokenizer): no
+    per-position agreement / kl_to_teacher."""
 
-    def __init__(self, num_classes: int | None = None, with_teacher: bool = False):
-        super().__init__(num_classes, with_teacher)
+    def __init__(
+        self, num_classes: int | None = None, with_teacher: bool = False, same_tokens: bool = True
+    ):
+        super().__init__(num_classes, with_teacher and same_tokens)
         self.exact_match = MeanMetric()
+        self.with_answers_teacher = with_teacher
         if with_teacher:
             self.answer_agreement, self.teacher_nll = MeanMetric(), MeanMetric()
 
     def update(self, out, labels: Tensor, teacher, sample_id=None) -> None:
-        super().update(out.logits, labels, None if teacher is None else teacher.logits)
+        ref = None if teacher is None or not self.with_teacher else teacher.logits
+        super().update(out.logits, labels, ref)
         refs = [row[row != IGNORE].tolist() for row in labels]
         self.exact_match.update(torch.tensor([a == r for a, r in zip(out.answers, refs, strict=True)], dtype=torch.float32))  # fmt: skip
-        if self.with_teacher:
-            same = [a == b for a, b in zip(out.answers, teacher.answers, strict=True)]
+        if self.with_answers_teacher:
+            texts = out.text is not None and teacher.text is not None
+            ours, theirs = (out.text, teacher.text) if texts else (out.answers, teacher.answers)
+            same = [a == b for a, b in zip(ours, theirs, strict=True)]
             self.answer_agreement.update(torch.tensor(same, dtype=torch.float32))
             if out.teacher_nll is not None and out.teacher_nll.numel():
                 self.teacher_nll.update(out.teacher_nll)
 
     def items(self):
-        extra = ["answer_agreement", "teacher_nll"] if self.with_teacher else []
+        extra = ["answer_agreement", "teacher_nll"] if self.with_answers_teacher else []
         return [("exact_match", self.exact_match), *super().items()] + [
             (n, getattr(self, n)) for n in extra
         ]

@@ -50,7 +50,7 @@ def held_out_pass(
     for b in loader:
         x = task.model_input(b)
         example = x if example is None else example
-        outs = {n: task.predict(m, b, device) for n, m in models.items()}
+        outs = {n: task.predict(m, b, device, n == teacher_name) for n, m in models.items()}
         ref = outs.get(teacher_name) if teacher_name else None
         for n, out in outs.items():
             if teacher_name and n != teacher_name:

@@ -22,9 +22,10 @@ from distillery.losses.preference import DPO
 from distillery.losses.relation import PKT, RKD, SimilarityPreserving
 from distillery.losses.task import CrossEntropy
 from distillery.losses.token import TokenCrossEntropy, TokenKD
+from distillery.losses.uld import ULD
 
 __all__ = [
     "CRD", "AttentionMapKL", "AttentionTransfer", "CosineFeature", "CrossEntropy", "DKD", "DPO", "EmbeddingCosine",
     "EmbeddingMSE", "FeatureTerm", "FitNet", "FusedTokenLoss",
-    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "TokenCrossEntropy", "TokenKD", "ValueRelationKL",
+    "HiddenStates", "HintonKD", "PKT", "RKD", "SimilarityMatch", "SimilarityPreserving", "TokenCrossEntropy", "TokenKD", "ULD", "ValueRelationKL",
 ]  # fmt: skip

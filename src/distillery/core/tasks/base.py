@@ -82,9 +82,10 @@ class Task:
         """The tensor a standalone model (exported student, teacher) takes."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, batch: dict, device) -> Any:
+    def predict(self, model: nn.Module, batch: dict, device, teacher: bool = False) -> Any:
         """A standalone model's output on a held-out batch, on the CPU, in what
-        :meth:`metrics` reads (report card). Default: ``model(model_input(batch))``."""
+        :meth:`metrics` reads (report card; ``teacher``: the model is the reference).
+        Default: ``model(model_input(batch))``."""
         return model(self.model_input(batch).to(device)).float().cpu()
 
     def teacher_scores(self, teacher: nn.Module, out: Any, batch: dict, device) -> None:

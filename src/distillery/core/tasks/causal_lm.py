@@ -50,13 +50,18 @@ class CausalLMTask(Task):
     def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
         ids = batch["input_ids"]
         student, teacher, extras = module.forward_both(
-            (ids, batch.get("attention_mask")), ids, capture=capture, head=self.fused and capture
-        )
+            (ids, batch.get("attention_mask")), self.teacher_input(batch), capture=capture,
+            head=self.fused and capture,
+        )  # fmt: skip
         if extras:
             if "attention_mask" in batch:  # padding keys of relation terms
                 extras["attention_mask"] = batch["attention_mask"]
             extras["token_mask"] = batch["labels"] != IGNORE  # the trained positions
         return Outputs(student, batch["labels"], teacher, epoch=epoch, extras=extras)
+
+    def teacher_input(self, batch: dict) -> Tensor:
+        """The token ids the teacher reads (the student's, unless the tokenizers differ)."""
+        return batch["input_ids"]
 
     def training_outputs(self, module, batch: dict, epoch: float) -> Outputs:
         return self._outputs(module, batch, capture=True, epoch=epoch)

@@ -17,6 +17,12 @@ The causal-LM adapter (token terms, step normalisation, taps) on prompt/answer d
   in ``response_labels`` (``labels`` all -100), ``pairs`` = P, counted as pairs. The
   frozen models other than the teacher (e.g. ``frozen.reference``) run on pair batches
   and reach the terms as ``extras["frozen"]`` (``losses/preference.py: DPO``).
+* **Cross-tokenizer** (the datamodule's ``load_teacher_tokenizer()`` is not None): the
+  batch's ``teacher`` entry (the same prompts and answers in the teacher's tokens) is
+  what the teacher reads; its answer positions reach the terms as
+  ``extras["teacher_labels"]``; only terms that pair positions across tokenizers
+  (``cross_tokenizer = True``: ``losses/uld.py: ULD``) are allowed. Answers are compared
+  as text, and the teacher scores the student's answers re-tokenized.
 * **Answers at evaluation**: validation, test and the report card decode every prompt
   greedily (``max_new_tokens``) and compare with the reference answer.
   ``AnswerMetrics``: exact_match, nll of the reference answer per token (+ ppl,
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.core.generation import answers_of, generator_for, pack, prompts_of
+from distillery.core.generation import generator_for, pack, prompts_of
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.causal_lm import CausalLMTask
 
@@ -45,6 +51,7 @@ class Answers:
     logits: Tensor  # [B, T, V], teacher-forced on prompt + reference answer
     answers: list[list[int]]  # greedy answers, EOS included when produced
     teacher_nll: Tensor | None = None  # [N] per-token NLL of the answers under the teacher
+    text: list[str] | None = None  # the answers decoded (cross-tokenizer runs compare these)
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -82,11 +89,17 @@ class GenerativeLMTask(CausalLMTask):
         self.on_policy, self.temperature, self.max_new_tokens = on_policy, temperature, max_new_tokens
         self.preference_samples = preference_samples
         self.eos_id = self.pad_id = None
+        self.tokenizer = self.teacher_tokenizer = None
 
     def bind(self, datamodule) -> None:
         tok = datamodule.load_tokenizer()
-        self.eos_id = tok.eos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.tokenizer, self.eos_id, self.pad_id = tok, *special_ids(tok)
+        load_teacher = getattr(datamodule, "load_teacher_tokenizer", None)
+        self.teacher_tokenizer = load_teacher() if load_teacher is not None else None
+
+    @property
+    def cross(self) -> bool:
+        return self.teacher_tokenizer is not None
 
     def check(self, module) -> None:
         super().check(module)
@@ -94,15 +107,48 @@ class GenerativeLMTask(CausalLMTask):
             raise ValueError("task.on_policy / preference_samples: sampling needs task.fused=false")
         if self.preference_samples and module.teacher is None:
             raise ValueError("task.preference_samples: the teacher ranks the samples; teacher is null")
+        if self.cross and (self.on_policy or self.preference_samples):
+            raise ValueError(
+                "data.teacher_tokenizer: on-policy and preference sampling need one tokenizer"
+            )
+        if self.cross and module.teacher is not None:
+            from distillery.losses.token import TokenCrossEntropy
+
+            others = [n for n, t in module.objective.terms.items()
+                      if not getattr(t, "cross_tokenizer", False) and not isinstance(t, TokenCrossEntropy)]  # fmt: skip
+            if others:
+                raise ValueError(
+                    f"data.teacher_tokenizer: teacher and student tokenize differently; "
+                    f"distill.terms {others} compare positions of one tokenizer: use "
+                    f"distillery.losses.ULD (distill=uld)"
+                )
 
     def check_models(self, cfg, student, teacher, datamodule, example) -> None:
-        super().check_models(cfg, student, teacher, datamodule, example)
+        from distillery.config import ConfigError
+        from distillery.core.checks import check_vocab
+
+        if self.cross and teacher is not None:
+            check_vocab(cfg, student[-1], None, datamodule)
+            t_vocab = getattr(teacher.network, "vocab_size", None)
+            if t_vocab is not None and t_vocab < len(self.teacher_tokenizer):
+                raise ConfigError(
+                    [f"teacher: vocabulary of {t_vocab} rows is smaller than "
+                     f"data.teacher_tokenizer's {len(self.teacher_tokenizer)} tokens"]
+                )  # fmt: skip
+        else:
+            try:
+                super().check_models(cfg, student, teacher, datamodule, example)
+            except ConfigError as e:
+                if teacher is None or not any("vocabularies differ" in p for p in e.problems):
+                    raise
+                raise ConfigError(
+                    [*e.problems, "if the teacher's tokenizer differs, name it in "
+                     "data.teacher_tokenizer and distil with distillery.losses.ULD (distill=uld)"]
+                ) from e  # fmt: skip
         limit = getattr(getattr(student[-1], "model", None), "config", None)
         n_pos = getattr(limit, "n_positions", None) or getattr(limit, "max_position_embeddings", None)
         longest = datamodule.longest_sequence() + self.max_new_tokens
         if n_pos is not None and longest > n_pos:
-            from distillery.config import ConfigError
-
             raise ConfigError(
                 [f"data: prompts + task.max_new_tokens reach {longest} tokens, more than the "
                  f"student's context ({n_pos} positions)"]
@@ -144,9 +190,14 @@ class GenerativeLMTask(CausalLMTask):
         return {**twice, **packed, "labels": torch.full_like(response, IGNORE),
                 "response_labels": response, "token_mask": response != IGNORE, "pairs": len(prompts)}  # fmt: skip
 
+    def teacher_input(self, batch: dict) -> Tensor:
+        return batch["teacher"]["input_ids"] if "teacher" in batch else batch["input_ids"]
+
     def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
         out = super()._outputs(module, batch, capture, epoch)
         out.extras["token_mask"] = self.trained(batch)
+        if "teacher" in batch:
+            out.extras["teacher_labels"] = batch["teacher"]["labels"]
         if "pairs" in batch:
             out.extras["pairs"], out.extras["response_labels"] = batch["pairs"], batch["response_labels"]
             ids = batch["input_ids"]
@@ -172,18 +223,24 @@ class GenerativeLMTask(CausalLMTask):
         student = self.answer(module.student, batch, out.student)
         teacher = None
         if module.teacher is not None:
-            teacher = self.answer(module.teacher.network, batch, out.teacher)
-            student.teacher_nll = self.score(module.teacher, batch, student.answers)
+            teacher = self.answer(module.teacher.network, batch, out.teacher, as_teacher=True)
+            self.teacher_scores(module.teacher, student, batch, batch["input_ids"].device)
         return Outputs(student, out.labels, teacher, extras=out.extras)
 
-    def answer(self, model, batch: dict, logits: Tensor) -> Answers:
-        gen = generator_for(model, self.eos_id, self.pad_id)
-        return Answers(logits, gen(prompts_of(batch), self.max_new_tokens, 0.0))
+    def answer(self, model, batch: dict, logits: Tensor, as_teacher: bool = False) -> Answers:
+        """Greedy answers of ``model`` to the batch's prompts (in the teacher's tokens
+        for the teacher of a cross-tokenizer run)."""
+        tok = self.teacher_tokenizer if as_teacher and self.cross else self.tokenizer
+        view = batch["teacher"] if as_teacher and self.cross else batch
+        gen = generator_for(model, *special_ids(tok))
+        answers = gen(prompts_of(view), self.max_new_tokens, 0.0)
+        text = [tok.decode(a, skip_special_tokens=True) for a in answers] if self.cross else None
+        return Answers(logits, answers, text=text)
 
-    def predict(self, model, batch: dict, device) -> Answers:
-        x = batch["input_ids"].to(device)
-        logits = model(x, batch["attention_mask"].to(device)).float()
-        return self.answer(model, batch, logits.cpu())
+    def predict(self, model, batch: dict, device, teacher: bool = False) -> Answers:
+        view = batch["teacher"] if teacher and self.cross else batch
+        logits = model(view["input_ids"].to(device)).float()  # right-padded: no mask needed
+        return self.answer(model, batch, logits.cpu(), as_teacher=teacher)
 
     @torch.no_grad()
     def score(
@@ -204,12 +261,19 @@ class GenerativeLMTask(CausalLMTask):
         return nll[keep].cpu()
 
     def teacher_scores(self, teacher, out: Answers, batch: dict, device) -> None:
-        out.teacher_nll = self.score(teacher, {k: v.to(device) for k, v in batch.items()}, out.answers)
+        """The teacher's per-token NLL of a model's greedy answers (re-tokenized with the
+        teacher's tokenizer in cross-tokenizer runs)."""
+        view, answers = batch, out.answers
+        if self.cross:
+            view = batch["teacher"]
+            eos = self.teacher_tokenizer.eos_token_id
+            answers = [self.teacher_tokenizer(t)["input_ids"] + [eos] for t in out.text]
+        out.teacher_nll = self.score(teacher, {k: v.to(device) for k, v in view.items()}, answers)
 
     def metrics(self, num_classes, with_teacher):
         from distillery.evaluation.metrics import AnswerMetrics
 
-        return AnswerMetrics(num_classes, with_teacher)
+        return AnswerMetrics(num_classes, with_teacher, same_tokens=not self.cross)
 
     def quality(self, values, teacher):
         return {
@@ -223,5 +287,6 @@ class GenerativeLMTask(CausalLMTask):
         }  # fmt: skip
 
 
-def references(labels: Tensor) -> list[list[int]]:
-    return answers_of({"labels": labels})
+def special_ids(tok) -> tuple[int, int]:
+    """(eos, pad) token ids of a tokenizer (pad falls back to eos)."""
+    return tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
