@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("sft", "kd", "seqkd", "gkd", "dpo")
+METHODS = ("sft", "kd", "seqkd", "gkd", "dpo", "uld")
+CROSS = ("uld",)  # students of another tokenizer: a report card of their own (same test problems)
 COLUMNS = (("exact_match", ".3f"), ("teacher_nll", ".3f"), ("params", ",.0f"),
            ("tokens_per_second", ",.0f"))  # fmt: skip
 
@@ -60,17 +61,24 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
         extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(m, [f"teacher.ckpt_path={teacher}"])
         if m == "dpo":  # starts from (and is referenced to) this seed's arith_sft student
             extra.append(f"student_init.ckpt_path={d / 'arith_sft.ckpt'}")
+        if m == "uld":  # the teacher's answers, as arith_seqkd, plus the teacher itself
+            extra.append(f"data.responses={answers}")
         seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
                           f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
     (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
-    report = d / "report" / "report.json"
-    if not report.is_file():
-        # the report's reference teacher is the seed's teacher (passed explicitly: sft has none)
-        compare = [f"+compare.{m}={ckpts[m]}" for m in methods]
-        run([*py, "distillery.evaluate", f"ckpt_path={ckpts[methods[0]]}", *compare,
-             "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}", f"output_dir={d / 'report'}",
-             "plots=false", "evaluators={}", f"hydra.run.dir={d / 'report'}"], d / "report.log", env)  # fmt: skip
-    models = json.loads(report.read_text())["models"]
+    models = {}
+    same = [m for m in methods if m not in CROSS]
+    for group in ([same] if same else []) + [[m] for m in methods if m in CROSS]:
+        name = "report" if group is same else f"report_{group[0]}"
+        report = d / name / "report.json"
+        if not report.is_file():
+            # the reference teacher is the seed's teacher (passed explicitly: sft has none)
+            compare = [f"+compare.{m}={ckpts[m]}" for m in group]
+            run([*py, "distillery.evaluate", f"ckpt_path={ckpts[group[0]]}", *compare,
+                 "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}", f"output_dir={d / name}",
+                 "plots=false", "evaluators={}", f"hydra.run.dir={d / name}"], d / f"{name}.log", env)  # fmt: skip
+        rows = json.loads(report.read_text())["models"]
+        models |= {k: v for k, v in rows.items() if k != "student"}
     return {"seed": seed, "models": models, "seconds": seconds}
 
 

@@ -355,3 +355,74 @@ def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ck
         build_run(train_cfg(*base, "distill=token_kd"))
     with pytest.raises(ConfigError, match="(?s)vocabularies differ.*data.teacher_tokenizer"):
         build_run(train_cfg(*base, "data.teacher_tokenizer=null", "distill=token_kd"))
+
+
+def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teacher_ckpt, data_dir):
+    """A black-box teacher: an OpenAI-compatible /v1/completions server on 127.0.0.1
+    serving the embedded teacher (its first answer a 503, then rate-limited calls).
+    distillery.generate with backend=http retries, writes the rows the local backend
+    writes (greedy), records the endpoint instead of a weights hash, and resumes without
+    duplicates."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from distillery.core.checkpoint import load_student
+    from distillery.generate import generate
+
+    tok = char_tokenizer(arith_tok)
+    local = HFGenerator(load_student(arith_teacher_ckpt)[1], tok.eos_token_id, tok.pad_token_id)
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(body)
+            if len(calls) == 1 or self.path != "/v1/completions":
+                self.send_response(503 if len(calls) == 1 else 404)
+                self.end_headers()
+                return
+            ids = local([tok(p)["input_ids"] for p in body["prompt"]], body["max_tokens"], body["temperature"])
+            choices = [{"index": i, "text": tok.decode(a, skip_special_tokens=True),
+                        "finish_reason": "stop" if a and a[-1] == tok.eos_token_id else "length"}
+                       for i, a in enumerate(ids)]  # fmt: skip
+            data = json.dumps({"choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+    def gen(out, *extra):
+        return generate(compose_cfg("generate_arith", [
+            f"teacher_ckpt={arith_teacher_ckpt}", f"tokenizer={arith_tok}", f"output={out}", *SMALL,
+            f"data.tokenizer={arith_tok}", "batch_size=100", f"paths.data_dir={data_dir}",
+            f"paths.output_dir={tmp_path}", *extra,
+        ]))  # fmt: skip
+
+    try:
+        http = ["backend=http", f"http.url={url}", "http.model=arith-teacher", "http.backoff=0.01",
+                "http.requests_per_second=50"]  # fmt: skip
+        remote = gen(tmp_path / "remote.jsonl", *http)
+        assert calls[1]["seed"] == 0 and calls[2]["seed"] == 100  # seed + first prompt's index
+        assert remote.read_text() == gen(tmp_path / "local.jsonl").read_text()
+        meta = json.loads((tmp_path / "remote.jsonl.meta.json").read_text())
+        assert meta["teacher_endpoint"] == url and meta["teacher_sha256"] is None
+        n = len(calls)
+        lines = remote.read_text().splitlines()
+        remote.write_text("\n".join(lines[:150]) + "\n")
+        gen(tmp_path / "remote.jsonl", *http)  # resumes: only the unfinished batches
+        assert len(calls) == n + 3 and remote.read_text().splitlines() == lines
+        with pytest.raises(ConnectionError, match="failed 2 times"):
+            gen(tmp_path / "x.jsonl", "backend=http", "http.url=http://127.0.0.1:9/v1",
+                "http.model=m", "http.max_retries=1", "http.backoff=0.01", "http.timeout=2")
+        with pytest.raises(ValueError, match="404"):
+            gen(tmp_path / "y.jsonl", "backend=http", f"http.url={url}/wrong", "http.model=m")
+    finally:
+        server.shutdown()

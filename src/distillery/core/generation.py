@@ -1,20 +1,29 @@
 """The generation interface: prompts (token ids) in, responses (token ids) out.
 
-Every place that makes a model write text goes through :func:`generator_for` and a
-:class:`Generator`: greedy answers in validation, test and the report card, the
-student's own samples of on-policy distillation (``task.on_policy``) and the teacher's
-generations of ``distillery.generate``. A faster engine (an inference server, a
-batched sampler) serves all of them by being another :class:`Generator`; the losses
-never see which one ran.
+Every place that makes a model write text goes through a :class:`Generator`: greedy
+answers in validation, test and the report card, the student's own samples of
+on-policy and preference distillation (``task.on_policy``, ``task.preference_samples``)
+and the teacher's generations of ``distillery.generate``. A faster engine serves all of
+them by being another :class:`Generator`; the losses never see which one ran.
 
-:class:`HFGenerator` runs a local HF model's ``generate`` on left-padded prompts (HF
-derives the position ids from the attention mask). Sampling draws from torch's global
-random state, which run checkpoints save, so a resumed run samples what an
-uninterrupted one samples.
+* :class:`HFGenerator` runs a local HF model's ``generate`` on left-padded prompts (HF
+  derives the position ids from the attention mask). Sampling draws from torch's global
+  random state, which run checkpoints save, so a resumed run samples what an
+  uninterrupted one samples.
+* :class:`HTTPGenerator` calls an OpenAI-compatible completions endpoint (a vLLM server
+  for throughput, or a hosted model whose text is all you get): one request per batch
+  of prompts, retries with exponential backoff on connection errors, 429 and 5xx, a
+  request-rate limit, the API key read from a named environment variable (never from
+  the config, so it is never recorded).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
+import urllib.error
+import urllib.request
 from typing import Protocol
 
 import torch
@@ -30,10 +39,12 @@ class Generator(Protocol):
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        seed: int | None = None,
     ) -> list[list[int]]:
         """One response per prompt: the new tokens, ending with EOS unless cut at
         ``max_new_tokens``. ``temperature`` 0: greedy; else sampling at ``temperature``
-        from the smallest set of tokens holding ``top_p`` of the probability."""
+        from the smallest set of tokens holding ``top_p`` of the probability. ``seed``:
+        for engines that take one per request (local ones draw from torch's state)."""
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -78,6 +89,7 @@ class HFGenerator:
         max_new_tokens: int,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        seed: int | None = None,
     ) -> list[list[int]]:
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompts, self.pad_id, device)
@@ -99,8 +111,86 @@ class HFGenerator:
         return [cut_at_eos(t, self.eos_id, self.pad_id) for t in new]
 
 
+class HTTPGenerator:
+    """:class:`Generator` over an OpenAI-compatible ``/completions`` endpoint: prompts are
+    decoded with ``tokenizer``, sent as one request per call (``prompt`` a list), and the
+    returned texts encoded back (+ EOS when the server stopped on its own,
+    ``finish_reason: stop``)."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        tokenizer,
+        api_key_env: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        requests_per_second: float | None = None,
+    ):
+        if max_retries < 0 or timeout <= 0 or (requests_per_second is not None and requests_per_second <= 0):
+            raise ValueError("backend.http: need max_retries >= 0, timeout > 0, requests_per_second > 0 or null")  # fmt: skip
+        self.url = url.rstrip("/") + "/completions"
+        self.model, self.tokenizer, self.timeout = model, tokenizer, timeout
+        self.max_retries, self.backoff = max_retries, backoff
+        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
+        self.api_key = None
+        if api_key_env:
+            self.api_key = os.environ.get(api_key_env)
+            if not self.api_key:
+                raise ValueError(f"backend.http.api_key_env: ${api_key_env} is not set")
+        self._last = 0.0
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.max_retries + 1):
+            wait = self._last + self.interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last = time.monotonic()
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - configured URL
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                if e.code != 429 and e.code < 500:  # the request itself is wrong: no retry
+                    raise ValueError(f"backend.http: {self.url} answered {e.code}: {e.read()[:300]!r}") from e
+                error = f"HTTP {e.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                error = str(e)
+            if attempt < self.max_retries:
+                time.sleep(self.backoff * 2**attempt)
+        raise ConnectionError(f"backend.http: {self.url} failed {self.max_retries + 1} times ({error})")
+
+    def __call__(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        texts = [self.tokenizer.decode(p) for p in prompts]
+        body = {"model": self.model, "prompt": texts, "max_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p}  # fmt: skip
+        if seed is not None:
+            body["seed"] = seed
+        choices = sorted(self._post(body).get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(prompts):
+            raise ValueError(f"backend.http: {len(choices)} choices for {len(prompts)} prompts from {self.url}")  # fmt: skip
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for c in choices:
+            ids = self.tokenizer(c.get("text", ""), add_special_tokens=False)["input_ids"]
+            out.append(ids + ([eos] if c.get("finish_reason") == "stop" else []))
+        return out
+
+
 def generator_for(model: nn.Module, eos_id: int, pad_id: int) -> Generator:
-    """The generator serving ``model`` (local HF generate)."""
+    """The generator serving a local ``model`` (HF generate)."""
     return HFGenerator(model, eos_id, pad_id)
 
 
