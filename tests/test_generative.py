@@ -426,3 +426,64 @@ def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teach
             gen(tmp_path / "y.jsonl", "backend=http", f"http.url={url}/wrong", "http.model=m")
     finally:
         server.shutdown()
+
+
+def test_report_card_scores_answers(tmp_path, train_cfg, arith_tok, arith_teacher_ckpt):
+    """distillery.evaluate on an arith student: exact match of greedy answers (the same
+    value the run's test step logs), the teacher's NLL of the student's answers, answer
+    agreement, params and tokens/s, teacher and student side by side."""
+    from distillery.evaluate import evaluate
+    from distillery.train import train
+
+    metrics = train(train_cfg("experiment=arith_kd", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=4",
+                              "scheduler.warmup_steps=1", "trainer.val_check_interval=2",
+                              f"teacher.ckpt_path={arith_teacher_ckpt}", out=tmp_path / "kd"))  # fmt: skip
+    report = evaluate(compose_cfg("evaluate", [
+        f"ckpt_path={metrics['best_ckpt']}", f"paths.output_dir={tmp_path / 'r'}", "plots=false",
+        "evaluators={}",
+    ]))  # fmt: skip
+    s, t = report["models"]["student"], report["models"]["teacher"]
+    assert report["task"] == "generative_lm"
+    assert s["exact_match"] == pytest.approx(metrics["test/exact_match"], abs=1e-6)
+    assert t["answer_agreement"] == 1.0  # the reference agrees with itself
+    assert t["quality_retained"] is None if t["exact_match"] == 0 else t["quality_retained"] == pytest.approx(100.0)
+    assert s["teacher_nll"] == pytest.approx(metrics["test/teacher_nll"], rel=1e-4)
+    assert s["params"] < t["params"] and s["tokens_per_second"] > 0
+
+
+def test_offline_preference_pairs(tmp_path, train_cfg, arith_tok, arith_teacher_ckpt):
+    """data.pairs: a jsonl of (prompt, chosen, rejected) made elsewhere trains DPO as is;
+    a row lacking a field is refused naming data.pairs and the line."""
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    problems = dm.splits()["train"][:40]
+    good = tmp_path / "pairs.jsonl"
+    good.write_text("".join(json.dumps({"prompt": p["prompt"], "chosen": p["answer"],
+                                        "rejected": str(int(p["answer"]) + 1)}) + "\n" for p in problems))  # fmt: skip
+    base = ["experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", f"data.pairs={good}",
+            "task.preference_samples=0", f"teacher.ckpt_path={arith_teacher_ckpt}",
+            f"student_init.ckpt_path={arith_teacher_ckpt}", "student=arith_gpt2_small"]  # fmt: skip
+    datamodule, module, trainer, _ = build_run(train_cfg(*base))
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    tok = datamodule.load_tokenizer()
+    p = batch["pairs"]
+    chosen = [tok.decode(r[r != IGNORE][:-1]) for r in batch["response_labels"][:p]]
+    rejected = [tok.decode(r[r != IGNORE][:-1]) for r in batch["response_labels"][p:]]
+    assert all(int(r) == int(c) + 1 for c, r in zip(chosen, rejected, strict=True))
+    assert module.task.prepare_batch(module, batch) is batch
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss/dpo"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "1+1=", "chosen": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.pairs: line 2 of .* lacks \['rejected'\]"):
+        build_run(train_cfg(*base, f"data.pairs={bad}"))[0].setup()
+    with pytest.raises(ValueError, match="data.pairs: training batches are the file's pairs"):
+        build_run(train_cfg(*base, "task.preference_samples=4"))
+
+
+def test_prompts_longer_than_the_context_are_refused(train_cfg, arith_tok):
+    from distillery.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data: prompts \+ task.max_new_tokens reach \d+ tokens, more than the student's context \(12"):
+        build_run(train_cfg("experiment=arith_sft", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+                            "student.config.n_positions=12"))  # fmt: skip

@@ -217,6 +217,18 @@ def pack(
     }
 
 
+def pack_pairs(
+    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int
+) -> dict:
+    """A preference batch: rows 0..P-1 prompt + chosen, P..2P-1 prompt + rejected; the
+    responses' tokens in ``response_labels`` (``labels`` all -100: no cross-entropy fits
+    either), ``token_mask`` their positions, ``pairs`` = P."""
+    packed = pack(prompts + prompts, chosen + rejected, pad_id)
+    response = packed["labels"]
+    return {**packed, "labels": torch.full_like(response, IGNORE), "response_labels": response,
+            "token_mask": response != IGNORE, "pairs": len(prompts)}  # fmt: skip
+
+
 def prompts_of(batch: dict) -> list[list[int]]:
     """The prompts of a right-padded prompt/answer batch (``input_ids``, ``prompt_len``)."""
     return [

@@ -28,6 +28,11 @@ tokenizer a byte-level BPE of that size trained on the training problems (writte
 ``tokenizer``), and ``teacher_tokenizer`` names the teacher's; every batch then also
 holds ``teacher``: the same prompts and answers packed in the teacher's tokens.
 
+Offline preference pairs (``pairs``: a jsonl of ``prompt, chosen, rejected``, e.g.
+teacher-ranked elsewhere): the training batches are those pairs (rows 0..P-1 chosen,
+P..2P-1 rejected, ``response_labels``; ``core/generation.py: pack_pairs``) for
+``distill=dpo``; validation and test are the problems as usual.
+
 Batches (right-padded): ``input_ids`` (prompt + answer + EOS), ``labels`` (next tokens;
 prompt, padding and unanswered rows -100), ``attention_mask``, ``prompt_len``,
 ``group``, ``sample_id``.
@@ -45,7 +50,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from distillery.core.generation import pack
+from distillery.core.generation import pack, pack_pairs
 from distillery.data.base import make_loader
 
 ALPHABET = "0123456789+-=<>?,.:;!'() abcdefghijklmnopqrstuvwxyz"
@@ -164,6 +169,50 @@ def collate_problems(pad_id: int, teacher_pad_id: int | None = None):
     return collate
 
 
+def read_pairs(path: str) -> list[dict]:
+    """``[{prompt, chosen, rejected}]`` from a jsonl of preference pairs (``data.pairs``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.pairs: file not found: {p}")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = [k for k in ("prompt", "chosen", "rejected") if not str(row.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"data.pairs: line {n} of {p} lacks {missing} (needs prompt, chosen, rejected)")
+        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    if not rows:
+        raise ValueError(f"data.pairs: {p} holds no pair")
+    return rows
+
+
+class PairDataset(Dataset):
+    """Preference pairs: prompt, chosen and rejected ids (+ EOS)."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        prompt, chosen, rejected = self.rows[i]
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "sample_id": i}
+
+
+def collate_pairs(pad_id: int):
+    def collate(items: list[dict]) -> dict:
+        batch = pack_pairs([it["prompt"] for it in items], [it["chosen"] for it in items],
+                           [it["rejected"] for it in items], pad_id)  # fmt: skip
+        ids = torch.tensor([it["sample_id"] for it in items])
+        batch["sample_id"] = torch.cat([ids, ids])
+        return batch
+
+    return collate
+
+
 def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
     """``{prompt: response}`` from a ``distillery.generate`` jsonl (``data.responses``)."""
     p = Path(path).expanduser()
@@ -206,6 +255,7 @@ class ArithDataModule(L.LightningDataModule):
         responses: str | None = None,
         bpe_vocab: int | None = None,
         teacher_tokenizer: str | None = None,
+        pairs: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 256,
@@ -232,7 +282,9 @@ class ArithDataModule(L.LightningDataModule):
         )
         if bpe_vocab is not None and bpe_vocab < len(SPECIAL) + 256:
             raise ValueError(f"data.bpe_vocab: a byte-level BPE needs >= 259 tokens, got {bpe_vocab}")
-        self.bpe_vocab, self.teacher_tokenizer_path = bpe_vocab, teacher_tokenizer
+        self.bpe_vocab, self.teacher_tokenizer_path, self.pairs = bpe_vocab, teacher_tokenizer, pairs
+        if pairs and (responses or teacher_tokenizer):
+            raise ValueError("data.pairs: preference pairs replace the answers; unset data.responses / data.teacher_tokenizer")
         self.input_norm, self.tokenizer, self.teacher_tokenizer, self.groups = None, None, None, []
         self.train_set = self.val_set = self.test_set = None
         self.collate = None
@@ -315,12 +367,19 @@ class ArithDataModule(L.LightningDataModule):
         self.collate = collate_problems(
             tok.pad_token_id, None if teacher_tok is None else teacher_tok.pad_token_id
         )
+        self.train_collate = self.collate
+        if self.pairs:  # training batches are the file's (chosen, rejected) pairs
+            rows = read_pairs(self.pairs)
+            eos = [tok.eos_token_id]
+            enc = {k: tok([r[k] for r in rows])["input_ids"] for k in ("prompt", "chosen", "rejected")}
+            self.train_set = PairDataset([(q, c + eos, r + eos) for q, c, r in zip(enc["prompt"], enc["chosen"], enc["rejected"], strict=True)])  # fmt: skip
+            self.train_collate = collate_pairs(tok.pad_token_id)
 
-    def _loader(self, ds, batch_size: int, shuffle: bool):
-        return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=self.collate)
+    def _loader(self, ds, batch_size: int, shuffle: bool, collate=None):
+        return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=collate or self.collate)
 
     def train_dataloader(self):
-        return self._loader(self.train_set, self.batch_size, True)
+        return self._loader(self.train_set, self.batch_size, True, self.train_collate)
 
     def val_dataloader(self):
         return self._loader(self.val_set, self.eval_batch_size, False)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.core.generation import generator_for, pack, prompts_of
+from distillery.core.generation import generator_for, pack, pack_pairs, prompts_of
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.causal_lm import CausalLMTask
 
@@ -90,12 +90,14 @@ class GenerativeLMTask(CausalLMTask):
         self.preference_samples = preference_samples
         self.eos_id = self.pad_id = None
         self.tokenizer = self.teacher_tokenizer = None
+        self.offline_pairs = False
 
     def bind(self, datamodule) -> None:
         tok = datamodule.load_tokenizer()
         self.tokenizer, self.eos_id, self.pad_id = tok, *special_ids(tok)
         load_teacher = getattr(datamodule, "load_teacher_tokenizer", None)
         self.teacher_tokenizer = load_teacher() if load_teacher is not None else None
+        self.offline_pairs = bool(getattr(datamodule, "pairs", None))
 
     @property
     def cross(self) -> bool:
@@ -107,6 +109,11 @@ class GenerativeLMTask(CausalLMTask):
             raise ValueError("task.on_policy / preference_samples: sampling needs task.fused=false")
         if self.preference_samples and module.teacher is None:
             raise ValueError("task.preference_samples: the teacher ranks the samples; teacher is null")
+        if self.offline_pairs and (self.on_policy or self.preference_samples):
+            raise ValueError(
+                "data.pairs: training batches are the file's pairs; set task.on_policy=0 and "
+                "task.preference_samples=0"
+            )
         if self.cross and (self.on_policy or self.preference_samples):
             raise ValueError(
                 "data.teacher_tokenizer: on-policy and preference sampling need one tokenizer"
@@ -156,6 +163,8 @@ class GenerativeLMTask(CausalLMTask):
 
     # --- training: on-policy responses ------------------------------------------
     def prepare_batch(self, module, batch: dict) -> dict:
+        if "pairs" in batch:  # offline pairs (data.pairs)
+            return batch
         if self.preference_samples:
             return self.preference_pairs(module, batch)
         if self.on_policy == 0 or torch.rand(()).item() >= self.on_policy:
@@ -183,12 +192,10 @@ class GenerativeLMTask(CausalLMTask):
         best, worst = scores.argmax(1).tolist(), scores.argmin(1).tolist()
         chosen = [samples[i * k + j] for i, j in enumerate(best)]
         rejected = [samples[i * k + j] for i, j in enumerate(worst)]
-        packed = pack(prompts + prompts, chosen + rejected, self.pad_id)
-        packed = {k_: v.to(device) for k_, v in packed.items()}
-        response = packed["labels"]
+        packed = pack_pairs(prompts, chosen, rejected, self.pad_id)
+        packed = {k_: v.to(device) if torch.is_tensor(v) else v for k_, v in packed.items()}
         twice = {k_: torch.cat([v, v]) for k_, v in batch.items() if k_ in ("group", "sample_id")}
-        return {**twice, **packed, "labels": torch.full_like(response, IGNORE),
-                "response_labels": response, "token_mask": response != IGNORE, "pairs": len(prompts)}  # fmt: skip
+        return {**twice, **packed}
 
     def teacher_input(self, batch: dict) -> Tensor:
         return batch["teacher"]["input_ids"] if "teacher" in batch else batch["input_ids"]
