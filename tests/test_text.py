@@ -335,3 +335,19 @@ def test_lm_student_exports_as_a_hugging_face_directory(tmp_path, text_teacher_c
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4
     assert GenerationConfig.from_pretrained(str(path)).pad_token_id is not None
+
+
+def test_docstring_corpus_is_large_deterministic_and_offline():
+    """data.source=docstrings: the standard library's docstrings read with ast (nothing
+    imported), deduplicated, test suites left out; packages by name; unknown ones refused."""
+    from distillery.data.sentences import split_sentences
+    from distillery.data.text import docstrings, load_documents
+
+    docs = load_documents("docstrings")
+    assert len(docs) > 5000 and len(set(docs)) == len(docs)
+    assert len(split_sentences(docs)) > 5 * len(split_sentences(load_documents("pydoc")))
+    assert any(d.startswith("Serialize ``obj`` as a JSON formatted stream") for d in docs)  # json.dump
+    ours = docstrings(["omegaconf"], stdlib=False)
+    assert ours and ours == docstrings(["omegaconf"], stdlib=False)
+    with pytest.raises(ValueError, match="docstrings:no_such_pkg: no installed package"):
+        load_documents("docstrings:no_such_pkg")

@@ -4,12 +4,11 @@ Generated offline and deterministically (like MNIST-1D for vision): every proble
 prompt with exactly one correct answer of several tokens, e.g. ``"347+085="`` ->
 ``"432"`` or ``"012 plus 305 is "`` -> ``"317"``. ``pad_operands`` writes operands with
 ``max_digits`` digits (each place has one position; false: ``"12 plus 305 is "``).
-Each problem records its group fields: ``op`` (``ops``: add, and sub, whose answers may
-be negative and which a small model learns far more slowly), ``format`` (sym:
-``a+b=``; words: ``a plus b is ``) and ``digits`` (the longer operand's digit count,
-1..``max_digits``; operand lengths are drawn uniformly, so short problems are not
-swamped by long ones). ``group`` of a batch row indexes :attr:`ArithDataModule.groups`
-(names ``op/format/<digits>d``).
+Operands are uniform in ``[0, 10^max_digits)``. Each problem records its group fields:
+``op`` (``ops``: add, and sub, whose answers may be negative and which a small model
+learns far more slowly), ``format`` (sym: ``a+b=``; words: ``a plus b is ``) and
+``carries`` (how many carries the sum needs, borrows for sub: the difficulty). ``group``
+of a batch row indexes :attr:`ArithDataModule.groups` (names ``op/format/<carries>c``).
 
 The tokenizer is character level (:func:`char_tokenizer`: ``<pad>``, ``<eos>``,
 ``<unk>``, digits, signs, lower-case letters) and is written as an HF fast tokenizer to
@@ -86,18 +85,29 @@ def char_tokenizer(out_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(out))
 
 
+def carries(a: int, b: int, op: str) -> int:
+    """Carries of ``a + b`` (borrows of ``|a - b|`` for sub), digit by digit."""
+    hi, lo = (a, b) if op == "add" or a >= b else (b, a)
+    n, c = 0, 0
+    while hi or lo:
+        x, y = hi % 10, lo % 10
+        c = int(x + y + c >= 10) if op == "add" else int(x - y - c < 0)
+        n += c
+        hi, lo = hi // 10, lo // 10
+    return n
+
+
 def make_problem(rng: random.Random, max_digits: int, pad: bool = True, ops=OPS, formats=FORMATS) -> dict:
-    """One problem: ``{prompt, answer, op, format, digits}``; ``pad``: operands written
-    with ``max_digits`` digits (leading zeros), so digits of one place share a position."""
+    """One problem: ``{prompt, answer, op, format, carries}``, operands uniform in
+    ``[0, 10^max_digits)``; ``pad``: operands written with ``max_digits`` digits (leading
+    zeros), so digits of one place share a position."""
     op, fmt = rng.choice(ops), rng.choice(formats)
-    da, db = rng.randint(1, max_digits), rng.randint(1, max_digits)
-    a = rng.randint(10 ** (da - 1) if da > 1 else 0, 10**da - 1)
-    b = rng.randint(10 ** (db - 1) if db > 1 else 0, 10**db - 1)
+    a, b = rng.randrange(10**max_digits), rng.randrange(10**max_digits)
     symbol, word = _SIGN[op]
     sa, sb = (f"{a:0{max_digits}d}", f"{b:0{max_digits}d}") if pad else (str(a), str(b))
     prompt = f"{sa}{symbol}{sb}=" if fmt == "sym" else f"{sa} {word} {sb} is "
     answer = str(a + b if op == "add" else a - b)
-    return {"prompt": prompt, "answer": answer, "op": op, "format": fmt, "digits": max(da, db)}
+    return {"prompt": prompt, "answer": answer, "op": op, "format": fmt, "carries": carries(a, b, op)}
 
 
 def make_problems(
@@ -122,7 +132,7 @@ def make_problems(
 
 
 def group_name(p: dict) -> str:
-    return f"{p['op']}/{p['format']}/{p['digits']}d"
+    return f"{p['op']}/{p['format']}/{p['carries']}c"
 
 
 def tokenize(tok, problems: list[dict], answered: int) -> list[tuple[list[int], list[int] | None]]:

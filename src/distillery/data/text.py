@@ -1,8 +1,11 @@
 """Text for language-model distillation, on HuggingFace ``datasets``.
 
 Sources (``source``): ``pydoc`` (the English documentation text that ships with
-CPython in ``pydoc_data.topics``: works offline anywhere), a local ``.txt`` / ``.jsonl``
-/ ``.parquet`` file (``text_field`` names the column), or a hub dataset name (online).
+CPython in ``pydoc_data.topics``: works offline anywhere), ``docstrings`` (the
+docstrings of the standard library, ~7k documents and 1.6M characters, six times the
+sentences of ``pydoc``; ``docstrings:numpy,torch`` adds installed packages'), a local
+``.txt`` / ``.jsonl`` / ``.parquet`` file (``text_field`` names the column), or a hub
+dataset name (online).
 Documents are tokenized once with a cached ``map``, concatenated with EOS and packed
 into blocks of ``seq_len + 1`` tokens; blocks are split deterministically (``seed``)
 into train/val/test. Batches: ``input_ids`` and ``labels`` ``[B, seq_len]`` (labels are
@@ -33,11 +36,48 @@ from distillery.data.base import make_loader, split_indices
 IGNORE = -100
 
 
+SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
+
+
+def docstrings(packages: list[str] = (), stdlib: bool = True) -> list[str]:
+    """The docstrings (module, class, function) of the standard library's modules and of
+    the installed ``packages``, read with ``ast`` (nothing is imported), deduplicated, in
+    the sorted order of their files: the same list wherever the same versions are
+    installed. Test suites and demos are left out."""
+    import ast
+    import importlib.util
+    import sysconfig
+
+    roots = [Path(sysconfig.get_paths()["stdlib"])] if stdlib else []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"data.source: docstrings:{name}: no installed package {name!r}")
+        roots += [Path(p) for p in spec.submodule_search_locations]
+    seen: dict[str, None] = {}
+    for root in roots:
+        files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+        for path in files:
+            try:
+                tree = ast.parse(path.read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and doc.strip():
+                        seen.setdefault(doc.strip(), None)
+    return list(seen)
+
+
 def load_documents(source: str, text_field: str = "text") -> list[str]:
     if source == "pydoc":
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)]
+    if source == "docstrings" or source.startswith("docstrings:"):
+        packages = [p for p in source.partition(":")[2].split(",") if p]
+        return docstrings(packages)
     path = Path(source).expanduser()
     import datasets
 
