@@ -256,6 +256,18 @@ def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
     assert s.grad[0, 1, 2] < 0 and s.grad[2, 1, 0] > 0  # descent increases chosen logits
     with pytest.raises(ValueError, match="frozen.other"):
         DPO(reference="other")(out)
+    # under accumulation each micro-batch is divided by the step's pair count, so the
+    # micro-batches' losses add up to the mean over all pairs of the step
+    from distillery.core.objective import Objective
+
+    objective = Objective({"dpo": DPO(beta=0.5)}, reduction="token")
+    whole = DPO(beta=0.5)(out).mean()
+    halves = []
+    for rows in ([0, 2], [1, 3]):  # one pair each
+        extras = {"response_labels": labels[rows], "pairs": 1, "frozen": {"reference": ref[rows]}}
+        part = Outputs(student[rows], torch.full((2, t), IGNORE), extras=extras)
+        halves.append(objective(part, {"token": torch.tensor(0.0), "pair": torch.tensor(2.0)})[0])
+    assert float(sum(halves)) == pytest.approx(float(whole), rel=1e-6)
 
 
 def test_preference_batches_pair_teacher_ranked_samples(train_cfg, arith_tok, arith_teacher_ckpt, tmp_path):
