@@ -58,7 +58,9 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
         ckpts[m] = d / f"arith_{m}.ckpt"
         if ckpts[m].is_file():
             continue
-        extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(m, [f"teacher.ckpt_path={teacher}"])
+        extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(
+            m, [f"teacher.ckpt_path={teacher}"]
+        )
         if m == "dpo":  # starts from (and is referenced to) this seed's arith_sft student
             extra.append(f"student_init.ckpt_path={d / 'arith_sft.ckpt'}")
         if m == "uld":  # the teacher's answers, as arith_seqkd, plus the teacher itself
@@ -89,16 +91,25 @@ def table(results: list[dict], methods: list[str]) -> str:
     for name in ("teacher", *methods):
         row = [f"`{name}`" if name == "teacher" else f"`arith_{name}`"]
         for col, fmt in COLUMNS:
-            vals = [r["models"][name][col] for r in results if r["models"][name].get(col) is not None]
+            vals = [
+                r["models"][name][col] for r in results if r["models"][name].get(col) is not None
+            ]
             if not vals:
                 row.append("")
                 continue
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row.append(f"{statistics.mean(vals):{fmt}}" + (f" ± {std:{fmt}}" if col == "exact_match" else ""))
+            row.append(
+                f"{statistics.mean(vals):{fmt}}"
+                + (f" ± {std:{fmt}}" if col == "exact_match" else "")
+            )
         secs = [r["seconds"].get(name) for r in results if r["seconds"].get(name)]
         row.append(f"{statistics.mean(secs):.0f} s" if secs else "")
         lines.append("| " + " | ".join(row) + " |")
-    sft = statistics.mean(r["models"]["sft"]["exact_match"] for r in results) if "sft" in methods else None
+    sft = (
+        statistics.mean(r["models"]["sft"]["exact_match"] for r in results)
+        if "sft" in methods
+        else None
+    )
     notes = []
     if sft is not None and teacher_em > sft:
         for m in methods:
@@ -116,7 +127,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_arith")
     args = parser.parse_args()
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     results = []
     for seed in args.seeds:
         start = time.perf_counter()

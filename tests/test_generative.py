@@ -13,7 +13,7 @@ from distillery.core.builder import build_run
 from distillery.core.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.generative import Answers, GenerativeLMTask
-from distillery.data.arith import ArithDataModule, char_tokenizer, make_problems
+from distillery.data.arith import ArithDataModule, char_tokenizer
 from distillery.evaluation.metrics import AnswerMetrics
 from distillery.losses import TokenKD
 
@@ -43,28 +43,45 @@ def arith_teacher_ckpt(tmp_path_factory, data_dir, arith_tok):
 
 def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
     both = ("add", "sub")
-    dm = ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, labeled=100, ops=both)
+    dm = ArithDataModule(
+        str(arith_tok), num_train=300, num_val=50, num_test=50, labeled=100, ops=both
+    )
     splits = dm.splits()
-    assert splits == ArithDataModule(str(arith_tok), num_train=300, num_val=50, num_test=50, ops=both).splits()
+    assert (
+        splits
+        == ArithDataModule(
+            str(arith_tok), num_train=300, num_val=50, num_test=50, ops=both
+        ).splits()
+    )
     prompts = {k: {p["prompt"] for p in v} for k, v in splits.items()}
     assert all(len(prompts[k]) == len(splits[k]) for k in splits)  # distinct
     assert not prompts["train"] & prompts["test"] and not prompts["val"] & prompts["test"]
     assert not prompts["train"] & prompts["val"]
     for p in splits["train"]:
-        a, op, b = p["prompt"].replace(" plus ", "+").replace(" minus ", "-").rstrip("= is").partition("+" if p["op"] == "add" else "-")
+        a, op, b = (
+            p["prompt"]
+            .replace(" plus ", "+")
+            .replace(" minus ", "-")
+            .rstrip("= is")
+            .partition("+" if p["op"] == "add" else "-")
+        )
         assert len(a) == len(b) == 3  # padded operands
         assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(p["answer"]), p
     assert {p["op"] for p in splits["train"]} == {"add", "sub"}
     assert {p["format"] for p in splits["train"]} == {"sym", "words"}
     # a larger train split keeps val and test as they are
-    bigger = ArithDataModule(str(arith_tok), num_train=600, num_val=50, num_test=50, ops=both).splits()
+    bigger = ArithDataModule(
+        str(arith_tok), num_train=600, num_val=50, num_test=50, ops=both
+    ).splits()
     assert bigger["test"] == splits["test"] and bigger["val"] == splits["val"]
 
 
 def test_batches_train_only_the_answer(arith_tok):
     tok = char_tokenizer(arith_tok)
     assert tok.decode(tok("12 minus 305 is -293")["input_ids"]) == "12 minus 305 is -293"
-    dm = ArithDataModule(str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, batch_size=200)
+    dm = ArithDataModule(
+        str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, batch_size=200
+    )
     dm.setup()
     assert len(dm.train_set) == 200
     b = next(iter(dm.train_dataloader()))
@@ -76,10 +93,15 @@ def test_batches_train_only_the_answer(arith_tok):
         if answered[i]:
             # position t predicts token t + 1: labels are the answer + EOS, after the prompt
             assert (lab[: p - 1] == IGNORE).all() and (lab[n - 1 :] == IGNORE).all()
-            assert lab[p - 1 : n - 1].tolist() == b["input_ids"][i, p:n].tolist()[0:] and int(lab[n - 2]) == tok.eos_token_id
+            assert (
+                lab[p - 1 : n - 1].tolist() == b["input_ids"][i, p:n].tolist()[0:]
+                and int(lab[n - 2]) == tok.eos_token_id
+            )
         else:
             assert n == p
-    dm2 = ArithDataModule(str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, transfer=False)
+    dm2 = ArithDataModule(
+        str(arith_tok), num_train=200, num_val=8, num_test=8, labeled=50, transfer=False
+    )
     dm2.setup()
     assert len(dm2.train_set) == 50
 
@@ -108,7 +130,9 @@ def test_answer_metrics_exact_match_and_teacher_nll():
     assert values["nll"] == pytest.approx(torch.log(torch.tensor(12.0)).item())
 
 
-def test_on_policy_batches_train_exactly_the_sampled_positions(train_cfg, arith_tok, arith_teacher_ckpt):
+def test_on_policy_batches_train_exactly_the_sampled_positions(
+    train_cfg, arith_tok, arith_teacher_ckpt
+):
     """GKD with lambda = 1: the batch's responses are the student's samples; they carry no
     label (no CE on the student's own text); the token divergence is non-zero at exactly
     the positions that predict a sampled token, and the step count is theirs."""
@@ -152,8 +176,14 @@ def test_off_policy_batch_is_unchanged(arith_tok):
 
 @pytest.mark.parametrize("experiment", ["arith_teacher", "arith_sft", "arith_kd", "arith_gkd"])
 def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt, experiment):
-    extra = [] if experiment in ("arith_teacher", "arith_sft") else [f"teacher.ckpt_path={arith_teacher_ckpt}"]
-    cfg = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", *extra)
+    extra = (
+        []
+        if experiment in ("arith_teacher", "arith_sft")
+        else [f"teacher.ckpt_path={arith_teacher_ckpt}"]
+    )
+    cfg = train_cfg(
+        f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", *extra
+    )
     datamodule, module, trainer, _ = build_run(cfg)
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule)
@@ -164,7 +194,9 @@ def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt
         assert torch.isfinite(metrics["test/teacher_nll"])
 
 
-def test_seqkd_generates_resumes_and_trains(tmp_path, train_cfg, arith_tok, arith_teacher_ckpt, data_dir):
+def test_seqkd_generates_resumes_and_trains(
+    tmp_path, train_cfg, arith_tok, arith_teacher_ckpt, data_dir
+):
     """distillery.generate over data=arith's training prompts: an interrupted run resumes to
     the rows of an uninterrupted one; arith_seqkd trains on them; a missing prompt or an
     empty response is refused naming data.responses."""
@@ -181,12 +213,22 @@ def test_seqkd_generates_resumes_and_trains(tmp_path, train_cfg, arith_tok, arit
     rows = [json.loads(x) for x in full.read_text().splitlines()]
     assert len(rows) == 400 and [r["prompt_id"] for r in rows] == list(range(400))
     part = tmp_path / "part.jsonl"
-    part.write_text("".join(x + "\n" for x in full.read_text().splitlines()[:100]) + '{"prompt_id": 1')
+    part.write_text(
+        "".join(x + "\n" for x in full.read_text().splitlines()[:100]) + '{"prompt_id": 1'
+    )
     gen(part)
     assert part.read_text() == full.read_text()
-    base = ["experiment=arith_seqkd", "debug=fdr", *SMALL, "data.labeled=null", f"data.tokenizer={arith_tok}"]
+    base = [
+        "experiment=arith_seqkd",
+        "debug=fdr",
+        *SMALL,
+        "data.labeled=null",
+        f"data.tokenizer={arith_tok}",
+    ]
     good = tmp_path / "good.jsonl"  # a barely trained teacher may answer nothing: "0" then
-    good.write_text("".join(json.dumps(r | {"response": r["response"].strip() or "0"}) + "\n" for r in rows))
+    good.write_text(
+        "".join(json.dumps(r | {"response": r["response"].strip() or "0"}) + "\n" for r in rows)
+    )
     datamodule, module, trainer, _ = build_run(train_cfg(*base, f"data.responses={good}"))
     trainer.fit(module, datamodule=datamodule)
     datamodule.setup()
@@ -247,8 +289,12 @@ def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
     for beta in (0.1, 2.0):
         loss = DPO(beta=beta)(out)
         for pair in range(2):
-            h = beta * ((lp(student, pair) - lp(ref, pair)) - (lp(student, pair + 2) - lp(ref, pair + 2)))
-            assert float(loss[pair]) == pytest.approx(float(-torch.nn.functional.logsigmoid(torch.tensor(h))), rel=1e-5)
+            h = beta * (
+                (lp(student, pair) - lp(ref, pair)) - (lp(student, pair + 2) - lp(ref, pair + 2))
+            )
+            assert float(loss[pair]) == pytest.approx(
+                float(-torch.nn.functional.logsigmoid(torch.tensor(h))), rel=1e-5
+            )
     assert sequence_logprob(student, labels)[1] == pytest.approx(lp(student, 1), rel=1e-6)
     # the policy's gradient raises the chosen response and lowers the rejected one
     s = student.clone().requires_grad_(True)
@@ -270,7 +316,9 @@ def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
     assert float(sum(halves)) == pytest.approx(float(whole), rel=1e-6)
 
 
-def test_preference_batches_pair_teacher_ranked_samples(train_cfg, arith_tok, arith_teacher_ckpt, tmp_path):
+def test_preference_batches_pair_teacher_ranked_samples(
+    train_cfg, arith_tok, arith_teacher_ckpt, tmp_path
+):
     """k samples per prompt, the teacher's best and worst by mean log-prob per token as
     (chosen, rejected); no label (no CE on either); the step counts pairs."""
     from distillery.train import train
@@ -292,12 +340,19 @@ def test_preference_batches_pair_teacher_ranked_samples(train_cfg, arith_tok, ar
     assert pairs["pairs"] == n and len(pairs["input_ids"]) == 2 * n
     assert (pairs["labels"] == IGNORE).all() and prompts_of(pairs) == prompts_of(batch) * 2
     # the chosen response scores at least as well under the teacher as the rejected one
-    nll = module.task.score(module.teacher, pairs, [r[r != IGNORE].tolist() for r in pairs["response_labels"]], per_row=True)
+    nll = module.task.score(
+        module.teacher,
+        pairs,
+        [r[r != IGNORE].tolist() for r in pairs["response_labels"]],
+        per_row=True,
+    )
     assert (nll[:n] <= nll[n:] + 1e-6).all()
     assert module.task.count(pairs)["pair"] == n
     out = module.task.training_outputs(module, pairs, 0.0)
     total, values = module.objective(out, module.task.count(pairs))
-    assert float(values["dpo"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)  # policy = reference
+    assert float(values["dpo"]) == pytest.approx(
+        float(torch.log(torch.tensor(2.0))), rel=1e-4
+    )  # policy = reference
     trainer.fit(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     with pytest.raises(ValueError, match="preference_samples: a pair needs k >= 2"):
@@ -356,14 +411,21 @@ def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ck
     tok, ttok = datamodule.load_tokenizer(), datamodule.load_teacher_tokenizer()
     assert batch["input_ids"].shape[1] < batch["teacher"]["input_ids"].shape[1]  # BPE merges
     for i in range(len(batch["input_ids"])):
-        s_text = tok.decode(batch["input_ids"][i][batch["attention_mask"][i] == 1], skip_special_tokens=True)
-        t_text = ttok.decode(batch["teacher"]["input_ids"][i][batch["teacher"]["attention_mask"][i] == 1], skip_special_tokens=True)
+        s_text = tok.decode(
+            batch["input_ids"][i][batch["attention_mask"][i] == 1], skip_special_tokens=True
+        )
+        t_text = ttok.decode(
+            batch["teacher"]["input_ids"][i][batch["teacher"]["attention_mask"][i] == 1],
+            skip_special_tokens=True,
+        )
         assert s_text == t_text
     trainer.fit(module, datamodule=datamodule)
     trainer.test(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["test/teacher_nll"])
     assert "test/kl_to_teacher" not in trainer.callback_metrics  # positions do not correspond
-    with pytest.raises(ValueError, match=r"data.teacher_tokenizer: .*\['kd'\].* use distillery.losses.ULD"):
+    with pytest.raises(
+        ValueError, match=r"data.teacher_tokenizer: .*\['kd'\].* use distillery.losses.ULD"
+    ):
         build_run(train_cfg(*base, "distill=token_kd"))
     with pytest.raises(ConfigError, match="(?s)vocabularies differ.*data.teacher_tokenizer"):
         build_run(train_cfg(*base, "data.teacher_tokenizer=null", "distill=token_kd"))
@@ -396,7 +458,11 @@ def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teach
                 self.send_response(503 if len(calls) == 1 else 404)
                 self.end_headers()
                 return
-            ids = local([tok(p)["input_ids"] for p in body["prompt"]], body["max_tokens"], body["temperature"])
+            ids = local(
+                [tok(p)["input_ids"] for p in body["prompt"]],
+                body["max_tokens"],
+                body["temperature"],
+            )
             choices = [{"index": i, "text": tok.decode(a, skip_special_tokens=True),
                         "finish_reason": "stop" if a and a[-1] == tok.eos_token_id else "length"}
                        for i, a in enumerate(ids)]  # fmt: skip
@@ -432,8 +498,15 @@ def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teach
         gen(tmp_path / "remote.jsonl", *http)  # resumes: only the unfinished batches
         assert len(calls) == n + 3 and remote.read_text().splitlines() == lines
         with pytest.raises(ConnectionError, match="failed 2 times"):
-            gen(tmp_path / "x.jsonl", "backend=http", "http.url=http://127.0.0.1:9/v1",
-                "http.model=m", "http.max_retries=1", "http.backoff=0.01", "http.timeout=2")
+            gen(
+                tmp_path / "x.jsonl",
+                "backend=http",
+                "http.url=http://127.0.0.1:9/v1",
+                "http.model=m",
+                "http.max_retries=1",
+                "http.backoff=0.01",
+                "http.timeout=2",
+            )
         with pytest.raises(ValueError, match="404"):
             gen(tmp_path / "y.jsonl", "backend=http", f"http.url={url}/wrong", "http.model=m")
     finally:
@@ -458,7 +531,11 @@ def test_report_card_scores_answers(tmp_path, train_cfg, arith_tok, arith_teache
     assert report["task"] == "generative_lm"
     assert s["exact_match"] == pytest.approx(metrics["test/exact_match"], abs=1e-6)
     assert t["answer_agreement"] == 1.0  # the reference agrees with itself
-    assert t["quality_retained"] is None if t["exact_match"] == 0 else t["quality_retained"] == pytest.approx(100.0)
+    assert (
+        t["quality_retained"] is None
+        if t["exact_match"] == 0
+        else t["quality_retained"] == pytest.approx(100.0)
+    )
     assert s["teacher_nll"] == pytest.approx(metrics["test/teacher_nll"], rel=1e-4)
     assert s["params"] < t["params"] and s["tokens_per_second"] > 0
 
@@ -486,7 +563,12 @@ def test_offline_preference_pairs(tmp_path, train_cfg, arith_tok, arith_teacher_
     trainer.fit(module, datamodule=datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss/dpo"])
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(good.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "1+1=", "chosen": "2"}) + "\n")
+    bad.write_text(
+        good.read_text().splitlines()[0]
+        + "\n"
+        + json.dumps({"prompt": "1+1=", "chosen": "2"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=r"data.pairs: line 2 of .* lacks \['rejected'\]"):
         build_run(train_cfg(*base, f"data.pairs={bad}"))[0].setup()
     with pytest.raises(ValueError, match="data.pairs: training batches are the file's pairs"):
@@ -496,6 +578,9 @@ def test_offline_preference_pairs(tmp_path, train_cfg, arith_tok, arith_teacher_
 def test_prompts_longer_than_the_context_are_refused(train_cfg, arith_tok):
     from distillery.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"data: prompts \+ task.max_new_tokens reach \d+ tokens, more than the student's context \(12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data: prompts \+ task.max_new_tokens reach \d+ tokens, more than the student's context \(12",
+    ):
         build_run(train_cfg("experiment=arith_sft", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
                             "student.config.n_positions=12"))  # fmt: skip

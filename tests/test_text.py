@@ -346,7 +346,9 @@ def test_docstring_corpus_is_large_deterministic_and_offline():
     docs = load_documents("docstrings")
     assert len(docs) > 5000 and len(set(docs)) == len(docs)
     assert len(split_sentences(docs)) > 5 * len(split_sentences(load_documents("pydoc")))
-    assert any(d.startswith("Serialize ``obj`` as a JSON formatted stream") for d in docs)  # json.dump
+    assert any(
+        d.startswith("Serialize ``obj`` as a JSON formatted stream") for d in docs
+    )  # json.dump
     ours = docstrings(["omegaconf"], stdlib=False)
     assert ours and ours == docstrings(["omegaconf"], stdlib=False)
     with pytest.raises(ValueError, match="docstrings:no_such_pkg: no installed package"):

@@ -128,7 +128,11 @@ class HTTPGenerator:
         backoff: float = 1.0,
         requests_per_second: float | None = None,
     ):
-        if max_retries < 0 or timeout <= 0 or (requests_per_second is not None and requests_per_second <= 0):
+        if (
+            max_retries < 0
+            or timeout <= 0
+            or (requests_per_second is not None and requests_per_second <= 0)
+        ):
             raise ValueError("backend.http: need max_retries >= 0, timeout > 0, requests_per_second > 0 or null")  # fmt: skip
         self.url = url.rstrip("/") + "/completions"
         self.model, self.tokenizer, self.timeout = model, tokenizer, timeout
@@ -157,13 +161,17 @@ class HTTPGenerator:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:  # the request itself is wrong: no retry
-                    raise ValueError(f"backend.http: {self.url} answered {e.code}: {e.read()[:300]!r}") from e
+                    raise ValueError(
+                        f"backend.http: {self.url} answered {e.code}: {e.read()[:300]!r}"
+                    ) from e
                 error = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 error = str(e)
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt)
-        raise ConnectionError(f"backend.http: {self.url} failed {self.max_retries + 1} times ({error})")
+        raise ConnectionError(
+            f"backend.http: {self.url} failed {self.max_retries + 1} times ({error})"
+        )
 
     def __call__(
         self,

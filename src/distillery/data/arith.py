@@ -97,7 +97,9 @@ def carries(a: int, b: int, op: str) -> int:
     return n
 
 
-def make_problem(rng: random.Random, max_digits: int, pad: bool = True, ops=OPS, formats=FORMATS) -> dict:
+def make_problem(
+    rng: random.Random, max_digits: int, pad: bool = True, ops=OPS, formats=FORMATS
+) -> dict:
     """One problem: ``{prompt, answer, op, format, carries}``, operands uniform in
     ``[0, 10^max_digits)``; ``pad``: operands written with ``max_digits`` digits (leading
     zeros), so digits of one place share a position."""
@@ -107,7 +109,13 @@ def make_problem(rng: random.Random, max_digits: int, pad: bool = True, ops=OPS,
     sa, sb = (f"{a:0{max_digits}d}", f"{b:0{max_digits}d}") if pad else (str(a), str(b))
     prompt = f"{sa}{symbol}{sb}=" if fmt == "sym" else f"{sa} {word} {sb} is "
     answer = str(a + b if op == "add" else a - b)
-    return {"prompt": prompt, "answer": answer, "op": op, "format": fmt, "carries": carries(a, b, op)}
+    return {
+        "prompt": prompt,
+        "answer": answer,
+        "op": op,
+        "format": fmt,
+        "carries": carries(a, b, op),
+    }
 
 
 def make_problems(
@@ -191,7 +199,9 @@ def read_pairs(path: str) -> list[dict]:
         row = json.loads(line)
         missing = [k for k in ("prompt", "chosen", "rejected") if not str(row.get(k) or "").strip()]
         if missing:
-            raise ValueError(f"data.pairs: line {n} of {p} lacks {missing} (needs prompt, chosen, rejected)")
+            raise ValueError(
+                f"data.pairs: line {n} of {p} lacks {missing} (needs prompt, chosen, rejected)"
+            )
         rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
     if not rows:
         raise ValueError(f"data.pairs: {p} holds no pair")
@@ -291,10 +301,18 @@ class ArithDataModule(L.LightningDataModule):
             num_workers,
         )
         if bpe_vocab is not None and bpe_vocab < len(SPECIAL) + 256:
-            raise ValueError(f"data.bpe_vocab: a byte-level BPE needs >= 259 tokens, got {bpe_vocab}")
-        self.bpe_vocab, self.teacher_tokenizer_path, self.pairs = bpe_vocab, teacher_tokenizer, pairs
+            raise ValueError(
+                f"data.bpe_vocab: a byte-level BPE needs >= 259 tokens, got {bpe_vocab}"
+            )
+        self.bpe_vocab, self.teacher_tokenizer_path, self.pairs = (
+            bpe_vocab,
+            teacher_tokenizer,
+            pairs,
+        )
         if pairs and (responses or teacher_tokenizer):
-            raise ValueError("data.pairs: preference pairs replace the answers; unset data.responses / data.teacher_tokenizer")
+            raise ValueError(
+                "data.pairs: preference pairs replace the answers; unset data.responses / data.teacher_tokenizer"
+            )
         self.input_norm, self.tokenizer, self.teacher_tokenizer, self.groups = None, None, None, []
         self.train_set = self.val_set = self.test_set = None
         self.collate = None
@@ -328,7 +346,9 @@ class ArithDataModule(L.LightningDataModule):
         """The problems of each split (test and val first, so train sizes leave them be)."""
         n, pad, ops = self.max_digits, self.pad_operands, self.ops
         test = make_problems(self.num_test, self.seed * 3 + 1, n, pad=pad, ops=ops)
-        val = make_problems(self.num_val, self.seed * 3 + 2, n, {p["prompt"] for p in test}, pad, ops)
+        val = make_problems(
+            self.num_val, self.seed * 3 + 2, n, {p["prompt"] for p in test}, pad, ops
+        )
         held = {p["prompt"] for p in test + val}
         train = make_problems(self.num_train, self.seed * 3, n, held, pad, ops)
         return {"train": train, "val": val, "test": test}
@@ -358,7 +378,9 @@ class ArithDataModule(L.LightningDataModule):
         n_answered = self.labeled if self.labeled is not None else len(train)
         if self.responses:
             answers = read_responses(self.responses, {p["prompt"] for p in train[:n_answered]})
-            train = [p | {"answer": answers[p["prompt"]]} for p in train[:n_answered]] + train[n_answered:]
+            train = [p | {"answer": answers[p["prompt"]]} for p in train[:n_answered]] + train[
+                n_answered:
+            ]
         if not self.transfer:
             train = train[:n_answered]
         teacher_tok = self.load_teacher_tokenizer()
@@ -372,8 +394,12 @@ class ArithDataModule(L.LightningDataModule):
                     for (q, a), (tq, ta), p in zip(rows, t_rows, ps, strict=True)]  # fmt: skip
 
         self.train_set = ProblemDataset(encode(train, n_answered), torch.arange(len(train)))
-        self.val_set = ProblemDataset(encode(splits["val"], self.num_val), torch.arange(self.num_val))
-        self.test_set = ProblemDataset(encode(splits["test"], self.num_test), torch.arange(self.num_test))
+        self.val_set = ProblemDataset(
+            encode(splits["val"], self.num_val), torch.arange(self.num_val)
+        )
+        self.test_set = ProblemDataset(
+            encode(splits["test"], self.num_test), torch.arange(self.num_test)
+        )
         self.collate = collate_problems(
             tok.pad_token_id, None if teacher_tok is None else teacher_tok.pad_token_id
         )
@@ -381,12 +407,16 @@ class ArithDataModule(L.LightningDataModule):
         if self.pairs:  # training batches are the file's (chosen, rejected) pairs
             rows = read_pairs(self.pairs)
             eos = [tok.eos_token_id]
-            enc = {k: tok([r[k] for r in rows])["input_ids"] for k in ("prompt", "chosen", "rejected")}
+            enc = {
+                k: tok([r[k] for r in rows])["input_ids"] for k in ("prompt", "chosen", "rejected")
+            }
             self.train_set = PairDataset([(q, c + eos, r + eos) for q, c, r in zip(enc["prompt"], enc["chosen"], enc["rejected"], strict=True)])  # fmt: skip
             self.train_collate = collate_pairs(tok.pad_token_id)
 
     def _loader(self, ds, batch_size: int, shuffle: bool, collate=None):
-        return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=collate or self.collate)
+        return make_loader(
+            ds, batch_size, shuffle, self.num_workers, collate_fn=collate or self.collate
+        )
 
     def train_dataloader(self):
         return self._loader(self.train_set, self.batch_size, True, self.train_collate)

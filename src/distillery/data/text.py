@@ -56,14 +56,18 @@ def docstrings(packages: list[str] = (), stdlib: bool = True) -> list[str]:
         roots += [Path(p) for p in spec.submodule_search_locations]
     seen: dict[str, None] = {}
     for root in roots:
-        files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+        files = sorted(
+            p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts)
+        )
         for path in files:
             try:
                 tree = ast.parse(path.read_bytes())
             except (SyntaxError, ValueError, OSError):
                 continue
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
                     doc = ast.get_docstring(node)
                     if doc and doc.strip():
                         seen.setdefault(doc.strip(), None)

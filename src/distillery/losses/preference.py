@@ -54,7 +54,9 @@ class DPO(LossTerm):
 
     per = "pair"
 
-    def __init__(self, beta: float = 0.1, reference: str = "reference", label_smoothing: float = 0.0):
+    def __init__(
+        self, beta: float = 0.1, reference: str = "reference", label_smoothing: float = 0.0
+    ):
         super().__init__()
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")

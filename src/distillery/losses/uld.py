@@ -63,6 +63,8 @@ class ULD(LossTerm):
         rows, s_pos, t_pos = torch.cat(rows), torch.cat(s_pos), torch.cat(t_pos)
         values = torch.zeros(out.labels.shape, dtype=torch.float32, device=out.student.device)
         if len(rows):
-            d = uld_per_row(out.student[rows, s_pos], out.teacher[rows, t_pos].detach(), self.temperature)
+            d = uld_per_row(
+                out.student[rows, s_pos], out.teacher[rows, t_pos].detach(), self.temperature
+            )
             values = values.index_put((rows, s_pos), d)
         return values

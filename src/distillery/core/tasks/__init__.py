@@ -23,4 +23,12 @@ def task_for(output_kind: str, key: str = "data") -> Task:
     return TASKS[output_kind]()
 
 
-__all__ = ["TASKS", "CausalLMTask", "ClassificationTask", "EmbeddingTask", "GenerativeLMTask", "Task", "task_for"]
+__all__ = [
+    "TASKS",
+    "CausalLMTask",
+    "ClassificationTask",
+    "EmbeddingTask",
+    "GenerativeLMTask",
+    "Task",
+    "task_for",
+]

@@ -86,7 +86,11 @@ class GenerativeLMTask(CausalLMTask):
             raise ValueError(f"task.temperature must be >= 0 (0: greedy), got {temperature}")
         if max_new_tokens < 1:
             raise ValueError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.on_policy, self.temperature, self.max_new_tokens = on_policy, temperature, max_new_tokens
+        self.on_policy, self.temperature, self.max_new_tokens = (
+            on_policy,
+            temperature,
+            max_new_tokens,
+        )
         self.preference_samples = preference_samples
         self.eos_id = self.pad_id = None
         self.tokenizer = self.teacher_tokenizer = None
@@ -108,7 +112,9 @@ class GenerativeLMTask(CausalLMTask):
         if (self.on_policy > 0 or self.preference_samples) and self.fused:
             raise ValueError("task.on_policy / preference_samples: sampling needs task.fused=false")
         if self.preference_samples and module.teacher is None:
-            raise ValueError("task.preference_samples: the teacher ranks the samples; teacher is null")
+            raise ValueError(
+                "task.preference_samples: the teacher ranks the samples; teacher is null"
+            )
         if self.offline_pairs and (self.on_policy or self.preference_samples):
             raise ValueError(
                 "data.pairs: training batches are the file's pairs; set task.on_policy=0 and "
@@ -153,7 +159,9 @@ class GenerativeLMTask(CausalLMTask):
                      "data.teacher_tokenizer and distil with distillery.losses.ULD (distill=uld)"]
                 ) from e  # fmt: skip
         limit = getattr(getattr(student[-1], "model", None), "config", None)
-        n_pos = getattr(limit, "n_positions", None) or getattr(limit, "max_position_embeddings", None)
+        n_pos = getattr(limit, "n_positions", None) or getattr(
+            limit, "max_position_embeddings", None
+        )
         longest = datamodule.longest_sequence() + self.max_new_tokens
         if n_pos is not None and longest > n_pos:
             raise ConfigError(
@@ -206,7 +214,10 @@ class GenerativeLMTask(CausalLMTask):
         if "teacher" in batch:
             out.extras["teacher_labels"] = batch["teacher"]["labels"]
         if "pairs" in batch:
-            out.extras["pairs"], out.extras["response_labels"] = batch["pairs"], batch["response_labels"]
+            out.extras["pairs"], out.extras["response_labels"] = (
+                batch["pairs"],
+                batch["response_labels"],
+            )
             ids = batch["input_ids"]
             out.extras["frozen"] = {
                 n: getattr(module, n)(ids) for n in module.frozen_names if n != "teacher"
