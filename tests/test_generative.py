@@ -584,3 +584,43 @@ def test_prompts_longer_than_the_context_are_refused(train_cfg, arith_tok):
     ):
         build_run(train_cfg("experiment=arith_sft", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
                             "student.config.n_positions=12"))  # fmt: skip
+
+
+def test_verifier_ranks_preference_pairs_before_the_teacher(
+    train_cfg, arith_tok, arith_teacher_ckpt
+):
+    """task.preference_ranker (data.arith.verify): a correct sample is always chosen over a
+    wrong one, whatever the teacher thinks; the teacher only breaks ties."""
+    from distillery.data.arith import solve
+
+    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+                    f"teacher.ckpt_path={arith_teacher_ckpt}", f"student_init.ckpt_path={arith_teacher_ckpt}",
+                    "student=arith_gpt2_small", "task.preference_samples=6", "task.temperature=2.0",
+                    "+task.preference_ranker._target_=distillery.data.arith.verify",
+                    "+task.preference_ranker._partial_=true")  # fmt: skip
+    datamodule, module, _, _ = build_run(cfg)
+    datamodule.setup("fit")
+    tok = datamodule.load_tokenizer()
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.manual_seed(0)
+    pairs = module.task.prepare_batch(module, batch)
+    p = pairs["pairs"]
+    prompts = [tok.decode(q) for q in prompts_of(pairs)[:p]]
+    answers = [
+        tok.decode(r[r != IGNORE], skip_special_tokens=True) for r in pairs["response_labels"]
+    ]
+    right = [a.strip() == solve(q) for q, a in zip(prompts * 2, answers, strict=True)]
+    assert all(
+        right[i] or not right[p + i] for i in range(p)
+    )  # never a wrong chosen over a right rejected
+
+
+def test_on_policy_training_resumes_exactly(train_cfg, tmp_path, arith_tok, arith_teacher_ckpt):
+    """GKD samples from torch's RNG, which the checkpoint saves: stopped after 3 optimizer
+    steps (2 micro-batches each) and resumed, it ends where the straight run ends."""
+    from test_resume import NO_VALIDATION, assert_exact_resume
+
+    common = ["experiment=arith_gkd", *SMALL, f"data.tokenizer={arith_tok}", f"teacher.ckpt_path={arith_teacher_ckpt}",
+              "module.accumulate=2", "scheduler.total_steps=6", "scheduler.warmup_steps=1", *NO_VALIDATION]  # fmt: skip
+    assert_exact_resume(train_cfg, tmp_path, common, ["trainer.max_steps=6"],
+                        ["trainer.max_steps=3"], ["trainer.max_steps=6"])  # fmt: skip

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -137,6 +138,24 @@ def make_problems(
             seen.add(p["prompt"])
             out.append(p)
     return out
+
+
+def solve(prompt: str) -> str | None:
+    """The answer to an arith prompt (None: not one of the task's formats)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(\+|-|plus|minus)\s*(\d+)\s*(=|is)\s*", prompt)
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return str(a + b if op in ("+", "plus") else a - b)
+
+
+def verify(prompts: list[str], responses: list[str]) -> list[float]:
+    """A verifier for preference ranking (``task.preference_ranker``): 1.0 where the
+    response is the correct answer, else 0.0."""
+    return [
+        float(solve(q) is not None and r.strip() == solve(q))
+        for q, r in zip(prompts, responses, strict=True)
+    ]
 
 
 def group_name(p: dict) -> str:

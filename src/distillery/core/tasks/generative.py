@@ -12,8 +12,10 @@ The causal-LM adapter (token terms, step normalisation, taps) on prompt/answer d
   exactly the tokens the student wrote. Otherwise the batch keeps its dataset responses.
 * **Preference pairs** (``preference_samples`` = k >= 2; DPO, Rafailov et al. 2023):
   for each prompt of a training batch the student samples k responses (no grad), the
-  teacher scores them (mean log-probability per response token) and the best and the
-  worst become a (chosen, rejected) pair: rows 0..P-1 chosen, P..2P-1 rejected, tokens
+  teacher scores them (mean log-probability per response token; with
+  ``preference_ranker``, a verifier ``(prompts, responses) -> scores`` on the decoded
+  text ranks first and the teacher breaks its ties) and the best and the worst become a
+  (chosen, rejected) pair: rows 0..P-1 chosen, P..2P-1 rejected, tokens
   in ``response_labels`` (``labels`` all -100), ``pairs`` = P, counted as pairs. The
   frozen models other than the teacher (e.g. ``frozen.reference``) run on pair batches
   and reach the terms as ``extras["frozen"]`` (``losses/preference.py: DPO``).
@@ -32,6 +34,7 @@ The causal-LM adapter (token terms, step normalisation, taps) on prompt/answer d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +74,7 @@ class GenerativeLMTask(CausalLMTask):
         temperature: float = 1.0,
         max_new_tokens: int = 8,
         preference_samples: int = 0,
+        preference_ranker: Callable[[list[str], list[str]], list[float]] | None = None,
     ):
         super().__init__(fused)
         if preference_samples == 1 or preference_samples < 0:
@@ -91,7 +95,11 @@ class GenerativeLMTask(CausalLMTask):
             temperature,
             max_new_tokens,
         )
-        self.preference_samples = preference_samples
+        self.preference_samples, self.preference_ranker = preference_samples, preference_ranker
+        if preference_ranker is not None and not callable(preference_ranker):
+            raise ValueError(
+                "task.preference_ranker: expected a callable (a _target_ with _partial_: true)"
+            )
         self.eos_id = self.pad_id = None
         self.tokenizer = self.teacher_tokenizer = None
         self.offline_pairs = False
@@ -196,8 +204,16 @@ class GenerativeLMTask(CausalLMTask):
         )
         device = batch["input_ids"].device
         nll = self.score(module.teacher, batch, samples, prompts=repeated, per_row=True)
-        scores = -nll.view(len(prompts), k)
-        best, worst = scores.argmax(1).tolist(), scores.argmin(1).tolist()
+        teacher = (-nll).view(len(prompts), k).tolist()
+        verified = [[0.0] * k for _ in prompts]
+        if self.preference_ranker is not None:
+            decode = self.tokenizer.batch_decode
+            flat = self.preference_ranker(decode(repeated, skip_special_tokens=True),
+                                          decode(samples, skip_special_tokens=True))  # fmt: skip
+            verified = [list(map(float, flat[i * k : (i + 1) * k])) for i in range(len(prompts))]
+        keys = [list(zip(v, t, strict=True)) for v, t in zip(verified, teacher, strict=True)]
+        best = [max(range(k), key=row.__getitem__) for row in keys]
+        worst = [min(range(k), key=row.__getitem__) for row in keys]
         chosen = [samples[i * k + j] for i, j in enumerate(best)]
         rejected = [samples[i * k + j] for i, j in enumerate(worst)]
         packed = pack_pairs(prompts, chosen, rejected, self.pad_id)
