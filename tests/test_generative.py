@@ -243,7 +243,7 @@ def test_seqkd_generates_resumes_and_trains(
         build_run(train_cfg(*base, f"data.responses={short}"))[0].setup()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("".join(json.dumps(r | {"response": ""}) + "\n" for r in rows))
-    with pytest.raises(ValueError, match="data.responses: line 1 .* empty response"):
+    with pytest.raises(ValueError, match=r"data.responses: line 1 .* lacks \[.response.\]"):
         build_run(train_cfg(*base, f"data.responses={empty}"))[0].setup()
 
 

@@ -39,7 +39,6 @@ prompt, padding and unanswered rows -100), ``attention_mask``, ``prompt_len``,
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -51,7 +50,7 @@ import torch
 from torch.utils.data import Dataset
 
 from distillery.core.generation import pack, pack_pairs
-from distillery.data.base import make_loader
+from distillery.data.base import make_loader, read_jsonl
 
 ALPHABET = "0123456789+-=<>?,.:;!'() abcdefghijklmnopqrstuvwxyz"
 SPECIAL = ("<pad>", "<eos>", "<unk>")
@@ -208,23 +207,11 @@ def collate_problems(pad_id: int, teacher_pad_id: int | None = None):
 
 def read_pairs(path: str) -> list[dict]:
     """``[{prompt, chosen, rejected}]`` from a jsonl of preference pairs (``data.pairs``)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data.pairs: file not found: {p}")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = [k for k in ("prompt", "chosen", "rejected") if not str(row.get(k) or "").strip()]
-        if missing:
-            raise ValueError(
-                f"data.pairs: line {n} of {p} lacks {missing} (needs prompt, chosen, rejected)"
-            )
-        rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    fields = ("prompt", "chosen", "rejected")
+    rows = read_jsonl(path, "data.pairs", fields, nonempty=fields)
     if not rows:
-        raise ValueError(f"data.pairs: {p} holds no pair")
-    return rows
+        raise ValueError(f"data.pairs: {path} holds no pair")
+    return [{k: row[k] for k in fields} for row in rows]
 
 
 class PairDataset(Dataset):
@@ -255,18 +242,8 @@ def collate_pairs(pad_id: int):
 def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
     """``{prompt: response}`` from a ``distillery.generate`` jsonl (``data.responses``)."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data.responses: file not found: {p}")
-    out = {}
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "prompt" not in row or "response" not in row:
-            raise ValueError(f"data.responses: line {n} of {p} lacks 'prompt' or 'response'")
-        if not row["response"].strip():
-            raise ValueError(f"data.responses: line {n} of {p} has an empty response")
-        out[row["prompt"]] = row["response"]
+    rows = read_jsonl(path, "data.responses", ("prompt", "response"), nonempty=("response",))
+    out = {row["prompt"]: row["response"] for row in rows}
     missing = [q for q in prompts if q not in out]
     if missing:
         raise ValueError(

@@ -40,6 +40,36 @@ def make_loader(
     )
 
 
+def read_jsonl(
+    path: str, key: str, fields: tuple[str, ...], nonempty: tuple[str, ...] = ()
+) -> list[dict]:
+    """The rows of a jsonl file, each checked to hold ``fields`` (and non-blank
+    ``nonempty`` ones); errors name the config ``key``, the file and the line."""
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: file not found: {p}")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key}: line {n} of {p} is not JSON ({e})") from e
+        missing = [f for f in fields if f not in row] + [
+            f for f in nonempty if f in row and not str(row[f] or "").strip()
+        ]
+        if missing:
+            raise ValueError(
+                f"{key}: line {n} of {p} lacks {missing} (needs {list(fields)}; keys: {sorted(row)})"
+            )
+        rows.append(row)
+    return rows
+
+
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict:
     """A deterministic shuffle of ``range(n)`` cut into ``{"val", "test", "train"}``
     index tensors (val and test get at least one item each)."""

@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distillery.data.base import make_loader, split_indices
+from distillery.data.base import make_loader, read_jsonl, split_indices
 
 IGNORE = -100
 
@@ -177,22 +177,9 @@ def pad_collate(pad_id: int):
 
 
 def load_pairs(path: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
-    import json
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"data.source: file not found: {p}")
-    pairs = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if prompt_field not in row or response_field not in row:
-            raise ValueError(
-                f"data.prompt_field/response_field: line {n} of {p} lacks "
-                f"{prompt_field!r} or {response_field!r} (keys: {sorted(row)})"
-            )
-        pairs.append((row[prompt_field], row[response_field]))
+    fields = (prompt_field, response_field)
+    rows = read_jsonl(path, "data.source (data.prompt_field/response_field)", fields)
+    pairs = [(row[prompt_field], row[response_field]) for row in rows]
     return pairs
 
 
