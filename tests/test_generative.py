@@ -492,6 +492,7 @@ def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teach
         assert remote.read_text() == gen(tmp_path / "local.jsonl").read_text()
         meta = json.loads((tmp_path / "remote.jsonl.meta.json").read_text())
         assert meta["teacher_endpoint"] == url and meta["teacher_sha256"] is None
+        assert meta["data"]["num_train"] == 400  # the prompts came from this data config
         n = len(calls)
         lines = remote.read_text().splitlines()
         remote.write_text("\n".join(lines[:150]) + "\n")

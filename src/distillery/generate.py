@@ -120,6 +120,8 @@ def generate(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
         "prompts": OmegaConf.to_container(cfg.prompts, resolve=True),
     }
+    if cfg.prompts.source == "data":  # the prompts are the data config's: record it
+        meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     output = Path(cfg.output)
     meta_path = output.with_name(output.name + ".meta.json")
     output.parent.mkdir(parents=True, exist_ok=True)
