@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from distillery.config import ConfigError
 from distillery.core.builder import build_run
 from distillery.core.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
 from distillery.core.objective import IGNORE, Outputs
@@ -192,6 +193,13 @@ def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt
     assert torch.isfinite(metrics["test/nll"])
     if extra:
         assert torch.isfinite(metrics["test/teacher_nll"])
+        # and the run's no-teacher control: CE on the labeled answers, no teacher
+        control = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+                            *extra, "control=true")  # fmt: skip
+        datamodule, module, trainer, _ = build_run(control)
+        assert module.teacher is None and list(module.objective.terms) == ["ce"]
+        trainer.fit(module, datamodule=datamodule)
+        assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 def test_seqkd_generates_resumes_and_trains(
@@ -237,6 +245,8 @@ def test_seqkd_generates_resumes_and_trains(
     assert len(datamodule.train_set) == 400
     for prompt, answer, _ in datamodule.train_set.rows:  # the teacher's answers, + EOS
         assert tok.decode(answer[:-1]) == by_prompt[tok.decode(prompt)]
+    with pytest.raises(ConfigError, match="control: data.responses .* holds teacher generations"):
+        build_run(train_cfg(*base, f"data.responses={full}", "control=true"))
     short = tmp_path / "short.jsonl"
     short.write_text(good.read_text().splitlines()[0] + "\n")
     with pytest.raises(ValueError, match="data.responses: .* has no response for 399"):
@@ -397,8 +407,6 @@ def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ck
     tokenizations; the run trains and reports the teacher-scored NLL of the student's
     re-tokenized answers. A logit term across tokenizers and a tokenizer mismatch the
     data does not declare are refused with the keys to set."""
-    from distillery.config import ConfigError
-
     good = tmp_path / "answers.jsonl"  # the true answers stand in for the teacher's
     dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
     good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
@@ -577,8 +585,6 @@ def test_offline_preference_pairs(tmp_path, train_cfg, arith_tok, arith_teacher_
 
 
 def test_prompts_longer_than_the_context_are_refused(train_cfg, arith_tok):
-    from distillery.config import ConfigError
-
     with pytest.raises(
         ConfigError,
         match=r"data: prompts \+ task.max_new_tokens reach \d+ tokens, more than the student's context \(12",
