@@ -10,7 +10,7 @@ jsonl or report exists) is not run again: rerun to resume; ``--report`` tabulate
 
 Writes ``benchmarks/results/arith.md`` and ``arith.json``:
 
-    python benchmarks/arith.py [--seeds 0 1 2] [--methods sft kd seqkd gkd]
+    python benchmarks/arith.py [--seeds 0 1 2] [--methods sft kd seqkd gkd dpo uld] [--report]
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - start
 
 
+def finished(seed: int, out: Path) -> dict:
+    """What a seed has finished (its report cards and times), running nothing."""
+    d = out / f"seed{seed}"
+    models = {}
+    for report in sorted(d.glob("report*/report.json")):
+        models |= {
+            k: v for k, v in json.loads(report.read_text())["models"].items() if k != "student"
+        }
+    seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
+    return {"seed": seed, "models": models, "seconds": seconds}
+
+
 def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
     py = [sys.executable, "-m"]
     d = out / f"seed{seed}"
@@ -67,6 +79,7 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
             extra.append(f"data.responses={answers}")
         seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
                           f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
+        (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
     (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
     models = {}
     same = [m for m in methods if m not in CROSS]
@@ -85,40 +98,34 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
 
 
 def table(results: list[dict], methods: list[str]) -> str:
-    head = "| model | " + " | ".join(c for c, _ in COLUMNS) + " | train time |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
-    teacher_em = statistics.mean(r["models"]["teacher"]["exact_match"] for r in results)
+    """One row per model: mean ± std of exact match over the seeds that finished it (listed),
+    means of the other columns; then each method's share of the teacher-vs-sft gap."""
+    head = "| model | seeds | " + " | ".join(c for c, _ in COLUMNS) + " | train time |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    em = {}
     for name in ("teacher", *methods):
-        row = [f"`{name}`" if name == "teacher" else f"`arith_{name}`"]
+        runs = [r for r in results if name in r["models"]]
+        if not runs:
+            continue
+        em[name] = statistics.mean(r["models"][name]["exact_match"] for r in runs)
+        row = [
+            f"`{name}`" if name == "teacher" else f"`arith_{name}`",
+            ", ".join(str(r["seed"]) for r in runs),
+        ]
         for col, fmt in COLUMNS:
-            vals = [
-                r["models"][name][col] for r in results if r["models"][name].get(col) is not None
-            ]
-            if not vals:
-                row.append("")
-                continue
+            vals = [r["models"][name][col] for r in runs if r["models"][name].get(col) is not None]
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row.append(
-                f"{statistics.mean(vals):{fmt}}"
-                + (f" ± {std:{fmt}}" if col == "exact_match" else "")
-            )
-        secs = [r["seconds"].get(name) for r in results if r["seconds"].get(name)]
+            cell = f"{statistics.mean(vals):{fmt}}" if vals else ""
+            row.append(cell + (f" ± {std:{fmt}}" if vals and col == "exact_match" else ""))
+        secs = [r["seconds"][name] for r in runs if r["seconds"].get(name)]
         row.append(f"{statistics.mean(secs):.0f} s" if secs else "")
         lines.append("| " + " | ".join(row) + " |")
-    sft = (
-        statistics.mean(r["models"]["sft"]["exact_match"] for r in results)
-        if "sft" in methods
-        else None
-    )
     notes = []
-    if sft is not None and teacher_em > sft:
-        for m in methods:
-            if m != "sft":
-                em = statistics.mean(r["models"][m]["exact_match"] for r in results)
-                notes.append(f"- `arith_{m}` recovers {100 * (em - sft) / (teacher_em - sft):.0f} % "
-                             f"of the teacher-vs-`arith_sft` exact-match gap")  # fmt: skip
-    seeds = ", ".join(str(r["seed"]) for r in results)
-    return f"Seeds {seeds} (mean ± std of exact match; other columns are means).\n\n" + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"  # fmt: skip
+    if "sft" in em and em.get("teacher", 0) > em["sft"]:
+        gap = em["teacher"] - em["sft"]
+        notes = [f"- `arith_{m}` recovers {100 * (em[m] - em['sft']) / gap:.0f} % of the "
+                 f"teacher-vs-`arith_sft` exact-match gap" for m in methods if m != "sft" and m in em]  # fmt: skip
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def main() -> None:
@@ -126,6 +133,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_arith")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: tabulate what the seeds have finished")  # fmt: skip
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -135,6 +144,9 @@ def main() -> None:
     }
     results = []
     for seed in args.seeds:
+        if args.report:
+            results.append(finished(seed, args.out))
+            continue
         start = time.perf_counter()
         results.append(one_seed(seed, args.out, args.methods, env))
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
