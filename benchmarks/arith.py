@@ -53,7 +53,7 @@ def finished(seed: int, out: Path) -> dict:
     return {"seed": seed, "models": models, "seconds": seconds}
 
 
-def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
+def one_seed(seed: int, out: Path, methods: list[str], env: dict, report: bool = True) -> dict:
     py = [sys.executable, "-m"]
     d = out / f"seed{seed}"
     teacher, answers = d / "arith_teacher.ckpt", d / "arith_teacher.jsonl"
@@ -81,6 +81,8 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict) -> dict:
                           f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
         (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
     (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
+    if not report:
+        return finished(seed, out)
     models = {}
     same = [m for m in methods if m not in CROSS]
     for group in ([same] if same else []) + [[m] for m in methods if m in CROSS]:
@@ -133,8 +135,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_arith")
-    parser.add_argument("--report", action="store_true",
-                        help="run nothing: tabulate what the seeds have finished")  # fmt: skip
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: tabulate what the seeds have finished"
+    )
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the methods, write no report card (e.g. methods in parallel)")  # fmt: skip
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -148,7 +153,7 @@ def main() -> None:
             results.append(finished(seed, args.out))
             continue
         start = time.perf_counter()
-        results.append(one_seed(seed, args.out, args.methods, env))
+        results.append(one_seed(seed, args.out, args.methods, env, not args.train_only))
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
