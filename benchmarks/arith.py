@@ -41,6 +41,13 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - start
 
 
+def save_seconds(d: Path, seconds: dict) -> None:
+    """Merge into ``seconds.json`` (methods of one seed may train in parallel processes)."""
+    path = d / "seconds.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(saved | seconds, indent=2))
+
+
 def finished(seed: int, out: Path) -> dict:
     """What a seed has finished (its report cards and times), running nothing."""
     d = out / f"seed{seed}"
@@ -79,8 +86,8 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict, report: bool =
             extra.append(f"data.responses={answers}")
         seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
                           f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
-        (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
-    (d / "seconds.json").write_text(json.dumps(seconds, indent=2))
+        save_seconds(d, seconds)
+    save_seconds(d, seconds)
     if not report:
         return finished(seed, out)
     models = {}
