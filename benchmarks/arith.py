@@ -122,7 +122,7 @@ def table(results: list[dict], methods: list[str]) -> str:
             ", ".join(str(r["seed"]) for r in runs),
         ]
         for col, fmt in COLUMNS:
-            vals = [r["models"][name][col] for r in runs if r["models"][name].get(col) is not None]
+            vals = [float(r["models"][name][col]) for r in runs if r["models"][name].get(col) is not None]
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cell = f"{statistics.mean(vals):{fmt}}" if vals else ""
             row.append(cell + (f" ± {std:{fmt}}" if vals and col == "exact_match" else ""))

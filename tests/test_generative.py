@@ -631,3 +631,26 @@ def test_on_policy_training_resumes_exactly(train_cfg, tmp_path, arith_tok, arit
               "module.accumulate=2", "scheduler.total_steps=6", "scheduler.warmup_steps=1", *NO_VALIDATION]  # fmt: skip
     assert_exact_resume(train_cfg, tmp_path, common, ["trainer.max_steps=6"],
                         ["trainer.max_steps=3"], ["trainer.max_steps=6"])  # fmt: skip
+
+
+def test_report_card_of_a_cross_tokenizer_student(
+    tmp_path, train_cfg, arith_tok, arith_teacher_ckpt
+):
+    """The report card of a BPE student next to its character teacher: each model is
+    scored on the reference in its own tokens, the teacher scores both models' answers."""
+    from distillery.evaluate import evaluate
+    from distillery.train import train
+
+    good = tmp_path / "answers.jsonl"
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
+    metrics = train(train_cfg("experiment=arith_uld", *SMALL, "data.labeled=null", f"data.responses={good}",
+                              f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}",
+                              f"teacher.ckpt_path={arith_teacher_ckpt}", "trainer.max_steps=4",
+                              "scheduler.warmup_steps=1", "trainer.val_check_interval=2", out=tmp_path / "uld"))  # fmt: skip
+    report = evaluate(compose_cfg("evaluate", [f"ckpt_path={metrics['best_ckpt']}", "plots=false",
+                                                "evaluators={}", f"paths.output_dir={tmp_path / 'r'}"]))  # fmt: skip
+    s, t = report["models"]["student"], report["models"]["teacher"]
+    assert s["exact_match"] == pytest.approx(metrics["test/exact_match"], abs=1e-6)
+    assert s["teacher_nll"] == pytest.approx(metrics["test/teacher_nll"], rel=1e-4)
+    assert t["answer_agreement"] == 1.0 and t["teacher_nll"] >= 0 and 0 <= t["exact_match"] <= 1

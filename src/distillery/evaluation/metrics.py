@@ -182,6 +182,7 @@ class AnswerMetrics(LMMetrics):
             self.answer_agreement, self.teacher_nll = MeanMetric(), MeanMetric()
 
     def update(self, out, labels: Tensor, teacher, sample_id=None) -> None:
+        labels = labels if out.labels is None else out.labels  # a model of other tokens
         ref = None if teacher is None or not self.with_teacher else teacher.logits
         super().update(out.logits, labels, ref)
         refs = [row[row != IGNORE].tolist() for row in labels]

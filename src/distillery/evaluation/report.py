@@ -37,7 +37,7 @@ def held_out_pass(
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor, dict[str, tuple]]:
     """One pass of every model over ``loader`` into its own instance of the task's
     metrics, the teacher's output as the reference. Returns ``({model: {metric: value}},
-    the first batch's model input (for the speed measurements), predictions)``; with
+    {model: the first batch's input to it} (for the speed measurements), predictions)``; with
     ``task.keeps_predictions``, predictions are ``{model: (outputs, labels, inputs,
     sample ids)}`` on the CPU, else empty."""
     for m in models.values():
@@ -49,11 +49,12 @@ def held_out_pass(
     example = None
     for b in loader:
         x = task.model_input(b)
-        example = x if example is None else example
+        if example is None:  # the reference model may read other tokens (cross-tokenizer)
+            example = {n: task.teacher_model_input(b) if n == teacher_name else x for n in models}
         outs = {n: task.predict(m, b, device, n == teacher_name) for n, m in models.items()}
         ref = outs.get(teacher_name) if teacher_name else None
-        for n, out in outs.items():
-            if teacher_name and n != teacher_name:
+        for out in outs.values():  # the teacher's own outputs too: its reference values
+            if teacher_name:
                 task.teacher_scores(models[teacher_name], out, b, device)
         for n, out in outs.items():
             labels = task.labels(b)
@@ -92,8 +93,8 @@ def build_report(
     for name, model in models.items():
         row = task.quality(values[name], teacher_values)
         speed = measure_speed(
-            model, example, device, price_per_hour, latency, speed_cfg,
-            task.units_per_sample(example),
+            model, example[name], device, price_per_hour, latency, speed_cfg,
+            task.units_per_sample(example[name]),
         )  # fmt: skip
         row |= {k: speed[k] for k in SPEED_KEYS}
         row |= {rate_key: speed["throughput"], cost_key: speed["cost_per_million"]}

@@ -82,6 +82,11 @@ class Task:
         """The tensor a standalone model (exported student, teacher) takes."""
         raise NotImplementedError
 
+    def teacher_model_input(self, batch: dict) -> Tensor:
+        """What the reference model of the report card takes. Default: :meth:`model_input`
+        (the cross-tokenizer generative task: the teacher's own tokens)."""
+        return self.model_input(batch)
+
     def predict(self, model: nn.Module, batch: dict, device, teacher: bool = False) -> Any:
         """A standalone model's output on a held-out batch, on the CPU, in what
         :meth:`metrics` reads (report card; ``teacher``: the model is the reference).

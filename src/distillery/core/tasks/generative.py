@@ -55,6 +55,7 @@ class Answers:
     answers: list[list[int]]  # greedy answers, EOS included when produced
     teacher_nll: Tensor | None = None  # [N] per-token NLL of the answers under the teacher
     text: list[str] | None = None  # the answers decoded (cross-tokenizer runs compare these)
+    labels: Tensor | None = None  # the reference in this model's tokens, when not the batch's
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -221,6 +222,9 @@ class GenerativeLMTask(CausalLMTask):
         twice = {k_: torch.cat([v, v]) for k_, v in batch.items() if k_ in ("group", "sample_id")}
         return {**twice, **packed}
 
+    def teacher_model_input(self, batch: dict) -> Tensor:
+        return self.teacher_input(batch)
+
     def teacher_input(self, batch: dict) -> Tensor:
         return batch["teacher"]["input_ids"] if "teacher" in batch else batch["input_ids"]
 
@@ -274,7 +278,10 @@ class GenerativeLMTask(CausalLMTask):
     def predict(self, model, batch: dict, device, teacher: bool = False) -> Answers:
         view = batch["teacher"] if teacher and self.cross else batch
         logits = model(view["input_ids"].to(device)).float()  # right-padded: no mask needed
-        return self.answer(model, batch, logits.cpu(), as_teacher=teacher)
+        out = self.answer(model, batch, logits.cpu(), as_teacher=teacher)
+        if view is not batch:  # the teacher of a cross-tokenizer run: its own tokens
+            out.labels = view["labels"]
+        return out
 
     @torch.no_grad()
     def score(
