@@ -359,6 +359,7 @@ def test_preference_batches_pair_teacher_ranked_samples(
     assert (nll[:n] <= nll[n:] + 1e-6).all()
     assert module.task.count(pairs)["pair"] == n
     out = module.task.training_outputs(module, pairs, 0.0)
+    assert out.teacher is None  # the teacher ranked the pairs; DPO reads frozen.reference only
     total, values = module.objective(out, module.task.count(pairs))
     assert float(values["dpo"]) == pytest.approx(
         float(torch.log(torch.tensor(2.0))), rel=1e-4

@@ -129,12 +129,14 @@ class DistillationModule(L.LightningModule):
         self, student_args: tuple, teacher_input: Tensor, capture: bool, head: bool = False
     ) -> tuple[Tensor, Tensor | None, dict]:
         """Teacher and student outputs plus, with ``capture``, the features their taps
-        captured (evaluation passes ``capture=False``: no feature term reads them there).
+        captured (evaluation passes ``capture=False``: no feature term reads them there);
+        ``teacher_input=None`` skips the teacher.
         ``head``: their last hidden states and output layers instead (``HeadOutputs``,
         for fused token losses)."""
         self.start_capture(capture)
-        if not head:
-            teacher = self.teacher(teacher_input) if self.teacher is not None else None
+        if not head:  # teacher_input None: no term reads the teacher's outputs of this batch
+            run = self.teacher is not None and teacher_input is not None
+            teacher = self.teacher(teacher_input) if run else None
             return self(*student_args), teacher, self.captured()
         teacher = None if self.teacher is None else self.teacher.hidden_and_head(teacher_input)
         x, *rest = student_args

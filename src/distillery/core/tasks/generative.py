@@ -104,6 +104,7 @@ class GenerativeLMTask(CausalLMTask):
         self.eos_id = self.pad_id = None
         self.tokenizer = self.teacher_tokenizer = None
         self.offline_pairs = False
+        self.pairs_need_teacher = True
 
     def bind(self, datamodule) -> None:
         tok = datamodule.load_tokenizer()
@@ -118,6 +119,7 @@ class GenerativeLMTask(CausalLMTask):
 
     def check(self, module) -> None:
         super().check(module)
+        self.pairs_need_teacher = module.objective.needs_teacher
         if (self.on_policy > 0 or self.preference_samples) and self.fused:
             raise ValueError("task.on_policy / preference_samples: sampling needs task.fused=false")
         if self.preference_samples and module.teacher is None:
@@ -225,7 +227,9 @@ class GenerativeLMTask(CausalLMTask):
     def teacher_model_input(self, batch: dict) -> Tensor:
         return self.teacher_input(batch)
 
-    def teacher_input(self, batch: dict) -> Tensor:
+    def teacher_input(self, batch: dict) -> Tensor | None:
+        if "pairs" in batch and not self.pairs_need_teacher:
+            return None  # the teacher ranked the pairs already; no term reads its logits
         return batch["teacher"]["input_ids"] if "teacher" in batch else batch["input_ids"]
 
     def _outputs(self, module, batch: dict, capture: bool, epoch: float = 0.0) -> Outputs:
