@@ -52,10 +52,10 @@ def finished(seed: int, out: Path) -> dict:
     """What a seed has finished (its report cards and times), running nothing."""
     d = out / f"seed{seed}"
     models = {}
-    for report in sorted(d.glob("report*/report.json")):
-        models |= {
-            k: v for k, v in json.loads(report.read_text())["models"].items() if k != "student"
-        }
+    for report in sorted(d.glob("report*/report.json")):  # report (the main card) first
+        for name, row in json.loads(report.read_text())["models"].items():
+            if name != "student":
+                models.setdefault(name, row)  # the teacher: as measured beside the main students
     seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
     return {"seed": seed, "models": models, "seconds": seconds}
 
@@ -122,7 +122,11 @@ def table(results: list[dict], methods: list[str]) -> str:
             ", ".join(str(r["seed"]) for r in runs),
         ]
         for col, fmt in COLUMNS:
-            vals = [float(r["models"][name][col]) for r in runs if r["models"][name].get(col) is not None]
+            vals = [
+                float(r["models"][name][col])
+                for r in runs
+                if r["models"][name].get(col) is not None
+            ]
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cell = f"{statistics.mean(vals):{fmt}}" if vals else ""
             row.append(cell + (f" ± {std:{fmt}}" if vals and col == "exact_match" else ""))
