@@ -70,6 +70,11 @@ def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool =
                 f"teacher and student vocabularies differ ({sizes['teacher']} vs {sizes['student']}): "
                 f"use the same tokenizer, or set vocab_align: truncate on the token KD term"
             )
+            if hasattr(datamodule, "load_teacher_tokenizer"):  # data that can pair tokenizers
+                problems.append(
+                    "if the teacher's tokenizer differs, name it in data.teacher_tokenizer "
+                    "and distil with distillery.losses.ULD (distill=uld)"
+                )
     if problems:
         raise ConfigError(problems)
 

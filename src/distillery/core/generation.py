@@ -225,16 +225,22 @@ def pack(
     }
 
 
+def pack_samples(prompts: list[list[int]], samples: list[list[int]], pad_id: int) -> dict:
+    """:func:`pack` for responses that are samples, not references: their tokens in
+    ``response_labels`` and their positions in ``token_mask``; ``labels`` all -100, so
+    no cross-entropy fits them (on-policy and preference batches)."""
+    packed = pack(prompts, samples, pad_id)
+    response = packed["labels"]
+    return {**packed, "labels": torch.full_like(response, IGNORE), "response_labels": response,
+            "token_mask": response != IGNORE}  # fmt: skip
+
+
 def pack_pairs(
     prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int
 ) -> dict:
-    """A preference batch: rows 0..P-1 prompt + chosen, P..2P-1 prompt + rejected; the
-    responses' tokens in ``response_labels`` (``labels`` all -100: no cross-entropy fits
-    either), ``token_mask`` their positions, ``pairs`` = P."""
-    packed = pack(prompts + prompts, chosen + rejected, pad_id)
-    response = packed["labels"]
-    return {**packed, "labels": torch.full_like(response, IGNORE), "response_labels": response,
-            "token_mask": response != IGNORE, "pairs": len(prompts)}  # fmt: skip
+    """A preference batch (:func:`pack_samples`): rows 0..P-1 prompt + chosen, P..2P-1
+    prompt + rejected, ``pairs`` = P."""
+    return {**pack_samples(prompts + prompts, chosen + rejected, pad_id), "pairs": len(prompts)}
 
 
 def prompts_of(batch: dict) -> list[list[int]]:

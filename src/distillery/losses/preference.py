@@ -16,13 +16,18 @@ from torch import Tensor
 from distillery.core.objective import IGNORE, LossTerm, Outputs
 
 
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(z_t)[y_t] at every position whose label is not -100, 0 elsewhere:
+    shape of ``labels``, float32."""
+    logp = F.log_softmax(logits.float(), -1)
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != IGNORE)
+
+
 def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     """log pi(y | x) = sum_t log softmax(z_t)[y_t] over the positions whose label is not
     -100: shape ``[B]``, float32."""
-    keep = labels != IGNORE
-    logp = F.log_softmax(logits.float(), -1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * keep).sum(-1)
+    return token_logprobs(logits, labels).sum(-1)
 
 
 def dpo_loss(

@@ -38,12 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.core.generation import generator_for, pack, pack_pairs, prompts_of
+from distillery.core.generation import generator_for, pack, pack_pairs, pack_samples, prompts_of
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.causal_lm import CausalLMTask
+from distillery.losses.preference import token_logprobs
 
 
 @dataclass
@@ -160,15 +160,7 @@ class GenerativeLMTask(CausalLMTask):
                      f"data.teacher_tokenizer's {len(self.teacher_tokenizer)} tokens"]
                 )  # fmt: skip
         else:
-            try:
-                super().check_models(cfg, student, teacher, datamodule, example)
-            except ConfigError as e:
-                if teacher is None or not any("vocabularies differ" in p for p in e.problems):
-                    raise
-                raise ConfigError(
-                    [*e.problems, "if the teacher's tokenizer differs, name it in "
-                     "data.teacher_tokenizer and distil with distillery.losses.ULD (distill=uld)"]
-                ) from e  # fmt: skip
+            super().check_models(cfg, student, teacher, datamodule, example)
         limit = getattr(getattr(student[-1], "model", None), "config", None)
         n_pos = getattr(limit, "n_positions", None) or getattr(
             limit, "max_position_embeddings", None
@@ -192,10 +184,8 @@ class GenerativeLMTask(CausalLMTask):
         gen = generator_for(module.student, self.eos_id, self.pad_id)
         samples = gen(prompts, self.max_new_tokens, self.temperature)
         device = batch["input_ids"].device
-        packed = {k: v.to(device) for k, v in pack(prompts, samples, self.pad_id).items()}
-        sampled = packed["labels"] != IGNORE
-        packed["labels"] = torch.full_like(packed["labels"], IGNORE)  # no CE on own samples
-        return {**batch, **packed, "token_mask": sampled}
+        packed = pack_samples(prompts, samples, self.pad_id)  # no CE on its own samples
+        return {**batch, **{k: v.to(device) for k, v in packed.items()}}
 
     def preference_pairs(self, module, batch: dict) -> dict:
         """The batch as (chosen, rejected) pairs of the student's samples, ranked by the
@@ -299,10 +289,9 @@ class GenerativeLMTask(CausalLMTask):
         ids, labels = packed["input_ids"].to(device), packed["labels"].to(device)
         logits = teacher(ids)  # right-padded: causal attention never sees the padding
         keep = labels != IGNORE
-        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-        nll = nll.view(labels.shape)
+        nll = -token_logprobs(logits, labels)
         if per_row:
-            return (nll * keep).sum(1) / keep.sum(1).clamp_min(1)
+            return nll.sum(1) / keep.sum(1).clamp_min(1)
         return nll[keep].cpu()
 
     def teacher_scores(self, teacher, out: Answers, batch: dict, device) -> None:
