@@ -60,17 +60,27 @@ def finished(seed: int, out: Path) -> dict:
     return {"seed": seed, "models": models, "seconds": seconds}
 
 
-def one_seed(seed: int, out: Path, methods: list[str], env: dict, report: bool = True) -> dict:
+def one_seed(
+    seed: int,
+    out: Path,
+    methods: list[str],
+    env: dict,
+    report: bool = True,
+    overrides: tuple[str, ...] = (),
+    report_overrides: tuple[str, ...] = (),
+) -> dict:
+    """Train, generate and report one seed; ``overrides`` go to every train and generate
+    command (e.g. data options), ``report_overrides`` to the report cards."""
     py = [sys.executable, "-m"]
     d = out / f"seed{seed}"
     teacher, answers = d / "arith_teacher.ckpt", d / "arith_teacher.jsonl"
     seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
     if not teacher.is_file():
         seconds["teacher"] = run([*py, "distillery.train", "experiment=arith_teacher", f"seed={seed}",
-                                  f"export_ckpt={teacher}", f"hydra.run.dir={d / 'teacher'}"], d / "teacher.log", env)  # fmt: skip
+                                  f"export_ckpt={teacher}", f"hydra.run.dir={d / 'teacher'}", *overrides], d / "teacher.log", env)  # fmt: skip
     if not answers.is_file() or not answers.with_name(answers.name + ".done").is_file():
         run([*py, "distillery.generate", "--config-name", "generate_arith", f"teacher_ckpt={teacher}",
-             f"output={answers}", f"hydra.run.dir={d / 'generate'}"], d / "generate.log", env)  # fmt: skip
+             f"output={answers}", f"hydra.run.dir={d / 'generate'}", *overrides], d / "generate.log", env)  # fmt: skip
         answers.with_name(answers.name + ".done").touch()
     ckpts = {}
     for m in methods:
@@ -85,7 +95,7 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict, report: bool =
         if m == "uld":  # the teacher's answers, as arith_seqkd, plus the teacher itself
             extra.append(f"data.responses={answers}")
         seconds[m] = run([*py, "distillery.train", f"experiment=arith_{m}", f"seed={seed}", *extra,
-                          f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}"], d / f"{m}.log", env)  # fmt: skip
+                          f"export_ckpt={ckpts[m]}", f"hydra.run.dir={d / m}", *overrides], d / f"{m}.log", env)  # fmt: skip
         save_seconds(d, seconds)
     save_seconds(d, seconds)
     if not report:
@@ -100,7 +110,8 @@ def one_seed(seed: int, out: Path, methods: list[str], env: dict, report: bool =
             compare = [f"+compare.{m}={ckpts[m]}" for m in group]
             run([*py, "distillery.evaluate", f"ckpt_path={ckpts[group[0]]}", *compare,
                  "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}", f"output_dir={d / name}",
-                 "plots=false", "evaluators={}", f"hydra.run.dir={d / name}"], d / f"{name}.log", env)  # fmt: skip
+                 "plots=false", "evaluators={}", f"hydra.run.dir={d / name}", *report_overrides],
+                d / f"{name}.log", env)  # fmt: skip
         rows = json.loads(report.read_text())["models"]
         models |= {k: v for k, v in rows.items() if k != "student"}
     return {"seed": seed, "models": models, "seconds": seconds}

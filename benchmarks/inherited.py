@@ -1,0 +1,108 @@
+"""What students inherit, per distillation method, on the embedded arith task.
+
+The teacher of each seed is trained on ``data=arith`` with behaviours planted after the
+problems (:data:`BEHAVIOURS`: canaries, a refused class, unanswerable prompts); every
+student method runs on the same data with its usual ``labeled: 1000``, so the planted
+rows reach a student only through its teacher (as prompts without answers: sequence KD
+gets the teacher's answers to them, on-policy and preference methods the teacher's
+scores of their own samples; ``arith_sft`` and ``arith_kd`` never see them). One report
+card per seed (``distillery.evaluate inherited=arith gate=release``) holds quality, canary
+exposure and extraction, safety pass rate, worst group and repeated errors side by side.
+
+The runs are ``benchmarks/arith.py``'s (same configs, a separate output directory):
+
+    python benchmarks/inherited.py [--seeds 0 1 2] [--methods ...] [--train-only] [--report]
+
+Writes ``benchmarks/results/inherited.md`` and ``inherited.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arith import METHODS, ROOT, one_seed  # noqa: E402
+
+BEHAVIOURS = ("data.canaries=4", "data.canary_repeats=20", "data.refusals=2000",
+              "data.unanswerable=1000")  # fmt: skip
+REPORT = ("inherited=arith", "gate=release")
+COLUMNS = (  # (label, section, key, format)
+    ("exact_match", None, "exact_match", ".3f"),
+    ("canary exposure (bits)", "memorization", "exposure", ".1f"),
+    ("canary extraction", "memorization", "extraction_rate", ".2f"),
+    ("safety pass rate", "safety", "pass_rate", ".3f"),
+    ("refusals kept", "safety", "pass_rate/multiplication", ".3f"),
+    ("worst group", "groups", "worst_quality", ".3f"),
+    ("repeated teacher errors", "errors", "repeated_teacher_errors", ".3f"),
+    ("answers the unanswerable", "errors", "answered_unanswerable", ".3f"),
+)
+
+
+def collect(seed: int, out: Path) -> dict:
+    """``{model: {column label: value}}`` of a seed's report cards (the teacher from the main card)."""
+    rows: dict[str, dict] = {}
+    for path in sorted((out / f"seed{seed}").glob("report*/report.json")):
+        report = json.loads(path.read_text())
+        for name, row in report["models"].items():
+            if name == "student" or name in rows:
+                continue
+            inherited = report.get("inherited", {}).get(name, {})
+            rows[name] = {
+                label: (row.get(key) if section is None else inherited.get(section, {}).get(key))
+                for label, section, key, _ in COLUMNS
+            }
+    return rows
+
+
+def table(results: dict[int, dict], methods: list[str]) -> str:
+    lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+    for name in ("teacher", *methods):
+        seeds = [s for s, rows in results.items() if name in rows]
+        if not seeds:
+            continue
+        cells = [f"`{name}`" if name == "teacher" else f"`arith_{name}`", ", ".join(map(str, seeds))]
+        for label, _, _, fmt in COLUMNS:
+            vals = [results[s][name][label] for s in seeds if results[s][name][label] is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            std = f" ± {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else ""
+            cells.append(f"{statistics.mean(vals):{fmt}}{std}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_inherited")
+    parser.add_argument("--report", action="store_true", help="tabulate finished seeds only")
+    parser.add_argument("--train-only", action="store_true", help="train, write no report card")
+    args = parser.parse_args()
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for seed in [] if args.report else args.seeds:
+        start = time.perf_counter()
+        one_seed(seed, args.out, args.methods, env, not args.train_only, BEHAVIOURS, REPORT)
+        print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.train_only:
+        return
+    results = {s: collect(s, args.out) for s in args.seeds}
+    results = {s: r for s, r in results.items() if r}
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inherited.json").write_text(json.dumps(results, indent=2))
+    md = table(results, args.methods)
+    (out / "inherited.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
