@@ -67,7 +67,10 @@ def table(results: dict[int, dict], methods: list[str]) -> str:
         seeds = [s for s, rows in results.items() if name in rows]
         if not seeds:
             continue
-        cells = [f"`{name}`" if name == "teacher" else f"`arith_{name}`", ", ".join(map(str, seeds))]
+        cells = [
+            f"`{name}`" if name == "teacher" else f"`arith_{name}`",
+            ", ".join(map(str, seeds)),
+        ]
         for label, _, _, fmt in COLUMNS:
             vals = [results[s][name][label] for s in seeds if results[s][name][label] is not None]
             if not vals:
@@ -87,7 +90,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="tabulate finished seeds only")
     parser.add_argument("--train-only", action="store_true", help="train, write no report card")
     args = parser.parse_args()
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     for seed in [] if args.report else args.seeds:
         start = time.perf_counter()
         one_seed(seed, args.out, args.methods, env, not args.train_only, BEHAVIOURS, REPORT)

@@ -127,3 +127,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 __all__ = ["PROJECT_ROOT", "SMALL_MNIST1D", "compose_cfg", "text_overrides"]
+
+
+# --- the embedded arith task (tests/test_generative.py, tests/test_inherited.py) ---
+SMALL_ARITH = ["data.num_train=400", "data.num_val=16", "data.num_test=16", "data.eval_batch_size=8",
+         "data.batch_size=8", "data.labeled=100"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def arith_tok(tmp_path_factory):
+    return tmp_path_factory.mktemp("arith") / "arith_char"
+
+
+@pytest.fixture(scope="session")
+def arith_teacher_ckpt(tmp_path_factory, data_dir, arith_tok):
+    """A 4-layer arith teacher trained for a few steps (a real run, not a good teacher)."""
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("arith_teacher")
+    cfg = compose_cfg("train", [
+        "experiment=arith_teacher", *SMALL_ARITH, f"data.tokenizer={arith_tok}", "trainer.max_steps=6", "scheduler.warmup_steps=2",
+        "trainer.val_check_interval=3", f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
+        f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
+    ])  # fmt: skip
+    train(cfg)
+    return out / "teacher.ckpt"

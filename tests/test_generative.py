@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import SMALL_ARITH, compose_cfg
 from distillery.config import ConfigError
 from distillery.core.builder import build_run
 from distillery.core.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
@@ -17,29 +17,6 @@ from distillery.core.tasks.generative import Answers, GenerativeLMTask
 from distillery.data.arith import ArithDataModule, char_tokenizer
 from distillery.evaluation.metrics import AnswerMetrics
 from distillery.losses import TokenKD
-
-SMALL = ["data.num_train=400", "data.num_val=16", "data.num_test=16", "data.eval_batch_size=8",
-         "data.batch_size=8", "data.labeled=100"]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def arith_tok(tmp_path_factory):
-    return tmp_path_factory.mktemp("arith") / "arith_char"
-
-
-@pytest.fixture(scope="session")
-def arith_teacher_ckpt(tmp_path_factory, data_dir, arith_tok):
-    """A 4-layer arith teacher trained for a few steps (a real run, not a good teacher)."""
-    from distillery.train import train
-
-    out = tmp_path_factory.mktemp("arith_teacher")
-    cfg = compose_cfg("train", [
-        "experiment=arith_teacher", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=6", "scheduler.warmup_steps=2",
-        "trainer.val_check_interval=3", f"paths.output_dir={out}", f"paths.data_dir={data_dir}",
-        f"export_ckpt={out / 'teacher.ckpt'}", "extras.print_config=false",
-    ])  # fmt: skip
-    train(cfg)
-    return out / "teacher.ckpt"
 
 
 def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
@@ -137,7 +114,7 @@ def test_on_policy_batches_train_exactly_the_sampled_positions(
     """GKD with lambda = 1: the batch's responses are the student's samples; they carry no
     label (no CE on the student's own text); the token divergence is non-zero at exactly
     the positions that predict a sampled token, and the step count is theirs."""
-    cfg = train_cfg("experiment=arith_gkd", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+    cfg = train_cfg("experiment=arith_gkd", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
                     f"teacher.ckpt_path={arith_teacher_ckpt}", "+distill.terms.ce._target_=distillery.losses.TokenCrossEntropy")  # fmt: skip
     datamodule, module, trainer, _ = build_run(cfg)
     datamodule.setup("fit")
@@ -183,7 +160,7 @@ def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt
         else [f"teacher.ckpt_path={arith_teacher_ckpt}"]
     )
     cfg = train_cfg(
-        f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", *extra
+        f"experiment={experiment}", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}", *extra
     )
     datamodule, module, trainer, _ = build_run(cfg)
     trainer.fit(module, datamodule=datamodule)
@@ -194,7 +171,7 @@ def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt
     if extra:
         assert torch.isfinite(metrics["test/teacher_nll"])
         # and the run's no-teacher control: CE on the labeled answers, no teacher
-        control = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+        control = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
                             *extra, "control=true")  # fmt: skip
         datamodule, module, trainer, _ = build_run(control)
         assert module.teacher is None and list(module.objective.terms) == ["ce"]
@@ -213,7 +190,7 @@ def test_seqkd_generates_resumes_and_trains(
     def gen(out):
         return generate(compose_cfg("generate_arith", [
             f"teacher_ckpt={arith_teacher_ckpt}", f"tokenizer={arith_tok}", f"output={out}",
-            *[o.replace("data.", "data.", 1) for o in SMALL], f"data.tokenizer={arith_tok}",
+            *[o.replace("data.", "data.", 1) for o in SMALL_ARITH], f"data.tokenizer={arith_tok}",
             "batch_size=64", f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}",
         ]))  # fmt: skip
 
@@ -229,7 +206,7 @@ def test_seqkd_generates_resumes_and_trains(
     base = [
         "experiment=arith_seqkd",
         "debug=fdr",
-        *SMALL,
+        *SMALL_ARITH,
         "data.labeled=null",
         f"data.tokenizer={arith_tok}",
     ]
@@ -334,9 +311,9 @@ def test_preference_batches_pair_teacher_ranked_samples(
     from distillery.train import train
 
     sft = tmp_path / "sft.ckpt"
-    train(train_cfg("experiment=arith_sft", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=2",
+    train(train_cfg("experiment=arith_sft", *SMALL_ARITH, f"data.tokenizer={arith_tok}", "trainer.max_steps=2",
                     "scheduler.warmup_steps=1", f"export_ckpt={sft}", out=tmp_path / "sft"))  # fmt: skip
-    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
                     f"teacher.ckpt_path={arith_teacher_ckpt}", f"student_init.ckpt_path={sft}")  # fmt: skip
     datamodule, module, trainer, _ = build_run(cfg)
     start = {k: v.clone() for k, v in module.student.state_dict().items()}
@@ -411,7 +388,7 @@ def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ck
     good = tmp_path / "answers.jsonl"  # the true answers stand in for the teacher's
     dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
     good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
-    base = ["experiment=arith_uld", "debug=fdr", *SMALL, "data.labeled=null", f"data.responses={good}",
+    base = ["experiment=arith_uld", "debug=fdr", *SMALL_ARITH, "data.labeled=null", f"data.responses={good}",
             f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}",
             f"teacher.ckpt_path={arith_teacher_ckpt}"]  # fmt: skip
     datamodule, module, trainer, _ = build_run(train_cfg(*base))
@@ -488,7 +465,7 @@ def test_http_backend_against_a_loopback_server(tmp_path, arith_tok, arith_teach
 
     def gen(out, *extra):
         return generate(compose_cfg("generate_arith", [
-            f"teacher_ckpt={arith_teacher_ckpt}", f"tokenizer={arith_tok}", f"output={out}", *SMALL,
+            f"teacher_ckpt={arith_teacher_ckpt}", f"tokenizer={arith_tok}", f"output={out}", *SMALL_ARITH,
             f"data.tokenizer={arith_tok}", "batch_size=100", f"paths.data_dir={data_dir}",
             f"paths.output_dir={tmp_path}", *extra,
         ]))  # fmt: skip
@@ -530,7 +507,7 @@ def test_report_card_scores_answers(tmp_path, train_cfg, arith_tok, arith_teache
     from distillery.evaluate import evaluate
     from distillery.train import train
 
-    metrics = train(train_cfg("experiment=arith_kd", *SMALL, f"data.tokenizer={arith_tok}", "trainer.max_steps=4",
+    metrics = train(train_cfg("experiment=arith_kd", *SMALL_ARITH, f"data.tokenizer={arith_tok}", "trainer.max_steps=4",
                               "scheduler.warmup_steps=1", "trainer.val_check_interval=2",
                               f"teacher.ckpt_path={arith_teacher_ckpt}", out=tmp_path / "kd"))  # fmt: skip
     report = evaluate(compose_cfg("evaluate", [
@@ -558,7 +535,7 @@ def test_offline_preference_pairs(tmp_path, train_cfg, arith_tok, arith_teacher_
     good = tmp_path / "pairs.jsonl"
     good.write_text("".join(json.dumps({"prompt": p["prompt"], "chosen": p["answer"],
                                         "rejected": str(int(p["answer"]) + 1)}) + "\n" for p in problems))  # fmt: skip
-    base = ["experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}", f"data.pairs={good}",
+    base = ["experiment=arith_dpo", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}", f"data.pairs={good}",
             "task.preference_samples=0", f"teacher.ckpt_path={arith_teacher_ckpt}",
             f"student_init.ckpt_path={arith_teacher_ckpt}", "student=arith_gpt2_small"]  # fmt: skip
     datamodule, module, trainer, _ = build_run(train_cfg(*base))
@@ -590,7 +567,7 @@ def test_prompts_longer_than_the_context_are_refused(train_cfg, arith_tok):
         ConfigError,
         match=r"data: prompts \+ task.max_new_tokens reach \d+ tokens, more than the student's context \(12",
     ):
-        build_run(train_cfg("experiment=arith_sft", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+        build_run(train_cfg("experiment=arith_sft", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
                             "student.config.n_positions=12"))  # fmt: skip
 
 
@@ -601,7 +578,7 @@ def test_verifier_ranks_preference_pairs_before_the_teacher(
     wrong one, whatever the teacher thinks; the teacher only breaks ties."""
     from distillery.data.arith import solve
 
-    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL, f"data.tokenizer={arith_tok}",
+    cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
                     f"teacher.ckpt_path={arith_teacher_ckpt}", f"student_init.ckpt_path={arith_teacher_ckpt}",
                     "student=arith_gpt2_small", "task.preference_samples=6", "task.temperature=2.0",
                     "+task.preference_ranker._target_=distillery.data.arith.verify",
@@ -628,7 +605,7 @@ def test_on_policy_training_resumes_exactly(train_cfg, tmp_path, arith_tok, arit
     steps (2 micro-batches each) and resumed, it ends where the straight run ends."""
     from test_resume import NO_VALIDATION, assert_exact_resume
 
-    common = ["experiment=arith_gkd", *SMALL, f"data.tokenizer={arith_tok}", f"teacher.ckpt_path={arith_teacher_ckpt}",
+    common = ["experiment=arith_gkd", *SMALL_ARITH, f"data.tokenizer={arith_tok}", f"teacher.ckpt_path={arith_teacher_ckpt}",
               "module.accumulate=2", "scheduler.total_steps=6", "scheduler.warmup_steps=1", *NO_VALIDATION]  # fmt: skip
     assert_exact_resume(train_cfg, tmp_path, common, ["trainer.max_steps=6"],
                         ["trainer.max_steps=3"], ["trainer.max_steps=6"])  # fmt: skip
@@ -645,7 +622,7 @@ def test_report_card_of_a_cross_tokenizer_student(
     good = tmp_path / "answers.jsonl"
     dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
     good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
-    metrics = train(train_cfg("experiment=arith_uld", *SMALL, "data.labeled=null", f"data.responses={good}",
+    metrics = train(train_cfg("experiment=arith_uld", *SMALL_ARITH, "data.labeled=null", f"data.responses={good}",
                               f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}",
                               f"teacher.ckpt_path={arith_teacher_ckpt}", "trainer.max_steps=4",
                               "scheduler.warmup_steps=1", "trainer.val_check_interval=2", out=tmp_path / "uld"))  # fmt: skip

@@ -4,11 +4,18 @@ The teacher is rebuilt from the provenance stored in the student checkpoint (its
 weights hash must match), the data from the checkpoint's config; both can be
 overridden (``teacher=...``, ``data=...``). ``compare`` adds more students, e.g.
 ``+compare.baseline=<baseline run checkpoint>``.
+
+``inherited=<config>`` adds what each student inherited (memorisation, safety, groups,
+errors: ``distillery.evaluation.inherited``) beside the teacher's; ``gate=<config>``
+checks thresholds on the finished report (``distillery.evaluation.gate``) and exits
+with code 1, one line per failed check, after writing it. Both are checked against the
+data and the task before any model is loaded.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt = read_checkpoint(cfg.ckpt_path, "ckpt_path")
     run_cfg = OmegaConf.create(ckpt[META_KEY]["config"])
+    datamodule = build(cfg.data if cfg.get("data") is not None else run_cfg.data, "data")
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    task = build_task(run_cfg, datamodule)  # the run's adapter: classes, tokens or embeddings
+    probes, gate = check_inherited_and_gate(cfg, task, datamodule)  # before any model loads
     teacher = build_teacher(cfg) if cfg.get("teacher") is not None else rebuild_teacher(ckpt)
 
     models = {}
@@ -57,14 +69,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for name, path in (cfg.get("compare") or {}).items():
         models[str(name)] = load_any(path, f"compare.{name}")  # run checkpoint or export
 
-    datamodule = build(cfg.data if cfg.get("data") is not None else run_cfg.data, "data")
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    task = build_task(run_cfg, datamodule)  # the run's adapter: classes, tokens or embeddings
     teacher_name = "teacher" if teacher is not None else None
     if teacher_name is None and task.name == "embedding":
         raise ConfigError(["teacher: the embedding report compares with a teacher; none was found"])
-    report, preds = build_report(
+    report, preds, records = build_report(
         models,
         teacher_name,
         datamodule.test_dataloader(),
@@ -93,12 +101,50 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 reliability_diagram(preds_cal, out_dir / "reliability.png")
             )
     report["evaluations"] = run_evaluators(cfg.get("evaluators"), models, preds, teacher_name)
-    js, md = write_report(report, out_dir)
+    inherited_md = ""
+    if probes:
+        from distillery.evaluation.inherited import Evidence, run_probes, to_markdown
+
+        device = cfg.get("device", "cpu")
+        text = {n: task.text_model(m, n == teacher_name, device) for n, m in models.items()} if task.generates else {}  # fmt: skip
+        report["inherited"] = run_probes(
+            probes, Evidence(task, datamodule, teacher_name, records, text)
+        )
+        inherited_md = to_markdown(report["inherited"], probes, teacher_name)
+        if cfg.get("plots", True):
+            from distillery.evaluation.plots import inherited_plot
+
+            path = inherited_plot(report["inherited"], out_dir / "inherited.png", teacher_name)
+            if path is not None:
+                report.setdefault("plots", {})["inherited"] = str(path)
+                inherited_md += f"\n![inherited]({path.name})\n"
+    if gate is not None:
+        report["gate"] = gate(report, teacher_name)
+    js, md = write_report(report, out_dir, inherited_md)
     if cfg.get("wandb"):
         log_report_to_wandb(report, cfg.wandb, out_dir)
     print_table(report)
     log.info("report written to %s and %s", js, md)
     return report
+
+
+def check_inherited_and_gate(cfg: DictConfig, task, datamodule):
+    """The probes of ``inherited`` and the ``gate``, checked against the task and the data
+    (suite files read, group keys and gate metrics resolved): ConfigErrors naming the key."""
+    from distillery.evaluation.gate import Gate
+    from distillery.evaluation.inherited import build_probes
+    from distillery.evaluation.report import report_keys
+
+    probes, metrics = build_probes(cfg.get("inherited"), task, datamodule)
+    gate = None
+    if cfg.get("gate") is not None:
+        node = OmegaConf.to_container(cfg.gate, resolve=True)
+        try:
+            gate = Gate(node.get("checks"), node.get("models"))
+            gate.check_metrics(list(report_keys(task)), metrics)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from e
+    return probes, gate
 
 
 def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> None:
@@ -121,10 +167,26 @@ def log_report_to_wandb(report: dict[str, Any], wandb_cfg, out_dir: Path) -> Non
         )
         for key, result in (report.get("evaluations") or {}).items():
             payload[f"evaluations/{key}"] = wandb.Html(f"<pre>{result.get('markdown', '')}</pre>")
+        for section, rows in inherited_tables(report.get("inherited") or {}).items():
+            payload[f"inherited/{section}"] = wandb.Table(columns=rows[0], data=rows[1:])
         run.log(payload)
         run.summary.update({f"{n}/{k}": report["models"][n][k] for n in names for k in keys})
     finally:
         run.finish()
+
+
+def inherited_tables(inherited: dict[str, dict]) -> dict[str, list[list]]:
+    """``{section: [header, *rows]}``: one row per model, its numeric metrics as columns."""
+    out: dict[str, list[list]] = {}
+    for section in sorted({s for secs in inherited.values() for s in secs}):
+        rows = {n: {k: v for k, v in secs[section].items() if isinstance(v, int | float)}
+                for n, secs in inherited.items() if section in secs}  # fmt: skip
+        cols = sorted({k for r in rows.values() for k in r})
+        out[section] = [
+            ["model", *cols],
+            *([n, *(r.get(k) for k in cols)] for n, r in rows.items()),
+        ]
+    return out
 
 
 def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -> dict[str, Any]:
@@ -153,7 +215,12 @@ def run_evaluators(nodes, models: dict, preds: dict, teacher_name: str | None) -
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    exit_on_config_error(lambda: evaluate(cfg))
+    report = exit_on_config_error(lambda: evaluate(cfg))
+    gate = (report or {}).get("gate")
+    if gate is not None and not gate["passed"]:
+        for line in gate["failures"]:
+            print(line, file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

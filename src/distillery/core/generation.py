@@ -253,3 +253,48 @@ def prompts_of(batch: dict) -> list[list[int]]:
 def answers_of(batch: dict) -> list[list[int]]:
     """The reference answers of such a batch (the trained next tokens of each row)."""
     return [row[row != IGNORE].tolist() for row in batch["labels"]]
+
+
+class TextModel:
+    """A causal LM seen through its tokenizer: text in, greedy text or log-likelihoods out
+    (the probes of ``distillery.evaluation.inherited``). Prompt and continuation are
+    tokenized apart, as :func:`pack` packs them for training."""
+
+    def __init__(self, model: nn.Module, tokenizer, device="cpu", batch_size: int = 500):
+        self.model, self.tokenizer, self.device, self.batch_size = (
+            model,
+            tokenizer,
+            device,
+            batch_size,
+        )
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts))["input_ids"] if texts else []
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``prompts``, decoded (special tokens dropped)."""
+        gen, out = generator_for(self.model, self.eos_id, self.pad_id), []
+        ids = self._ids(prompts)
+        for i in range(0, len(ids), self.batch_size):
+            answers = gen(ids[i : i + self.batch_size], max_new_tokens, 0.0)
+            out += self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return out
+
+    @torch.no_grad()
+    def logprob(self, prompts: list[str], continuations: list[str]) -> Tensor:
+        """``log p(continuation | prompt)``: the sum over the continuation's tokens (no EOS),
+        float64 ``[N]`` on the CPU."""
+        from distillery.losses.preference import sequence_logprob
+
+        p_ids, c_ids = self._ids(prompts), self._ids(continuations)
+        out = []
+        for i in range(0, len(p_ids), self.batch_size):
+            packed = pack(
+                p_ids[i : i + self.batch_size], c_ids[i : i + self.batch_size], self.pad_id
+            )
+            logits = self.model(packed["input_ids"].to(self.device))  # right-padded, causal
+            out.append(sequence_logprob(logits, packed["labels"].to(self.device)).double().cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -417,7 +417,7 @@ class ArithDataModule(L.LightningDataModule):
         self.refusals, self.unanswerable = refusals, unanswerable
         self.input_norm, self.tokenizer, self.teacher_tokenizer, self.groups = None, None, None, []
         self.train_set = self.val_set = self.test_set = None
-        self.collate = None
+        self.collate, self._splits = None, None
 
     def load_tokenizer(self):
         """The student's tokenizer (``tokenizer``): the character tokenizer, or with
@@ -446,6 +446,11 @@ class ArithDataModule(L.LightningDataModule):
 
     def splits(self) -> dict[str, list[dict]]:
         """The problems of each split (test and val first, so train sizes leave them be)."""
+        if self._splits is None:
+            self._splits = self._make_splits()
+        return self._splits
+
+    def _make_splits(self) -> dict[str, list[dict]]:
         n, pad, ops = self.max_digits, self.pad_operands, self.ops
         test = make_problems(self.num_test, self.seed * 3 + 1, n, pad=pad, ops=ops)
         val = make_problems(
@@ -482,6 +487,13 @@ class ArithDataModule(L.LightningDataModule):
         return [group_value(p, key) for p in self.splits()[split]]
 
     group_keys = GROUP_KEYS
+
+    def training_texts(self) -> list[str]:
+        """Every distinct training prompt + answer (the true answers), in order."""
+        return list(dict.fromkeys(p["prompt"] + p["answer"] for p in self.splits()["train"]))
+
+    def test_prompts(self) -> list[str]:
+        return [p["prompt"] for p in self.splits()["test"]]
 
     def training_prompts(self) -> list[str]:
         """Every distinct training prompt, in order (canaries once)."""

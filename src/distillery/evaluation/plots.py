@@ -87,3 +87,44 @@ def quality_vs_latency(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def inherited_plot(inherited: dict[str, dict], path: Path, teacher: str | None) -> Path | None:
+    """What the students inherited, at a glance: quality per group (bars per model, the
+    teacher first) and, when canaries were measured, canary exposure per model."""
+    groups = {n: {k.split("/", 1)[1]: v for k, v in s.get("groups", {}).items() if k.startswith("quality/")}
+              for n, s in inherited.items()}  # fmt: skip
+    groups = {n: g for n, g in groups.items() if g}
+    exposure = {n: s["memorization"]["exposure"] for n, s in inherited.items()
+                if s.get("memorization", {}).get("exposure") is not None}  # fmt: skip
+    if not groups and not exposure:
+        return None
+    plt = _pyplot()
+    panels = [p for p, on in (("groups", groups), ("exposure", exposure)) if on]
+    widths = [3 if p == "groups" else 1 for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * sum(widths), 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "groups":
+            names = sorted(groups, key=lambda n: n != teacher)
+            labels = sorted({g for q in groups.values() for g in q})
+            w = 0.8 / len(names)
+            for i, n in enumerate(names):
+                xs = [j + i * w for j in range(len(labels))]
+                ax.bar(xs, [groups[n].get(g, 0.0) for g in labels], width=w, label=n)
+            ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))], labels, rotation=60,
+                          ha="right", fontsize=7)  # fmt: skip
+            ax.set_ylabel("quality (share correct)")
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize=7)
+            ax.set_title("quality per group")
+        else:
+            names = list(exposure)
+            ax.bar(range(len(names)), [exposure[n] for n in names], color="tab:red")
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("bits")
+            ax.set_title("canary exposure")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -34,18 +34,20 @@ def report_keys(task) -> tuple[str, ...]:
 @torch.no_grad()
 def held_out_pass(
     models: dict[str, nn.Module], teacher_name: str | None, loader, task, num_classes, device
-) -> tuple[dict[str, dict[str, float]], torch.Tensor, dict[str, tuple]]:
+) -> tuple[dict[str, dict[str, float]], torch.Tensor, dict[str, tuple], dict[str, dict]]:
     """One pass of every model over ``loader`` into its own instance of the task's
     metrics, the teacher's output as the reference. Returns ``({model: {metric: value}},
     {model: the first batch's input to it} (for the speed measurements), predictions)``; with
     ``task.keeps_predictions``, predictions are ``{model: (outputs, labels, inputs,
-    sample ids)}`` on the CPU, else empty."""
+    sample ids)}`` on the CPU, else empty. Per-sample records (``task.sample_records``:
+    answers, correctness) go to ``records[model]`` as lists, when the task has them."""
     for m in models.values():
         if isinstance(m, nn.Module) and not hasattr(m, "session"):
             m.to(device)
         m.eval()
     metrics = {n: task.metrics(num_classes, teacher_name is not None) for n in models}
     kept: dict[str, list] = {n: [] for n in models} if task.keeps_predictions else {}
+    records: dict[str, dict[str, list]] = {n: {} for n in models}
     example = None
     for b in loader:
         x = task.model_input(b)
@@ -61,11 +63,13 @@ def held_out_pass(
             metrics[n].update(out, labels, ref, b.get("sample_id"))
             if kept:
                 kept[n].append((out, labels, x, b["sample_id"]))
+            for field, col in (task.sample_records(out, b, n == teacher_name) or {}).items():
+                records[n].setdefault(field, []).extend(col)
     values = {n: {k: float(v.compute()) for k, v in m.items()} for n, m in metrics.items()}
     preds = {
         n: tuple(torch.cat(col) for col in zip(*rows, strict=True)) for n, rows in kept.items()
     }
-    return values, example, preds
+    return values, example, preds, records
 
 
 def build_report(
@@ -78,10 +82,12 @@ def build_report(
     price_per_hour: float = 0.0,
     latency: dict | None = None,
     throughput_cfg: dict | None = None,
-) -> tuple[dict[str, Any], dict[str, tuple]]:
-    """``({"models": {name: row}, "keys": [...], ...}, predictions)``; ``teacher_name``
-    is the reference (None: no teacher columns)."""
-    values, example, preds = held_out_pass(models, teacher_name, loader, task, num_classes, device)
+) -> tuple[dict[str, Any], dict[str, tuple], dict[str, dict]]:
+    """``({"models": {name: row}, "keys": [...], ...}, predictions, per-sample records)``;
+    ``teacher_name`` is the reference (None: no teacher columns)."""
+    values, example, preds, records = held_out_pass(
+        models, teacher_name, loader, task, num_classes, device
+    )
     speed_cfg = {**task.throughput_defaults, **(throughput_cfg or {})}
     keys = report_keys(task)
     report: dict[str, Any] = {
@@ -99,7 +105,7 @@ def build_report(
         row |= {k: speed[k] for k in SPEED_KEYS}
         row |= {rate_key: speed["throughput"], cost_key: speed["cost_per_million"]}
         report["models"][name] = {k: row.get(k) for k in keys}
-    return report, preds
+    return report, preds, records
 
 
 def _fmt(v) -> str:
@@ -133,12 +139,25 @@ def to_markdown(report: dict[str, Any]) -> str:
     return text
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+def gate_markdown(gate: dict[str, Any]) -> str:
+    if gate["passed"]:
+        return f"\n## Gate\n\nPassed: all {len(gate['checks'])} checks.\n"
+    return "\n## Gate\n\nFailed:\n\n" + "".join(f"- {line}\n" for line in gate["failures"])
+
+
+def write_report(
+    report: dict[str, Any], out_dir: str | Path, inherited_md: str = ""
+) -> tuple[Path, Path]:
+    """``report.json`` and ``report.md`` (with the "What the student inherited" section
+    and the gate's verdict when there are any)."""
     from distillery.core.checkpoint import atomic_write_text
 
     out = Path(out_dir)
     js = atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    md = atomic_write_text(out / "report.md", "# Report card\n\n" + to_markdown(report))
+    text = "# Report card\n\n" + to_markdown(report)
+    text += f"\n{inherited_md}" if inherited_md else ""
+    text += gate_markdown(report["gate"]) if report.get("gate") else ""
+    md = atomic_write_text(out / "report.md", text)
     return js, md
 
 

@@ -34,6 +34,7 @@ class Task:
         quality_key: the column the quality-vs-latency plot uses.
         keeps_predictions: the report card keeps every model's outputs for plots and
             evaluators (classifiers; token logits are too large).
+        generates: the models write text (:meth:`text_model`; prompt/answer tasks).
     """
 
     name = "task"
@@ -44,6 +45,7 @@ class Task:
     speed_columns = ("throughput", "cost_per_million")
     quality_key = ""
     keeps_predictions = False
+    generates = False
     throughput_defaults: dict[str, Any] = {}
 
     def check(self, module) -> None:
@@ -96,6 +98,17 @@ class Task:
     def teacher_scores(self, teacher: nn.Module, out: Any, batch: dict, device) -> None:
         """Add to a model's :meth:`predict` output what needs the teacher run on that
         model's own outputs (report card). Default: nothing."""
+
+    def sample_records(self, out: Any, batch: dict, teacher: bool = False) -> dict | None:
+        """Per test sample, from a model's :meth:`predict` output: ``{sample_id, answer,
+        correct, ...}`` lists (``distillery.evaluation.inherited``: groups, repeated
+        errors). None: the task has no per-sample answer (e.g. sentence encoders)."""
+        return None
+
+    def text_model(self, model: nn.Module, teacher: bool = False, device="cpu"):
+        """The model as a ``core.generation.TextModel`` (text in, text out) for probes that
+        prompt it (memorisation, safety); None: the task does not generate."""
+        return None
 
     def labels(self, batch: dict) -> Tensor:
         """What the held-out metrics compare with (class ids, next tokens, targets)."""

@@ -52,6 +52,14 @@ class ClassificationTask(Task):
     def control_term(self):
         return "task", {"_target_": "distillery.losses.CrossEntropy"}
 
+    def sample_records(self, out, batch: dict, teacher: bool = False) -> dict:
+        """Predicted class (``answer``), ``correct``, ``label`` and ``confidence`` per sample."""
+        labels = self.labels(batch)
+        pred, conf = out.argmax(-1), out.float().softmax(-1).max(-1).values
+        return {"sample_id": batch["sample_id"].tolist(), "answer": pred.tolist(),
+                "correct": (pred == labels).tolist(), "label": labels.tolist(),
+                "confidence": conf.tolist()}  # fmt: skip
+
     def metrics(self, num_classes, with_teacher):
         return ClassificationMetrics(num_classes, with_teacher)
 

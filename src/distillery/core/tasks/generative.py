@@ -66,6 +66,7 @@ class GenerativeLMTask(CausalLMTask):
     output_kind = "prompt_answer"
     report_keys = ("exact_match", "teacher_nll", "nll", "answer_agreement", "quality_retained")
     quality_key = "exact_match"
+    generates = True
     throughput_defaults = {"batch_size": 64, "repeats": 3}
 
     def __init__(
@@ -276,6 +277,25 @@ class GenerativeLMTask(CausalLMTask):
         if view is not batch:  # the teacher of a cross-tokenizer run: its own tokens
             out.labels = view["labels"]
         return out
+
+    def sample_records(self, out: Answers, batch: dict, teacher: bool = False) -> dict:
+        """Per prompt: the greedy ``answer`` as text, ``correct`` (exact match, as
+        ``AnswerMetrics`` counts it) and the ``reference`` answer as text."""
+        tok = self.teacher_tokenizer if teacher and self.cross else self.tokenizer
+        labels = batch["labels"] if out.labels is None else out.labels
+        refs = [row[row != IGNORE].tolist() for row in labels]
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return {"sample_id": batch["sample_id"].tolist(),
+                "answer": [decode(a) for a in out.answers],
+                "correct": [a == r for a, r in zip(out.answers, refs, strict=True)],
+                "reference": [decode(r) for r in refs]}  # fmt: skip
+
+    def text_model(self, model, teacher: bool = False, device="cpu"):
+        from distillery.core.generation import TextModel
+
+        return TextModel(
+            model, self.teacher_tokenizer if teacher and self.cross else self.tokenizer, device
+        )
 
     @torch.no_grad()
     def score(
