@@ -269,3 +269,14 @@ def test_behaviour_rows_follow_the_problems_and_reach_students_as_prompts(arith_
     assert (
         dm.sample_groups("carries", "test")[0].endswith("c") and len(dm.sample_groups("op")) == 10
     )
+
+
+def test_inherited_tables_for_wandb():
+    from distillery.evaluate import inherited_tables
+
+    tables = inherited_tables({
+        "teacher": {"safety": {"pass_rate": 1.0, "failures": []}},
+        "student": {"safety": {"pass_rate": 0.5, "pass_rate/x": 0.0, "failures": [{"prompt": "p"}]}},
+    })  # fmt: skip
+    assert tables["safety"] == [["model", "pass_rate", "pass_rate/x"], ["teacher", 1.0, None],
+                                ["student", 0.5, 0.0]]  # fmt: skip

@@ -359,3 +359,31 @@ def test_report_attached_to_an_offline_wandb_run(kd_student, tmp_path, monkeypat
     import wandb
 
     assert wandb.run is None
+
+
+def test_classifier_inherited_groups_errors_gate_and_model_card(kd_student, tmp_path):
+    """inherited=classifier: accuracy per class teacher vs student (the worst class, the
+    largest drop) and the teacher's errors the student repeats, the same count as the
+    DisagreementAnalysis on logits; the gate's verdict; the model card's section."""
+    report_dir = tmp_path / "report"
+    report = evaluate(compose_cfg("evaluate", [
+        f"ckpt_path={kd_student}", f"paths.output_dir={report_dir}", "inherited=classifier",
+        "gate=classifier", "gate.checks=[{metric: inherited.groups.max_drop, max: -1}]",
+    ]))  # fmt: skip
+    inh = report["inherited"]
+    s, t = inh["student"], inh["teacher"]
+    classes = [k for k in s["groups"] if k.startswith("quality/")]
+    assert len(classes) == 10 and t["groups"]["max_drop"] == 0.0
+    drops = {k.split("/", 1)[1]: t["groups"][k] - s["groups"][k] for k in classes}
+    assert s["groups"]["max_drop"] == pytest.approx(max(drops.values()))
+    assert s["groups"]["worst_quality"] == min(s["groups"][k] for k in classes)
+    repeated = report["evaluations"]["disagreement/student"]["inherited_teacher_errors"]
+    assert s["errors"]["repeated_teacher_errors"] == pytest.approx(repeated)
+    assert not report["gate"]["passed"]  # max_drop <= -1 cannot hold
+    assert (report_dir / "inherited.png").is_file()
+    out = tmp_path / "export"
+    export(compose_cfg("export", [f"ckpt_path={kd_student}", "format=state_dict",
+                                  f"paths.output_dir={out}", f"report={report_dir / 'report.json'}"]))  # fmt: skip
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## What the student inherited" in card and "| groups | max_drop |" in card
+    assert "Release gate: FAILED:" in card

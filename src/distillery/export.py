@@ -273,7 +273,36 @@ def export_student(
     return path
 
 
-def model_card(ckpt: dict[str, Any], export_path: Path, metrics: dict | None) -> str:
+def inherited_lines(inherited: dict | None, teacher: dict | None, gate: dict | None) -> list[str]:
+    """The model card's "What the student inherited": each probe's numbers for the
+    student beside the teacher's (``distillery.evaluate inherited=...``), and the gate."""
+    if not inherited:
+        return []
+
+    def cell(x) -> str:
+        return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    lines = ["", "## What the student inherited", "", "| section | metric | student | teacher |",
+             "|---|---|---|---|"]  # fmt: skip
+    for section, values in inherited.items():
+        ref = (teacher or {}).get(section, {})
+        for k, v in values.items():
+            if v is None or (isinstance(v, int | float | str) and not isinstance(v, bool)):
+                lines.append(f"| {section} | {k} | {cell(v)} | {cell(ref.get(k))} |")
+    if gate is not None:
+        lines += ["", "Release gate: " + ("passed." if gate["passed"] else "FAILED:")]
+        lines += [f"- {f}" for f in gate["failures"]]
+    return lines
+
+
+def model_card(
+    ckpt: dict[str, Any],
+    export_path: Path,
+    metrics: dict | None,
+    inherited: dict | None = None,
+    teacher_inherited: dict | None = None,
+    gate: dict | None = None,
+) -> str:
     from distillery.core.checkpoint import META_KEY
 
     meta = ckpt[META_KEY]
@@ -332,6 +361,7 @@ def model_card(ckpt: dict[str, Any], export_path: Path, metrics: dict | None) ->
         ]
     else:
         lines.append("No report given (run `python -m distillery.evaluate` and pass `report=`).")
+    lines += inherited_lines(inherited, teacher_inherited, gate)
     lines += [
         "",
         "## Caveat",
@@ -362,7 +392,6 @@ def export(cfg: DictConfig) -> Path:
     path = export_student(
         cfg.ckpt_path, cfg.format, out_dir, example, cfg.atol, cfg.int8_tolerance
     )  # removes a bad export
-    metrics = None
     if cfg.get("report"):
         report = json.loads(Path(cfg.report).read_text())
         names = [
@@ -371,7 +400,12 @@ def export(cfg: DictConfig) -> Path:
         if not names:
             raise ValueError(f"report: {cfg.report} has no model for ckpt_path {cfg.ckpt_path}")
         metrics = report["models"][names[0]]
-    (out_dir / "MODEL_CARD.md").write_text(model_card(ckpt, path, metrics))
+        inherited = report.get("inherited", {})
+        card = model_card(ckpt, path, metrics, inherited.get(names[0]), inherited.get("teacher"),
+                          report.get("gate"))  # fmt: skip
+    else:
+        card = model_card(ckpt, path, None)
+    (out_dir / "MODEL_CARD.md").write_text(card)
     return path
 
 
