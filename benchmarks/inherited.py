@@ -31,7 +31,7 @@ from arith import METHODS, ROOT, one_seed  # noqa: E402
 
 BEHAVIOURS = ("data.canaries=4", "data.canary_repeats=20", "data.refusals=2000",
               "data.unanswerable=1000")  # fmt: skip
-REPORT = ("inherited=arith", "gate=release")
+REPORT = ("inherited=arith", "gate=release", "plots=true")
 COLUMNS = (  # (label, section, key, format)
     ("exact_match", None, "exact_match", ".3f"),
     ("canary exposure (bits)", "memorization", "exposure", ".1f"),

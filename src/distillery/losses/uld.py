@@ -53,18 +53,15 @@ class ULD(LossTerm):
         if teacher_labels is None:  # one tokenizer: the same positions
             teacher_labels = out.labels
         s_mask, t_mask = out.labels != IGNORE, teacher_labels != IGNORE
-        rows, s_pos, t_pos = [], [], []
-        for b in range(out.labels.shape[0]):
-            sp, tp = s_mask[b].nonzero().squeeze(1), t_mask[b].nonzero().squeeze(1)
-            n = min(len(sp), len(tp))
-            rows.append(torch.full((n,), b, device=sp.device))
-            s_pos.append(sp[:n])
-            t_pos.append(tp[:n])
-        rows, s_pos, t_pos = torch.cat(rows), torch.cat(s_pos), torch.cat(t_pos)
+        # the k-th response token of each side, k < the shorter response: row-major order
+        # pairs them, as both sides keep the same number of positions per row
+        n = torch.minimum(s_mask.sum(1), t_mask.sum(1)).unsqueeze(1)
+        rows, s_pos = (s_mask & (s_mask.cumsum(1) <= n)).nonzero(as_tuple=True)
+        t_rows, t_pos = (t_mask & (t_mask.cumsum(1) <= n)).nonzero(as_tuple=True)
         values = torch.zeros(out.labels.shape, dtype=torch.float32, device=out.student.device)
         if len(rows):
             d = uld_per_row(
-                out.student[rows, s_pos], out.teacher[rows, t_pos].detach(), self.temperature
+                out.student[rows, s_pos], out.teacher[t_rows, t_pos].detach(), self.temperature
             )
             values = values.index_put((rows, s_pos), d)
         return values

@@ -28,7 +28,9 @@ class Groups:
     def check(self, task, datamodule) -> list[str]:
         keys = tuple(getattr(datamodule, "group_keys", ()))
         if self.key == "label" and task.name == "classification":
-            return ["worst_quality", "max_drop", "mean_quality"]
+            classes = [str(c) for c in range(getattr(datamodule, "num_classes", 0) or 0)]
+            return ["worst_quality", "max_drop", "mean_quality", *(f"quality/{c}" for c in classes),
+                    *(f"drop/{c}" for c in classes)]  # fmt: skip
         if self.key not in keys:
             have = list(keys) + (["label"] if task.name == "classification" else [])
             raise ValueError(
