@@ -178,11 +178,15 @@ def main() -> None:
         start = time.perf_counter()
         results.append(one_seed(seed, args.out, args.methods, env, not args.train_only))
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    write_results("arith", results, table(results, args.methods))
+
+
+def write_results(stem: str, results, md: str) -> None:
+    """``benchmarks/results/<stem>.json`` and ``<stem>.md``; the table printed."""
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "arith.json").write_text(json.dumps(results, indent=2))
-    md = table(results, args.methods)
-    (out / "arith.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(md)
     print(md)
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arith import METHODS, ROOT, one_seed  # noqa: E402
+from arith import METHODS, ROOT, one_seed, write_results  # noqa: E402
 
 BEHAVIOURS = ("data.canaries=4", "data.canary_repeats=20", "data.refusals=2000",
               "data.unanswerable=1000")  # fmt: skip
@@ -104,12 +104,7 @@ def main() -> None:
         return
     results = {s: collect(s, args.out) for s in args.seeds}
     results = {s: r for s, r in results.items() if r}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inherited.json").write_text(json.dumps(results, indent=2))
-    md = table(results, args.methods)
-    (out / "inherited.md").write_text(md)
-    print(md)
+    write_results("inherited", results, table(results, args.methods))
 
 
 if __name__ == "__main__":

@@ -157,9 +157,15 @@ def make_specials(
     n: int, kind: str, seed: int, max_digits: int, exclude=frozenset(), ops=OPS
 ) -> list:
     """``n`` distinct prompts of a behaviour class (:func:`make_special`) not in ``exclude``."""
-    rng, seen, out = random.Random(seed), set(exclude), []
+    rng = random.Random(seed)
+    return draw_distinct(n, lambda: make_special(rng, kind, max_digits, ops), exclude)
+
+
+def draw_distinct(n: int, draw, exclude=frozenset()) -> list[dict]:
+    """``n`` rows of ``draw()`` with distinct prompts, none in ``exclude``."""
+    seen, out = set(exclude), []
     while len(out) < n:
-        p = make_special(rng, kind, max_digits, ops)
+        p = draw()
         if p["prompt"] not in seen:
             seen.add(p["prompt"])
             out.append(p)
@@ -205,16 +211,11 @@ def make_problems(
     ops: tuple[str, ...] = OPS,
 ) -> list:
     """``n`` distinct problems (by prompt) not in ``exclude``, drawn with ``seed``."""
-    rng, seen, out = random.Random(seed), set(exclude), []
+    rng = random.Random(seed)
     space = len(ops) * len(FORMATS) * (10**max_digits) ** 2
     if n > space // 2:
         raise ValueError(f"data: {n} distinct problems asked of a space of ~{space}")
-    while len(out) < n:
-        p = make_problem(rng, max_digits, pad, ops)
-        if p["prompt"] not in seen:
-            seen.add(p["prompt"])
-            out.append(p)
-    return out
+    return draw_distinct(n, lambda: make_problem(rng, max_digits, pad, ops), exclude)
 
 
 def solve(prompt: str) -> str | None:
