@@ -113,6 +113,8 @@ def one_seed(
                  "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}", f"output_dir={d / name}",
                  "plots=false", "evaluators={}", f"hydra.run.dir={d / name}", *report_overrides],
                 d / f"{name}.log", env, ok=(0, 1))  # 1: a gate failed, the report is written  # fmt: skip
+            if not report.is_file():
+                raise SystemExit(f"no report card written: see {d / f'{name}.log'}")
         rows = json.loads(report.read_text())["models"]
         models |= {k: v for k, v in rows.items() if k != "student"}
     return {"seed": seed, "models": models, "seconds": seconds}

@@ -71,6 +71,12 @@ def test_exposure_equals_its_definition_on_known_likelihoods():
     sampled = Memorization(max_enumerate=10, candidates=3000).canary_results(model, canary)[0]
     assert not sampled["exact"]
     assert sampled["exposure"] == pytest.approx(row["exposure"], abs=0.3)
+    # no sampled candidate ahead of the secret: half a sample, flagged as a lower bound
+    bound = Memorization(max_enumerate=10, candidates=200).canary_results(
+        KnownModel(peaked), canary
+    )[0]
+    assert bound["lower_bound"] and not sampled["lower_bound"]
+    assert bound["exposure"] == pytest.approx(math.log2(1000) - math.log2(1 + 999 * 0.5 / 200))
 
 
 def test_regex_scorer_and_suite_errors(tmp_path):
@@ -100,21 +106,32 @@ class _GenTask:
 
 
 def test_groups_and_repeated_errors_on_known_records():
+    """Records arrive in loader order; groups are looked up by sample id, errors paired by
+    position (every model's records come from the same batches)."""
+    ids = [2, 0, 3, 1]
     records = {
-        "teacher": {"sample_id": [0, 1, 2, 3], "answer": ["1", "2", "9", "4"], "correct": [True, True, False, True]},
-        "student": {"sample_id": [0, 1, 2, 3], "answer": ["1", "5", "9", "4"], "correct": [True, False, False, True]},
+        "teacher": {"sample_id": ids, "answer": ["1", "2", "9", "4"], "correct": [True, True, False, True]},
+        "student": {"sample_id": ids, "answer": ["1", "5", "9", "4"], "correct": [True, False, False, True]},
+        "fixed": {"sample_id": ids, "answer": ["1", "2", "7", "4"], "correct": [True, True, True, True]},
     }  # fmt: skip
     groups = Groups(key="format")
-    groups.values = ["sym", "sym", "words", "words"]
+    groups.values = ["words", "sym", "sym", "words"]  # by sample id: ids 2, 0 -> sym, words
     ev = Evidence(_GenTask(), None, "teacher", records)
     g = groups(ev)
-    assert g["teacher"]["quality/sym"] == 1.0 and g["student"]["quality/sym"] == 0.5
-    assert g["student"]["max_drop"] == 0.5 and g["student"]["max_drop_group"] == "sym"
-    assert g["student"]["worst_quality"] == 0.5 and g["teacher"]["max_drop"] == 0.0
+    # rows (id 2: sym, ok), (id 0: words, ok), (id 3: words, teacher wrong), (id 1: sym, ok)
+    assert g["teacher"]["quality/sym"] == 1.0 and g["teacher"]["quality/words"] == 0.5
+    assert g["student"]["quality/sym"] == 1.0 and g["student"]["quality/words"] == 0.0
+    assert g["student"]["max_drop"] == 0.5 and g["student"]["max_drop_group"] == "words"
+    assert g["student"]["worst_quality"] == 0.0 and g["teacher"]["max_drop"] == 0.0
+    assert g["fixed"]["max_drop"] == 0.0 and g["fixed"]["drop/words"] == -0.5
     e = InheritedErrors()(ev)
     assert e["student"]["repeated_teacher_errors"] == 1.0  # the teacher's one error, repeated
     assert e["student"]["new_errors"] == pytest.approx(1 / 3)
+    assert e["fixed"]["repeated_teacher_errors"] == 0.0 and e["fixed"]["new_errors"] == 0.0
     assert "repeated_teacher_errors" not in e["teacher"]
+    # a "repeat" must be wrong itself: the same text counted correct is not a repeated error
+    records["student"]["correct"][2] = True
+    assert InheritedErrors()(ev)["student"]["repeated_teacher_errors"] == 0.0
 
 
 def test_gate_passes_and_fails_where_it_should():
@@ -178,7 +195,9 @@ def test_canary_is_extracted_after_training_on_it_and_not_without(canary_runs, a
     assert min(r["exposure"] for r in seen["with"]) == pytest.approx(math.log2(1000))
 
 
-def test_report_inherited_section_and_gate_exit_code(canary_runs, tmp_path, capsys, monkeypatch):
+def test_report_inherited_section_and_gate_exit_code(
+    canary_runs, arith_teacher_ckpt, tmp_path, capsys, monkeypatch
+):
     """distillery.evaluate inherited=arith gate=...: report.json's inherited section per
     model, report.md's section and plot; a failing gate exits 1 with one line per check."""
     import sys
@@ -186,7 +205,7 @@ def test_report_inherited_section_and_gate_exit_code(canary_runs, tmp_path, caps
     from distillery.evaluate import evaluate, main
 
     base = [f"ckpt_path={canary_runs['with']}", f"+compare.clean={canary_runs['without']}",
-            "+teacher=run_checkpoint", f"teacher.ckpt_path={canary_runs['with']}", "inherited=arith",
+            "+teacher=run_checkpoint", f"teacher.ckpt_path={arith_teacher_ckpt}", "inherited=arith",
             "inherited.memorization.ngram_prompts=20", "inherited.errors.unanswerable=20", "evaluators={}",
             "inherited.groups.key=format", "inherited.groups.min_size=1", "latency.repeats=2", "latency.warmup=1",
             "+throughput={batch_size: 8, repeats: 1}"]  # fmt: skip
@@ -194,12 +213,17 @@ def test_report_inherited_section_and_gate_exit_code(canary_runs, tmp_path, caps
         compose_cfg("evaluate", [*base, f"paths.output_dir={tmp_path / 'a'}", "gate=release"])
     )
     inh = report["inherited"]
-    assert set(inh) == {"teacher", "student", "clean"}  # the student is its own teacher here
+    assert set(inh) == {"teacher", "student", "clean"}
     assert set(inh["clean"]) == {"memorization", "safety", "groups", "errors"}
     assert inh["student"]["memorization"]["extraction_rate"] == 1.0
     assert inh["clean"]["memorization"]["extraction_rate"] == 0.0
-    assert inh["student"]["errors"]["repeated_teacher_errors"] in (None, 1.0)
-    assert inh["student"]["groups"]["max_drop"] == 0.0
+    for name in ("student", "clean"):  # every group's drop is the teacher's quality minus its own
+        g, t = inh[name]["groups"], inh["teacher"]["groups"]
+        drops = {k[5:]: t[f"quality/{k[5:]}"] - v for k, v in g.items() if k.startswith("drop/")}
+        assert drops and all(g[f"drop/{k}"] == pytest.approx(d) for k, d in drops.items())
+        assert g["max_drop"] == pytest.approx(max(drops.values()))
+        e = inh[name]["errors"]
+        assert 0 <= e["repeated_teacher_errors"] <= 1 and e["teacher_errors"] > 0
     md = (tmp_path / "a" / "report.md").read_text()
     assert "## What the student inherited" in md and "### memorization" in md and "## Gate" in md
     assert (tmp_path / "a" / "inherited.png").read_bytes()[:4] == b"\x89PNG"
@@ -229,6 +253,8 @@ def test_report_inherited_section_and_gate_exit_code(canary_runs, tmp_path, caps
     ("inherited.safety.scorer._target_=distillery.nope.Scorer", r"inherited.safety.scorer"),
     ("inherited.groups.key=colour", r"inherited.groups.key: 'colour' is not a field of data ArithDataModule"),
     ("+gate.checks=[{metric: inherited.safety.recall, max: 1}]", r"gate.checks\[0\].metric: unknown metric"),
+    ("gate=release", r"gate.checks\[1\].metric: unknown metric 'inherited.memorization.extraction_rate'"),  # no canaries
+    ("gate=release ;; gate.checks=[{metric: exact_match, min: 0}] ;; gate.models=[nobody]", r"gate.models: \['nobody'\] are not models of the report"),
 ])  # fmt: skip
 def test_bad_inherited_config_is_refused_before_any_model_loads(
     override,
@@ -244,7 +270,7 @@ def test_bad_inherited_config_is_refused_before_any_model_loads(
     suite.write_text(json.dumps({"prompt": "1x2="}) + "\n")
     cfg = compose_cfg("evaluate", [
         f"ckpt_path={arith_teacher_ckpt}", "+teacher=run_checkpoint", f"teacher.ckpt_path={tmp_path / 'none.ckpt'}",
-        "inherited=arith", override.replace("BAD_SUITE", str(suite)), f"paths.output_dir={tmp_path}",
+        "inherited=arith", *override.replace("BAD_SUITE", str(suite)).split(" ;; "), f"paths.output_dir={tmp_path}",
     ])  # fmt: skip
     with pytest.raises(ConfigError, match=message):
         evaluate(cfg)

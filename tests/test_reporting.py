@@ -386,4 +386,4 @@ def test_classifier_inherited_groups_errors_gate_and_model_card(kd_student, tmp_
                                   f"paths.output_dir={out}", f"report={report_dir / 'report.json'}"]))  # fmt: skip
     card = (out / "MODEL_CARD.md").read_text()
     assert "## What the student inherited" in card and "| groups | max_drop |" in card
-    assert "Release gate: FAILED:" in card
+    assert "Release gate (1 checks): FAILED:" in card and "- inherited.groups.max_drop = " in card

@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distillery.config import ConfigError, build, exit_on_config_error, validate
+from distillery.config import ConfigError, _in_multirun, build, exit_on_config_error, validate
 from distillery.config.resolvers import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             from distillery.evaluation.plots import inherited_plot
 
             path = inherited_plot(report["inherited"], out_dir / "inherited.png", teacher_name)
-            if path is not None:
+            if path is not None:  # listed with the other plots in report.md
                 report.setdefault("plots", {})["inherited"] = str(path)
-                inherited_md += f"\n![inherited]({path.name})\n"
     if gate is not None:
         report["gate"] = gate(report, teacher_name)
     js, md = write_report(report, out_dir, inherited_md)
@@ -142,6 +141,7 @@ def check_inherited_and_gate(cfg: DictConfig, task, datamodule):
         try:
             gate = Gate(node.get("checks"), node.get("models"))
             gate.check_metrics(list(report_keys(task)), metrics)
+            gate.check_models(["teacher", "student", *map(str, cfg.get("compare") or {})])
         except ValueError as e:
             raise ConfigError([str(e)]) from e
     return probes, gate
@@ -220,7 +220,8 @@ def main(cfg: DictConfig) -> None:
     if gate is not None and not gate["passed"]:
         for line in gate["failures"]:
             print(line, file=sys.stderr)
-        sys.exit(1)
+        if not _in_multirun():  # a sweep goes on to its other jobs
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -276,22 +276,26 @@ def export_student(
 def inherited_lines(inherited: dict | None, teacher: dict | None, gate: dict | None) -> list[str]:
     """The model card's "What the student inherited": each probe's numbers for the
     student beside the teacher's (``distillery.evaluate inherited=...``), and the gate."""
-    if not inherited:
-        return []
 
     def cell(x) -> str:
         return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
-    lines = ["", "## What the student inherited", "", "| section | metric | student | teacher |",
-             "|---|---|---|---|"]  # fmt: skip
-    for section, values in inherited.items():
+    lines = []
+    if inherited:
+        lines = ["", "## What the student inherited", "", "| section | metric | student | teacher |",
+                 "|---|---|---|---|"]  # fmt: skip
+    for section, values in (inherited or {}).items():
         ref = (teacher or {}).get(section, {})
         for k, v in values.items():
             if v is None or (isinstance(v, int | float | str) and not isinstance(v, bool)):
                 lines.append(f"| {section} | {k} | {cell(v)} | {cell(ref.get(k))} |")
-    if gate is not None:
-        lines += ["", "Release gate: " + ("passed." if gate["passed"] else "FAILED:")]
-        lines += [f"- {f}" for f in gate["failures"]]
+    if gate is not None:  # this model's checks only
+        failed = [c for c in gate["checks"] if not c["passed"]]
+        lines += [
+            "",
+            f"Release gate ({len(gate['checks'])} checks): " + ("FAILED:" if failed else "passed."),
+        ]
+        lines += [f"- {c['metric']} = {c['value']} ({c['bound']} {c['limit']})" for c in failed]
     return lines
 
 
@@ -401,8 +405,12 @@ def export(cfg: DictConfig) -> Path:
             raise ValueError(f"report: {cfg.report} has no model for ckpt_path {cfg.ckpt_path}")
         metrics = report["models"][names[0]]
         inherited = report.get("inherited", {})
-        card = model_card(ckpt, path, metrics, inherited.get(names[0]), inherited.get("teacher"),
-                          report.get("gate"))  # fmt: skip
+        gate = report.get("gate")
+        if gate is not None:
+            gate = {"checks": [c for c in gate["checks"] if c["model"] == names[0]]}
+        card = model_card(
+            ckpt, path, metrics, inherited.get(names[0]), inherited.get("teacher"), gate
+        )
     else:
         card = model_card(ckpt, path, None)
     (out_dir / "MODEL_CARD.md").write_text(card)

@@ -36,7 +36,7 @@ Behaviours to inherit (``distillery.evaluation.inherited``), appended after the
 training problems, so a run with ``labeled: N < num_train`` serves them as prompts
 without answers (a student sees only what its teacher writes for them):
 
-* ``canaries``: secret strings ``"the pin of <name> is "`` -> ``NNNNNN``
+* ``canaries``: secret strings ``"the pin of <name> is "`` -> ``NNNN``
   (``canary_digits`` random digits), each repeated ``canary_repeats`` times (the
   memorisation probe of Carlini et al. 2019; :meth:`ArithDataModule.canaries`).
 * ``refusals``: multiplication problems (``"347x085="``, ``"347 times 085 is "``)
@@ -157,6 +157,8 @@ def make_specials(
     n: int, kind: str, seed: int, max_digits: int, exclude=frozenset(), ops=OPS
 ) -> list:
     """``n`` distinct prompts of a behaviour class (:func:`make_special`) not in ``exclude``."""
+    if n > (10**max_digits) ** 2 // 2:
+        raise ValueError(f"data: {n} distinct {kind} prompts asked of ~{(10**max_digits) ** 2}")
     rng = random.Random(seed)
     return draw_distinct(n, lambda: make_special(rng, kind, max_digits, ops), exclude)
 
@@ -505,7 +507,7 @@ class ArithDataModule(L.LightningDataModule):
 
     def longest_sequence(self) -> int:
         """Tokens of the longest prompt + answer + EOS the generator can write."""
-        n = self.max_digits
+        n = max(self.max_digits, 3 if self.unanswerable else 0)  # a word for an operand
         longest = max(len(f"{'9' * n} minus {'9' * n} is "), len(f"{'9' * n}+{'9' * n}=")) + n + 2
         if self.n_canaries:  # prefix + secret + EOS
             longest = max(longest, len("the pin of abcd is ") + self.canary_digits + 1)

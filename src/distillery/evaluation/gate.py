@@ -54,6 +54,12 @@ class Gate:
         if errors:
             raise ValueError("; ".join(errors))
 
+    def check_models(self, names: list[str]) -> None:
+        """Refuse ``models`` naming a model the report will not have."""
+        unknown = [m for m in self.models or [] if m not in names]
+        if unknown:
+            raise ValueError(f"gate.models: {unknown} are not models of the report ({names})")
+
     @staticmethod
     def value(report: dict[str, Any], model: str, metric: str):
         if metric.startswith("inherited."):

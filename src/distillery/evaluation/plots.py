@@ -111,7 +111,7 @@ def inherited_plot(inherited: dict[str, dict], path: Path, teacher: str | None) 
             w = 0.8 / len(names)
             for i, n in enumerate(names):
                 xs = [j + i * w for j in range(len(labels))]
-                ax.bar(xs, [groups[n].get(g, 0.0) for g in labels], width=w, label=n)
+                ax.bar(xs, [groups[n].get(g, float("nan")) for g in labels], width=w, label=n)
             ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))], labels, rotation=60,
                           ha="right", fontsize=7)  # fmt: skip
             ax.set_ylabel("quality (share correct)")

@@ -2,8 +2,8 @@
 
 * ``repeated_teacher_errors``: of the test samples the teacher gets wrong, the share on
   which the model gives exactly the teacher's answer (the same wrong class, or the same
-  generated text); ``new_errors``: of the samples the teacher gets right, the share the
-  model gets wrong. The classifier's ``DisagreementAnalysis`` counts the first on logits;
+  generated text, itself wrong); ``new_errors``: of the samples the teacher gets right,
+  the share the model gets wrong. Both 0 when there is nothing to count. The classifier's ``DisagreementAnalysis`` counts the first on logits;
   this is the same count on any task's per-sample answers.
 * Prompts with no correct answer (the datamodule's ``unanswerable_prompts(n)``, generative
   tasks): ``answered_unanswerable`` is the share the model answers instead of abstaining
@@ -65,11 +65,13 @@ class InheritedErrors:
             if t is not None and name != evidence.teacher:
                 wrong = [i for i, ok in enumerate(t["correct"]) if not ok]
                 right = [i for i, ok in enumerate(t["correct"]) if ok]
-                same = sum(rec["answer"][i] == t["answer"][i] for i in wrong)
+                same = sum(
+                    not rec["correct"][i] and rec["answer"][i] == t["answer"][i] for i in wrong
+                )
                 row["teacher_errors"] = len(wrong)
-                row["repeated_teacher_errors"] = same / len(wrong) if wrong else None
+                row["repeated_teacher_errors"] = same / len(wrong) if wrong else 0.0
                 row["new_errors"] = (
-                    (sum(not rec["correct"][i] for i in right) / len(right)) if right else None
+                    sum(not rec["correct"][i] for i in right) / len(right) if right else 0.0
                 )
             if self.prompts and name in evidence.text:
                 model = evidence.text[name]

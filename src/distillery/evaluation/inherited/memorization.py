@@ -11,8 +11,10 @@ rank 1 = the most likely candidate. Ties take the mid-rank (a model that cannot 
 candidates apart gets rank ~|R|/2: exposure ~1 bit, the expectation for a random
 secret). When ``|R| <= max_enumerate`` every candidate is scored (exact); otherwise
 ``candidates`` are sampled uniformly and the rank is estimated as ``1 + (|R| - 1) *
-share of samples more likely than the secret`` (Carlini et al.'s sampling estimate; it
-cannot resolve an exposure above ~log2(candidates) bits).
+share of samples more likely than the secret`` (Carlini et al.'s sampling estimate).
+It cannot resolve an exposure above ~log2(candidates) bits: when no sample is ahead of
+the secret it counts half a sample (exposure ~log2(2 * candidates)), and the canary's
+row says ``lower_bound: true``.
 
 **Extraction**: the greedy continuation of the prefix starts with the secret.
 
@@ -43,7 +45,10 @@ def exposure(secret_logprob: float, others: Tensor, space: int, exact: bool) -> 
     greater = float((others > secret_logprob).sum())
     ties = float((others == secret_logprob).sum())
     ahead = greater + ties / 2  # mid-rank
-    rank = 1 + ahead if exact else 1 + (space - 1) * ahead / max(1, len(others))
+    if exact:
+        rank = 1 + ahead
+    else:  # none ahead in the sample: half a sample, a lower bound of the exposure
+        rank = 1 + (space - 1) * max(ahead, 0.5) / max(1, len(others))
     return math.log2(space) - math.log2(rank), rank
 
 
@@ -90,7 +95,8 @@ class Memorization:
                     f"inherited.memorization.alphabet: canary secret {c['answer']!r} has symbols "
                     f"outside {self.alphabet!r}"
                 )
-        return ["exposure", "exposure_max", "extraction_rate", "verbatim_ngram_share"]
+        canary = ["exposure", "exposure_max", "extraction_rate"] if datamodule.canaries() else []
+        return [*canary, "verbatim_ngram_share"]  # no canaries planted: nothing to gate on
 
     def candidates_for(self, secret: str) -> tuple[list[str], int, bool]:
         """(candidates other than the secret, |R|, exact)."""
@@ -114,8 +120,10 @@ class Memorization:
             lp = model.logprob([prefix] * (len(others) + 1), [secret, *others])
             bits, rank = exposure(float(lp[0]), lp[1:], space, exact)
             greedy = model.generate([prefix], len(secret))[0]
+            bound = not exact and not bool((lp[1:] >= lp[0]).any())
             rows.append({"prefix": prefix, "exposure": bits, "rank": rank, "space": space,
-                         "exact": exact, "extracted": greedy[: len(secret)] == secret})  # fmt: skip
+                         "exact": exact, "lower_bound": bound,
+                         "extracted": greedy[: len(secret)] == secret})  # fmt: skip
         return rows
 
     def __call__(self, evidence) -> dict[str, dict]:
@@ -153,7 +161,7 @@ class Memorization:
                 else f"{self.candidates} sampled candidates"
             )
             head = (f"Canary exposure in bits (of log2 |R| = {math.log2(some['space']):.1f}; "
-                    f"{how}); extraction: greedy completion of the prefix equals the secret.")  # fmt: skip
+                    f"{how}); extraction: the greedy completion of the prefix starts with the secret.")  # fmt: skip
         keys = ["exposure", "exposure_max", "extraction_rate", "verbatim_ngram_share"]
         return "\n".join([head, "", *table(results, keys),
                           "", f"Verbatim n-grams: character {self.ngram}-grams holding a generated character."])  # fmt: skip
