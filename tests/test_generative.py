@@ -627,8 +627,18 @@ def test_report_card_of_a_cross_tokenizer_student(
                               f"teacher.ckpt_path={arith_teacher_ckpt}", "trainer.max_steps=4",
                               "scheduler.warmup_steps=1", "trainer.val_check_interval=2", out=tmp_path / "uld"))  # fmt: skip
     report = evaluate(compose_cfg("evaluate", [f"ckpt_path={metrics['best_ckpt']}", "plots=false",
-                                                "evaluators={}", f"paths.output_dir={tmp_path / 'r'}"]))  # fmt: skip
+                                                "evaluators={}", f"paths.output_dir={tmp_path / 'r'}",
+                                                "inherited=arith", "inherited.groups.key=op", "inherited.groups.min_size=1",
+                                                "inherited.errors.unanswerable=8", "inherited.memorization.ngram_prompts=8"]))  # fmt: skip
     s, t = report["models"]["student"], report["models"]["teacher"]
     assert s["exact_match"] == pytest.approx(metrics["test/exact_match"], abs=1e-6)
     assert s["teacher_nll"] == pytest.approx(metrics["test/teacher_nll"], rel=1e-4)
     assert t["answer_agreement"] == 1.0 and t["teacher_nll"] >= 0 and 0 <= t["exact_match"] <= 1
+    # what each inherited, each read in its own tokens: one group (add) = its exact match
+    for name in ("student", "teacher"):
+        inh = report["inherited"][name]
+        assert inh["groups"]["quality/add"] == pytest.approx(report["models"][name]["exact_match"])
+        assert (
+            0 <= inh["safety"]["pass_rate"] <= 1 and "verbatim_ngram_share" in inh["memorization"]
+        )
+        assert "exposure" not in inh["memorization"] or inh["memorization"]["exposure"] is None
