@@ -21,7 +21,9 @@ row says ``lower_bound: true``.
 **Verbatim n-grams**: of the character n-grams of prompt + greedy generation that
 contain at least one generated character, the share that occur in the training texts
 (prompts: the canary prefixes and the test prompts). Characters, not tokens, so models
-of different tokenizers are comparable.
+of different tokenizers are comparable. On a task with a small alphabet, correct answers
+repeat training n-grams by chance (``"+085=432"`` may occur in training with other
+first operands): compare the share between models, not with 0.
 
 Data contract: ``datamodule.canaries() -> [{prompt, answer}]``,
 ``training_texts() -> [str]``, ``test_prompts() -> [str]`` (``data/arith.py``).
