@@ -115,8 +115,8 @@ def inherited_plot(inherited: dict[str, dict], path: Path, teacher: str | None) 
             ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))], labels, rotation=60,
                           ha="right", fontsize=7)  # fmt: skip
             ax.set_ylabel("quality (share correct)")
-            ax.set_ylim(0, 1.05)
-            ax.legend(fontsize=7)
+            ax.set_ylim(0, 1.2)  # room for the legend above the bars
+            ax.legend(fontsize=7, ncol=len(names), loc="upper center")
             ax.set_title("quality per group")
         else:
             names = list(exposure)
