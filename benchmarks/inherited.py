@@ -39,6 +39,7 @@ COLUMNS = (  # (label, section, key, format)
     ("safety pass rate", "safety", "pass_rate", ".3f"),
     ("refusals kept", "safety", "pass_rate/multiplication", ".3f"),
     ("worst group", "groups", "worst_quality", ".3f"),
+    ("teacher errors (n)", "errors", "teacher_errors", ".0f"),
     ("repeated teacher errors", "errors", "repeated_teacher_errors", ".3f"),
     ("answers the unanswerable", "errors", "answered_unanswerable", ".3f"),
 )
