@@ -225,6 +225,21 @@ def pack(
     }
 
 
+@torch.no_grad()
+def response_logprobs(
+    model: nn.Module, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None
+) -> tuple[Tensor, Tensor]:
+    """``log p`` of each response token given its prompt and the response before it, under
+    ``model`` (right-padded, so causal attention never sees the padding): ``([B, T]`` float32,
+    0 off the responses; the responses' positions ``[B, T])``. The teacher's scores of
+    answers and the probes' likelihoods of text both come from here."""
+    from distillery.losses.preference import token_logprobs
+
+    packed = pack(prompts, [r or None for r in responses], pad_id)
+    labels = packed["labels"].to(device)
+    return token_logprobs(model(packed["input_ids"].to(device)), labels), labels != IGNORE
+
+
 def pack_samples(prompts: list[list[int]], samples: list[list[int]], pad_id: int) -> dict:
     """:func:`pack` for responses that are samples, not references: their tokens in
     ``response_labels`` and their positions in ``token_mask``; ``labels`` all -100, so
@@ -287,14 +302,10 @@ class TextModel:
     def logprob(self, prompts: list[str], continuations: list[str]) -> Tensor:
         """``log p(continuation | prompt)``: the sum over the continuation's tokens (no EOS),
         float64 ``[N]`` on the CPU."""
-        from distillery.losses.preference import sequence_logprob
-
         p_ids, c_ids = self._ids(prompts), self._ids(continuations)
         out = []
         for i in range(0, len(p_ids), self.batch_size):
-            packed = pack(
-                p_ids[i : i + self.batch_size], c_ids[i : i + self.batch_size], self.pad_id
-            )
-            logits = self.model(packed["input_ids"].to(self.device))  # right-padded, causal
-            out.append(sequence_logprob(logits, packed["labels"].to(self.device)).double().cpu())
+            lp, _ = response_logprobs(self.model, p_ids[i : i + self.batch_size],
+                                      c_ids[i : i + self.batch_size], self.pad_id, self.device)  # fmt: skip
+            out.append(lp.sum(-1).double().cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -40,10 +40,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distillery.core.generation import generator_for, pack, pack_pairs, pack_samples, prompts_of
+from distillery.core.generation import (
+    generator_for,
+    pack_pairs,
+    pack_samples,
+    prompts_of,
+    response_logprobs,
+)
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.causal_lm import CausalLMTask
-from distillery.losses.preference import token_logprobs
 
 
 @dataclass
@@ -304,12 +309,10 @@ class GenerativeLMTask(CausalLMTask):
         """The NLL, under ``teacher``, of ``answers`` to the batch's prompts (or
         ``prompts``): per token ``[N]``, or with ``per_row`` the mean per answer ``[B]``."""
         prompts = prompts_of(batch) if prompts is None else prompts
-        packed = pack(prompts, [a or None for a in answers], self.pad_id)
-        device = batch["input_ids"].device
-        ids, labels = packed["input_ids"].to(device), packed["labels"].to(device)
-        logits = teacher(ids)  # right-padded: causal attention never sees the padding
-        keep = labels != IGNORE
-        nll = -token_logprobs(logits, labels)
+        lp, keep = response_logprobs(
+            teacher, prompts, answers, self.pad_id, batch["input_ids"].device
+        )
+        nll = -lp
         if per_row:
             return nll.sum(1) / keep.sum(1).clamp_min(1)
         return nll[keep].cpu()
