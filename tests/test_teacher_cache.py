@@ -85,6 +85,11 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
         write(tmp_path, data_dir, *run, "data.transfer_size=600", f"cache.dir={cache}")
     with pytest.raises(ConfigError, match=r"cache.k: 10 is not below the teacher's 10 outputs"):
         write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'k10'}", "cache.k=10")
+    with pytest.raises(ConfigError, match=r"cache.indices: 'zip' is not one of"):
+        write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'z'}", "cache.k=4", "cache.indices=zip")
+    assert not (tmp_path / "z").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match=r"cache.indices: delta codes top-k token ids; set cache.k"):
+        write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'd'}", "cache.indices=delta")
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # truncated
     refused(match=r"teacher.cache: cannot read cache shard .*shard_00001")
 
@@ -122,6 +127,16 @@ def test_topk_token_cache(train_cfg, tmp_path, data_dir, tokenizer_dir, text_tea
 
     errors = [kl(k) for k in (16, 64, 256)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02, errors
+
+    # delta-coded ids: lossless (the same distribution read back), fewer bytes; with q8
+    # values the smallest variant
+    delta = tmp_path / "top16_delta"
+    write(tmp_path, data_dir, *run, f"cache.dir={delta}", "cache.k=16", "cache.dtype=fp16",
+          "cache.indices=delta", "cache.shard_rows=37")  # fmt: skip
+    torch.testing.assert_close(CachedOutputs(delta)(ids), q, rtol=0, atol=0)
+    assert bytes_per_row(delta) < bytes_per_row(topk) - 16 * 0.5 * 32  # < 1.5 bytes an id
+    with pytest.raises(ValueError, match=r"cache.dir: .* another run \(.*indices"):
+        write(tmp_path, data_dir, *run, f"cache.dir={delta}", "cache.k=16", "cache.dtype=fp16")
 
     steps = ["+trainer.max_steps=3", "trainer.max_epochs=1"]
     from_topk = student_after(train_cfg, tmp_path, "topk", *run, *steps, f"teacher.cache={topk}")
@@ -171,3 +186,51 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
     }
     with pytest.raises(ConfigError, match="frozen.reference.cache: only the teacher"):
         build_frozen_model(node, "frozen.reference")
+
+
+def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
+    """The byte format by hand (gaps 0, 4, 194: 194 = 0b1_1000010 takes two bytes, low
+    seven bits first with the high bit set), a round trip over a 128k vocabulary with
+    rows of different byte lengths, read back row by row in any order; a stream that does
+    not hold the expected ids is refused; a corrupt shard is refused naming the key."""
+    from distillery.core.teacher_cache import delta_decode, delta_encode, ragged_rows
+
+    codes, lengths = delta_encode(torch.tensor([[0, 5, 200]]))
+    assert codes.tolist() == [0x00, 0x04, 0xC2, 0x01] and lengths.tolist() == [4]
+    assert delta_decode(codes, (1, 3)).tolist() == [[0, 5, 200]]
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.rand(6, 5, 131072, generator=g).topk(32, dim=-1).indices.sort(-1).values
+    ids[0, 0] = torch.arange(32)  # gaps of 0: one byte each
+    ids[1, 0, -1] = 131071  # a gap of > 2^14: three bytes
+    codes, lengths = delta_encode(ids)
+    assert len(set(lengths.tolist())) > 1 and int(lengths.sum()) == len(codes)
+    assert torch.equal(delta_decode(codes, tuple(ids.shape)), ids)
+    starts = torch.cumsum(lengths.long(), 0) - lengths.long()
+    rows = torch.tensor([4, 1, 1, 0])
+    picked = ragged_rows(codes, starts[rows], lengths[rows])
+    assert torch.equal(delta_decode(picked, (4, 5, 32)), ids[rows])
+    with pytest.raises(ValueError, match="holds 960 ids, expected 961"):
+        delta_decode(codes, (961,))
+    with pytest.raises(ValueError, match="sorted and distinct"):
+        delta_encode(torch.tensor([[3, 1]]))
+
+
+def test_delta_cache_shard_that_lost_bytes_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from distillery.core.teacher_cache import CacheWriter, CachedOutputs, compress, row_keys
+
+    x = torch.randn(5, 3, 40)
+    writer = CacheWriter(tmp_path, {"k": 4, "dtype": "q8", "indices": "delta", "vocab": 40})
+    writer.add(row_keys(x).tolist(), compress(x, 4, torch.uint8, "delta"))
+    writer.close()
+    read = CachedOutputs(tmp_path)(x)
+    p = torch.log_softmax(x, -1)
+    top = p.topk(4, -1)
+    torch.testing.assert_close(read.gather(-1, top.indices), top.values, atol=0.02, rtol=0)
+    shard = next(tmp_path.glob("shard_*"))
+    tensors = load_file(str(shard))
+    save_file({**tensors, "index_codes": tensors["index_codes"][:-3]}, str(shard))
+    with pytest.raises(ValueError, match=r"teacher.cache: cache shard .*shard_00000.* corrupt"):
+        CachedOutputs(tmp_path)

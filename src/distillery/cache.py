@@ -45,7 +45,14 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 def write_cache(cfg: DictConfig) -> dict:
     from distillery.core.builder import build_task, build_teacher
-    from distillery.core.teacher_cache import DTYPES, CacheWriter, compress, row_keys, unsupported
+    from distillery.core.teacher_cache import (
+        DTYPES,
+        INDEX_CODINGS,
+        CacheWriter,
+        compress,
+        row_keys,
+        unsupported,
+    )
 
     options = cfg.cache
     run = cfg.copy()
@@ -63,6 +70,10 @@ def write_cache(cfg: DictConfig) -> dict:
         problems.append(f"cache.k: {options.k!r} is not a positive integer or null")
     if options.dtype == "q8" and options.k is None:
         problems.append("cache.dtype: q8 quantises top-k log-probabilities; set cache.k")
+    if options.indices not in INDEX_CODINGS:
+        problems.append(f"cache.indices: {options.indices!r} is not one of {list(INDEX_CODINGS)}")
+    elif options.indices == "delta" and options.k is None:
+        problems.append("cache.indices: delta codes top-k token ids; set cache.k")
     if problems:
         raise ConfigError(problems)
     if run.get("seed") is not None:
@@ -93,6 +104,7 @@ def write_cache(cfg: DictConfig) -> dict:
         "task": task.name,
         "k": options.k,
         "dtype": options.dtype,
+        "indices": options.indices,
         "vocab": vocab,
     }
     writer = CacheWriter(Path(options.dir), meta, options.shard_rows)
@@ -103,7 +115,7 @@ def write_cache(cfg: DictConfig) -> dict:
         fresh = writer.new_rows(keys)
         if fresh:
             out = teacher(x[fresh].to(device))
-            writer.add([keys[i] for i in fresh], compress(out, options.k, dtype))
+            writer.add([keys[i] for i in fresh], compress(out, options.k, dtype, options.indices))
         return len(fresh)
 
     start = time.perf_counter()
