@@ -166,7 +166,12 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
     from omegaconf import OmegaConf
 
     from distillery.core.builder import build_frozen_model
-    from distillery.core.tasks import CausalLMTask, ClassificationTask, EmbeddingTask
+    from distillery.core.tasks import (
+        CausalLMTask,
+        ClassificationTask,
+        EmbeddingTask,
+        GenerativeLMTask,
+    )
     from distillery.core.teacher_cache import unsupported
 
     def problems(task=None, **cfg):
@@ -174,7 +179,8 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
 
     assert problems() == ""
     assert problems(data={"augment": True}).startswith("data.augment:")
-    assert problems(CausalLMTask(), data={"format": "prompt_response"}).startswith("data.format:")
+    assert problems(CausalLMTask(), data={"format": "prompt_response"}) == ""  # causal: by tokens
+    assert problems(GenerativeLMTask()).startswith("task: generative_lm has the teacher generate")
     assert problems(EmbeddingTask()).startswith("task: batches pad rows")
     assert problems(teacher={"bn_mode": "batch_stats"}).startswith("teacher.bn_mode:")
     assert problems(taps={"teacher": {"f": "layer1"}}).startswith("taps.teacher:")
@@ -234,3 +240,66 @@ def test_delta_cache_shard_that_lost_bytes_is_refused(tmp_path):
     save_file({**tensors, "index_codes": tensors["index_codes"][:-3]}, str(shard))
     with pytest.raises(ValueError, match=r"teacher.cache: cache shard .*shard_00000.* corrupt"):
         CachedOutputs(tmp_path)
+
+
+def _pairs(path, n=60, last=""):
+    import json as _json
+
+    rows = [{"prompt": f"def f{i}(x):", "response": " return x + " + "1" * (i % 7 + 1) + last}
+            for i in range(n)]  # fmt: skip
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_padded_prompt_response_rows_are_cached_by_their_tokens(
+    train_cfg, tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt
+):
+    """text_prompt_kd (rows right-padded to their batch's longest): a row is keyed by its
+    tokens alone, so a cache written in batches of 512 serves training batches of 8; the
+    full-logit cache trains the online student, and a delta-coded top-k cache reads back
+    what the teacher gives at every real position of any padding. A row whose text ends
+    in the pad token is refused at write time, naming data."""
+    from distillery.core.teacher import from_run_checkpoint
+    from distillery.core.teacher_cache import CachedOutputs, compress, expand
+
+    pairs = _pairs(tmp_path / "pairs.jsonl")
+    run = ["experiment=text_prompt_kd", *text_overrides(tokenizer_dir, data_dir), f"data.source={pairs}",
+           f"teacher.ckpt_path={text_teacher_ckpt}", "data.batch_size=8",
+           "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]  # fmt: skip
+    full = tmp_path / "full"
+    meta = write(tmp_path, data_dir, *run, f"cache.dir={full}")
+    assert meta["pad_id"] is not None and meta["rows"] == 1 + 60  # + the dry-run example (2 equal rows)
+    steps = ["+trainer.max_steps=3", "trainer.max_epochs=1"]
+    online = student_after(train_cfg, tmp_path, "online", *run, *steps)
+    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"teacher.cache={full}")
+    assert cached["distillery"]["teacher"]["cache"] == str(full)  # read from the cache
+    for k, v in online["state_dict"].items():  # padding widths differ: float tolerance
+        torch.testing.assert_close(cached["state_dict"][k], v)
+
+    from distillery.config import build
+
+    dm = build(compose_cfg("train", [*run, f"paths.data_dir={data_dir}"]).data, "data")
+    dm.setup("fit")
+    rows = [dm.train_set[i]["input_ids"] for i in range(5)]
+    assert len({len(r) for r in rows}) > 1
+    teacher = from_run_checkpoint(str(text_teacher_ckpt))
+    top = tmp_path / "top8"
+    write(tmp_path, data_dir, *run, f"cache.dir={top}", "cache.k=8", "cache.indices=delta",
+          "cache.dtype=q8", "cache.shard_rows=16")  # fmt: skip
+    read = CachedOutputs(top)
+    for width in (max(len(r) for r in rows), 32):  # two paddings of the same rows
+        batch = torch.full((5, width), dm.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = r
+        with torch.no_grad():
+            got, logits = read(batch), teacher(batch).float()
+        assert got.shape == logits.shape
+        for i, r in enumerate(rows):
+            n = len(r)
+            want = expand(compress(logits[i : i + 1, :n], 8, torch.uint8), 512)[0]
+            torch.testing.assert_close(got[i, :n], want, atol=1e-5, rtol=0)
+            assert torch.allclose(got[i, n:].exp().sum(-1), torch.ones(())) if n < width else True
+
+    bad = _pairs(tmp_path / "bad.jsonl", last="<|pad|>")
+    with pytest.raises(ConfigError, match=r"data: a row's attention mask covers more"):
+        write(tmp_path, data_dir, *run, f"data.source={bad}", f"cache.dir={tmp_path / 'bad'}")

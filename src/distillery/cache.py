@@ -50,6 +50,9 @@ def write_cache(cfg: DictConfig) -> dict:
         INDEX_CODINGS,
         CacheWriter,
         compress,
+        compress_ragged,
+        content_lengths,
+        ragged_row_keys,
         row_keys,
         unsupported,
     )
@@ -88,6 +91,9 @@ def write_cache(cfg: DictConfig) -> dict:
     task = build_task(run, datamodule)
     if problems := unsupported(run, task):
         raise ConfigError(problems)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    pad_id = getattr(datamodule, "pad_id", None)  # rows right-padded to their batch's longest
     example = datamodule.example_input(2)
     outputs = teacher(example.to(device))
     vocab = int(outputs.shape[-1])
@@ -106,22 +112,37 @@ def write_cache(cfg: DictConfig) -> dict:
         "dtype": options.dtype,
         "indices": options.indices,
         "vocab": vocab,
+        "pad_id": pad_id,
     }
     writer = CacheWriter(Path(options.dir), meta, options.shard_rows)
     dtype = DTYPES[options.dtype]
 
-    def add(x: torch.Tensor) -> int:
-        keys = row_keys(x).tolist()
+    def add(x: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+        if pad_id is None:
+            keys = row_keys(x).tolist()
+        else:
+            lengths = content_lengths(x, pad_id)
+            if mask is not None and not torch.equal(lengths, mask.long().sum(1).cpu()):
+                raise ConfigError([
+                    f"data: a row's attention mask covers more than its tokens up to the last "
+                    f"that is not the pad id {pad_id} (left padding, or text ending in the pad "
+                    f"token); the teacher cache finds a row's length by its right padding"
+                ])  # fmt: skip
+            keys = ragged_row_keys(x, lengths).tolist()
         fresh = writer.new_rows(keys)
         if fresh:
             out = teacher(x[fresh].to(device))
-            writer.add([keys[i] for i in fresh], compress(out, options.k, dtype, options.indices))
+            if pad_id is None:
+                stored = compress(out, options.k, dtype, options.indices)
+            else:
+                stored = compress_ragged(out, lengths[fresh], options.k, dtype, options.indices)
+            writer.add([keys[i] for i in fresh], stored)
         return len(fresh)
 
     start = time.perf_counter()
     add(example)
     for name, loader in input_loaders(datamodule, options.batch_size).items():
-        written = sum(add(task.model_input(batch)) for batch in loader)
+        written = sum(add(task.model_input(b), b.get("attention_mask")) for b in loader)
         log.info("%s: %d new rows (%.0f s)", name, written, time.perf_counter() - start)
     meta = writer.close()
     log.info(

@@ -9,7 +9,8 @@ test and the dry-run example. Read by :class:`CachedOutputs`, the cached teacher
 task adapters and the losses are unchanged, and an input the cache does not hold (other
 data, random views) is an error, not a silent wrong target (up to a 64-bit hash
 collision: ~3e-8 for a million rows; rows differing in one byte never collide). Runs
-whose inputs change per step or whose batches pad rows are refused (:func:`unsupported`).
+whose inputs change per step, whose teacher generates, or whose teacher reads padding are
+refused (:func:`unsupported`).
 
 What is stored per row:
 
@@ -26,6 +27,15 @@ What is stored per row:
   every byte but a number's last: a gap below 128 takes one byte) into one byte stream
   per shard, ``index_codes``, with each row's byte count in ``index_code_lengths``
   (rows differ in length: the row-addressed read finds a row's bytes by their offsets).
+
+Right-padded rows of different lengths (``data.format: prompt_response``, a causal LM;
+the datamodule names its ``pad_id``): a row is its tokens up to the last that is not
+``pad_id`` (:func:`content_lengths`; the writer checks this equals the batch's
+attention mask, so a row ending in real pad-id tokens is refused, not cut), keyed by
+those tokens alone (:func:`ragged_row_keys`: the key does not depend on the padding), and
+the outputs of those positions only are stored (per-position tensors with each row's
+``positions``); a read fills a batch's padding positions with a uniform distribution
+(a causal teacher's outputs there are never a target: their labels are -100).
 
 Layout: ``<dir>/cache.json`` (provenance: the teacher's config and provenance, the data
 config, the task, ``k``, ``dtype``, rows, ``complete``) and ``shard_<i>.safetensors``
@@ -65,6 +75,43 @@ def _multipliers(n: int) -> Tensor:
     return _MULTIPLIERS[n]
 
 
+_BLOCKS: dict[int, Tensor] = {}
+_BLOCK = 4096
+_LENGTH_MULTIPLIER = 0x5851F42D4C957F2D  # odd: rows differing only in length differ
+
+
+def _prefix_multipliers(n: int) -> Tensor:
+    """``n`` fixed random odd int64 multipliers whose first ``m`` are the same for every
+    ``n >= m`` (blocks of 4096, each from its own seed): a row's key then does not
+    depend on how far its batch padded it."""
+    blocks = []
+    for b in range(-(-n // _BLOCK)):
+        if b not in _BLOCKS:
+            g = torch.Generator().manual_seed(20240612 + b)
+            _BLOCKS[b] = torch.randint(-(2**62), 2**62, (_BLOCK,), generator=g, dtype=torch.int64) * 2 + 1
+        blocks.append(_BLOCKS[b])
+    return torch.cat(blocks)[:n] if blocks else torch.zeros(0, dtype=torch.int64)
+
+
+def content_lengths(x: Tensor, pad_id: int) -> Tensor:
+    """Tokens of each right-padded row up to its last one that is not ``pad_id``."""
+    place = torch.arange(1, x.shape[1] + 1, device=x.device)
+    return ((x != pad_id) * place).amax(1).cpu()
+
+
+def ragged_row_keys(x: Tensor, lengths: Tensor) -> Tensor:
+    """:func:`row_keys` of each row's first ``lengths`` tokens: the same key however far
+    the row's batch padded it."""
+    a = x.detach().cpu().contiguous()
+    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
+    kept = torch.arange(data.shape[1]) < (lengths.long() * a.element_size()).unsqueeze(1)
+    head = int.from_bytes(
+        hashlib.blake2b(f"{a.dtype}|ragged".encode(), digest_size=8).digest(), "little", signed=True
+    )
+    hashed = (data * kept * _prefix_multipliers(data.shape[1])).sum(1)
+    return hashed + lengths.long() * _LENGTH_MULTIPLIER + head
+
+
 def row_keys(x: Tensor) -> Tensor:
     """One int64 key per row of ``x``, from its bytes, dtype and shape: a random linear
     hash modulo 2^64 (rows differing in one byte never collide; any two of a million rows
@@ -93,10 +140,15 @@ def unsupported(cfg, task) -> list[str]:
     if data.get("augment"):
         problems.append("data.augment: random crops/flips draw new teacher inputs every step; "
                         "a teacher cache holds outputs for fixed inputs")  # fmt: skip
-    if data.get("format") == "prompt_response" or task.name == "embedding":
-        key = "data.format" if data.get("format") == "prompt_response" else "task"
-        problems.append(f"{key}: batches pad rows to their longest one, so a row's bytes depend on "
-                        f"its batch; the teacher cache keys rows by their bytes (use the live teacher)")  # fmt: skip
+    if task.name == "generative_lm":
+        problems.append("task: generative_lm has the teacher generate (validation answers, "
+                        "on-policy and preference samples); a teacher cache holds outputs for "
+                        "fixed inputs (use the live teacher)")  # fmt: skip
+    elif task.name == "embedding" or (data.get("format") == "prompt_response" and task.name != "causal_lm"):
+        key = "task" if task.name == "embedding" else "data.format"
+        problems.append(f"{key}: batches pad rows to their longest one and this task's teacher reads "
+                        f"the padding (not a causal LM); the teacher cache stores outputs per "
+                        f"row (use the live teacher)")  # fmt: skip
     if (cfg.get("teacher") or {}).get("bn_mode") == "batch_stats":
         problems.append("teacher.bn_mode: batch_stats makes the teacher's outputs depend on the "
                         "whole batch; a cache stores one output per input")  # fmt: skip
@@ -242,6 +294,24 @@ def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
     return out.scatter_(-1, stored["indices"].long(), values)
 
 
+def compress_ragged(
+    outputs: Tensor, lengths: Tensor, k: int | None, dtype: torch.dtype, indices: str = "plain"
+) -> dict[str, Tensor]:
+    """:func:`compress` of the first ``lengths[i]`` positions of each row ``i`` of
+    ``outputs [B, T, ...]``: position tensors of ``sum(lengths)`` rows, each row's
+    ``positions`` and (delta-coded ids) its ``index_code_lengths``."""
+    lengths = lengths.long().cpu()
+    valid = torch.arange(outputs.shape[1]) < lengths.unsqueeze(1)
+    stored = compress(outputs[valid.to(outputs.device)], k, dtype, indices)
+    if RAGGED in stored:  # per-position byte counts -> per row
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        per_row = torch.zeros(len(lengths), dtype=torch.long)
+        stored["index_code_lengths"] = per_row.index_add_(
+            0, owner, stored["index_code_lengths"].long()
+        ).to(torch.int32)
+    return {**stored, "positions": lengths.to(torch.int32)}
+
+
 class CacheWriter:
     """Appends teacher outputs to ``path`` in shards of ``shard_rows`` rows (or 1 GiB);
     rows whose key is already stored are skipped (a rerun resumes)."""
@@ -336,22 +406,30 @@ class CachedOutputs(nn.Module):
             raise ValueError(
                 f"{key}: {self.path} should hold {meta['rows']} rows in its shards; a shard is missing"
             )
+        self.pad_id = meta.get("pad_id")  # set: rows of different lengths (right-padded)
         for file, part in zip(shards(self.path), parts):
-            if RAGGED in part and int(part["index_code_lengths"].long().sum()) != len(part[RAGGED]):
-                raise ValueError(f"{key}: cache shard {file} is corrupt (its index codes do not "
-                                 f"match their row lengths); rewrite the cache")  # fmt: skip
-        self.stored = {
-            name: torch.cat([p[name] for p in parts]) for name in parts[0] if name != "keys"
-        }
-        self.codes = self.stored.pop(RAGGED, None)
-        if self.codes is not None:  # where each row's bytes start in the joined stream
-            lengths = self.stored["index_code_lengths"].long()
-            self.code_starts = torch.cumsum(lengths, 0) - lengths
+            codes_ok = RAGGED not in part or int(part["index_code_lengths"].long().sum()) == len(part[RAGGED])
+            rows_ok = "positions" not in part or int(part["positions"].long().sum()) == len(part["values"])
+            if not (codes_ok and rows_ok):
+                raise ValueError(f"{key}: cache shard {file} is corrupt (its stored positions or "
+                                 f"index codes do not match their row lengths); rewrite the cache")  # fmt: skip
+        stored = {name: torch.cat([p[name] for p in parts]) for name in parts[0] if name != "keys"}
+        # per row: everything (fixed rows), or the row's counts (ragged rows); the rest is
+        # found by offsets: per-position tensors (ragged rows) and the index byte stream
+        self.per_row = {n: stored.pop(n) for n in ("positions", "index_code_lengths") if n in stored}
+        self.codes = stored.pop(RAGGED, None)
+        self.stored = stored
+        self.starts = {
+            n: torch.cumsum(t.long(), 0) - t.long() for n, t in self.per_row.items()
+        }  # where each row's positions / bytes begin
+        if self.pad_id is None:  # fixed rows: every stored tensor is per row
+            self.per_row, self.stored = {**self.per_row, **stored}, {}
         keys = torch.cat([p["keys"] for p in parts])
         self.sorted_keys, self.order = keys.sort()
 
     def forward(self, x: Tensor) -> Tensor:
-        keys = row_keys(x)
+        lengths = None if self.pad_id is None else content_lengths(x, self.pad_id)
+        keys = row_keys(x) if lengths is None else ragged_row_keys(x, lengths)
         pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=len(self.sorted_keys) - 1)
         missing = int((self.sorted_keys[pos] != keys).sum())
         if missing:
@@ -361,12 +439,23 @@ class CachedOutputs(nn.Module):
                 f"views); rewrite it with python -m distillery.cache"
             )
         rows = self.order[pos]  # the compressed rows travel; the expansion happens there
-        stored = {n: t[rows] for n, t in self.stored.items()}
+        stored = {n: t[rows] for n, t in self.per_row.items()}
+        if self.pad_id is not None:  # the rows' positions
+            starts, counts = self.starts["positions"][rows], stored.pop("positions")
+            stored.update({n: ragged_rows(t, starts, counts) for n, t in self.stored.items()})
         if self.codes is not None:
-            lengths = stored.pop("index_code_lengths")
-            codes = ragged_rows(self.codes, self.code_starts[rows], lengths)
+            codes = ragged_rows(
+                self.codes, self.starts["index_code_lengths"][rows], stored.pop("index_code_lengths")
+            )
             stored["indices"] = delta_decode(codes, tuple(stored["values"].shape))
-        return expand({n: t.to(x.device) for n, t in stored.items()}, self.vocab)
+        out = expand({n: t.to(x.device) for n, t in stored.items()}, self.vocab)
+        if lengths is None:
+            return out
+        # padding positions read a uniform distribution (no loss reads them: labels -100)
+        fill = 0.0 if self.vocab is None or "indices" not in stored else -math.log(self.vocab)
+        full = out.new_full((*x.shape, out.shape[-1]), fill)
+        full[(torch.arange(x.shape[1]) < lengths.unsqueeze(1)).to(x.device)] = out
+        return full
 
 
 def cached_teacher(path: str, node: dict, run: dict, key: str):

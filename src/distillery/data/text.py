@@ -212,6 +212,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_path, self.source, self.text_field = tokenizer, source, text_field
         self.format, self.prompt_field, self.response_field = format, prompt_field, response_field
         self.collate = None
+        self.pad_id = None  # prompt_response: rows right-padded with this id (teacher cache)
         self.seq_len, self.train_tokenizer_vocab = seq_len, train_tokenizer_vocab
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size, self.num_workers = (
@@ -302,7 +303,7 @@ class TextDataModule(L.LightningDataModule):
             for k in ("val", "test", "train")
         )
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.collate = pad_collate(pad)
+        self.collate, self.pad_id = pad_collate(pad), pad
 
     def _loader(self, ds, batch_size: int, shuffle: bool) -> DataLoader:
         return make_loader(ds, batch_size, shuffle, self.num_workers, collate_fn=self.collate)
