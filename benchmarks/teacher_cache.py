@@ -206,16 +206,18 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="distillery_cache_bench_"))
+    teacher = (f" --text-teacher <{args.text_teacher.name}> --data-dir <its data dir>"
+               if args.text_teacher else "")  # fmt: skip
     header = (
         f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
-        f"`python benchmarks/teacher_cache.py --parts {{part}}`\n"
+        f"`python benchmarks/teacher_cache.py --parts {{part}}{{teacher}}`\n"
     )
     parts = {
         "classifier": lambda: classifier(out, tuple(args.steps), args.repeats),
         "lm": lambda: language_model(out, args.text_teacher, args.data_dir),
     }
     for part in args.parts:  # one results file per part
-        text = "\n".join([header.format(part=part), *parts[part]()]) + "\n"
+        text = "\n".join([header.format(part=part, teacher=teacher if part == "lm" else ""), *parts[part]()]) + "\n"
         (ROOT / "benchmarks" / "results" / f"teacher_cache_{part}.md").write_text(text)
         print(text)
 
