@@ -22,6 +22,7 @@ Writes ``benchmarks/results/teacher_cache_classifier.md`` and ``teacher_cache_lm
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -123,6 +124,35 @@ def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:
     return lines
 
 
+READER = """
+import sys, torch
+from distillery.core.teacher_cache import CachedOutputs
+def rss(kind):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(kind)) / 1024
+anon, file = rss('RssAnon'), rss('RssFile')
+read = CachedOutputs(sys.argv[1])
+opened = rss('RssAnon') - anon
+with torch.no_grad():
+    for i in range(0, len(read.order), 64):  # every row once: the shards' pages are mapped in
+        b = read.order[i : i + 64]
+        for j, shard in enumerate(read.shards):
+            shard.read(read.row_in_shard[b][read.shard_of[b] == j], None, 'cpu')
+print(f'{opened:.1f} {rss("RssFile") - file:.1f}')
+"""
+
+
+def reader_memory(cache: Path) -> tuple[float, float]:
+    """MB of private memory a fresh reader process holds after opening ``cache``, and
+    the file-backed resident MB that reading every row once adds (the mapped shards:
+    page cache, shared between processes)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", READER, str(cache)], capture_output=True,
+                         text=True, check=True, env=env).stdout.split()  # fmt: skip
+    return tuple(float(v) for v in out)
+
+
 def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) -> list[str]:
     import torch
 
@@ -174,6 +204,21 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
             lines.append(f"| {k} | {dtype} | {ids_label} | {bytes_per_row(cache) / seq_len:.0f} | {kl:.4f} "
                          f"| {1000 * min(times):.1f} |")  # fmt: skip
             print(lines[-1], flush=True)
+    lines += [
+        "\nMemory of a reader process (`CachedOutputs`: shards memory-mapped, only the keys in "
+        "private memory), each in a fresh process: private (anonymous) MB after opening the cache, "
+        "and the file-backed resident MB that reading every row once adds (page cache, shared by "
+        "every process reading the cache, e.g. DDP ranks on one host):\n",
+        "| cache | shards MB | rows | private MB after open | file-backed MB after reading all |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("lm_k64_q8_delta", "lm_k256_fp16_plain"):
+        cache = out / name
+        size = sum(f.stat().st_size for f in cache.glob("shard_*")) / 2**20
+        opened, mapped = reader_memory(cache)
+        rows = json.loads((cache / "cache.json").read_text())["rows"]
+        lines.append(f"| {name} | {size:.1f} | {rows} | {opened:.1f} | {mapped:.1f} |")
+        print(lines[-1], flush=True)
     lines.append(
         f"\nThe full distribution in fp32 would be {4 * vocab} bytes per token. Goal <= 300 bytes per token "
         f"at k = 64 (fp16 values, int16 ids, float32 remaining mass). Delta-coded ids are lossless (the "

@@ -251,6 +251,14 @@ def _pairs(path, n=60, last=""):
     return path
 
 
+def _padded(rows, pad_id, width=None):
+    width = width or max(len(r) for r in rows)
+    batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = r
+    return batch, torch.tensor([len(r) for r in rows])
+
+
 def test_padded_prompt_response_rows_are_cached_by_their_tokens(
     train_cfg, tmp_path, data_dir, tokenizer_dir, text_teacher_ckpt
 ):
@@ -260,7 +268,7 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
     what the teacher gives at every real position of any padding. A row whose text ends
     in the pad token is refused at write time, naming data."""
     from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, compress, expand
+    from distillery.core.teacher_cache import CachedOutputs, compress, expand, ragged_row_keys
 
     pairs = _pairs(tmp_path / "pairs.jsonl")
     run = ["experiment=text_prompt_kd", *text_overrides(tokenizer_dir, data_dir), f"data.source={pairs}",
@@ -280,17 +288,17 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
 
     dm = build(compose_cfg("train", [*run, f"paths.data_dir={data_dir}"]).data, "data")
     dm.setup("fit")
-    rows = [dm.train_set[i]["input_ids"] for i in range(5)]
+    rows = [dm.train_set[i]["input_ids"] for i in (0, 20, 40, 7, 33)]  # across shards of 16
     assert len({len(r) for r in rows}) > 1
     teacher = from_run_checkpoint(str(text_teacher_ckpt))
     top = tmp_path / "top8"
     write(tmp_path, data_dir, *run, f"cache.dir={top}", "cache.k=8", "cache.indices=delta",
-          "cache.dtype=q8", "cache.shard_rows=16")  # fmt: skip
+          "cache.dtype=q8", "cache.shard_rows=16", "cache.batch_size=8")  # fmt: skip
     read = CachedOutputs(top)
+    assert len(read.shards) >= 3 and len({int(read.shard_of[read.order[torch.searchsorted(
+        read.sorted_keys, k)]]) for k in ragged_row_keys(*_padded(rows, dm.pad_id))}) > 1  # fmt: skip
     for width in (max(len(r) for r in rows), 32):  # two paddings of the same rows
-        batch = torch.full((5, width), dm.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            batch[i, : len(r)] = r
+        batch, _ = _padded(rows, dm.pad_id, width)
         with torch.no_grad():
             got, logits = read(batch), teacher(batch).float()
         assert got.shape == logits.shape

@@ -4,7 +4,8 @@
 Written by ``python -m distillery.cache experiment=...`` (:class:`CacheWriter`) over
 every input a run shows its teacher: the training sets (each source once), validation,
 test and the dry-run example. Read by :class:`CachedOutputs`, the cached teacher's
-``model``: it maps each input row to the stored outputs by the row's content
+``model`` (shards memory-mapped, :func:`map_shard`: a process keeps the row keys in
+memory and reads the rows a batch needs): it maps each input row to the stored outputs by the row's content
 (:func:`row_keys`: a hash of its dtype, shape and bytes), so the Teacher contract, the
 task adapters and the losses are unchanged, and an input the cache does not hold (other
 data, random views) is an error, not a silent wrong target (up to a 64-bit hash
@@ -50,7 +51,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +193,36 @@ def shards(path: Path) -> list[Path]:
     return sorted(path.glob("shard_*.safetensors"))
 
 
-def load_shard(file: Path, key: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}  # fmt: skip
 
+
+def map_shard(file: Path, key: str) -> dict[str, Tensor]:
+    """A shard's tensors as read-only views of the memory-mapped safetensors file (8-byte
+    header length, JSON header, data): nothing is read until a row is, and every process
+    mapping the file shares its pages (DDP ranks on one host hold one copy in the page
+    cache, not one each). A file shorter than its header says is refused."""
     try:
-        return load_file(str(file))
+        with open(file, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        size = int.from_bytes(mapped[:8], "little")
+        header = json.loads(bytes(mapped[8 : 8 + size]))
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            if 8 + size + end > len(mapped):
+                raise ValueError(f"{name} ends at byte {8 + size + end} of {len(mapped)}")
+            count = (end - begin) // dtype.itemsize
+            if count == 0:
+                tensors[name] = torch.empty(info["shape"], dtype=dtype)
+                continue
+            with warnings.catch_warnings():  # read-only on purpose: nothing writes a shard
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + size + begin)
+            tensors[name] = flat.view(info["shape"])
+        return tensors
     except Exception as e:  # noqa: BLE001 - re-raised naming the key and file
         raise ValueError(
             f"{key}: cannot read cache shard {file} (truncated or not safetensors: {e})"
@@ -335,7 +363,7 @@ class CacheWriter:
                     f"differ); choose another cache.dir or delete it"
                 )
             for file in shards(self.path):
-                self.seen.update(load_shard(file, "cache.dir")["keys"].tolist())
+                self.seen.update(map_shard(file, "cache.dir")["keys"].tolist())
         self.next_shard = max((int(f.stem.split("_")[1]) + 1 for f in shards(self.path)), default=0)
         self.rows = len(self.seen)
         self.pending: list[tuple[list[int], dict[str, Tensor]]] = []
@@ -386,10 +414,58 @@ class CacheWriter:
         return meta
 
 
+class Shard:
+    """One shard's rows, read from its memory-mapped file (:func:`map_shard`): per row
+    everything (fixed rows) or its counts (ragged rows: ``positions``; delta-coded ids:
+    ``index_code_lengths``), the rest found by offsets from those counts."""
+
+    def __init__(self, file: Path, key: str, pad_id: int | None, vocab: int | None):
+        tensors = map_shard(file, key)
+        self.keys = tensors.pop("keys")
+        self.pad_id, self.vocab = pad_id, vocab
+        self.codes = tensors.pop(RAGGED, None)
+        counts = ("positions", "index_code_lengths")
+        self.per_row = {n: tensors.pop(n) for n in counts if n in tensors}
+        if pad_id is None:  # fixed rows: every stored tensor is per row
+            self.per_row, tensors = {**self.per_row, **tensors}, {}
+        self.per_position = tensors
+        self.starts = {n: torch.cumsum(t.long(), 0) - t.long() for n, t in self.per_row.items()
+                       if n in counts}  # fmt: skip
+        codes_ok = self.codes is None or int(self.per_row["index_code_lengths"].long().sum()) == len(self.codes)
+        rows_ok = pad_id is None or int(self.per_row["positions"].long().sum()) == len(tensors["values"])
+        if not (codes_ok and rows_ok):
+            raise ValueError(f"{key}: cache shard {file} is corrupt (its stored positions or index "
+                             f"codes do not match their row lengths); rewrite the cache")  # fmt: skip
+
+    def read(self, rows: Tensor, width: int | None, device) -> Tensor:
+        """Rows ``rows`` of this shard as float32 outputs on ``device`` (ragged rows:
+        padded to ``width`` positions, the padding a uniform distribution)."""
+        stored = {n: t[rows] for n, t in self.per_row.items()}
+        lengths = stored.pop("positions", None)
+        if lengths is not None:
+            starts = self.starts["positions"][rows]
+            stored.update({n: ragged_rows(t, starts, lengths) for n, t in self.per_position.items()})
+        if self.codes is not None:
+            starts, counts = self.starts["index_code_lengths"][rows], stored.pop("index_code_lengths")
+            stored["indices"] = delta_decode(
+                ragged_rows(self.codes, starts, counts), tuple(stored["values"].shape)
+            )
+        out = expand({n: t.to(device) for n, t in stored.items()}, self.vocab)
+        if lengths is None:
+            return out
+        # padding positions read a uniform distribution (no loss reads them: labels -100)
+        fill = -math.log(self.vocab) if "indices" in stored else 0.0
+        full = out.new_full((len(rows), width, out.shape[-1]), fill)
+        full[(torch.arange(width) < lengths.long().unsqueeze(1)).to(device)] = out
+        return full
+
+
 class CachedOutputs(nn.Module):
-    """The cached teacher's model: input rows -> stored outputs (float32). The store
-    stays in host memory; keys are computed on the CPU (one copy of the teacher inputs
-    to the host per step on an accelerator) and the rows are sent to the inputs' device."""
+    """The cached teacher's model: input rows -> stored outputs (float32). The shards
+    stay on disk, memory-mapped (:func:`map_shard`): a process holds the row keys (16
+    bytes a row) and reads the rows a batch needs; keys are computed on the CPU (one copy
+    of the teacher inputs to the host per step on an accelerator) and the rows are sent
+    to the inputs' device."""
 
     def __init__(self, path: str | Path, key: str = "teacher.cache"):
         super().__init__()
@@ -401,30 +477,15 @@ class CachedOutputs(nn.Module):
                 f"rerun python -m distillery.cache to finish it"
             )
         self.vocab = meta.get("vocab")
-        parts = [load_shard(f, key) for f in shards(self.path)]
-        if not parts or sum(len(p["keys"]) for p in parts) != meta["rows"]:
+        self.pad_id = meta.get("pad_id")  # set: rows of different lengths (right-padded)
+        self.shards = [Shard(f, key, self.pad_id, self.vocab) for f in shards(self.path)]
+        if not self.shards or sum(len(s.keys) for s in self.shards) != meta["rows"]:
             raise ValueError(
                 f"{key}: {self.path} should hold {meta['rows']} rows in its shards; a shard is missing"
             )
-        self.pad_id = meta.get("pad_id")  # set: rows of different lengths (right-padded)
-        for file, part in zip(shards(self.path), parts):
-            codes_ok = RAGGED not in part or int(part["index_code_lengths"].long().sum()) == len(part[RAGGED])
-            rows_ok = "positions" not in part or int(part["positions"].long().sum()) == len(part["values"])
-            if not (codes_ok and rows_ok):
-                raise ValueError(f"{key}: cache shard {file} is corrupt (its stored positions or "
-                                 f"index codes do not match their row lengths); rewrite the cache")  # fmt: skip
-        stored = {name: torch.cat([p[name] for p in parts]) for name in parts[0] if name != "keys"}
-        # per row: everything (fixed rows), or the row's counts (ragged rows); the rest is
-        # found by offsets: per-position tensors (ragged rows) and the index byte stream
-        self.per_row = {n: stored.pop(n) for n in ("positions", "index_code_lengths") if n in stored}
-        self.codes = stored.pop(RAGGED, None)
-        self.stored = stored
-        self.starts = {
-            n: torch.cumsum(t.long(), 0) - t.long() for n, t in self.per_row.items()
-        }  # where each row's positions / bytes begin
-        if self.pad_id is None:  # fixed rows: every stored tensor is per row
-            self.per_row, self.stored = {**self.per_row, **stored}, {}
-        keys = torch.cat([p["keys"] for p in parts])
+        keys = torch.cat([s.keys for s in self.shards])
+        self.shard_of = torch.cat([torch.full((len(s.keys),), i) for i, s in enumerate(self.shards)])
+        self.row_in_shard = torch.cat([torch.arange(len(s.keys)) for s in self.shards])
         self.sorted_keys, self.order = keys.sort()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -439,23 +500,17 @@ class CachedOutputs(nn.Module):
                 f"views); rewrite it with python -m distillery.cache"
             )
         rows = self.order[pos]  # the compressed rows travel; the expansion happens there
-        stored = {n: t[rows] for n, t in self.per_row.items()}
-        if self.pad_id is not None:  # the rows' positions
-            starts, counts = self.starts["positions"][rows], stored.pop("positions")
-            stored.update({n: ragged_rows(t, starts, counts) for n, t in self.stored.items()})
-        if self.codes is not None:
-            codes = ragged_rows(
-                self.codes, self.starts["index_code_lengths"][rows], stored.pop("index_code_lengths")
-            )
-            stored["indices"] = delta_decode(codes, tuple(stored["values"].shape))
-        out = expand({n: t.to(x.device) for n, t in stored.items()}, self.vocab)
-        if lengths is None:
-            return out
-        # padding positions read a uniform distribution (no loss reads them: labels -100)
-        fill = 0.0 if self.vocab is None or "indices" not in stored else -math.log(self.vocab)
-        full = out.new_full((*x.shape, out.shape[-1]), fill)
-        full[(torch.arange(x.shape[1]) < lengths.unsqueeze(1)).to(x.device)] = out
-        return full
+        shard, local = self.shard_of[rows], self.row_in_shard[rows]
+        width = None if lengths is None else x.shape[1]
+        present = shard.unique()
+        if len(present) == 1:
+            return self.shards[int(present[0])].read(local, width, x.device)
+        parts = [(shard == i, self.shards[int(i)].read(local[shard == i], width, x.device))
+                 for i in present]  # fmt: skip
+        out = parts[0][1].new_empty((len(rows), *parts[0][1].shape[1:]))
+        for sel, part in parts:
+            out[sel.to(x.device)] = part
+        return out
 
 
 def cached_teacher(path: str, node: dict, run: dict, key: str):
