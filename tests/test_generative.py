@@ -254,6 +254,37 @@ def test_hf_generator_is_greedy_and_left_pad_invariant(arith_tok):
         assert ids[len(p) :] == answer
 
 
+def test_teacher_answers_are_generated_once_per_prompt(arith_tok):
+    """Validation asks the frozen teacher the same prompts every time: with the task's
+    memo a prompt is answered once per run, a batch mixing seen and new prompts runs the
+    teacher on the new ones only, and the answers are those of a plain generation."""
+    from distillery.models.hf import HFCausalLM
+
+    torch.manual_seed(0)
+    model = HFCausalLM(config={"model_type": "gpt2", "vocab_size": 64, "n_embd": 32, "n_layer": 2,
+                               "n_head": 2, "n_positions": 32, "eos_token_id": 1, "bos_token_id": 1})  # fmt: skip
+    task = GenerativeLMTask(max_new_tokens=4)
+    task.tokenizer = char_tokenizer(arith_tok)
+    rows = [[5, 6, 7, 8], [11, 12, 13, 14], [20, 21, 22, 23], [5, 6, 7, 8]]
+    seen = []
+    embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    embedding.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))  # rows run
+
+    def batch(ids):
+        return {"input_ids": torch.tensor(ids), "prompt_len": torch.tensor([4] * len(ids))}
+
+    plain = task.answer(model, batch(rows), None).answers
+    assert plain[0] == plain[3]
+    seen.clear()
+    first = task.answer(model, batch(rows[:2]), None, memo=task.teacher_answers).answers
+    assert first == plain[:2] and seen and max(seen) == 2  # the two prompts, generated
+    seen.clear()
+    again = task.answer(model, batch(rows[:2]), None, memo=task.teacher_answers).answers
+    assert again == first and seen == []  # nothing generated
+    mixed = task.answer(model, batch(rows[1:]), None, memo=task.teacher_answers).answers
+    assert mixed == plain[1:] and seen and max(seen) == 1  # only the one new prompt
+
+
 def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
     """Two pairs with known token probabilities: the loss is -log sigmoid(beta * margin)
     with margin from the sums of the response tokens' log-probabilities."""

@@ -111,6 +111,7 @@ class GenerativeLMTask(CausalLMTask):
         self.tokenizer = self.teacher_tokenizer = None
         self.offline_pairs = False
         self.pairs_need_teacher = True
+        self.teacher_answers: dict[tuple[int, ...], list[int]] = {}  # prompt -> greedy answer
 
     def bind(self, datamodule) -> None:
         tok = datamodule.load_tokenizer()
@@ -261,17 +262,31 @@ class GenerativeLMTask(CausalLMTask):
         student = self.answer(module.student, batch, out.student)
         teacher = None
         if module.teacher is not None:
-            teacher = self.answer(module.teacher.network, batch, out.teacher, as_teacher=True)
+            teacher = self.answer(module.teacher.network, batch, out.teacher, as_teacher=True,
+                                  memo=self.teacher_answers)  # fmt: skip
             self.teacher_scores(module.teacher, student, batch, batch["input_ids"].device)
         return Outputs(student, out.labels, teacher, extras=out.extras)
 
-    def answer(self, model, batch: dict, logits: Tensor, as_teacher: bool = False) -> Answers:
+    def answer(
+        self, model, batch: dict, logits: Tensor, as_teacher: bool = False, memo: dict | None = None
+    ) -> Answers:
         """Greedy answers of ``model`` to the batch's prompts (in the teacher's tokens
-        for the teacher of a cross-tokenizer run)."""
+        for the teacher of a cross-tokenizer run). ``memo`` (prompt -> answer): a frozen
+        model's answers, generated once per prompt in a run (every validation asks the
+        teacher the same prompts; greedy answers do not depend on the batch)."""
         tok = self.teacher_tokenizer if as_teacher and self.cross else self.tokenizer
         view = batch["teacher"] if as_teacher and self.cross else batch
         gen = generator_for(model, *special_ids(tok))
-        answers = gen(prompts_of(view), self.max_new_tokens, 0.0)
+        prompts = prompts_of(view)
+        if memo is None:
+            answers = gen(prompts, self.max_new_tokens, 0.0)
+        else:
+            keys = [tuple(p) for p in prompts]
+            new = list({k: p for k, p in zip(keys, prompts) if k not in memo}.items())
+            if new:
+                fresh = gen([p for _, p in new], self.max_new_tokens, 0.0)
+                memo.update((k, a) for (k, _), a in zip(new, fresh, strict=True))
+            answers = [memo[k] for k in keys]
         text = [tok.decode(a, skip_special_tokens=True) for a in answers] if self.cross else None
         return Answers(logits, answers, text=text)
 
