@@ -188,9 +188,16 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
         "|---|---|---|---|---|---|",
     ]
     for k in (16, 64, 256):
-        for dtype, indices in (("fp16", "plain"), ("q8", "plain"), ("fp16", "delta"), ("q8", "delta")):
+        for dtype, indices in (
+            ("fp16", "plain"),
+            ("q8", "plain"),
+            ("fp16", "delta"),
+            ("q8", "delta"),
+        ):
             cache = out / f"lm_k{k}_{dtype}_{indices}"
-            write_cache(run, cache, out, f"cache.k={k}", f"cache.dtype={dtype}", f"cache.indices={indices}")
+            write_cache(
+                run, cache, out, f"cache.k={k}", f"cache.dtype={dtype}", f"cache.indices={indices}"
+            )
             read = CachedOutputs(cache)
             with torch.no_grad():
                 q = read(ids)
@@ -262,7 +269,12 @@ def main() -> None:
         "lm": lambda: language_model(out, args.text_teacher, args.data_dir),
     }
     for part in args.parts:  # one results file per part
-        text = "\n".join([header.format(part=part, teacher=teacher if part == "lm" else ""), *parts[part]()]) + "\n"
+        text = (
+            "\n".join(
+                [header.format(part=part, teacher=teacher if part == "lm" else ""), *parts[part]()]
+            )
+            + "\n"
+        )
         (ROOT / "benchmarks" / "results" / f"teacher_cache_{part}.md").write_text(text)
         print(text)
 

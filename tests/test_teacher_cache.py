@@ -86,9 +86,18 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
     with pytest.raises(ConfigError, match=r"cache.k: 10 is not below the teacher's 10 outputs"):
         write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'k10'}", "cache.k=10")
     with pytest.raises(ConfigError, match=r"cache.indices: 'zip' is not one of"):
-        write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'z'}", "cache.k=4", "cache.indices=zip")
+        write(
+            tmp_path,
+            data_dir,
+            *run,
+            f"cache.dir={tmp_path / 'z'}",
+            "cache.k=4",
+            "cache.indices=zip",
+        )
     assert not (tmp_path / "z").exists()  # refused before anything is written
-    with pytest.raises(ConfigError, match=r"cache.indices: delta codes top-k token ids; set cache.k"):
+    with pytest.raises(
+        ConfigError, match=r"cache.indices: delta codes top-k token ids; set cache.k"
+    ):
         write(tmp_path, data_dir, *run, f"cache.dir={tmp_path / 'd'}", "cache.indices=delta")
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # truncated
     refused(match=r"teacher.cache: cannot read cache shard .*shard_00001")
@@ -225,7 +234,7 @@ def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
 def test_delta_cache_shard_that_lost_bytes_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from distillery.core.teacher_cache import CacheWriter, CachedOutputs, compress, row_keys
+    from distillery.core.teacher_cache import CachedOutputs, CacheWriter, compress, row_keys
 
     x = torch.randn(5, 3, 40)
     writer = CacheWriter(tmp_path, {"k": 4, "dtype": "q8", "indices": "delta", "vocab": 40})
@@ -276,7 +285,9 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]  # fmt: skip
     full = tmp_path / "full"
     meta = write(tmp_path, data_dir, *run, f"cache.dir={full}")
-    assert meta["pad_id"] is not None and meta["rows"] == 1 + 60  # + the dry-run example (2 equal rows)
+    assert (
+        meta["pad_id"] is not None and meta["rows"] == 1 + 60
+    )  # + the dry-run example (2 equal rows)
     steps = ["+trainer.max_steps=3", "trainer.max_epochs=1"]
     online = student_after(train_cfg, tmp_path, "online", *run, *steps)
     cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"teacher.cache={full}")

@@ -265,9 +265,9 @@ def prompts_of(batch: dict) -> list[list[int]]:
     ]
 
 
-def answers_of(batch: dict) -> list[list[int]]:
-    """The reference answers of such a batch (the trained next tokens of each row)."""
-    return [row[row != IGNORE].tolist() for row in batch["labels"]]
+def answers_of(labels: Tensor) -> list[list[int]]:
+    """The reference answers of such a batch's ``labels`` (each row's trained next tokens)."""
+    return [row[row != IGNORE].tolist() for row in labels]
 
 
 class TextModel:

@@ -91,7 +91,9 @@ def _prefix_multipliers(n: int) -> Tensor:
     for b in range(-(-n // _BLOCK)):
         if b not in _BLOCKS:
             g = torch.Generator().manual_seed(20240612 + b)
-            _BLOCKS[b] = torch.randint(-(2**62), 2**62, (_BLOCK,), generator=g, dtype=torch.int64) * 2 + 1
+            _BLOCKS[b] = (
+                torch.randint(-(2**62), 2**62, (_BLOCK,), generator=g, dtype=torch.int64) * 2 + 1
+            )
         blocks.append(_BLOCKS[b])
     return torch.cat(blocks)[:n] if blocks else torch.zeros(0, dtype=torch.int64)
 
@@ -147,7 +149,9 @@ def unsupported(cfg, task) -> list[str]:
         problems.append("task: generative_lm has the teacher generate (validation answers, "
                         "on-policy and preference samples); a teacher cache holds outputs for "
                         "fixed inputs (use the live teacher)")  # fmt: skip
-    elif task.name == "embedding" or (data.get("format") == "prompt_response" and task.name != "causal_lm"):
+    elif task.name == "embedding" or (
+        data.get("format") == "prompt_response" and task.name != "causal_lm"
+    ):
         key = "task" if task.name == "embedding" else "data.format"
         problems.append(f"{key}: batches pad rows to their longest one and this task's teacher reads "
                         f"the padding (not a causal LM); the teacher cache stores outputs per "
@@ -297,7 +301,9 @@ def compress(
         codes, lengths = delta_encode(ids.cpu())
         out = {RAGGED: codes, "index_code_lengths": lengths, "rest": rest.cpu()}
     else:
-        index_dtype = torch.int16 if outputs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+        index_dtype = (
+            torch.int16 if outputs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+        )
         out = {"indices": ids.to(index_dtype).cpu(), "rest": rest.cpu()}
     if dtype != torch.uint8:
         return {**out, "values": values.to(dtype).cpu()}
@@ -431,8 +437,12 @@ class Shard:
         self.per_position = tensors
         self.starts = {n: torch.cumsum(t.long(), 0) - t.long() for n, t in self.per_row.items()
                        if n in counts}  # fmt: skip
-        codes_ok = self.codes is None or int(self.per_row["index_code_lengths"].long().sum()) == len(self.codes)
-        rows_ok = pad_id is None or int(self.per_row["positions"].long().sum()) == len(tensors["values"])
+        codes_ok = self.codes is None or int(
+            self.per_row["index_code_lengths"].long().sum()
+        ) == len(self.codes)
+        rows_ok = pad_id is None or int(self.per_row["positions"].long().sum()) == len(
+            tensors["values"]
+        )
         if not (codes_ok and rows_ok):
             raise ValueError(f"{key}: cache shard {file} is corrupt (its stored positions or index "
                              f"codes do not match their row lengths); rewrite the cache")  # fmt: skip
@@ -444,9 +454,14 @@ class Shard:
         lengths = stored.pop("positions", None)
         if lengths is not None:
             starts = self.starts["positions"][rows]
-            stored.update({n: ragged_rows(t, starts, lengths) for n, t in self.per_position.items()})
+            stored.update(
+                {n: ragged_rows(t, starts, lengths) for n, t in self.per_position.items()}
+            )
         if self.codes is not None:
-            starts, counts = self.starts["index_code_lengths"][rows], stored.pop("index_code_lengths")
+            starts, counts = (
+                self.starts["index_code_lengths"][rows],
+                stored.pop("index_code_lengths"),
+            )
             stored["indices"] = delta_decode(
                 ragged_rows(self.codes, starts, counts), tuple(stored["values"].shape)
             )
@@ -484,7 +499,9 @@ class CachedOutputs(nn.Module):
                 f"{key}: {self.path} should hold {meta['rows']} rows in its shards; a shard is missing"
             )
         keys = torch.cat([s.keys for s in self.shards])
-        self.shard_of = torch.cat([torch.full((len(s.keys),), i) for i, s in enumerate(self.shards)])
+        self.shard_of = torch.cat(
+            [torch.full((len(s.keys),), i) for i, s in enumerate(self.shards)]
+        )
         self.row_in_shard = torch.cat([torch.arange(len(s.keys)) for s in self.shards])
         self.sorted_keys, self.order = keys.sort()
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from distillery.core.generation import answers_of
 from distillery.core.objective import IGNORE
 from distillery.losses.kd import kl_teacher_student
 from distillery.losses.token import per_token
@@ -185,7 +186,7 @@ class AnswerMetrics(LMMetrics):
         labels = labels if out.labels is None else out.labels  # a model of other tokens
         ref = None if teacher is None or not self.with_teacher else teacher.logits
         super().update(out.logits, labels, ref)
-        refs = [row[row != IGNORE].tolist() for row in labels]
+        refs = answers_of(labels)
         self.exact_match.update(torch.tensor([a == r for a, r in zip(out.answers, refs, strict=True)], dtype=torch.float32))  # fmt: skip
         if self.with_answers_teacher:
             texts = out.text is not None and teacher.text is not None

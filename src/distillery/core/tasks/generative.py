@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from distillery.core.generation import (
+    answers_of,
     generator_for,
     pack_pairs,
     pack_samples,
@@ -282,7 +283,7 @@ class GenerativeLMTask(CausalLMTask):
             answers = gen(prompts, self.max_new_tokens, 0.0)
         else:
             keys = [tuple(p) for p in prompts]
-            new = list({k: p for k, p in zip(keys, prompts) if k not in memo}.items())
+            new = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in memo}.items())
             if new:
                 fresh = gen([p for _, p in new], self.max_new_tokens, 0.0)
                 memo.update((k, a) for (k, _), a in zip(new, fresh, strict=True))
@@ -303,7 +304,7 @@ class GenerativeLMTask(CausalLMTask):
         ``AnswerMetrics`` counts it) and the ``reference`` answer as text."""
         tok = self.teacher_tokenizer if teacher and self.cross else self.tokenizer
         labels = batch["labels"] if out.labels is None else out.labels
-        refs = [row[row != IGNORE].tolist() for row in labels]
+        refs = answers_of(labels)
         decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
         return {"sample_id": batch["sample_id"].tolist(),
                 "answer": [decode(a) for a in out.answers],
