@@ -215,7 +215,8 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
         "\nMemory of a reader process (`CachedOutputs`: shards memory-mapped, only the keys in "
         "private memory), each in a fresh process: private (anonymous) MB after opening the cache, "
         "and the file-backed resident MB that reading every row once adds (page cache, shared by "
-        "every process reading the cache, e.g. DDP ranks on one host):\n",
+        "every process reading the cache, e.g. DDP ranks on one host; it also counts the library "
+        "code the first reads load, about 10 MB here):\n",
         "| cache | shards MB | rows | private MB after open | file-backed MB after reading all |",
         "|---|---|---|---|---|",
     ]
