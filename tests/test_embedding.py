@@ -172,6 +172,40 @@ def test_student_embeddings_from_the_teachers_principal_components(tmp_path):
         pca_init(HFSentenceEncoder(config={**narrow, "vocab_size": 41}), str(tmp_path / "src"))
 
 
+def test_student_layers_from_the_teachers_layers(tmp_path):
+    """student_init=teacher_layers: the student's embeddings and k-th layer are the
+    source's embeddings and layers[k]-th layer, so a student given all the source's
+    layers computes the source's embeddings exactly; a wrong width or layer list is
+    refused naming what differs."""
+    from transformers import AutoModel, BertConfig
+
+    from distillery.models.hf import layers_init
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=40, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=20)  # fmt: skip
+    AutoModel.from_config(BertConfig(**config)).save_pretrained(tmp_path / "src")
+    source = HFSentenceEncoder(pretrained=str(tmp_path / "src")).eval()
+    student = HFSentenceEncoder(config={"model_type": "bert", **config, "num_hidden_layers": 2})
+    layers_init(student, str(tmp_path / "src"), [0, 3])
+    for k, i in enumerate([0, 3]):
+        for (name, p), q in zip(student.model.encoder.layer[k].named_parameters(),
+                                source.model.encoder.layer[i].parameters(), strict=True):  # fmt: skip
+            assert torch.equal(p, q), name
+    assert torch.equal(student.model.embeddings.word_embeddings.weight,
+                       source.model.embeddings.word_embeddings.weight)  # fmt: skip
+    full = HFSentenceEncoder(config={"model_type": "bert", **config}).eval()
+    layers_init(full, str(tmp_path / "src"), [0, 1, 2, 3])
+    x = torch.randint(1, 40, (3, 7))
+    torch.testing.assert_close(full(x), source(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"layers=\[0, 4\] must name 2 layers .* source's 4"):
+        layers_init(student, str(tmp_path / "src"), [0, 4])
+    narrow = HFSentenceEncoder(config={"model_type": "bert", **config, "num_hidden_layers": 2,
+                                       "hidden_size": 8, "intermediate_size": 16})  # fmt: skip
+    with pytest.raises(ValueError, match=r"word_embeddings.weight \(40, 8\) has \(40, 16\)"):
+        layers_init(narrow, str(tmp_path / "src"), [0, 3])
+
+
 def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     """A short minilm_embed_kd run, then `distillery.evaluate` on its checkpoint: the
     teacher is rebuilt from provenance, the report compares it with the student."""

@@ -225,3 +225,49 @@ def pca_embeddings(model: nn.Module, source: str) -> None:
         n = min(table.weight.shape[0], target.weight.shape[0])
         centred = table.weight[:n].float() - (mu if name == "word_embeddings" else 0)
         target.weight[:n] = (centred @ basis).to(target.weight.dtype)
+
+
+def _layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of an HF model (BERT-like ``encoder.layer``, GPT-2
+    ``transformer.h`` / ``h``, Llama-like ``layers``)."""
+    for path in ("encoder.layer", "transformer.h", "h", "model.layers", "layers"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"{type(model).__name__}: no stack of transformer layers found")
+
+
+@torch.no_grad()
+def layers_init(student: nn.Module, source: str, layers: list[int]) -> None:
+    """``student_init`` step (``conf/student_init/teacher_layers.yaml``): the student's
+    embeddings and its k-th transformer layer become the source's embeddings and its
+    ``layers[k]``-th layer, weights copied as they are (the DistilBERT initialisation,
+    Sanh et al. 2019: a student of the teacher's width and a subset of its layers).
+    Student and source need the same width, heads and vocabulary; any mismatch is an
+    error naming the parameter."""
+    from transformers import AutoModel
+
+    dst = getattr(student, "model", student)
+    src = AutoModel.from_pretrained(str(source))
+    dst_layers, src_layers = _layer_stack(dst), _layer_stack(src)
+    if len(layers) != len(dst_layers) or not all(0 <= i < len(src_layers) for i in layers):
+        raise ValueError(
+            f"layers={list(layers)} must name {len(dst_layers)} layers (the student's) of "
+            f"the source's {len(src_layers)} (0-based)"
+        )
+    pairs = [(dst.get_input_embeddings(), src.get_input_embeddings())]
+    if hasattr(dst, "embeddings") and hasattr(src, "embeddings"):
+        pairs = [(dst.embeddings, src.embeddings)]
+    pairs += [(dst_layers[k], src_layers[i]) for k, i in enumerate(layers)]
+    for target, origin in pairs:
+        theirs, ours = origin.state_dict(), target.state_dict()
+        for name, value in ours.items():
+            if name not in theirs or theirs[name].shape != value.shape:
+                shape = tuple(theirs[name].shape) if name in theirs else "nothing"
+                raise ValueError(
+                    f"the student's {name} {tuple(value.shape)} has {shape} to "
+                    f"copy in {source} (student width, heads and vocabulary must be the source's)"
+                )
+        target.load_state_dict({n: theirs[n] for n in ours})
