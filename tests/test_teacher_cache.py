@@ -67,7 +67,7 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
         match=r"teacher.cache: .* teacher.ckpt_path differ",
     )
     refused("data.transfer_size=600", match=r"data.transfer_size differ")
-    refused("views=mixup_signal", match="views: augmentation/mixing")
+    refused("views=mixup_signal", match=r"another run: .*views")
     build_run(train_cfg(*run, f"teacher.cache={cache}", "data.batch_size=32"))  # loader-only change
 
     # resumable: a lost last shard and an unfinished record are written again, the rest kept
@@ -188,6 +188,12 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
 
     assert problems() == ""
     assert problems(data={"augment": True}).startswith("data.augment:")
+    augment = {"_target_": "distillery.recipes.augment.SignalAugment"}
+    assert problems(views={"augment": augment}).startswith("views.augment: random augmentation")
+    assert problems(views={"augment": augment, "pool": 4}) == ""  # a pool of views: cached
+    assert problems(views={"augment": augment, "pool": 4, "mix": {"alpha": 1}}).startswith(
+        "views.mix: a mixed input depends on its batch partner"
+    )
     assert problems(CausalLMTask(), data={"format": "prompt_response"}) == ""  # causal: by tokens
     assert problems(GenerativeLMTask()).startswith("task: generative_lm has the teacher generate")
     assert problems(EmbeddingTask()).startswith("task: batches pad rows")
@@ -322,3 +328,62 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
     bad = _pairs(tmp_path / "bad.jsonl", last="<|pad|>")
     with pytest.raises(ConfigError, match=r"data: a row's attention mask covers more"):
         write(tmp_path, data_dir, *run, f"data.source={bad}", f"cache.dir={tmp_path / 'bad'}")
+
+
+def test_a_pool_of_views_is_cached_and_trains_the_online_student(
+    train_cfg, tmp_path, data_dir, mnist1d_teacher_ckpt
+):
+    """views.pool: every view of every training sample is cached (view v of sample i
+    from the seed i * pool + v), so a run with augmented views reads its teacher from
+    the cache and trains the very student the live teacher gives; mixing, an unpooled
+    augmentation and a cache of another pool are refused by key."""
+    from distillery.core.builder import build_run
+
+    pool = ["views=augment_signal_pool", "views.pool=3"]
+    run = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400", *pool,
+           f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    cache = tmp_path / "views"
+    meta = write(tmp_path, data_dir, *run, f"cache.dir={cache}")
+    assert meta["rows"] == 1 + 3 * (800 + 400) + 200 + 200 and meta["views"]["pool"] == 3
+
+    steps = ["+trainer.max_steps=8", "trainer.max_epochs=1"]
+    online = student_after(train_cfg, tmp_path, "online", *run, *steps)
+    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"teacher.cache={cache}")
+    assert cached["distillery"]["teacher"]["cache"] == str(cache)
+    for k, v in online["state_dict"].items():
+        assert torch.equal(cached["state_dict"][k], v), k
+
+    def refused(*overrides, match):
+        with pytest.raises(ConfigError, match=match):
+            build_run(train_cfg(*run, f"teacher.cache={cache}", *overrides))
+
+    refused("views.pool=4", match=r"teacher.cache: .* views.pool differ")
+    refused("views=mixup_signal", match=r"views.mix differ")
+    refused("views.pool=null", match=r"views.pool differ")
+
+
+def test_view_pool_views_are_fixed_per_sample_and_seed():
+    """A sample's v-th view is the same in any batch, order or process; different seeds
+    give different views; bad pools are refused naming views.pool / views.augment."""
+    from distillery.recipes.augment import SignalAugment
+    from distillery.recipes.views import Views
+
+    views = Views(SignalAugment(max_shift=3), pool=4)
+    x, ids = torch.randn(6, 40), torch.arange(100, 106)
+    a = views.pooled(x, ids, 2)
+    b = views.pooled(x.flip(0), ids.flip(0), 2).flip(0)  # another batch order
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(views.pooled(x[2:3], ids[2:3], 2), a[2:3], rtol=0, atol=0)
+    assert not torch.equal(views.pooled(x, ids, 3), a)
+    torch.manual_seed(0)
+    out = views(x, torch.zeros(6, dtype=torch.long), 10, ids)
+    assert out.student is out.teacher  # consistent
+    per_view = torch.stack([views.pooled(x, ids, v) for v in range(4)])  # [4, 6, 40]
+    assert all(any(torch.equal(out.student[i], per_view[v, i]) for v in range(4)) for i in range(6))
+
+    with pytest.raises(ValueError, match="views.pool: 0 is not a positive integer"):
+        Views(SignalAugment(), pool=0)
+    with pytest.raises(ValueError, match="views.pool: pooled views are shared"):
+        Views(SignalAugment(), pool=2, consistent=False)
+    with pytest.raises(ValueError, match="views.augment: Identity.forward takes no seeds"):
+        Views(torch.nn.Identity(), pool=2)

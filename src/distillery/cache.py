@@ -106,6 +106,7 @@ def write_cache(cfg: DictConfig) -> dict:
         "teacher_config": teacher.provenance["config"],
         "teacher_provenance": teacher.provenance,
         "data": to_record(run.data),
+        "views": to_record(run.views) if run.get("views") is not None else None,
         "paths": to_record(run.paths),
         "task": task.name,
         "k": options.k,
@@ -139,10 +140,19 @@ def write_cache(cfg: DictConfig) -> dict:
             writer.add([keys[i] for i in fresh], stored)
         return len(fresh)
 
+    views = build(run.get("views"), "views")
+    pool = getattr(views, "pool", None)  # training inputs: every view of the pool
+
+    def add_batch(name: str, batch: dict) -> int:
+        x = task.model_input(batch)
+        if pool is None or not name.startswith("train/"):
+            return add(x, batch.get("attention_mask"))
+        return sum(add(views.pooled(x, batch["sample_id"], v)) for v in range(pool))
+
     start = time.perf_counter()
     add(example)
     for name, loader in input_loaders(datamodule, options.batch_size).items():
-        written = sum(add(task.model_input(b), b.get("attention_mask")) for b in loader)
+        written = sum(add_batch(name, b) for b in loader)
         log.info("%s: %d new rows (%.0f s)", name, written, time.perf_counter() - start)
     meta = writer.close()
     log.info(

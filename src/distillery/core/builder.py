@@ -47,7 +47,8 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
         if key != "teacher":
             raise ConfigError([f"{key}.cache: only the teacher reads a teacher-output cache"])
 
-        run = {"paths": to_record(cfg.paths), "data": to_record(cfg.data)} if cfg else {}
+        views = to_record(cfg.views) if cfg and cfg.get("views") is not None else None
+        run = {"paths": to_record(cfg.paths), "data": to_record(cfg.data), "views": views} if cfg else {}  # fmt: skip
         return cached_teacher(str(cache), to_record(teacher_node), run, key)
     import torch
 

@@ -29,6 +29,12 @@ What is stored per row:
   per shard, ``index_codes``, with each row's byte count in ``index_code_lengths``
   (rows differ in length: the row-addressed read finds a row's bytes by their offsets).
 
+Augmented views (``views.augment``) are cached when they come from a pool
+(``views.pool: N``, ``recipes/views.py``): the writer stores the teacher's outputs for
+all N views of every training sample (view v of sample i augmented with the seed
+``i * N + v``), which a run's steps then draw from; mixing is refused (a mixed input
+depends on its batch partner).
+
 Right-padded rows of different lengths (``data.format: prompt_response``, a causal LM;
 the datamodule names its ``pad_id``): a row is its tokens up to the last that is not
 ``pad_id`` (:func:`content_lengths`; the writer checks this equals the batch's
@@ -138,9 +144,12 @@ def unsupported(cfg, task) -> list[str]:
     or it needs more of the teacher than its outputs."""
     problems = []
     views = cfg.get("views")
-    if views is not None and (views.get("augment") or views.get("mix")):
-        problems.append("views: augmentation/mixing draws new teacher inputs every step; a "
-                        "teacher cache holds outputs for fixed inputs (views=none, or the live teacher)")  # fmt: skip
+    if views is not None and views.get("mix"):
+        problems.append("views.mix: a mixed input depends on its batch partner, so no cache can "
+                        "hold it (views.mix=null, or the live teacher)")  # fmt: skip
+    if views is not None and views.get("augment") and not views.get("pool"):
+        problems.append("views.augment: random augmentation draws new teacher inputs every step; "
+                        "set views.pool=N (N views per sample, all cached) or use the live teacher")  # fmt: skip
     data = cfg.get("data") or {}
     if data.get("augment"):
         problems.append("data.augment: random crops/flips draw new teacher inputs every step; "
@@ -544,7 +553,7 @@ def cached_teacher(path: str, node: dict, run: dict, key: str):
     except FileNotFoundError as e:
         raise ConfigError([str(e)]) from e
     recorded = {"paths": meta["paths"], "data": without_loader_keys(meta["data"]),
-                "teacher": meta["teacher_config"]}  # fmt: skip
+                "views": meta.get("views"), "teacher": meta["teacher_config"]}  # fmt: skip
     current = {**run, "data": without_loader_keys(run.get("data")), "teacher": node}
     diffs = config_differences(recorded, current)
     if diffs:

@@ -6,6 +6,13 @@ the "independent views" variant kept for comparison: teacher and student get two
 independent augmentation draws of the same samples (mixed with the same partners and
 weights).
 
+``pool: N`` (a view pool): each sample has N views, its v-th augmented with the seed
+``sample_id * N + v`` (``recipes.augment.Draws``: the same view whatever the batch or
+run), and every step shows each sample one of them, drawn at random. Training still
+sees N different views of each sample, and a teacher-output cache (``python -m
+distillery.cache``) can hold the teacher's outputs for all of them (with ``mix: null``:
+a mixed input depends on its batch partner). Consistent views only.
+
 Mixing partners are drawn within the labeled samples and within the unlabeled ones
 (:func:`grouped_permutation`), so a labeled sample stays labeled, with soft target
 ``lam * onehot(y_i) + (1 - lam) * onehot(y_perm(i))``, and the number of labeled samples
@@ -16,6 +23,7 @@ partner as unlabeled, for mixers given other partners.)
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -38,14 +46,38 @@ class Views(nn.Module):
         augment: nn.Module | None = None,
         mix: nn.Module | None = None,
         consistent: bool = True,
+        pool: int | None = None,
     ):
         super().__init__()
-        self.augment, self.mix, self.consistent = augment, mix, consistent
+        if pool is not None:
+            if not isinstance(pool, int) or pool < 1:
+                raise ValueError(f"views.pool: {pool!r} is not a positive integer (null: no pool)")
+            if augment is None:
+                raise ValueError("views.pool: a pool of views needs views.augment")
+            if not consistent:
+                raise ValueError("views.pool: pooled views are shared by teacher and student "
+                                 "(views.consistent: true)")  # fmt: skip
+            if "seeds" not in inspect.signature(augment.forward).parameters:
+                raise ValueError(f"views.augment: {type(augment).__name__}.forward takes no "
+                                 f"seeds; a view pool needs forward(x, seeds)")  # fmt: skip
+        self.augment, self.mix, self.consistent, self.pool = augment, mix, consistent, pool
 
-    def forward(self, x: Tensor, labels: Tensor, num_classes: int) -> ViewBatch:
+    def pooled(self, x: Tensor, sample_ids: Tensor, view: Tensor | int) -> Tensor:
+        """View ``view`` (per sample, or one for all) of the pool of each sample."""
+        seeds = sample_ids.long().to(x.device) * self.pool + torch.as_tensor(view, device=x.device)
+        return self.augment(x, seeds=seeds.expand(len(x)))
+
+    def forward(
+        self, x: Tensor, labels: Tensor, num_classes: int, sample_ids: Tensor | None = None
+    ) -> ViewBatch:
         aug = self.augment or nn.Identity()
-        xs = aug(x)
-        xt = xs if self.consistent else aug(x)
+        if self.pool is not None:
+            if sample_ids is None:
+                raise ValueError("views.pool: the batches carry no sample_id")
+            xs = xt = self.pooled(x, sample_ids, torch.randint(self.pool, (len(x),)))
+        else:
+            xs = aug(x)
+            xt = xs if self.consistent else aug(x)
         if self.mix is None:
             return ViewBatch(xs, xt, labels, None)
         xs_mixed, perm, lam = self.mix(xs, grouped_permutation(labels))

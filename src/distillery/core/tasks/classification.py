@@ -31,7 +31,9 @@ class ClassificationTask(Task):
         x, labels, targets = batch["inputs"], batch["labels"], None
         x_teacher = x
         if module.views is not None:  # augmentation / mixing, once per batch
-            x, x_teacher, labels, targets = module.views(x, labels, module.num_classes)
+            x, x_teacher, labels, targets = module.views(
+                x, labels, module.num_classes, batch.get("sample_id")
+            )
         student, teacher, extras = module.forward_both((x,), x_teacher, capture=True)
         if extras:
             extras["sample_id"] = batch["sample_id"]
