@@ -46,7 +46,8 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
     assert cached["distillery"]["teacher"]["sha256"] == online["distillery"]["teacher"]["sha256"]
 
     from distillery.core.builder import build_run
-    from distillery.core.teacher_cache import CachedOutputs, row_keys
+    from distillery.core.cache_keys import row_keys
+    from distillery.core.teacher_cache import CachedOutputs
 
     with pytest.raises(
         ValueError, match=r"teacher.cache: 3 of 3 teacher inputs are not in the cache"
@@ -108,8 +109,9 @@ def test_topk_token_cache(train_cfg, tmp_path, data_dir, tokenizer_dir, text_tea
     ids): bytes per token as designed, read back as a distribution whose KL from the
     teacher's falls with k, the run trains; a full cache (k: null) gives the online
     student."""
+    from distillery.core.cache_codec import compress, expand
     from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row, compress, expand
+    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row
 
     run = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]  # fmt: skip
@@ -214,7 +216,7 @@ def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
     seven bits first with the high bit set), a round trip over a 128k vocabulary with
     rows of different byte lengths, read back row by row in any order; a stream that does
     not hold the expected ids is refused; a corrupt shard is refused naming the key."""
-    from distillery.core.teacher_cache import delta_decode, delta_encode, ragged_rows
+    from distillery.core.cache_codec import delta_decode, delta_encode, ragged_rows
 
     codes, lengths = delta_encode(torch.tensor([[0, 5, 200]]))
     assert codes.tolist() == [0x00, 0x04, 0xC2, 0x01] and lengths.tolist() == [4]
@@ -240,7 +242,9 @@ def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
 def test_delta_cache_shard_that_lost_bytes_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from distillery.core.teacher_cache import CachedOutputs, CacheWriter, compress, row_keys
+    from distillery.core.cache_codec import compress
+    from distillery.core.cache_keys import row_keys
+    from distillery.core.teacher_cache import CachedOutputs, CacheWriter
 
     x = torch.randn(5, 3, 40)
     writer = CacheWriter(tmp_path, {"k": 4, "dtype": "q8", "indices": "delta", "vocab": 40})
@@ -282,8 +286,10 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
     full-logit cache trains the online student, and a delta-coded top-k cache reads back
     what the teacher gives at every real position of any padding. A row whose text ends
     in the pad token is refused at write time, naming data."""
+    from distillery.core.cache_codec import compress, expand
+    from distillery.core.cache_keys import ragged_row_keys
     from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, compress, expand, ragged_row_keys
+    from distillery.core.teacher_cache import CachedOutputs
 
     pairs = _pairs(tmp_path / "pairs.jsonl")
     run = ["experiment=text_prompt_kd", *text_overrides(tokenizer_dir, data_dir), f"data.source={pairs}",

@@ -45,17 +45,9 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 def write_cache(cfg: DictConfig) -> dict:
     from distillery.core.builder import build_task, build_teacher
-    from distillery.core.teacher_cache import (
-        DTYPES,
-        INDEX_CODINGS,
-        CacheWriter,
-        compress,
-        compress_ragged,
-        content_lengths,
-        ragged_row_keys,
-        row_keys,
-        unsupported,
-    )
+    from distillery.core.cache_codec import DTYPES, INDEX_CODINGS, compress, compress_ragged
+    from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
+    from distillery.core.teacher_cache import CacheWriter, unsupported
 
     options = cfg.cache
     run = cfg.copy()

@@ -13,21 +13,7 @@ collision: ~3e-8 for a million rows; rows differing in one byte never collide). 
 whose inputs change per step, whose teacher generates, or whose teacher reads padding are
 refused (:func:`unsupported`).
 
-What is stored per row:
-
-* ``k: null``: the teacher's outputs as they are (classifier logits), in ``dtype``
-  (``fp32``: the cached loss equals the online loss exactly);
-* ``k: <int>``: per position, the top-``k`` log-probabilities (``dtype``; ``q8``: 256
-  levels between the position's min and max), their token ids (int16 when the
-  vocabulary fits, else int32) and the remaining probability mass (float32). Read back as log-probabilities over the whole vocabulary, the remaining
-  mass spread evenly over the other ``V - k`` tokens. Log-probabilities are logits of
-  the same distribution at any temperature: softmax(log p / T) = softmax(z / T).
-  ``indices: delta`` stores the ids losslessly in fewer bytes: each position's top-k
-  sorted by id (values in the same order), the gaps between consecutive ids (minus one;
-  the first id as it is) written as LEB128 varints (7 bits per byte, the high bit set on
-  every byte but a number's last: a gap below 128 takes one byte) into one byte stream
-  per shard, ``index_codes``, with each row's byte count in ``index_code_lengths``
-  (rows differ in length: the row-addressed read finds a row's bytes by their offsets).
+What is stored per row: ``core/cache_codec.py``; how a row is found: ``core/cache_keys.py``.
 
 Augmented views (``views.augment``) are cached when they come from a pool
 (``views.pool: N``, ``recipes/views.py``): the writer stores the teacher's outputs for
@@ -54,7 +40,6 @@ refused. A run refuses a cache whose teacher or data config differs from its own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -66,75 +51,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distillery.core.cache_codec import RAGGED, delta_decode, expand, ragged_rows
+from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
+
 FORMAT = 1
 META = "cache.json"
 SHARD_BYTES = 2**30  # a shard is cut at shard_rows rows or 1 GiB, whichever comes first
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "q8": torch.uint8}
-
-
-_MULTIPLIERS: dict[int, Tensor] = {}
-
-
-def _multipliers(n: int) -> Tensor:
-    """``n`` fixed random odd int64 multipliers (the same in every process and run)."""
-    if n not in _MULTIPLIERS:
-        g = torch.Generator().manual_seed(20240611)
-        m = torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64) * 2 + 1
-        _MULTIPLIERS[n] = m
-    return _MULTIPLIERS[n]
-
-
-_BLOCKS: dict[int, Tensor] = {}
-_BLOCK = 4096
-_LENGTH_MULTIPLIER = 0x5851F42D4C957F2D  # odd: rows differing only in length differ
-
-
-def _prefix_multipliers(n: int) -> Tensor:
-    """``n`` fixed random odd int64 multipliers whose first ``m`` are the same for every
-    ``n >= m`` (blocks of 4096, each from its own seed): a row's key then does not
-    depend on how far its batch padded it."""
-    blocks = []
-    for b in range(-(-n // _BLOCK)):
-        if b not in _BLOCKS:
-            g = torch.Generator().manual_seed(20240612 + b)
-            _BLOCKS[b] = (
-                torch.randint(-(2**62), 2**62, (_BLOCK,), generator=g, dtype=torch.int64) * 2 + 1
-            )
-        blocks.append(_BLOCKS[b])
-    return torch.cat(blocks)[:n] if blocks else torch.zeros(0, dtype=torch.int64)
-
-
-def content_lengths(x: Tensor, pad_id: int) -> Tensor:
-    """Tokens of each right-padded row up to its last one that is not ``pad_id``."""
-    place = torch.arange(1, x.shape[1] + 1, device=x.device)
-    return ((x != pad_id) * place).amax(1).cpu()
-
-
-def ragged_row_keys(x: Tensor, lengths: Tensor) -> Tensor:
-    """:func:`row_keys` of each row's first ``lengths`` tokens: the same key however far
-    the row's batch padded it."""
-    a = x.detach().cpu().contiguous()
-    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
-    kept = torch.arange(data.shape[1]) < (lengths.long() * a.element_size()).unsqueeze(1)
-    head = int.from_bytes(
-        hashlib.blake2b(f"{a.dtype}|ragged".encode(), digest_size=8).digest(), "little", signed=True
-    )
-    hashed = (data * kept * _prefix_multipliers(data.shape[1])).sum(1)
-    return hashed + lengths.long() * _LENGTH_MULTIPLIER + head
-
-
-def row_keys(x: Tensor) -> Tensor:
-    """One int64 key per row of ``x``, from its bytes, dtype and shape: a random linear
-    hash modulo 2^64 (rows differing in one byte never collide; any two of a million rows
-    collide with probability ~3e-8). Vectorised: no Python work per row."""
-    a = x.detach().cpu().contiguous()
-    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
-    head = int.from_bytes(
-        hashlib.blake2b(f"{a.dtype}|{tuple(a.shape[1:])}".encode(), digest_size=8).digest(),
-        "little",
-        signed=True,
-    )
-    return (data * _multipliers(data.shape[1])).sum(1) + head
 
 
 def unsupported(cfg, task) -> list[str]:
@@ -240,119 +162,6 @@ def map_shard(file: Path, key: str) -> dict[str, Tensor]:
         raise ValueError(
             f"{key}: cannot read cache shard {file} (truncated or not safetensors: {e})"
         ) from e
-
-
-INDEX_CODINGS = ("plain", "delta")
-RAGGED = "index_codes"  # the one stored tensor not indexed by row: a byte stream
-
-
-def delta_encode(indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted top-k ids ``[B, ..., k]`` -> (a uint8 stream of LEB128 varints of the gaps
-    ``id_0, id_1 - id_0 - 1, ...``, each row's byte count as int32 ``[B]``)."""
-    ids = indices.long()
-    gaps = torch.cat([ids[..., :1], ids.diff(dim=-1) - 1], dim=-1).reshape(len(ids), -1)
-    if len(ids) and int(gaps.min()) < 0:
-        raise ValueError("delta_encode: ids must be sorted and distinct along the last axis")
-    flat = gaps.reshape(-1)
-    nbytes = torch.ones_like(flat)
-    for shift in (7, 14, 21, 28, 35, 42, 49, 56):
-        nbytes += flat >= (1 << shift)
-    owner = torch.repeat_interleave(torch.arange(len(flat)), nbytes)
-    first = torch.cumsum(nbytes, 0) - nbytes
-    place = torch.arange(len(owner)) - first[owner]
-    more = (place < nbytes[owner] - 1).long() << 7
-    codes = ((flat[owner] >> (7 * place)) & 0x7F) | more
-    return codes.to(torch.uint8), nbytes.reshape(gaps.shape).sum(1).to(torch.int32)
-
-
-def delta_decode(codes: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The inverse of :func:`delta_encode`: a byte stream holding ``prod(shape)`` varints
-    (rows in order) -> int64 ids of ``shape``."""
-    b = codes.long()
-    last = (b & 0x80) == 0
-    n = int(last.sum())
-    if n != math.prod(shape) or (len(b) and not bool(last[-1])):
-        raise ValueError(f"delta_decode: the stream holds {n} ids, expected {math.prod(shape)}")
-    owner = torch.cumsum(last.long(), 0) - last.long()
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), last.nonzero().squeeze(1)[:-1] + 1])
-    place = torch.arange(len(b)) - starts[owner]
-    gaps = torch.zeros(n, dtype=torch.long).scatter_add_(0, owner, (b & 0x7F) << (7 * place))
-    return torch.cumsum(gaps.reshape(shape) + 1, dim=-1) - 1
-
-
-def ragged_rows(codes: Tensor, starts: Tensor, lengths: Tensor) -> Tensor:
-    """The bytes of the rows starting at ``starts`` with ``lengths``, concatenated."""
-    lengths = lengths.long()
-    offsets = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(offsets, lengths)
-    return codes[torch.repeat_interleave(starts, lengths) + within]
-
-
-def compress(
-    outputs: Tensor, k: int | None, dtype: torch.dtype, indices: str = "plain"
-) -> dict[str, Tensor]:
-    """What the cache stores for a batch of teacher outputs (see the module docstring).
-    ``uint8`` (``dtype: q8``, top-k only): each position's log-probabilities quantised
-    to 256 levels between their minimum and maximum (both kept in float16).
-    ``indices: delta``: the ids sorted and delta-coded (:func:`delta_encode`)."""
-    if k is None:
-        if dtype == torch.uint8:
-            raise ValueError("cache.dtype: q8 quantises top-k log-probabilities; set cache.k")
-        return {"values": outputs.detach().to(dtype).cpu()}
-    if indices not in INDEX_CODINGS:
-        raise ValueError(f"cache.indices: {indices!r} is not one of {INDEX_CODINGS}")
-    logp = torch.log_softmax(outputs.detach().float(), dim=-1)
-    values, ids = logp.topk(k, dim=-1)
-    rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
-    if indices == "delta":
-        ids, order = ids.sort(dim=-1)
-        values = values.gather(-1, order)
-        codes, lengths = delta_encode(ids.cpu())
-        out = {RAGGED: codes, "index_code_lengths": lengths, "rest": rest.cpu()}
-    else:
-        index_dtype = (
-            torch.int16 if outputs.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
-        )
-        out = {"indices": ids.to(index_dtype).cpu(), "rest": rest.cpu()}
-    if dtype != torch.uint8:
-        return {**out, "values": values.to(dtype).cpu()}
-    low, high = values.amin(-1, keepdim=True), values.amax(-1, keepdim=True)
-    scale = (high - low).clamp_min(1e-6) / 255
-    levels = ((values - low) / scale).round().to(torch.uint8)
-    return {**out, "values": levels.cpu(), "low": low.half().cpu(), "high": high.half().cpu()}
-
-
-def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
-    """Stored rows -> float32 outputs: as they are, or top-k log-probabilities with the
-    remaining mass spread over the other tokens."""
-    values = stored["values"].float()
-    if "low" in stored:  # q8 levels
-        low, high = stored["low"].float(), stored["high"].float()
-        values = low + values * (high - low).clamp_min(1e-6) / 255
-    if "indices" not in stored:
-        return values
-    k = values.shape[-1]
-    fill = torch.log(stored["rest"].clamp_min(1e-30) / (vocab - k))
-    out = fill.unsqueeze(-1).expand(*values.shape[:-1], vocab).clone()
-    return out.scatter_(-1, stored["indices"].long(), values)
-
-
-def compress_ragged(
-    outputs: Tensor, lengths: Tensor, k: int | None, dtype: torch.dtype, indices: str = "plain"
-) -> dict[str, Tensor]:
-    """:func:`compress` of the first ``lengths[i]`` positions of each row ``i`` of
-    ``outputs [B, T, ...]``: position tensors of ``sum(lengths)`` rows, each row's
-    ``positions`` and (delta-coded ids) its ``index_code_lengths``."""
-    lengths = lengths.long().cpu()
-    valid = torch.arange(outputs.shape[1]) < lengths.unsqueeze(1)
-    stored = compress(outputs[valid.to(outputs.device)], k, dtype, indices)
-    if RAGGED in stored:  # per-position byte counts -> per row
-        owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        per_row = torch.zeros(len(lengths), dtype=torch.long)
-        stored["index_code_lengths"] = per_row.index_add_(
-            0, owner, stored["index_code_lengths"].long()
-        ).to(torch.int32)
-    return {**stored, "positions": lengths.to(torch.int32)}
 
 
 class CacheWriter:
