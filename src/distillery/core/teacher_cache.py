@@ -5,8 +5,8 @@ Written by ``python -m distillery.cache experiment=...`` (:class:`CacheWriter`) 
 every input a run shows its teacher: the training sets (each source once), validation,
 test and the dry-run example. Read by :class:`CachedOutputs`, the cached teacher's
 ``model`` (shards memory-mapped, :func:`map_shard`: a process keeps the row keys in
-memory and reads the rows a batch needs): it maps each input row to the stored outputs by the row's content
-(:func:`row_keys`: a hash of its dtype, shape and bytes), so the Teacher contract, the
+memory and reads the rows a batch needs): it maps each input row to the stored outputs
+by the row's content (:func:`row_keys`: a hash of its dtype, shape and bytes), so the Teacher contract, the
 task adapters and the losses are unchanged, and an input the cache does not hold (other
 data, random views) is an error, not a silent wrong target (up to a 64-bit hash
 collision: ~3e-8 for a million rows; rows differing in one byte never collide). Runs
@@ -31,7 +31,7 @@ the outputs of those positions only are stored (per-position tensors with each r
 (a causal teacher's outputs there are never a target: their labels are -100).
 
 Layout: ``<dir>/cache.json`` (provenance: the teacher's config and provenance, the data
-config, the task, ``k``, ``dtype``, rows, ``complete``) and ``shard_<i>.safetensors``
+and views configs, the task, ``k``, ``dtype``, ``indices``, ``pad_id``, rows, ``complete``) and ``shard_<i>.safetensors``
 files, each written to a temporary file and renamed. A writer finds the shards already
 there and skips their rows (resumable); a cache of another teacher, data or format is
 refused. A run refuses a cache whose teacher or data config differs from its own
