@@ -168,7 +168,7 @@ class CacheWriter:
     """Appends teacher outputs to ``path`` in shards of ``shard_rows`` rows (or 1 GiB);
     rows whose key is already stored are skipped (a rerun resumes)."""
 
-    def __init__(self, path: Path, meta: dict, shard_rows: int = 8192):
+    def __init__(self, path: Path, meta: dict, shard_rows: int = 65536):
         self.path, self.shard_rows = Path(path), shard_rows
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta = {**meta, "format": FORMAT}
@@ -337,15 +337,15 @@ class CachedOutputs(nn.Module):
         rows = self.order[pos]  # the compressed rows travel; the expansion happens there
         shard, local = self.shard_of[rows], self.row_in_shard[rows]
         width = None if lengths is None else x.shape[1]
-        present = shard.unique()
-        if len(present) == 1:
-            return self.shards[int(present[0])].read(local, width, x.device)
-        parts = [(shard == i, self.shards[int(i)].read(local[shard == i], width, x.device))
-                 for i in present]  # fmt: skip
-        out = parts[0][1].new_empty((len(rows), *parts[0][1].shape[1:]))
-        for sel, part in parts:
-            out[sel.to(x.device)] = part
-        return out
+        counts = torch.bincount(shard, minlength=len(self.shards)).tolist()
+        if max(counts) == len(rows):  # one shard holds the whole batch
+            return self.shards[counts.index(len(rows))].read(local, width, x.device)
+        by_shard = torch.argsort(shard, stable=True)  # read shard by shard, then reorder
+        chunks = local[by_shard].split(counts)
+        out = torch.cat(
+            [self.shards[i].read(c, width, x.device) for i, c in enumerate(chunks) if len(c)]
+        )
+        return out[torch.argsort(by_shard).to(out.device)]
 
 
 def cached_teacher(path: str, node: dict, run: dict, key: str):
