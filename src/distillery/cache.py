@@ -107,6 +107,8 @@ def write_cache(cfg: DictConfig) -> dict:
         "vocab": vocab,
         "pad_id": pad_id,
     }
+    views = build(run.get("views"), "views")  # before anything is written
+    pool = getattr(views, "pool", None)  # training inputs: every view of the pool
     writer = CacheWriter(Path(options.dir), meta, options.shard_rows)
     dtype = DTYPES[options.dtype]
 
@@ -131,9 +133,6 @@ def write_cache(cfg: DictConfig) -> dict:
                 stored = compress_ragged(out, lengths[fresh], options.k, dtype, options.indices)
             writer.add([keys[i] for i in fresh], stored)
         return len(fresh)
-
-    views = build(run.get("views"), "views")
-    pool = getattr(views, "pool", None)  # training inputs: every view of the pool
 
     def add_batch(name: str, batch: dict) -> int:
         x = task.model_input(batch)
