@@ -314,3 +314,34 @@ def test_bf16_teacher_halves_its_memory_and_keeps_the_loss(train_cfg, mnist1d_te
     assert rebuild_teacher(ckpt).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="teacher.dtype: teacher.dtype must be one of"):
         build_run(train_cfg(*base, "teacher.dtype=int3"))
+
+
+def test_terms_are_logged_when_the_logger_writes_and_on_the_last_batch(train_cfg, mnist1d_teacher_ckpt):
+    """``train/loss`` every batch; the terms on the batches the logger writes
+    (``log_every_n_steps=4``: the 4th) and on the last (the 6th), so every row the CSV
+    logger wrote holds them and ``callback_metrics`` end with the last batch's values."""
+    import csv
+
+    cfg = train_cfg(
+        "experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300", "trainer.max_epochs=-1",
+        f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "++trainer.max_steps=6", "logger=csv",
+        "++trainer.limit_val_batches=0", "callbacks=none", "trainer.log_every_n_steps=4",
+    )  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    logged: list[tuple[int, str, float]] = []
+    log = module.log
+
+    def spy(name, value, *args, **kwargs):
+        if name.startswith("train/"):
+            logged.append((trainer.global_step, name, float(value)))
+        return log(name, value, *args, **kwargs)
+
+    module.log = spy
+    trainer.fit(module, datamodule=datamodule)
+    steps = {name: [s for s, n, _ in logged if n == name] for name in ("train/loss", "train/loss/kd")}
+    assert steps == {"train/loss": [0, 1, 2, 3, 4, 5], "train/loss/kd": [3, 5]}
+    last = {n: v for s, n, v in logged if s == 5}
+    assert float(trainer.callback_metrics["train/loss/kd"]) == pytest.approx(last["train/loss/kd"])
+    rows = list(csv.DictReader(next(Path(cfg.paths.output_dir).rglob("metrics.csv")).open()))
+    written = [r for r in rows if r.get("train/loss")]
+    assert written and all(r["train/loss/kd"] and r["train/loss/task"] for r in written)
