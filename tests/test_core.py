@@ -316,7 +316,9 @@ def test_bf16_teacher_halves_its_memory_and_keeps_the_loss(train_cfg, mnist1d_te
         build_run(train_cfg(*base, "teacher.dtype=int3"))
 
 
-def test_terms_are_logged_when_the_logger_writes_and_on_the_last_batch(train_cfg, mnist1d_teacher_ckpt):
+def test_terms_are_logged_when_the_logger_writes_and_on_the_last_batch(
+    train_cfg, mnist1d_teacher_ckpt
+):
     """``train/loss`` every batch; the terms on the batches the logger writes
     (``log_every_n_steps=4``: the 4th) and on the last (the 6th), so every row the CSV
     logger wrote holds them and ``callback_metrics`` end with the last batch's values."""
@@ -338,7 +340,9 @@ def test_terms_are_logged_when_the_logger_writes_and_on_the_last_batch(train_cfg
 
     module.log = spy
     trainer.fit(module, datamodule=datamodule)
-    steps = {name: [s for s, n, _ in logged if n == name] for name in ("train/loss", "train/loss/kd")}
+    steps = {
+        name: [s for s, n, _ in logged if n == name] for name in ("train/loss", "train/loss/kd")
+    }
     assert steps == {"train/loss": [0, 1, 2, 3, 4, 5], "train/loss/kd": [3, 5]}
     last = {n: v for s, n, v in logged if s == 5}
     assert float(trainer.callback_metrics["train/loss/kd"]) == pytest.approx(last["train/loss/kd"])
