@@ -83,7 +83,7 @@ def write_cache(overrides: list[str], cache: Path, out: Path, *options: str) -> 
                             "extras.print_config=false", *options]))  # fmt: skip
 
 
-MEDIUM_STEPS = (10, 40)
+MEDIUM_STEPS = (10, 60)
 
 
 def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:

@@ -200,7 +200,11 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
     assert problems(GenerativeLMTask()).startswith("task: generative_lm has the teacher generate")
     assert problems(EmbeddingTask()).startswith("task: batches pad rows")
     assert problems(teacher={"bn_mode": "batch_stats"}).startswith("teacher.bn_mode:")
-    assert problems(taps={"teacher": {"f": "layer1"}}).startswith("taps.teacher:")
+    assert problems(taps={"teacher": {"f": "layer1"}}) == ""  # features cached per row
+    padded = {"format": "prompt_response"}
+    assert problems(CausalLMTask(), data=padded, taps={"teacher": {"f": "h"}}).startswith(
+        "taps.teacher: the cache stores tapped features per row"
+    )
     assert problems(CausalLMTask(fused=True)).startswith("task.fused:")
     node = {
         "_target_": "distillery.core.teacher.from_run_checkpoint",
@@ -366,6 +370,75 @@ def test_a_pool_of_views_is_cached_and_trains_the_online_student(
     refused("views.pool=4", match=r"teacher.cache: .* views.pool differ")
     refused("views=mixup_signal", match=r"views.mix differ")
     refused("views.pool=null", match=r"views.pool differ")
+
+
+def test_tapped_teacher_features_are_cached_and_train_the_online_student(
+    train_cfg, tmp_path, data_dir, mnist1d_teacher_ckpt
+):
+    """taps.teacher: the writer stores each tap's capture per row beside the logits, so
+    mnist1d_fitnet (a hint on the input of the teacher's head) reads its teacher from
+    the cache and trains the very student the live teacher gives; a tap matching
+    several modules comes back as their list; a run without teacher taps reads the
+    logits alone; a cache without the run's tap, or holding it for another module, is
+    refused by key."""
+    from distillery.config import build
+    from distillery.core.builder import build_run
+    from distillery.core.cache_keys import row_keys
+    from distillery.core.taps import Taps
+    from distillery.core.teacher import from_run_checkpoint
+    from distillery.core.teacher_cache import CachedOutputs, CachedTaps
+
+    run = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=400",
+           f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    cache = tmp_path / "fitnet"
+    glob = "+taps.teacher.convs={path: 'features.[036]', kind: output}"  # three modules
+    meta = write(tmp_path, data_dir, *run, glob, f"cache.dir={cache}", "cache.shard_rows=500")
+    assert meta["taps"]["hint"] == {"path": "head", "kind": "input", "index": 0, "targets": 1}
+    assert meta["taps"]["convs"]["targets"] == 3
+
+    steps = ["+trainer.max_steps=8", "trainer.max_epochs=1"]
+    online = student_after(train_cfg, tmp_path, "online", *run, *steps)
+    cached = student_after(train_cfg, tmp_path, "cached", *run, *steps, f"teacher.cache={cache}")
+    assert set(online["state_dict"]) == set(cached["state_dict"])  # the hint's projector too
+    for k, v in online["state_dict"].items():
+        assert torch.equal(cached["state_dict"][k], v), k
+
+    # every tap reads back what the live teacher's taps capture, across shards
+    read = CachedOutputs(cache)
+    data = build(train_cfg(*run).data, "data")
+    data.prepare_data()
+    data.setup("fit")
+    x = torch.stack([data.train_set[i]["inputs"] for i in (3, 700)])  # rows of two shards
+    assert len(read.shards) > 1 and len(set(read.shard_of[read.order[
+        torch.searchsorted(read.sorted_keys, row_keys(x))]].tolist())) == 2  # fmt: skip
+    teacher = from_run_checkpoint(str(mnist1d_teacher_ckpt))
+    specs = {"hint": {"path": "head", "kind": "input"}, "convs": "features.[036]"}
+    with Taps(teacher.network, specs, "teacher", detach=True) as live, torch.no_grad():
+        logits = teacher(x)
+        expected = dict(live.captured)
+    with CachedTaps(read, specs) as stored:
+        assert torch.equal(read(x), logits)
+        assert torch.equal(stored.captured["hint"], expected["hint"])
+        assert all(map(torch.equal, stored.captured["convs"], expected["convs"]))
+        stored.active = False  # silent taps: the features are not read
+        stored.clear()
+        read(x)
+        assert stored.captured == {}
+    assert read.sink is None  # removed
+
+    kd = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400",
+          f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    build_run(train_cfg(*kd, f"teacher.cache={cache}"))  # no teacher taps: the logits alone
+    plain = tmp_path / "plain"
+    write(tmp_path, data_dir, *kd, f"cache.dir={plain}")
+    with pytest.raises(
+        ConfigError, match=r"taps.teacher.hint: the teacher cache at .* holds no such tap"
+    ):
+        build_run(train_cfg(*run, f"teacher.cache={plain}"))
+    with pytest.raises(
+        ConfigError, match=r"taps.teacher.hint: .* holds it for \{'path': 'head', 'kind': 'input'"
+    ):
+        build_run(train_cfg(*run, "taps.teacher.hint={path: features.8}", f"teacher.cache={cache}"))
 
 
 def test_view_pool_views_are_fixed_per_sample_and_seed():

@@ -3,13 +3,15 @@
 The run's teacher runs once over every input the run will show it: each training
 source (labeled set, transfer pool sources) in order, validation, test and the dry-run
 example. Train with ``teacher.cache=<cache.dir>`` (same experiment): the teacher's
-forward becomes a read. Format, keys and checks: ``distillery/core/teacher_cache.py``.
+forward becomes a read. With ``taps.teacher`` the tapped features are stored too.
+Format, keys and checks: ``distillery/core/teacher_cache.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -45,7 +47,14 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 def write_cache(cfg: DictConfig) -> dict:
     from distillery.core.builder import build_task, build_teacher
-    from distillery.core.cache_codec import DTYPES, INDEX_CODINGS, compress, compress_ragged
+    from distillery.core.cache_codec import (
+        DTYPES,
+        INDEX_CODINGS,
+        compress,
+        compress_features,
+        compress_ragged,
+    )
+    from distillery.core.taps import Taps
     from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
     from distillery.core.teacher_cache import CacheWriter, unsupported
 
@@ -107,6 +116,21 @@ def write_cache(cfg: DictConfig) -> dict:
         "vocab": vocab,
         "pad_id": pad_id,
     }
+    taps = None
+    if tap_specs := (run.get("taps") or {}).get("teacher"):  # features stored beside outputs
+        if pad_id is not None:
+            raise ConfigError(
+                ["taps.teacher: the cache stores tapped features per row, and this data's rows "
+                 "are right-padded per batch (drop the teacher taps or use the live teacher)"]
+            )  # fmt: skip
+        try:
+            taps = Taps(teacher.network, tap_specs, "teacher", detach=True)
+        except (ValueError, TypeError) as e:
+            raise ConfigError([str(e)]) from e
+        meta["taps"] = {
+            name: {**asdict(spec), "targets": len(taps.targets[name])}
+            for name, spec in taps.specs.items()
+        }
     views = build(run.get("views"), "views")  # before anything is written
     pool = getattr(views, "pool", None)  # training inputs: every view of the pool
     writer = CacheWriter(Path(options.dir), meta, options.shard_rows)
@@ -126,11 +150,15 @@ def write_cache(cfg: DictConfig) -> dict:
             keys = ragged_row_keys(x, lengths).tolist()
         fresh = writer.new_rows(keys)
         if fresh:
+            if taps is not None:
+                taps.clear()
             out = teacher(x[fresh].to(device))
             if pad_id is None:
                 stored = compress(out, options.k, dtype, options.indices)
             else:
                 stored = compress_ragged(out, lengths[fresh], options.k, dtype, options.indices)
+            if taps is not None:
+                stored |= compress_features(taps.captured, len(fresh), dtype)
             writer.add([keys[i] for i in fresh], stored)
         return len(fresh)
 
@@ -141,10 +169,16 @@ def write_cache(cfg: DictConfig) -> dict:
         return sum(add(views.pooled(x, batch["sample_id"], v)) for v in range(pool))
 
     start = time.perf_counter()
-    add(example)
-    for name, loader in input_loaders(datamodule, options.batch_size).items():
-        written = sum(add_batch(name, b) for b in loader)
-        log.info("%s: %d new rows (%.0f s)", name, written, time.perf_counter() - start)
+    if taps is not None:
+        taps.attach()
+    try:
+        add(example)
+        for name, loader in input_loaders(datamodule, options.batch_size).items():
+            written = sum(add_batch(name, b) for b in loader)
+            log.info("%s: %d new rows (%.0f s)", name, written, time.perf_counter() - start)
+    finally:
+        if taps is not None:
+            taps.remove()
     meta = writer.close()
     log.info(
         "teacher cache: %d rows in %s (%.0f s)",

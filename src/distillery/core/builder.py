@@ -79,6 +79,7 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     import torch
 
     from distillery.core.taps import Taps
+    from distillery.core.teacher_cache import CachedOutputs, CachedTaps
     from distillery.losses.feature import FeatureTerm
 
     feature_terms = {n: t for n, t in objective.terms.items() if isinstance(t, FeatureTerm)}
@@ -89,7 +90,10 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
         raise ConfigError(["taps: feature taps need a teacher, but `teacher` is null"])
     try:
         s_taps = Taps(student, spec.get("student"), "student", detach=False)
-        t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
+        if isinstance(teacher.network, CachedOutputs):  # features stored with its outputs
+            t_taps = CachedTaps(teacher.network, spec.get("teacher"))
+        else:
+            t_taps = Taps(teacher.network, spec.get("teacher"), "teacher", detach=True)
     except ConfigError:
         raise  # already names its key
     except (ValueError, TypeError) as e:

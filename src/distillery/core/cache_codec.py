@@ -18,6 +18,11 @@ What is stored per row:
 
 Right-padded rows (:func:`compress_ragged`): only each row's real positions, as
 per-position tensors, with each row's ``positions``.
+
+Tapped teacher features (``taps.teacher``, fixed rows only; :func:`compress_features`):
+each tap's capture per row as ``feature.<tap>`` (``feature.<tap>.<i>`` for the i-th
+module of a tap that matches several), in ``dtype`` (float16 when ``dtype`` is ``q8``,
+which is for top-k log-probabilities); read back as float32.
 """
 
 from __future__ import annotations
@@ -123,6 +128,34 @@ def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
     fill = torch.log(stored["rest"].clamp_min(1e-30) / (vocab - k))
     out = fill.unsqueeze(-1).expand(*values.shape[:-1], vocab).clone()
     return out.scatter_(-1, stored["indices"].long(), values)
+
+
+FEATURE = "feature."  # stored names of tapped teacher features
+
+
+def feature_names(name: str, targets: int) -> list[str]:
+    """The stored names of tap ``name``'s features (one per module it matches)."""
+    if targets == 1:
+        return [f"{FEATURE}{name}"]
+    return [f"{FEATURE}{name}.{i}" for i in range(targets)]
+
+
+def compress_features(
+    captured: dict[str, Tensor | list[Tensor]], rows: int, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """What the cache stores of a batch's tapped teacher features (``rows`` rows)."""
+    dtype = torch.float16 if dtype == torch.uint8 else dtype
+    out = {}
+    for name, value in captured.items():
+        parts = value if isinstance(value, list) else [value]
+        for stored, t in zip(feature_names(name, len(parts)), parts, strict=True):
+            if t.ndim == 0 or len(t) != rows:
+                raise ValueError(
+                    f"taps.teacher.{name}: a captured feature of shape {tuple(t.shape)} is not "
+                    f"one row per input ({rows} rows); the cache stores features per row"
+                )
+            out[stored] = t.detach().to(dtype).cpu().contiguous()
+    return out
 
 
 def compress_ragged(

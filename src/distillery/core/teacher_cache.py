@@ -15,6 +15,12 @@ refused (:func:`unsupported`).
 
 What is stored per row: ``core/cache_codec.py``; how a row is found: ``core/cache_keys.py``.
 
+Tapped teacher features: when the run has ``taps.teacher``, the writer stores each
+tap's capture per row beside the outputs (fixed rows only), and a run's teacher taps
+become :class:`CachedTaps`, filled by each read with the stored features of the same
+tap specs (a tap the cache does not hold, or holds for another module, is refused by
+key); a run without teacher taps reads the outputs alone.
+
 Augmented views (``views.augment``) are cached when they come from a pool
 (``views.pool: N``, ``recipes/views.py``): the writer stores the teacher's outputs for
 all N views of every training sample (view v of sample i augmented with the seed
@@ -51,7 +57,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distillery.core.cache_codec import RAGGED, delta_decode, expand, ragged_rows
+from distillery.core.cache_codec import (
+    FEATURE,
+    RAGGED,
+    delta_decode,
+    expand,
+    feature_names,
+    ragged_rows,
+)
 from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
 
 FORMAT = 1
@@ -90,9 +103,10 @@ def unsupported(cfg, task) -> list[str]:
     if (cfg.get("teacher") or {}).get("bn_mode") == "batch_stats":
         problems.append("teacher.bn_mode: batch_stats makes the teacher's outputs depend on the "
                         "whole batch; a cache stores one output per input")  # fmt: skip
-    if (cfg.get("taps") or {}).get("teacher"):
-        problems.append("taps.teacher: a teacher cache holds the teacher's outputs only, no "
-                        "features to tap (drop the teacher taps or use the live teacher)")  # fmt: skip
+    if (cfg.get("taps") or {}).get("teacher") and data.get("format") == "prompt_response":
+        problems.append("taps.teacher: the cache stores tapped features per row, and "
+                        "prompt/response rows are right-padded per batch (drop the teacher "
+                        "taps or use the live teacher)")  # fmt: skip
     if getattr(task, "fused", False):
         problems.append("task.fused: the fused loss needs the teacher's hidden states and "
                         "output layer; a teacher cache holds its outputs (task.fused=false)")  # fmt: skip
@@ -246,6 +260,7 @@ class Shard:
     def __init__(self, file: Path, key: str, pad_id: int | None, vocab: int | None):
         tensors = map_shard(file, key)
         self.keys = tensors.pop("keys")
+        self.features = {n: tensors.pop(n) for n in list(tensors) if n.startswith(FEATURE)}
         self.pad_id, self.vocab = pad_id, vocab
         self.codes = tensors.pop(RAGGED, None)
         counts = ("positions", "index_code_lengths")
@@ -265,9 +280,13 @@ class Shard:
             raise ValueError(f"{key}: cache shard {file} is corrupt (its stored positions or index "
                              f"codes do not match their row lengths); rewrite the cache")  # fmt: skip
 
-    def read(self, rows: Tensor, width: int | None, device) -> Tensor:
+    def read(
+        self, rows: Tensor, width: int | None, device, features: tuple[str, ...] = ()
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Rows ``rows`` of this shard as float32 outputs on ``device`` (ragged rows:
-        padded to ``width`` positions, the padding a uniform distribution)."""
+        padded to ``width`` positions, the padding a uniform distribution), and the
+        stored ``features`` of those rows (float32)."""
+        feats = {n: self.features[n][rows].to(device, torch.float32) for n in features}
         stored = {n: t[rows] for n, t in self.per_row.items()}
         lengths = stored.pop("positions", None)
         if lengths is not None:
@@ -285,12 +304,12 @@ class Shard:
             )
         out = expand({n: t.to(device) for n, t in stored.items()}, self.vocab)
         if lengths is None:
-            return out
+            return out, feats
         # padding positions read a uniform distribution (no loss reads them: labels -100)
         fill = -math.log(self.vocab) if "indices" in stored else 0.0
         full = out.new_full((len(rows), width, out.shape[-1]), fill)
         full[(torch.arange(width) < lengths.long().unsqueeze(1)).to(device)] = out
-        return full
+        return full, feats
 
 
 class CachedOutputs(nn.Module):
@@ -311,6 +330,8 @@ class CachedOutputs(nn.Module):
             )
         self.vocab = meta.get("vocab")
         self.pad_id = meta.get("pad_id")  # set: rows of different lengths (right-padded)
+        self.taps: dict[str, dict] = meta.get("taps") or {}  # tapped features it stores
+        self.sink: CachedTaps | None = None  # the run's teacher taps, filled by each read
         self.shards = [Shard(f, key, self.pad_id, self.vocab) for f in shards(self.path)]
         if not self.shards or sum(len(s.keys) for s in self.shards) != meta["rows"]:
             raise ValueError(
@@ -337,15 +358,88 @@ class CachedOutputs(nn.Module):
         rows = self.order[pos]  # the compressed rows travel; the expansion happens there
         shard, local = self.shard_of[rows], self.row_in_shard[rows]
         width = None if lengths is None else x.shape[1]
+        sink = self.sink if self.sink is not None and self.sink.active else None
+        wanted = sink.stored_names() if sink is not None else ()
         counts = torch.bincount(shard, minlength=len(self.shards)).tolist()
         if max(counts) == len(rows):  # one shard holds the whole batch
-            return self.shards[counts.index(len(rows))].read(local, width, x.device)
-        by_shard = torch.argsort(shard, stable=True)  # read shard by shard, then reorder
-        chunks = local[by_shard].split(counts)
-        out = torch.cat(
-            [self.shards[i].read(c, width, x.device) for i, c in enumerate(chunks) if len(c)]
+            out, feats = self.shards[counts.index(len(rows))].read(local, width, x.device, wanted)
+        else:
+            by_shard = torch.argsort(shard, stable=True)  # read shard by shard, then reorder
+            chunks = local[by_shard].split(counts)
+            parts = [
+                self.shards[i].read(c, width, x.device, wanted)
+                for i, c in enumerate(chunks)
+                if len(c)
+            ]
+            back = torch.argsort(by_shard).to(x.device)
+            out = torch.cat([o for o, _ in parts])[back]
+            feats = {n: torch.cat([f[n] for _, f in parts])[back] for n in wanted}
+        if sink is not None:
+            sink.receive(feats)
+        return out
+
+
+class CachedTaps:
+    """A cached teacher's taps: the features the cache stored for the same tap specs,
+    handed over by each read (:meth:`CachedOutputs.forward`). The interface the module
+    and the builder use of :class:`~distillery.core.taps.Taps`: ``specs``, ``captured``
+    (a tap's tensor, or its list when it matched several modules), ``active``,
+    ``clear``, ``attach``, ``remove``."""
+
+    side, detach = "teacher", True
+
+    def __init__(self, outputs: CachedOutputs, specs: dict | None):
+        from dataclasses import asdict
+
+        from distillery.core.taps import TapSpec
+
+        self.outputs = outputs
+        self.specs = {str(k): TapSpec.parse(v) for k, v in (specs or {}).items()}
+        problems = []
+        for name, spec in self.specs.items():
+            held = outputs.taps.get(name)
+            if held is None or {k: held[k] for k in ("path", "kind", "index")} != asdict(spec):
+                problems.append(
+                    f"taps.teacher.{name}: the teacher cache at {outputs.path} holds "
+                    f"{'no such tap' if held is None else f'it for {held}'} (its taps: "
+                    f"{sorted(outputs.taps)}); rewrite it with python -m distillery.cache "
+                    f"and this run's taps.teacher"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.captured: dict[str, Tensor | list[Tensor]] = {}
+        self.active = True
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def stored_names(self) -> tuple[str, ...]:
+        return tuple(
+            n for t in self.specs for n in feature_names(t, self.outputs.taps[t]["targets"])
         )
-        return out[torch.argsort(by_shard).to(out.device)]
+
+    def receive(self, features: dict[str, Tensor]) -> None:
+        for name in self.specs:
+            parts = [features[n] for n in feature_names(name, self.outputs.taps[name]["targets"])]
+            self.captured[name] = parts[0] if len(parts) == 1 else parts
+
+    def attach(self) -> CachedTaps:
+        self.outputs.sink = self
+        return self
+
+    def remove(self) -> None:
+        if self.outputs.sink is self:
+            self.outputs.sink = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.captured = {}
+
+    def __enter__(self) -> CachedTaps:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def cached_teacher(path: str, node: dict, run: dict, key: str):
