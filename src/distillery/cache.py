@@ -54,8 +54,8 @@ def write_cache(cfg: DictConfig) -> dict:
         compress_features,
         compress_ragged,
     )
-    from distillery.core.taps import Taps
     from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
+    from distillery.core.taps import Taps
     from distillery.core.teacher_cache import CacheWriter, unsupported
 
     options = cfg.cache
