@@ -1,12 +1,15 @@
 """The offline teacher-output cache, measured: training speed and storage.
 
 1. Classifier (``mnist1d_kd``: CNN teacher, MLP student, 64 labeled + 256 transfer
-   inputs per step): steady-state ms per optimizer step of the student alone
-   (``control=true``), with the live teacher, and with ``teacher.cache`` (full fp32
-   logits), each from the difference of two step counts of ``trainer.fit`` in this
-   process (validation, checkpoints, loggers and the progress bar off), repeated and
-   interleaved; the median per mode (a step time is a difference of two run times, so
-   noise in the shorter run can make the fastest one too fast);
+   inputs per step): ms per optimizer step of the student alone (``control=true``),
+   with the live teacher, and with ``teacher.cache`` (full fp32 logits): in each run of
+   ``trainer.fit`` in this process (validation, checkpoints, loggers and the progress
+   bar off) the wall time from one batch's start to the next (loading, forwards,
+   backward, optimizer, logging) of every step after the first ``WARMUP``, and the
+   run's median of them; the three runs take turns step by step (:func:`lockstep_ms`),
+   so the bursts of other load on a shared machine, which slow the whole CPU for
+   seconds, fall on every mode alike; repeated, each ratio to the student alone taken
+   within a repeat and the median of those reported;
    the same three with a pool of 8 augmented views per sample (``views=augment_signal_pool``,
    the pool's cache holding every view), and the same three with the overhead
    benchmark's medium student (MLP 2048 x 2048). Goal: cached <= 1.10 x student alone.
@@ -15,7 +18,7 @@
    token on disk (shards included, keys included), KL(teacher || read-back) per
    position, mean over a sample of training sequences, and the time to read a batch. Goal: <= 300 bytes per token at k = 64.
 
-    python benchmarks/teacher_cache.py [--steps 40 160] [--repeats 5] [--threads 1]
+    python benchmarks/teacher_cache.py [--steps 200] [--repeats 5] [--threads 1]
         [--text-teacher <text_lm_teacher ckpt>]   (default: train one briefly)
 
 Writes ``benchmarks/results/teacher_cache_classifier.md`` and ``teacher_cache_lm.md``
@@ -54,17 +57,86 @@ def compose(name: str, overrides: list[str]):
         return hydra_compose(config_name=name, overrides=overrides)
 
 
-def fit_seconds(overrides: list[str], steps: int) -> float:
-    """Wall seconds of ``trainer.fit`` for ``steps`` optimizer steps."""
+WARMUP = 10  # steps of each run not timed (allocator, caches, first page reads)
+
+
+def lockstep_ms(modes: dict[str, list[str]], steps: int) -> dict[str, float]:
+    """Median ms per step of each mode's ``trainer.fit`` of ``steps`` optimizer steps, the
+    runs taking turns step by step: each runs in its own thread, and a thread runs only
+    in its turn, from one batch's start to its next batch's start (loading, forwards,
+    backward, optimizer, logging, Lightning's loop), timed, then hands the turn on. A
+    shared machine's load, which slows the whole CPU for seconds at a time, then falls on
+    every mode alike; the first ``WARMUP`` steps of each run are not timed."""
+    import threading
+
+    import lightning as L
+
     from distillery.core.builder import build_run
 
-    cfg = compose(
-        "train", [*overrides, f"+trainer.max_steps={steps}", "trainer.max_epochs=1000", *QUIET]
-    )
-    datamodule, module, trainer, _ = build_run(cfg)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    return time.perf_counter() - start
+    names = list(modes)
+    turn = threading.Condition()
+    state = {"turn": 0, "done": set()}
+    times: dict[str, list[float]] = {m: [] for m in names}
+
+    def hand_on(i: int) -> None:  # the next mode still running gets the turn
+        for j in range(1, len(names) + 1):
+            k = (i + j) % len(names)
+            if names[k] not in state["done"]:
+                state["turn"] = k
+                break
+        turn.notify_all()
+
+    class Turns(L.Callback):
+        def __init__(self, i: int):
+            self.i, self.start = i, None
+
+        def wait(self) -> None:
+            with turn:
+                turn.wait_for(lambda: state["turn"] == self.i)
+            self.start = time.perf_counter()
+
+        def on_train_start(self, *args) -> None:
+            self.wait()
+
+        def on_train_batch_start(self, *args) -> None:
+            if self.start is not None and len(times[names[self.i]]) < steps:
+                times[names[self.i]].append(time.perf_counter() - self.start)
+            with turn:
+                hand_on(self.i)
+            self.wait()
+
+        def on_train_end(self, *args) -> None:
+            with turn:
+                state["done"].add(names[self.i])
+                hand_on(self.i)
+
+    errors: list[BaseException] = []
+
+    def fit(i: int, trainer, module, datamodule) -> None:
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        except BaseException as e:  # noqa: BLE001 - re-raised below; the others go on
+            errors.append(e)
+            with turn:
+                state["done"].add(names[i])
+                hand_on(i)
+
+    runs = []
+    for i, overrides in enumerate(modes.values()):  # built one after another, here
+        cfg = compose(
+            "train", [*overrides, f"+trainer.max_steps={steps}", "trainer.max_epochs=1000", *QUIET]
+        )
+        datamodule, module, trainer, _ = build_run(cfg)
+        trainer.callbacks.append(Turns(i))
+        runs.append(threading.Thread(target=fit, args=(i, trainer, module, datamodule)))
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join()
+    if errors:
+        raise errors[0]
+    # times[m][j]: from the start of one turn to the next batch start; the first is setup
+    return {m: 1000 * statistics.median(t[1 + WARMUP :]) for m, t in times.items()}
 
 
 def train_teacher(experiment: str, out: Path, overrides: list[str]) -> Path:
@@ -83,10 +155,10 @@ def write_cache(overrides: list[str], cache: Path, out: Path, *options: str) -> 
                             "extras.print_config=false", *options]))  # fmt: skip
 
 
-MEDIUM_STEPS = (10, 60)
+MEDIUM_STEPS = 50
 
 
-def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:
+def classifier(out: Path, steps: int, repeats: int) -> list[str]:
     common = [f"paths.data_dir={out / 'data'}", f"paths.output_dir={out / 'runs'}"]
     teacher = train_teacher("mnist1d_teacher", out, [*common, "trainer.max_epochs=3"])
     run = [
@@ -117,42 +189,48 @@ def classifier(out: Path, steps: tuple[int, int], repeats: int) -> list[str]:
         "medium student: teacher.cache": [*medium, f"teacher.cache={out / 'mnist1d_cache'}"],
     }
     ms: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(repeats):  # interleaved, so load on the machine hits every mode alike
-        for mode, overrides in modes.items():
-            few, many = MEDIUM_STEPS if mode.startswith("medium") else steps
-            short, long = (fit_seconds(overrides, n) for n in (few, many))
-            ms[mode].append(1000 * (long - short) / (many - few))
-            print(f"{mode}: {ms[mode][-1]:.2f} ms/step", flush=True)
+    groups = [[m for m in modes if m.startswith(p)] for p in ("views pool: ", "medium student: ")]
+    groups.insert(0, [m for m in modes if not any(m in g for g in groups)])
+    for _ in range(repeats):
+        for group in groups:  # the modes of a group take turns step by step
+            n = MEDIUM_STEPS if group[0].startswith("medium") else steps
+            for mode, value in lockstep_ms({m: modes[m] for m in group}, n).items():
+                ms[mode].append(value)
+                print(f"{mode}: {value:.2f} ms/step", flush=True)
     read_ms = cache_read_ms([*run, f"teacher.cache={out / 'mnist1d_cache'}"])
     (rows, seconds), (pool_rows, pool_seconds) = written.values()
     lines = [
         "### Classifier: `mnist1d_kd` (50 000 transfer inputs), ms per optimizer step\n",
-        f"Median of {repeats} interleaved measurements, each (t({steps[1]} steps) - t({steps[0]} steps)) / "
-        f"{steps[1] - steps[0]}; validation, checkpoints, loggers, progress bar off. Writing the cache "
+        f"Each measurement: the modes of a row group run {steps} steps each, taking turns step by "
+        f"step (one thread per run, one running at a time), and a mode's value is the median wall "
+        f"time from one of its batch starts to the next over its steps after the first {WARMUP}; "
+        f"{repeats} repeats; validation, checkpoints, loggers, progress bar off. Ratios: the median "
+        f"over the repeats of each repeat's ratio to the student alone (in brackets: their range). "
+        f"Writing the cache "
         f"({rows} rows, full fp32 logits) took {seconds:.1f} s; the cache of a pool of 8 augmented views "
         f"per training sample (`views=augment_signal_pool`, no mixing: {pool_rows} rows) {pool_seconds:.1f} s. "
         f"Each mode's ratio is to the student alone with the same views and student; the medium student "
-        f"(MLP 2048 x 2048, 4.3M parameters, the overhead benchmark's) is timed over "
-        f"{MEDIUM_STEPS[1]} - {MEDIUM_STEPS[0]} steps.\n",
-        "| mode | ms/step (median) | all measurements | / student alone |",
+        f"(MLP 2048 x 2048, 4.3M parameters, the overhead benchmark's) runs {MEDIUM_STEPS} steps.\n",
+        "| mode | ms/step (median of the runs) | each run | / student alone (paired) |",
         "|---|---|---|---|",
     ]
     goals = []
     for mode, values in ms.items():
         prefix = next((p for p in ("views pool: ", "medium student: ") if mode.startswith(p)), "")
-        base = statistics.median(ms[f"{prefix}student alone (control=true)"])
-        mid = statistics.median(values)
-        lines.append(f"| {mode} | {mid:.2f} | {', '.join(f'{v:.2f}' for v in values)} "
-                     f"| {mid / base:.2f}x |")  # fmt: skip
+        base = ms[f"{prefix}student alone (control=true)"]
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        ratio = statistics.median(ratios)
+        lines.append(f"| {mode} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} "
+                     f"| {ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
         if mode.endswith("teacher.cache"):
-            ratio = mid / base
             goals.append(f"Goal cached <= 1.10 x student alone{f' ({prefix[:-2]})' if prefix else ''}: "
                          f"**{'met' if ratio <= 1.10 else 'not met'}** ({ratio:.2f}x).")  # fmt: skip
     return [*lines, "", *goals, "",
             f"Of the cached step's extra time over the student alone, reading the teacher's outputs for "
             f"one training batch (hashing its rows, finding and expanding them) takes {read_ms:.2f} ms "
-            f"(fastest of 50); the rest is the distillation itself (the KD term, its gradient and its "
-            f"logging), which the student-alone control does not compute.", ""]  # fmt: skip
+            f"(fastest of 50); the rest is the distillation itself (the KD term and its gradient; "
+            f"the term's value is logged only on the steps the logger writes), which the "
+            f"student-alone control does not compute.", ""]  # fmt: skip
 
 
 def cache_read_ms(overrides: list[str]) -> float:
@@ -293,7 +371,7 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, nargs=2, default=[40, 160])
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-teacher", type=Path, default=None)
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -321,7 +399,7 @@ def main() -> None:
         f"`python benchmarks/teacher_cache.py --parts {{part}}{{teacher}}`\n"
     )
     parts = {
-        "classifier": lambda: classifier(out, tuple(args.steps), args.repeats),
+        "classifier": lambda: classifier(out, args.steps, args.repeats),
         "lm": lambda: language_model(out, args.text_teacher, args.data_dir),
     }
     for part in args.parts:  # one results file per part
