@@ -105,11 +105,6 @@ def lockstep_ms(modes: dict[str, list[str]], steps: int) -> dict[str, float]:
                 hand_on(self.i)
             self.wait()
 
-        def on_train_end(self, *args) -> None:
-            with turn:
-                state["done"].add(names[self.i])
-                hand_on(self.i)
-
     errors: list[BaseException] = []
 
     def fit(i: int, trainer, module, datamodule) -> None:
@@ -117,9 +112,11 @@ def lockstep_ms(modes: dict[str, list[str]], steps: int) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule)
         except BaseException as e:  # noqa: BLE001 - re-raised below; the others go on
             errors.append(e)
+        finally:  # out of the rotation; the turn moves on if this run held it
             with turn:
                 state["done"].add(names[i])
-                hand_on(i)
+                if state["turn"] == i:
+                    hand_on(i)
 
     runs = []
     for i, overrides in enumerate(modes.values()):  # built one after another, here
@@ -128,7 +125,9 @@ def lockstep_ms(modes: dict[str, list[str]], steps: int) -> dict[str, float]:
         )
         datamodule, module, trainer, _ = build_run(cfg)
         trainer.callbacks.append(Turns(i))
-        runs.append(threading.Thread(target=fit, args=(i, trainer, module, datamodule)))
+        runs.append(
+            threading.Thread(target=fit, args=(i, trainer, module, datamodule), daemon=True)
+        )
     for thread in runs:
         thread.start()
     for thread in runs:

@@ -321,31 +321,51 @@ def test_terms_are_logged_when_the_logger_writes_and_on_the_last_batch(
 ):
     """``train/loss`` every batch; the terms on the batches the logger writes
     (``log_every_n_steps=4``: the 4th) and on the last (the 6th), so every row the CSV
-    logger wrote holds them and ``callback_metrics`` end with the last batch's values."""
+    logger wrote holds them and ``callback_metrics`` end with the last batch's values;
+    a callback that stops the run at the 3rd batch makes it the last one logged."""
     import csv
 
-    cfg = train_cfg(
-        "experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300", "trainer.max_epochs=-1",
-        f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "++trainer.max_steps=6", "logger=csv",
-        "++trainer.limit_val_batches=0", "callbacks=none", "trainer.log_every_n_steps=4",
-    )  # fmt: skip
-    datamodule, module, trainer, _ = build_run(cfg)
-    logged: list[tuple[int, str, float]] = []
-    log = module.log
+    import lightning as L
 
-    def spy(name, value, *args, **kwargs):
-        if name.startswith("train/"):
-            logged.append((trainer.global_step, name, float(value)))
-        return log(name, value, *args, **kwargs)
+    class StopAt(L.Callback):
+        def __init__(self, step: int):
+            self.step = step
 
-    module.log = spy
-    trainer.fit(module, datamodule=datamodule)
-    steps = {
-        name: [s for s, n, _ in logged if n == name] for name in ("train/loss", "train/loss/kd")
-    }
-    assert steps == {"train/loss": [0, 1, 2, 3, 4, 5], "train/loss/kd": [3, 5]}
-    last = {n: v for s, n, v in logged if s == 5}
-    assert float(trainer.callback_metrics["train/loss/kd"]) == pytest.approx(last["train/loss/kd"])
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == self.step:
+                trainer.should_stop = True
+
+    def run(out: str, *callbacks):
+        cfg = train_cfg(
+            "++trainer.min_epochs=0",  # a stop may come before the end of the first epoch
+            "experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=300",
+            "trainer.max_epochs=-1", f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
+            "++trainer.max_steps=6", "logger=csv", "++trainer.limit_val_batches=0",
+            "callbacks=none", "trainer.log_every_n_steps=4", out=Path(cfg_root) / out,
+        )  # fmt: skip
+        datamodule, module, trainer, _ = build_run(cfg)
+        trainer.callbacks.extend(callbacks)
+        logged: list[tuple[int, str, float]] = []
+        log = module.log
+
+        def spy(name, value, *args, **kwargs):
+            if name.startswith("train/"):
+                logged.append((trainer.global_step, name, float(value)))
+            return log(name, value, *args, **kwargs)
+
+        module.log = spy
+        trainer.fit(module, datamodule=datamodule)
+        steps = {n: [s for s, m, _ in logged if m == n] for n in ("train/loss", "train/loss/kd")}
+        last_kd = [v for _, n, v in logged if n == "train/loss/kd"][-1]
+        assert float(trainer.callback_metrics["train/loss/kd"]) == pytest.approx(last_kd)
+        return steps, cfg
+
+    cfg_root = train_cfg("experiment=mnist1d_kd").paths.output_dir
+    steps, cfg = run("full")
+    # train/loss is logged in training_step (before the step's update), terms after it
+    assert steps == {"train/loss": [0, 1, 2, 3, 4, 5], "train/loss/kd": [4, 6]}
     rows = list(csv.DictReader(next(Path(cfg.paths.output_dir).rglob("metrics.csv")).open()))
     written = [r for r in rows if r.get("train/loss")]
     assert written and all(r["train/loss/kd"] and r["train/loss/task"] for r in written)
+    steps, _ = run("stopped", StopAt(3))
+    assert steps == {"train/loss": [0, 1, 2], "train/loss/kd": [3]}

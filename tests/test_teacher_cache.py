@@ -383,8 +383,9 @@ def test_tapped_teacher_features_are_cached_and_train_the_online_student(
     refused by key."""
     from distillery.config import build
     from distillery.core.builder import build_run
+    from distillery.core.cache_codec import compress_features
     from distillery.core.cache_keys import row_keys
-    from distillery.core.taps import Taps
+    from distillery.core.taps import DuplicateCaptureError, Taps
     from distillery.core.teacher import from_run_checkpoint
     from distillery.core.teacher_cache import CachedOutputs, CachedTaps
 
@@ -408,7 +409,7 @@ def test_tapped_teacher_features_are_cached_and_train_the_online_student(
     data = build(train_cfg(*run).data, "data")
     data.prepare_data()
     data.setup("fit")
-    x = torch.stack([data.train_set[i]["inputs"] for i in (3, 700)])  # rows of two shards
+    x = torch.stack([data.train_set[i]["inputs"] for i in (700, 3, 5)])  # two shards, reordered
     assert len(read.shards) > 1 and len(set(read.shard_of[read.order[
         torch.searchsorted(read.sorted_keys, row_keys(x))]].tolist())) == 2  # fmt: skip
     teacher = from_run_checkpoint(str(mnist1d_teacher_ckpt))
@@ -420,11 +421,18 @@ def test_tapped_teacher_features_are_cached_and_train_the_online_student(
         assert torch.equal(read(x), logits)
         assert torch.equal(stored.captured["hint"], expected["hint"])
         assert all(map(torch.equal, stored.captured["convs"], expected["convs"]))
+        with pytest.raises(DuplicateCaptureError, match="read twice in one forward"):
+            read(x)  # not cleared in between: as live taps, refused
         stored.active = False  # silent taps: the features are not read
         stored.clear()
         read(x)
         assert stored.captured == {}
     assert read.sink is None  # removed
+
+    with pytest.raises(ValueError, match=r"taps.teacher.big: .* overflow torch.float16"):
+        compress_features({"big": torch.full((2, 3), 1e6)}, 2, torch.uint8)  # q8: fp16 features
+    with pytest.raises(ValueError, match=r"taps.teacher.pooled: .* not one row per input"):
+        compress_features({"pooled": torch.ones(3)}, 2, torch.float32)
 
     kd = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400",
           f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip

@@ -158,7 +158,15 @@ def write_cache(cfg: DictConfig) -> dict:
             else:
                 stored = compress_ragged(out, lengths[fresh], options.k, dtype, options.indices)
             if taps is not None:
-                stored |= compress_features(taps.captured, len(fresh), dtype)
+                if silent := sorted(set(taps.specs) - set(taps.captured)):
+                    raise ConfigError(
+                        [f"taps.teacher.{n}: the tapped module did not run in the teacher's "
+                         f"forward, so there is no feature to cache" for n in silent]
+                    )  # fmt: skip
+                try:
+                    stored |= compress_features(taps.captured, len(fresh), dtype)
+                except ValueError as e:
+                    raise ConfigError([str(e)]) from e
             writer.add([keys[i] for i in fresh], stored)
         return len(fresh)
 

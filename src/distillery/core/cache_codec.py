@@ -154,7 +154,13 @@ def compress_features(
                     f"taps.teacher.{name}: a captured feature of shape {tuple(t.shape)} is not "
                     f"one row per input ({rows} rows); the cache stores features per row"
                 )
-            out[stored] = t.detach().to(dtype).cpu().contiguous()
+            kept = t.detach().to(dtype).cpu().contiguous()
+            if not torch.isfinite(kept).all() and torch.isfinite(t).all():
+                raise ValueError(
+                    f"taps.teacher.{name}: the teacher's features overflow {dtype} (values up "
+                    f"to {float(t.abs().max()):.3g}); write the cache with cache.dtype=fp32"
+                )
+            out[stored] = kept
     return out
 
 

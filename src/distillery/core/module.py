@@ -115,6 +115,7 @@ class DistillationModule(L.LightningModule):
         self.automatic_optimization = not self.task.step_normalised
         self.accumulate, self.gradient_clip_val = accumulate, gradient_clip_val
         self._pending: list[dict] = []  # micro-batches of the step being collected
+        self._unlogged: tuple | None = None  # this batch's terms, until on_train_batch_end
         self.nan_guard = NonFiniteGuard(nan_policy, max_skipped_share)
         self.compile_kwargs = (
             None if compile is False else ({} if compile is True else dict(compile))
@@ -203,49 +204,61 @@ class DistillationModule(L.LightningModule):
 
     def _logs_terms(self, batch_idx: int) -> bool:
         """Whether this training batch logs its terms (``train/loss/<term>``,
-        ``train/weight/<term>``): on the batches whose metrics the logger writes
-        (``trainer.log_every_n_steps``; every batch under ``fast_dev_run``) and on the
-        run's last batch, so ``callback_metrics`` end with them. ``train/loss`` is logged
-        every batch. Why: one ``self.log`` costs about 0.4 ms on CPU (Lightning moves
-        its result metric to the device on every call), which made a small model's KD
-        step with two terms 1.2x its student alone."""
+        ``train/weight/<term>``), decided in ``on_train_batch_end`` (after the callbacks'
+        hooks, so a ``Timer`` or callback that stops the run on this batch is seen): on
+        the batches whose metrics the logger writes (``trainer.log_every_n_steps``; every
+        batch under ``fast_dev_run``) and on the run's last batch, so ``callback_metrics``
+        end with them. ``train/loss`` is logged every batch. Why: one ``self.log`` costs
+        about 0.4 ms on CPU (Lightning moves its result metric to the device on every
+        call), which made a small model's KD step with two terms 1.2x its student alone.
+        (An early stop decided by a validation inside the epoch comes after the logger's
+        write: the terms then end at the last written step.)"""
         trainer = self._trainer
         if trainer is None or trainer.fast_dev_run or trainer.should_stop:
             return True
         connector = getattr(trainer, "_logger_connector", None)  # as Lightning's own callbacks
         if connector is None or connector.should_update_logs:
             return True
-        if 0 <= trainer.max_steps <= self.global_step + 1:
+        if 0 <= trainer.max_steps <= self.global_step:  # this batch made the last step
             return True
-        n, epochs = trainer.num_training_batches, trainer.max_epochs
-        last_epoch = epochs is not None and 0 <= epochs <= self.current_epoch + 1
-        return last_epoch and n != float("inf") and batch_idx + 1 >= n
+        epochs = trainer.max_epochs
+        if epochs is None or not 0 <= epochs <= self.current_epoch + 1:
+            return False
+        n = trainer.num_training_batches
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # loaders of no length
+        return last or (n != float("inf") and batch_idx + 1 >= n)
 
-    def _log_terms(
-        self, total: Tensor, values: dict, batch_size: int, shares: bool = False,
-        terms: bool = True,
-    ) -> None:  # fmt: skip
-        """Log the step's losses over all processes: the mean of the ranks' batch means,
-        or with ``shares`` (step-normalised: each rank holds its share of the step's
-        loss) their sum; the terms and scheduled weights only with ``terms``."""
+    def _log_loss(self, total: Tensor, batch_size: int, shares: bool = False) -> None:
+        """Log the step's loss over all processes: the mean of the ranks' batch means, or
+        with ``shares`` (step-normalised: each rank holds its share of the step's loss)
+        their sum."""
         sync = {"sync_dist": True, "reduce_fx": "sum" if shares else "mean"}
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size, **sync)
-        if not terms:
-            return
+
+    def _log_terms(
+        self, values: dict, weights: dict, batch_size: int, shares: bool = False
+    ) -> None:
+        """Log the step's terms (reduced like :meth:`_log_loss`) and scheduled weights."""
+        sync = {"sync_dist": True, "reduce_fx": "sum" if shares else "mean"}
         for name, value in values.items():
             self.log(f"train/loss/{name}", value, batch_size=batch_size, **sync)
-        for name in self.objective.scheduled:
-            w = self.objective.current_weights[name]
+        for name, w in weights.items():
             self.log(f"train/weight/{name}", w, batch_size=batch_size)
+
+    def _scheduled_weights(self) -> dict:
+        return {n: self.objective.current_weights[n] for n in self.objective.scheduled}
 
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
         if self.automatic_optimization:
             batch = self.task.prepare_batch(self, batch)
             out = self.task.training_outputs(self, batch, self._epoch(batch_idx))
             total, values = self.objective(out)
+            self._unlogged = None
             if self.nan_guard.skip(self, total, values, batch):
                 return None  # Lightning then skips backward and the optimizer step
-            self._log_terms(total, values, len(out.student), terms=self._logs_terms(batch_idx))
+            self._log_loss(total, len(out.student))
+            detached = {k: v.detach() for k, v in values.items()}
+            self._unlogged = (detached, self._scheduled_weights(), len(out.student))
             return total
         self._pending.append(batch)
         n = self.trainer.num_training_batches
@@ -255,6 +268,13 @@ class DistillationModule(L.LightningModule):
         batches, self._pending = self._pending, []
         self._manual_step(batches, self._epoch(batch_idx))
         return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Log the terms of an automatically optimised step when :meth:`_logs_terms`
+        says so (the step-normalised path logs them with every optimizer step)."""
+        if self._unlogged is not None and self._logs_terms(batch_idx):
+            self._log_terms(*self._unlogged)
+        self._unlogged = None
 
     def _manual_step(self, batches: list[dict], epoch: float) -> None:
         """One optimizer step over ``batches``, every term divided by the step's count."""
@@ -285,7 +305,8 @@ class DistillationModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None and getattr(scheduler, "interval", "epoch") == "step":
             scheduler.step()
-        self._log_terms(step_total, sums, rows, shares=True)
+        self._log_loss(step_total, rows, shares=True)
+        self._log_terms(sums, self._scheduled_weights(), rows, shares=True)
         self.log("train/tokens", step_count["token"], batch_size=rows)
 
     def _step_units(self, batches: list[dict]) -> dict[str, Tensor]:

@@ -409,6 +409,12 @@ class CachedTaps:
             raise ValueError("; ".join(problems))
         self.captured: dict[str, Tensor | list[Tensor]] = {}
         self.active = True
+        absent = [n for n in self.stored_names() for s in outputs.shards if n not in s.features]
+        if absent:
+            raise ValueError(
+                f"teacher.cache: {outputs.path} records taps whose features a shard lacks "
+                f"({sorted(set(absent))}); rewrite the cache"
+            )
 
     def __bool__(self) -> bool:
         return bool(self.specs)
@@ -420,6 +426,13 @@ class CachedTaps:
 
     def receive(self, features: dict[str, Tensor]) -> None:
         for name in self.specs:
+            if name in self.captured:
+                from distillery.core.taps import DuplicateCaptureError
+
+                raise DuplicateCaptureError(
+                    f"taps.teacher.{name}: the cached teacher was read twice in one forward "
+                    f"(its taps are cleared before each)"
+                )
             parts = [features[n] for n in feature_names(name, self.outputs.taps[name]["targets"])]
             self.captured[name] = parts[0] if len(parts) == 1 else parts
 
