@@ -53,28 +53,31 @@ def content_lengths(x: Tensor, pad_id: int) -> Tensor:
     return ((x != pad_id) * place).amax(1).cpu()
 
 
+def _row_bytes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` on the CPU, contiguous, and its rows' bytes as int64 ``[B, bytes per row]``."""
+    a = x.detach().cpu().contiguous()
+    return a, a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
+
+
+def _head(tag: str) -> int:
+    """A fixed int64 from ``tag`` (dtype, shape), added to every key of such rows."""
+    return int.from_bytes(
+        hashlib.blake2b(tag.encode(), digest_size=8).digest(), "little", signed=True
+    )
+
+
 def ragged_row_keys(x: Tensor, lengths: Tensor) -> Tensor:
     """:func:`row_keys` of each row's first ``lengths`` tokens: the same key however far
     the row's batch padded it."""
-    a = x.detach().cpu().contiguous()
-    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
+    a, data = _row_bytes(x)
     kept = torch.arange(data.shape[1]) < (lengths.long() * a.element_size()).unsqueeze(1)
-    head = int.from_bytes(
-        hashlib.blake2b(f"{a.dtype}|ragged".encode(), digest_size=8).digest(), "little", signed=True
-    )
     hashed = (data * kept * _prefix_multipliers(data.shape[1])).sum(1)
-    return hashed + lengths.long() * _LENGTH_MULTIPLIER + head
+    return hashed + lengths.long() * _LENGTH_MULTIPLIER + _head(f"{a.dtype}|ragged")
 
 
 def row_keys(x: Tensor) -> Tensor:
     """One int64 key per row of ``x``, from its bytes, dtype and shape: a random linear
     hash modulo 2^64 (rows differing in one byte never collide; any two of a million rows
     collide with probability ~3e-8). Vectorised: no Python work per row."""
-    a = x.detach().cpu().contiguous()
-    data = a.reshape(len(a), -1).view(torch.uint8).to(torch.int64)
-    head = int.from_bytes(
-        hashlib.blake2b(f"{a.dtype}|{tuple(a.shape[1:])}".encode(), digest_size=8).digest(),
-        "little",
-        signed=True,
-    )
-    return (data * _multipliers(data.shape[1])).sum(1) + head
+    a, data = _row_bytes(x)
+    return (data * _multipliers(data.shape[1])).sum(1) + _head(f"{a.dtype}|{tuple(a.shape[1:])}")

@@ -1,4 +1,5 @@
-"""Logger helpers of the commands: hyperparameters, W&B runs, Lightning's console lines."""
+"""Logger helpers: hyperparameters, W&B runs, Lightning's console lines, and which
+training batches log more than the loss."""
 
 from __future__ import annotations
 
@@ -64,3 +65,28 @@ def finish_loggers(loggers: list[Any]) -> None:
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+def logs_this_batch(trainer, batch_idx: int) -> bool:
+    """Whether a training batch logs its terms (``train/loss/<term>``,
+    ``train/weight/<term>``; ``train/loss`` is logged every batch), asked in
+    ``on_train_batch_end``: on the batches whose metrics the logger writes
+    (``trainer.log_every_n_steps``; every batch under ``fast_dev_run`` or once the run
+    is stopping) and on the run's last batch, so ``callback_metrics`` end with them. Why:
+    one ``self.log`` costs about 0.4 ms on CPU (Lightning moves its result metric to the
+    device on every call), which made a small model's KD step with two terms 1.2x its
+    student alone. (An early stop decided by a validation inside the epoch comes after
+    the logger's write: the terms then end at the last written step.)"""
+    if trainer is None or trainer.fast_dev_run or trainer.should_stop:
+        return True
+    connector = getattr(trainer, "_logger_connector", None)  # as Lightning's own callbacks
+    if connector is None or connector.should_update_logs:
+        return True
+    if 0 <= trainer.max_steps <= trainer.global_step:  # this batch made the last step
+        return True
+    epochs = trainer.max_epochs
+    if epochs is None or not 0 <= epochs <= trainer.current_epoch + 1:
+        return False
+    n = trainer.num_training_batches
+    last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # loaders of no length
+    return last or (n != float("inf") and batch_idx + 1 >= n)
