@@ -5,7 +5,8 @@ The medium model of ``benchmarks/overhead.py`` (MLP [2048, 2048] student, CNN1D
 run for two step counts and takes the difference over the steps, so compilation (done
 in both runs, from a warm compile cache after one unrecorded round) cancels out; eager
 and compiled alternate; the fastest per mode. Writes
-``benchmarks/results/compile_speedup.md``.
+``benchmarks/results/compile_speedup.md`` and ``.json`` (every repeat, the overrides, the
+provenance: ``provenance.py``).
 
     python benchmarks/compile_speedup.py [--size medium] [--repeats 3] [--threads 1]
 """
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 from overhead import ROOT, SIZES, kd_overrides, quiet, timed_run, train_teacher  # noqa: E402
 
 MODES = {"eager": [], "compiled": ["++module.compile=true"]}
@@ -29,7 +31,9 @@ def main() -> None:
     parser.add_argument("--size", choices=list(SIZES), default="medium")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
     args = parser.parse_args()
+    session = provenance.Session(__file__, [args.results_dir / "compile_speedup.json"])
     quiet()
     import torch
     from hydra import compose, initialize_config_dir
@@ -74,9 +78,12 @@ def main() -> None:
         "",
         f"Speed-up: **{eager / compiled:.2f}x** (eager / compiled).",
     ])  # fmt: skip
-    out = ROOT / "benchmarks" / "results" / "compile_speedup.md"
-    out.write_text(text + "\n")
-    print(text)
+    raw = {"ms_per_step": ms, "steps": [few, many], "size": args.size,
+           "threads": torch.get_num_threads()}  # fmt: skip
+    overrides = {m: [*kd_overrides(args.size, Path("<tmp>") / "teacher.ckpt"), *extra]
+                 for m, extra in MODES.items()}  # fmt: skip
+    prov = session.finish(overrides=overrides)
+    print(provenance.write("compile_speedup", raw, text, prov, args.results_dir))
 
 
 if __name__ == "__main__":

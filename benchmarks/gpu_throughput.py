@@ -11,7 +11,9 @@ Workloads, each a real ``distillery.train`` run built in this process:
 
 Each run is timed at two step counts; steady-state ms/step is the difference divided by
 the difference in steps (start-up, data set-up and the first compilations cancel).
-Prints a table and writes it to ``--out``.
+Prints a table and writes it to ``--out`` (markdown, with the provenance stamp) and the
+raw numbers, each workload's overrides and the provenance (commit, machine, load, times)
+to the ``.json`` beside it (``provenance.py``).
 
     python benchmarks/gpu_throughput.py [--device cuda|cpu] [--steps 20 60] [--out FILE]
 
@@ -22,10 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -71,6 +77,7 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.md"
     )
     args = parser.parse_args()
+    session = provenance.Session(__file__, [args.out])
     warnings.filterwarnings("ignore")
     import torch
     from hydra import compose, initialize_config_dir
@@ -89,7 +96,7 @@ def main() -> None:
     text = ["data.seq_len=64", "student.config.n_positions=64"] if small else []
     image_folder(work / "imgs", classes=10, per_class=8 if small else 64)
     vit_pth = work / "vit_s.pth"
-    rows = []
+    rows, raw = [], []
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
 
         def cfg(overrides):
@@ -132,15 +139,16 @@ def main() -> None:
             t_many = timed_fit(cfg, overrides, many)
             ms = 1000 * (t_many - t_few) / (many - few)
             rows.append((name, ms))
+            raw.append({"workload": name, "ms_per_step": ms, "seconds": [t_few, t_many],
+                        "overrides": [str(o).replace(str(work), "<tmp>") for o in overrides]})  # fmt: skip
             print(f"{name}: {ms:.1f} ms/step", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     lines = [f"Steady-state training step time on {device} (difference of {few}- and "
              f"{many}-step runs{', small sizes' if small else ''}).", "",
              "| workload | ms / step |", "|---|---|",
              *(f"| {name} | {ms:.1f} |" for name, ms in rows)]  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    prov = session.finish(device=device, steps=[few, many], small=small)
+    print(provenance.write(args.out.stem, raw, "\n".join(lines), prov, args.out.parent))
 
 
 if __name__ == "__main__":

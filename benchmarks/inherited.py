@@ -9,9 +9,12 @@ scores of their own samples; ``arith_sft`` and ``arith_kd`` never see them). One
 card per seed (``distillery.evaluate inherited=arith gate=release``) holds quality, canary
 exposure and extraction, safety pass rate, worst group and repeated errors side by side.
 
-The runs are ``benchmarks/arith.py``'s (same configs, a separate output directory):
+The runs are ``benchmarks/arith.py``'s (same configs, a separate output directory), with
+its run records, recipes (``--recipe``) and refusal to extend a table measured with
+other configs (``--new-table``):
 
-    python benchmarks/inherited.py [--seeds 0 1 2] [--methods ...] [--train-only] [--report]
+    python benchmarks/inherited.py [--seeds 0 1 2 3 4] [--methods ...] [--recipe shipped|published]
+        [--new-table] [--train-only] [--report]
 
 Writes ``benchmarks/results/inherited.md`` and ``inherited.json``.
 """
@@ -27,7 +30,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arith import METHODS, ROOT, one_seed, write_results  # noqa: E402
+import provenance  # noqa: E402
+from arith import (  # noqa: E402
+    METHODS,
+    RECIPES,
+    ROOT,
+    _rel,
+    check_table,
+    comparisons,
+    one_seed,
+    planned_configs,
+    recipe_note,
+    recorded_configs,
+    seed_runs,
+)
 
 BEHAVIOURS = ("data.canaries=4", "data.canary_repeats=20", "data.refusals=2000",
               "data.unanswerable=1000")  # fmt: skip
@@ -61,51 +77,89 @@ def collect(seed: int, out: Path) -> dict:
     return rows
 
 
-def table(results: dict[int, dict], methods: list[str]) -> str:
+def as_list(results: dict | list) -> list[dict]:
+    """Seeds as ``[{"seed", "models", "runs"?}]``; a file written before provenance was
+    recorded holds ``{seed: {model: row}}``."""
+    if isinstance(results, list):
+        return results
+    return [{"seed": int(s), "models": rows} for s, rows in results.items()]
+
+
+def table(results: dict | list, methods: list[str]) -> str:
+    results = as_list(results)
     lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
              "|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
     for name in ("teacher", *methods):
-        seeds = [s for s, rows in results.items() if name in rows]
+        seeds = [r for r in results if name in r["models"]]
         if not seeds:
             continue
         cells = [
             f"`{name}`" if name == "teacher" else f"`arith_{name}`",
-            ", ".join(map(str, seeds)),
+            ", ".join(str(r["seed"]) for r in seeds),
         ]
         for label, _, _, fmt in COLUMNS:
-            vals = [results[s][name][label] for s in seeds if results[s][name][label] is not None]
+            vals = [r["models"][name][label] for r in seeds if r["models"][name][label] is not None]
             if not vals:
                 cells.append("-")
                 continue
             std = f" ± {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else ""
             cells.append(f"{statistics.mean(vals):{fmt}}{std}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    pairs = [(m, "sft") for m in methods if m != "sft"]
+    if "gkd" in methods and "kd" in methods:
+        pairs.append(("gkd", "kd"))
+    compared = comparisons(results, pairs)
+    text = "\n".join(lines) + "\n"
+    if compared:
+        text += "\nExact match, paired by seed (95 % t interval of the paired difference):\n\n"
+        text += "\n".join(compared) + "\n"
+    return text
+
+
+def methods_in(results: dict | list) -> list[str]:
+    return [m for m in METHODS if any(m in r["models"] for r in as_list(results))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="shipped")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench_inherited")
+    parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
+    parser.add_argument("--new-table", action="store_true",
+                        help="measure a new table: do not compare with the configs recorded in the results file")  # fmt: skip
     parser.add_argument("--report", action="store_true", help="tabulate finished seeds only")
     parser.add_argument("--train-only", action="store_true", help="train, write no report card")
     args = parser.parse_args()
+    results_json = args.results_dir / "inherited.json"
+    session = provenance.Session(__file__, [results_json])
     env = {
         **os.environ,
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
     }
+    if not args.report:
+        planned = planned_configs(args.seeds, args.out, args.methods, args.recipe, BEHAVIOURS)
+        check_table(results_json, planned, args.new_table)
     for seed in [] if args.report else args.seeds:
         start = time.perf_counter()
-        one_seed(seed, args.out, args.methods, env, not args.train_only, BEHAVIOURS, REPORT)
+        one_seed(seed, args.out, args.methods, env, not args.train_only, BEHAVIOURS, REPORT,
+                 recipe=args.recipe)  # fmt: skip
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     if args.train_only:
         return
-    results = {s: collect(s, args.out) for s in args.seeds}
-    results = {s: r for s, r in results.items() if r}
-    write_results("inherited", results, table(results, args.methods))
+    results = [{"seed": s, "models": collect(s, args.out), "runs": seed_runs(s, args.out)}
+               for s in args.seeds]  # fmt: skip
+    results = [r for r in results if r["models"]]
+    if args.report:
+        check_table(results_json, {k: v for k, v in recorded_configs(results).items() if v},
+                    args.new_table)  # fmt: skip
+    runs = [run for r in results for run in r["runs"]]
+    prov = session.finish(runs, seeds=args.seeds, recipe=args.recipe, out=_rel(args.out))
+    body = recipe_note(results) + table(results, args.methods)
+    print(provenance.write("inherited", results, body, prov, args.results_dir))
 
 
 if __name__ == "__main__":

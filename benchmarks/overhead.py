@@ -49,10 +49,14 @@ import itertools
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -335,6 +339,7 @@ def main() -> None:
                         help="also print a cProfile of one Distillery fit of this size")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.md")
     args = parser.parse_args()
+    session = provenance.Session(__file__, [args.out])
     allocator = not args.default_allocator and steady_allocator()
     quiet()
     import torch
@@ -374,9 +379,15 @@ def main() -> None:
     text = report(
         *measured, args.sizes, steps, args.repeats, torch.get_num_threads(), load, allocator
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    per_step, params = measured
+    raw = {"ms_per_step": {f"{size}/{m}/{clock}": v for (size, m, clock), v in per_step.items()},
+           "params": {size: {"student": p[0], "teacher": p[1]} for size, p in params.items()},
+           "steps": {size: steps[size] for size in args.sizes}, "repeats": args.repeats,
+           "threads": torch.get_num_threads(), "steady_allocator": allocator}  # fmt: skip
+    overrides = {size: [*kd_overrides(size, Path("<tmp>") / f"teacher_{size}.ckpt"),
+                        "paths.output_dir=<tmp>/run"] for size in args.sizes}  # fmt: skip
+    prov = session.finish(overrides=overrides)
+    print(provenance.write(args.out.stem, raw, text, prov, args.out.parent))
 
 
 if __name__ == "__main__":

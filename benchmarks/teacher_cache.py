@@ -22,7 +22,9 @@
         [--text-teacher <text_lm_teacher ckpt>]   (default: train one briefly)
 
 Writes ``benchmarks/results/teacher_cache_classifier.md`` and ``teacher_cache_lm.md``
-(``--parts``: one or both).
+(``--parts``: one or both), each with a ``.json`` beside it: the raw numbers (every
+repeat), the overrides of each mode and the provenance (commit, machine, load, times:
+``provenance.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
+ROOT = provenance.ROOT
 for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(key, "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -157,7 +162,9 @@ def write_cache(overrides: list[str], cache: Path, out: Path, *options: str) -> 
 MEDIUM_STEPS = 50
 
 
-def classifier(out: Path, steps: int, repeats: int) -> list[str]:
+def classifier(out: Path, steps: int, repeats: int, raw: dict | None = None) -> list[str]:
+    """The classifier part's lines; ``raw`` receives the numbers and overrides."""
+    raw = {} if raw is None else raw
     common = [f"paths.data_dir={out / 'data'}", f"paths.output_dir={out / 'runs'}"]
     teacher = train_teacher("mnist1d_teacher", out, [*common, "trainer.max_epochs=3"])
     run = [
@@ -197,6 +204,10 @@ def classifier(out: Path, steps: int, repeats: int) -> list[str]:
                 ms[mode].append(value)
                 print(f"{mode}: {value:.2f} ms/step", flush=True)
     read_ms = cache_read_ms([*run, f"teacher.cache={out / 'mnist1d_cache'}"])
+    raw |= {"ms_per_step": ms, "read_ms": read_ms, "steps": steps, "medium_steps": MEDIUM_STEPS,
+            "repeats": repeats, "cache_rows": {k: v[0] for k, v in written.items()},
+            "cache_write_seconds": {k: v[1] for k, v in written.items()},
+            "overrides": {m: [str(o).replace(str(out), "<out>") for o in v] for m, v in modes.items()}}  # fmt: skip
     (rows, seconds), (pool_rows, pool_seconds) = written.values()
     lines = [
         "### Classifier: `mnist1d_kd` (50 000 transfer inputs), ms per optimizer step\n",
@@ -285,7 +296,11 @@ def reader_memory(cache: Path) -> tuple[float, float]:
     return tuple(float(v) for v in out)
 
 
-def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) -> list[str]:
+def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None,
+                   raw: dict | None = None) -> list[str]:  # fmt: skip
+    """The language-model part's lines; ``raw`` receives the numbers."""
+    raw = {} if raw is None else raw
+    raw.setdefault("rows", [])
     import torch
 
     from distillery.config import build
@@ -340,6 +355,8 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
                     times.append(time.perf_counter() - start)
             kl = float((p.exp() * (p - q)).sum(-1).mean())
             ids_label = "int16" if indices == "plain" else "delta (LEB128)"
+            raw["rows"].append({"k": k, "values": dtype, "ids": indices, "kl": kl, "read_s": times,
+                                "bytes_per_token": bytes_per_row(cache) / seq_len})  # fmt: skip
             lines.append(f"| {k} | {dtype} | {ids_label} | {bytes_per_row(cache) / seq_len:.0f} | {kl:.4f} "
                          f"| {1000 * min(times):.1f} |")  # fmt: skip
             print(lines[-1], flush=True)
@@ -357,6 +374,8 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None) 
         size = sum(f.stat().st_size for f in cache.glob("shard_*")) / 2**20
         opened, mapped = reader_memory(cache)
         rows = json.loads((cache / "cache.json").read_text())["rows"]
+        raw.setdefault("reader_memory", []).append({"cache": name, "shards_mb": size, "rows": rows,
+                                                    "private_mb": opened, "file_backed_mb": mapped})  # fmt: skip
         lines.append(f"| {name} | {size:.1f} | {rows} | {opened:.1f} | {mapped:.1f} |")
         print(lines[-1], flush=True)
     lines.append(
@@ -385,6 +404,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="scratch folder (default: a temporary one)"
     )
+    parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -394,22 +414,21 @@ def main() -> None:
     teacher = (f" --text-teacher <{args.text_teacher.name}> --data-dir <its data dir>"
                if args.text_teacher else "")  # fmt: skip
     header = (
-        f"2 shared CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
+        f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}, {torch.get_num_threads()} thread(s). "
         f"`python benchmarks/teacher_cache.py --parts {{part}}{{teacher}}`\n"
     )
+    raw: dict[str, dict] = {"classifier": {}, "lm": {}}
     parts = {
-        "classifier": lambda: classifier(out, args.steps, args.repeats),
-        "lm": lambda: language_model(out, args.text_teacher, args.data_dir),
+        "classifier": lambda: classifier(out, args.steps, args.repeats, raw["classifier"]),
+        "lm": lambda: language_model(out, args.text_teacher, args.data_dir, raw["lm"]),
     }
     for part in args.parts:  # one results file per part
-        text = (
-            "\n".join(
-                [header.format(part=part, teacher=teacher if part == "lm" else ""), *parts[part]()]
-            )
-            + "\n"
+        stem = f"teacher_cache_{part}"
+        session = provenance.Session(__file__, [args.results_dir / f"{stem}.json"])
+        text = "\n".join(
+            [header.format(part=part, teacher=teacher if part == "lm" else ""), *parts[part]()]
         )
-        (ROOT / "benchmarks" / "results" / f"teacher_cache_{part}.md").write_text(text)
-        print(text)
+        print(provenance.write(stem, raw[part], text, session.finish(), args.results_dir))
 
 
 if __name__ == "__main__":

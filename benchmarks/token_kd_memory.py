@@ -12,7 +12,8 @@ memory, logits included) and the wall time:
 * fused: ``FusedTokenLoss``: the logits are built chunk by chunk and dropped.
 
 Rows whose dense or chunked logits would not fit in this machine's memory are not run
-(said in the table). Writes benchmarks/results/token_kd_memory.md.
+(said in the table). Writes benchmarks/results/token_kd_memory.md and .json (each row's
+command, raw numbers, commit, times and load: ``provenance.py``).
 
     python benchmarks/token_kd_memory.py [--tokens 2048 8192] [--vocabs 32000 128000]
         [--hidden 512] [--chunk 256]
@@ -27,7 +28,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
+ROOT = provenance.ROOT
 
 CHILD = r"""
 import json, resource, sys, time
@@ -72,12 +76,24 @@ print(json.dumps({"peak_extra_mb": rss_mb() - base, "seconds": elapsed, "loss": 
 HELD = {"dense": 9 * 4, "chunked": 6 * 4}  # bytes per tokens x vocab, as measured (float32)
 
 
-def measure(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, str(tokens), str(vocab), str(hidden), str(chunk)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(mode: str, tokens: int, vocab: int, hidden: int, chunk: int,
+            session: provenance.Session | None = None, runs: list | None = None) -> dict:  # fmt: skip
+    """One row in a fresh subprocess; with ``session``, its record is appended to ``runs``."""
+    args = [mode, str(tokens), str(vocab), str(hidden), str(chunk)]
+
+    def child() -> dict:
+        out = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    if session is None:
+        return child()
+    command = [sys.executable, "-c", "<CHILD of benchmarks/token_kd_memory.py>", *args]
+    with session.run(f"{mode} {vocab}x{tokens}", command=command) as run:
+        result = child()
+    run.record["result"] = result
+    runs.append(run.record)
+    return result
 
 
 def main() -> None:
@@ -88,7 +104,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--budget-gb", type=float, default=None,
                         help="skip rows expected to need more (default: 60%% of this machine's memory)")  # fmt: skip
+    parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
     args = parser.parse_args()
+    session = provenance.Session(__file__, [args.results_dir / "token_kd_memory.json"])
+    runs: list[dict] = []
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     budget = args.budget_gb or 0.6 * total
     lines = [
@@ -109,7 +128,9 @@ def main() -> None:
                         f"| {vocab} | {tokens} | {mode} | not run: about {need:.0f} GB | | | |"
                     )
                     continue
-                rows[mode] = r = measure(mode, tokens, vocab, args.hidden, args.chunk)
+                rows[mode] = r = measure(
+                    mode, tokens, vocab, args.hidden, args.chunk, session, runs
+                )
                 mem = time_ratio = ""
                 if "dense" in rows and mode != "dense":
                     d = rows["dense"]
@@ -121,16 +142,14 @@ def main() -> None:
                     f"{r['seconds']:.2f} | {mem} | {time_ratio} |"
                 )
             print("\n".join(lines[-3:]), flush=True)
-            write(lines)  # after every group of rows: a killed run keeps what it measured
-    print(write(lines))
+            write(lines, session, runs, args.results_dir)  # a killed run keeps what it measured
+    print(write(lines, session, runs, args.results_dir))
 
 
-def write(lines: list[str]) -> str:
-    text = "\n".join(lines) + "\n"
-    out = ROOT / "benchmarks" / "results" / "token_kd_memory.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+def write(lines: list[str], session: provenance.Session, runs: list[dict], out: Path) -> str:
+    prov = session.finish(runs)
+    rows = [{"row": r["label"], **r["result"]} for r in runs]
+    return provenance.write("token_kd_memory", rows, "\n".join(lines), prov, out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Nothing may be downloaded in tests (the Makefile exports these too).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,9 +17,35 @@ from distillery.config.resolvers import CONFIG_DIR, PROJECT_ROOT  # noqa: E402
 
 SMALL_MNIST1D = ["data.num_samples=1000", "data.val_size=200"]
 
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile-worker pool
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core, so
     os.environ["OMP_NUM_THREADS"] = "1"  # N workers (and their subprocesses) do not
     torch.set_num_threads(1)  # oversubscribe N cores
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """The session fails if a process a test started is still alive at its end."""
+    import processes
+
+    processes.become_subreaper()
+    yield
+    if "wandb" in sys.modules:  # W&B runs in-process start its service; end it as W&B does
+        sys.modules["wandb"].teardown()
+    left = processes.survivors()
+    if left:
+        pytest.fail("processes outlived the test session (killed now):\n" + "\n".join(
+            f"  {pid}: {cmd}" for pid, cmd in left.items()), pytrace=False)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def ended_processes():
+    """Whatever a test's outcome, the process groups it started end with it."""
+    import processes
+
+    yield
+    processes.stop_all()
 
 
 def compose_cfg(config_name: str, overrides: list[str]):

@@ -20,7 +20,8 @@ FITNET = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=300"]
 BASE = ["experiment=mnist1d_baseline", *SMALL_MNIST1D]
 
 # (case id, overrides, text the message must contain). "{teacher}" is the MNIST-1D teacher
-# checkpoint, "{junk}" a file that is not a checkpoint, "{tmp}" the test's folder.
+# checkpoint, "{junk}" a file that is not a checkpoint, "{tmp}" the test's folder,
+# "{blank}" a distillery.generate jsonl with blank responses (an undertrained teacher's).
 CASES = [
     ("missing teacher path", [*MNIST_KD, "teacher.ckpt_path=???"], "teacher.ckpt_path: missing value"),
     ("missing lr", [*MNIST_KD, "optimizer.lr=???"], "optimizer.lr: missing value"),
@@ -74,6 +75,8 @@ CASES = [
     ("sweep metric never logged", [*MNIST_KD, "optimized_metric=val/accuracy"], "optimized_metric: this run never logs 'val/accuracy'"),
     ("sweep metric misspelt", [*MNIST_KD, "hparams_search=kd_optuna", "optimized_metric=val/acc_"], "optimized_metric"),
     ("text file missing", ["experiment=text_lm_baseline", "{text}", "data.source={tmp}/none.jsonl"], "data.source"),
+    ("term argument out of range (no model loads: the teacher file does not exist)", ["experiment=text_lm_kd", "debug=fdr", "teacher.ckpt_path={tmp}/none.ckpt", "distill.terms.kd.beta=2"], "distill.terms.kd.beta must be in [0, 1], got 2"),
+    ("blank teacher responses", ["experiment=arith_seqkd", "data.responses={blank}"], "data.responses: line 1 of {blank} has a blank 'response' ('response' is '    '); 2 of its 3 rows have a blank response"),
 ]  # fmt: skip
 
 
@@ -84,9 +87,21 @@ def junk(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def blank(tmp_path) -> Path:
+    """What distillery.generate writes for an undertrained teacher: blank responses."""
+    import json
+
+    path = tmp_path / "blank.jsonl"
+    rows = [("1+2=", "    "), ("3+4=", "7"), ("5+5=", "")]
+    path.write_text("".join(json.dumps({"prompt": q, "prompt_id": i, "response": r}) + "\n"
+                            for i, (q, r) in enumerate(rows)))  # fmt: skip
+    return path
+
+
 @pytest.mark.parametrize(("overrides", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_message_naming_the_key_and_writes_nothing(
-    overrides, needle, train_cfg, tmp_path, junk, request
+    overrides, needle, train_cfg, tmp_path, junk, blank, request
 ):
     assert len(CASES) >= 40
     uses_teacher = any("{teacher}" in o or o == MNIST_KD[0] for o in overrides)
@@ -100,14 +115,14 @@ def test_bad_input_is_one_message_naming_the_key_and_writes_nothing(
         if o == "{text_teacher}":
             resolved.append(f"teacher.ckpt_path={request.getfixturevalue('text_teacher_ckpt')}")
             continue
-        resolved.append(o.format(teacher=teacher, junk=junk, tmp=tmp_path))
+        resolved.append(o.format(teacher=teacher, junk=junk, tmp=tmp_path, blank=blank))
     if teacher is not None and not any(o.startswith(("teacher", "~teacher")) for o in resolved):
         resolved.append(f"teacher.ckpt_path={teacher}")
     before = set(tmp_path.rglob("*"))
     with pytest.raises(ConfigError) as err:
         train(train_cfg(*resolved))
     message = str(err.value)
-    assert needle in message, message
+    assert needle.format(blank=blank) in message, message
     assert message.count("invalid config") == 1, message  # one message, not nested
     written = {p for p in set(tmp_path.rglob("*")) - before if p.is_file()}
     assert not [p for p in written if p.suffix in (".ckpt", ".pt", ".tmp")], written
@@ -121,7 +136,6 @@ def test_the_oversubscription_guard_can_be_lifted(train_cfg):
         check_processes(train_cfg(*BASE, f"trainer.devices={cores + 1}"))
     check_processes(train_cfg(*BASE, f"trainer.devices={cores + 1}", "allow_oversubscription=true"))
     check_processes(train_cfg(*BASE, f"trainer.devices={cores}"))
-    assert torch.get_num_threads() >= 1
 
 
 def test_a_training_loader_without_a_batch_is_refused():
@@ -143,3 +157,41 @@ def test_a_training_loader_without_a_batch_is_refused():
     )
     with pytest.raises(ValueError, match="data: a training loader has no batch in this process"):
         module.on_train_start()
+
+
+def test_blank_responses_exit_2_naming_file_line_and_count(train_cfg, blank, caplog, monkeypatch):
+    """An undertrained teacher writes blank responses through distillery.generate: the
+    student's run stops with exit code 2 and one message saying so (the key, the file, the
+    first blank line, how many), before any model; never "lacks" a key the rows have."""
+    from distillery.config import exit_on_config_error
+    from distillery.core import builder
+
+    def refuse(cfg):
+        raise AssertionError("the student was built before data.responses was read")
+
+    monkeypatch.setattr(builder, "build_student", refuse)
+
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_config_error(
+            lambda: train(train_cfg("experiment=arith_seqkd", f"data.responses={blank}"))
+        )
+    assert exit_.value.code == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message.count("\n  - ") == 1, message
+    assert f"data.responses: line 1 of {blank} has a blank 'response'" in message, message
+    assert "2 of its 3 rows have a blank response" in message and " lacks [" not in message
+
+
+def test_a_missing_field_lacks_it_and_a_blank_one_is_blank(tmp_path):
+    from distillery.data.base import read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2="}\n')
+    with pytest.raises(ConfigError, match=r"line 2 of .* lacks \['response'\]"):
+        read_jsonl(str(path), "data.responses", ("prompt", "response"), ("response",))
+    path.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": null}\n')
+    with pytest.raises(
+        ConfigError, match=r"line 2 of .* has a blank 'response' \('response' is None\); 1 of its 2"
+    ) as err:
+        read_jsonl(str(path), "data.responses", ("prompt", "response"), ("response",))
+    assert " lacks [" not in str(err.value)

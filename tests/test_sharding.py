@@ -15,7 +15,7 @@ TOL = 1e-5
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open())
+    rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines())
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
@@ -37,11 +37,14 @@ def single_process(tmp_path, data_dir, name, *overrides) -> Path:
     return out
 
 
-def fsdp2(tmp_path, data_dir, name, *overrides) -> Path:
+FP32 = ["trainer.strategy.param_dtype=null"]  # fp32 all-gathers: the single process's steps
+
+
+def fsdp2(tmp_path, data_dir, name, *overrides, policy=FP32) -> Path:
     from test_cli import common, run_cli
 
     out = tmp_path / name
-    proc = run_cli("distillery.train", "trainer=fsdp2_sim", *overrides, f"hydra.run.dir={out}",
+    proc = run_cli("distillery.train", "trainer=fsdp2_sim", *policy, *overrides, f"hydra.run.dir={out}",
                    *common(tmp_path, data_dir))  # fmt: skip
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
     return out
@@ -109,6 +112,33 @@ def test_fsdp2_token_kd_takes_the_single_process_steps(
     ckpt = student_state(sharded)
     assert max_diff(ckpt["state_dict"], student_state(single)["state_dict"]) <= TOL
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
+
+
+@pytest.mark.slow
+def test_fsdp2_shipped_mixed_precision_policy(tmp_path, data_dir, mnist1d_teacher_ckpt):
+    """trainer=fsdp2's policy as shipped (bf16 all-gathered student parameters, fp32
+    gradient reduction) on 2 CPU processes with a frozen teacher: the student computes in
+    bf16 (its first loss moves off the fp32 run's, by no more than bf16's precision), keeps
+    fp32 master weights (the checkpoint), and its 3 steps stay within bf16's precision of
+    the single fp32 process's."""
+    from omegaconf import OmegaConf
+
+    shipped = OmegaConf.load(Path(__file__).parents[1] / "conf" / "trainer" / "fsdp2.yaml")
+    assert (shipped.strategy.param_dtype, shipped.strategy.reduce_dtype) == ("bf16", "fp32")
+    common = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=1200", "seed=5", "test=false",
+              "trainer.log_every_n_steps=1", f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip
+    single = single_process(tmp_path, data_dir, "single", *common, "+trainer.max_steps=3",
+                            "data.batch_size=128", "data.transfer_batch_size=512")  # fmt: skip
+    mixed = fsdp2(tmp_path, data_dir, "mixed", *common, "+trainer.max_steps=3", policy=[])
+    want, got = logged_losses(single), logged_losses(mixed)
+    assert sorted(got) == sorted(want) == [0, 1, 2]
+    u = 2.0**-8  # bf16's unit roundoff
+    assert abs(got[0] - want[0]) > TOL  # the student's forward really ran in bf16
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=4 * u), step
+    state, reference = student_state(mixed)["state_dict"], student_state(single)["state_dict"]
+    assert {v.dtype for v in state.values()} == {torch.float32}  # fp32 master weights
+    assert max_diff(state, reference) <= 4 * u
 
 
 def test_fsdp2_plan_names_its_keys(train_cfg, mnist1d_teacher_ckpt):

@@ -486,10 +486,13 @@ def test_token_feature_terms_ignore_padding():
 
 
 def test_compiled_models_run_their_taps(train_cfg, mnist1d_teacher_ckpt, tmp_path):
-    """module.compile (AOT-autograd tracing here; inductor is the same tracing plus code
-    generation, measured in benchmarks/overhead.py): the student's and teacher's taps
-    still fire inside the compiled forwards, and 3 steps of mnist1d_fitnet end with the
-    student of the uncompiled run."""
+    """module.compile (torch.compile's default backend, inductor: C++ code generated and
+    built here; ``fullgraph``: a graph break is an error, not a silent return to eager
+    Python for part of the forward): the student's and teacher's forwards compile whole
+    and run inductor's kernels, not an eager fallback; the taps' hooks still fire inside the compiled forwards, and
+    3 steps of mnist1d_fitnet end with the student of the uncompiled run."""
+    from torch._dynamo.utils import counters
+
     from distillery.core.builder import build_run
 
     students, hints = {}, {}
@@ -497,15 +500,22 @@ def test_compiled_models_run_their_taps(train_cfg, mnist1d_teacher_ckpt, tmp_pat
         overrides = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=600", "+trainer.max_steps=3",
                      f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "test=false"]  # fmt: skip
         if compiled:
-            overrides.append("+module.compile={backend: aot_eager}")
+            overrides.append("+module.compile={fullgraph: true}")
+            torch._dynamo.reset()
+            counters.clear()
         datamodule, module, trainer, _ = build_run(
             train_cfg(*overrides, out=tmp_path / str(compiled))
         )
         trainer.fit(module, datamodule=datamodule)
         hints[compiled] = float(trainer.callback_metrics["train/loss/hint"])  # the tap fed it
         students[compiled] = module.student.state_dict()
-        if compiled:  # both compiled in place
+        if compiled:  # both compiled in place, whole, by inductor
             assert module.student._compiled_call_impl and module.teacher.model._compiled_call_impl
+            breaks = {**counters["graph_break"], **counters["resumes"]}
+            assert not breaks, breaks
+            assert counters["stats"]["unique_graphs"] >= 2  # the student's and the teacher's
+            assert counters["inductor"], "no inductor kernels: compiled by another backend"
+            torch._dynamo.reset()
     assert hints[True] > 0 and hints[True] == pytest.approx(hints[False], rel=1e-5)
     for k, v in students[False].items():
         torch.testing.assert_close(students[True][k], v, atol=1e-6, rtol=1e-5)

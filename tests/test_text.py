@@ -308,7 +308,9 @@ def test_lm_under_ddp_normalises_by_the_tokens_of_both_ranks(
                    "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
                    "trainer.log_every_n_steps=1", f"hydra.run.dir={out}", *common(tmp_path, data_dir))  # fmt: skip
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr
-    rows = list(csv.DictReader((out / "csv" / "version_0" / "metrics.csv").open()))
+    rows = list(
+        csv.DictReader((out / "csv" / "version_0" / "metrics.csv").read_text().splitlines())
+    )
     tokens = {float(r["train/tokens"]) for r in rows if r.get("train/tokens")}
     assert tokens == {2 * 4 * 32}
 

@@ -120,7 +120,13 @@ def check_control(cfg, unlabeled: bool = False) -> None:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_debug_fdr_runs_every_experiment(
-    name, train_cfg, mnist1d_teacher_ckpt, digits_teacher_ckpt, bert_teacher_ckpt, tmp_path
+    name,
+    train_cfg,
+    mnist1d_teacher_ckpt,
+    digits_teacher_ckpt,
+    bert_teacher_ckpt,
+    tmp_path,
+    monkeypatch,
 ):
     extra = {
         "mnist1d_teacher": SMALL_MNIST1D,
@@ -184,6 +190,12 @@ def test_debug_fdr_runs_every_experiment(
             f"teacher.path={tmp_path / 'resnet32x4.pth'}",
         ]
     cfg = train_cfg(f"experiment={name}", "debug=fdr", *extra)
+    import distillery.train as train_module
+
+    built = []  # the run train() builds, to check its test metric against
+    monkeypatch.setattr(
+        train_module, "build_run", lambda c: built.append(build_run(c)) or built[-1]
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     if cfg.teacher is not None:  # and its no-teacher control: one override
@@ -193,8 +205,14 @@ def test_debug_fdr_runs_every_experiment(
         assert -1.0 <= metrics["test/cosine"] <= 1.0 and 0 <= metrics["test/nn_agreement"] <= 1
         if name == "minilm_embed_kd_relations":
             assert metrics["train/loss/attn"] > 0 and metrics["train/loss/value"] > 0
-    else:
-        assert 0.0 <= metrics["test/acc"] <= 1.0
+    else:  # test/acc is the student's accuracy on the one test batch, recomputed here
+        datamodule, module = built[0][:2]
+        batch = next(iter(datamodule.test_dataloader()))
+        module.eval()
+        with torch.no_grad():
+            logits = module.student(module.student_norm(batch["inputs"]))
+        correct = (logits.argmax(-1) == batch["labels"]).float()
+        assert metrics["test/acc"] == pytest.approx(float(correct.mean()), abs=1e-6)
 
 
 def test_resume_from_last_ckpt(train_cfg, tmp_path):

@@ -4,7 +4,9 @@
 at once: missing values (``???``), interpolations that do not resolve, unknown
 arguments and values whose type does not fit the annotated signature of the
 ``_target_`` they are passed to. :func:`build` instantiates one config node and
-prefixes any failure with the node's key.
+prefixes any failure with the node's key. Range checks live in the constructors that
+config builds (loss terms, task adapters): they raise :class:`ArgumentError` naming the
+argument, and :func:`build` reports it under the node's key (``distill.terms.kd.beta``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,35 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+class ArgumentError(ValueError):
+    """An argument out of its valid range, raised by a constructor that config builds
+    (loss terms, task adapters). ``arg`` is the parameter's name and the message starts
+    with it (``beta must be in [0, 1], got 2``), so a direct caller reads it as it is and
+    :func:`build` reports it under the node's key: ``distill.terms.kd.beta must be in
+    [0, 1], got 2``. Raise it for the node's own arguments only (a nested node is built,
+    and keyed, on its own)."""
+
+    def __init__(self, arg: str, message: str):
+        self.arg = arg
+        super().__init__(message)
+
+    def under(self, key: str) -> str:
+        """The message with the argument named by its full config key ``key.arg``."""
+        full, message = f"{key}.{self.arg}", str(self)
+        if message.startswith(full):  # already names the key (task adapters: "task.on_policy")
+            return message
+        if message.startswith(self.arg):
+            return full + message[len(self.arg) :]
+        return f"{full}: {message}"
+
+
+def require(ok: bool, arg: str, rule: str, value: Any) -> None:
+    """Unless ``ok``: :class:`ArgumentError` ``"<arg> must be <rule>, got <value>"``.
+    Write ``ok`` as the valid range (``temperature > 0``), so NaN fails it too."""
+    if not ok:
+        raise ArgumentError(arg, f"{arg} must be {rule}, got {value!r}")
 
 
 # Top-level keys of train.yaml with the types they must have.
@@ -219,7 +250,8 @@ def validate(cfg: DictConfig, top_level: Mapping[str, Any] = TOP_LEVEL_TYPES) ->
 
 
 def build(node: DictConfig | None, key: str, **kwargs) -> Any:
-    """``hydra.utils.instantiate`` with failures re-raised as errors naming ``key``."""
+    """``hydra.utils.instantiate`` with failures re-raised as errors naming ``key`` (an
+    :class:`ArgumentError` naming ``key.<arg>``)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -231,9 +263,13 @@ def build(node: DictConfig | None, key: str, **kwargs) -> Any:
         cause = e.__cause__ or e
         if isinstance(cause, ConfigError):  # already names its key: not wrapped twice
             raise cause from None
+        if isinstance(cause, ArgumentError):  # an argument out of range: its full key
+            raise ConfigError([cause.under(key)]) from cause
         raise ConfigError([f"{key}: {type(cause).__name__}: {cause}"]) from cause
     except ConfigError:
         raise
+    except ArgumentError as e:
+        raise ConfigError([e.under(key)]) from e
     except Exception as e:  # noqa: BLE001
         raise ConfigError([f"{key}: {type(e).__name__}: {e}"]) from e
 

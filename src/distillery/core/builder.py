@@ -2,7 +2,10 @@
 other frozen models, objective, task adapter, taps and projectors, module, trainer.
 
 Every failure is a :class:`~distillery.config.ConfigError` naming the config key, raised
-before anything trains. Used by the commands (``train``, ``evaluate``, ``taps``).
+before anything trains. The objective (each loss term) and the task adapter are built
+first, before any data or model, so an argument out of range is reported at once under
+its full key (``distill.terms.kd.beta``). Used by the commands (``train``, ``evaluate``,
+``taps``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from distillery.config import ConfigError, build, to_record, validate
+from distillery.config import ArgumentError, ConfigError, build, to_record, validate
 
 
 def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
@@ -160,13 +163,62 @@ def build_student(cfg: DictConfig):
     return student
 
 
-def build_task(cfg: DictConfig, datamodule):
-    """The task adapter: ``cfg.task`` if set, else the default for the datamodule's
-    ``output_kind``; the two must agree."""
+def build_objective(cfg: DictConfig):
+    """The objective from ``cfg.distill``: each term (``distill.terms.<name>``) and each
+    weight schedule (``distill.weights.<name>``) built on its own, so an argument its
+    constructor refuses (an :class:`~distillery.config.ArgumentError`) is reported under
+    its full key (``distill.terms.kd.beta``), then the objective (``_target_``) with
+    them. Built in a forked random stream: a term that draws (CRD's memory banks) leaves
+    the run's stream, and so the student's initialisation, as it was."""
+    import torch
+    from omegaconf import OmegaConf, open_dict
+
+    node = cfg.distill
+    terms_node = node.get("terms") if isinstance(node, DictConfig) else None
+    if not isinstance(terms_node, DictConfig):  # not the usual shape: the objective says
+        return build(node, "distill")
+
+    def built(group: str) -> dict:
+        values = {}
+        for name in node[group]:
+            child = node[group][name]
+            if isinstance(child, DictConfig) and "_target_" in child:
+                values[str(name)] = build(child, f"distill.{group}.{name}")
+            elif isinstance(child, DictConfig | ListConfig):
+                values[str(name)] = OmegaConf.to_object(child)  # refused by the objective
+            else:
+                values[str(name)] = child
+        return values
+
+    with torch.random.fork_rng(devices=[]):
+        terms = built("terms")
+        weights = built("weights") if isinstance(node.get("weights"), DictConfig) else None
+    rest = node.copy()  # keeps its parent: interpolations resolve as before
+    with open_dict(rest):
+        rest.pop("terms")
+        if weights is not None:
+            rest.pop("weights")
+        rest["_partial_"] = True
+    factory = build(rest, "distill")
+    kwargs = {"terms": terms} if weights is None else {"terms": terms, "weights": weights}
+    try:
+        return factory(**kwargs)
+    except ConfigError:
+        raise  # already names its key
+    except ArgumentError as e:
+        raise ConfigError([e.under("distill")]) from e
+    except (ValueError, TypeError) as e:  # the objective's messages name distill.<key>
+        raise ConfigError([str(e) if str(e).startswith("distill") else f"distill: {e}"]) from e
+
+
+def build_task(cfg: DictConfig, datamodule, task=None):
+    """The task adapter: ``task`` (already built from ``cfg.task``), else ``cfg.task`` if
+    set, else the default for the datamodule's ``output_kind``; the two must agree."""
     from distillery.core.tasks import Task, task_for
 
     kind = getattr(datamodule, "output_kind", "logits")
-    task = build(cfg.get("task"), "task")
+    if task is None:
+        task = build(cfg.get("task"), "task")
     if task is None:
         try:
             task = task_for(kind)
@@ -344,16 +396,17 @@ def build_run(cfg: DictConfig):
     optimizer = build(cfg.optimizer, "optimizer")
     scheduler = build(cfg.get("scheduler"), "scheduler")
     check_optimization(optimizer, scheduler)
+    objective = build_objective(cfg)  # every term's arguments checked before data and models
+    task = build(cfg.get("task"), "task")  # and the task's options
     datamodule = build(cfg.data, "data")
+    task = build_task(cfg, datamodule, task)
+    if control:
+        objective = control_objective(cfg, objective, task)
     student = build_student(cfg)
     teacher = build_teacher(cfg)
     frozen = build_frozen(cfg)
     if teacher is not None or frozen:  # frozen models are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    objective = build(cfg.distill, "distill")
-    task = build_task(cfg, datamodule)
-    if control:
-        objective = control_objective(cfg, objective, task)
     student_norm = InputNorm.from_config(getattr(datamodule, "input_norm", None))
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)

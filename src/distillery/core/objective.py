@@ -167,7 +167,8 @@ class Objective(nn.Module):
             ``distillery.recipes.schedules``: ConstantWeight, LinearWarmupWeight,
             CosineWeight). Terms without an entry get weight 1. A weight of 0 still
             computes and logs the term (handy for monitoring) but keeps it out of the
-            gradient.
+            gradient. A number must be finite and >= 0 (a negative weight would
+            maximise a loss).
         reduction: ``sample`` or ``token`` (see the module docstring).
     """
 
@@ -209,6 +210,11 @@ class Objective(nn.Module):
                     raise TypeError(
                         f"distill.weights.{name}: expected a number or a schedule, got {w!r}"
                     ) from e
+                if not 0 <= w < float("inf"):
+                    raise ValueError(
+                        f"distill.weights.{name} must be >= 0 and finite (a negative weight "
+                        f"maximises the term's loss), got {w}"
+                    )
             self.weights[name] = w
         self.current_weights: dict[str, float] = {}
 

@@ -331,10 +331,23 @@ def collate_pairs(pad_id: int):
     return collate
 
 
+BLANK_RESPONSES = (
+    "a teacher that writes no answer (e.g. an undertrained one, through distillery.generate) "
+    "teaches nothing: train the teacher further and generate again, or drop those rows"
+)
+
+
+def read_response_rows(path: str) -> list[dict]:
+    """The rows of a ``data.responses`` jsonl, each with a prompt and a non-blank response
+    (a :class:`~distillery.config.ConfigError` naming the key, the file and the line)."""
+    return read_jsonl(path, "data.responses", ("prompt", "response"), nonempty=("response",),
+                      hint=BLANK_RESPONSES)  # fmt: skip
+
+
 def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
     """``{prompt: response}`` from a ``distillery.generate`` jsonl (``data.responses``)."""
     p = Path(path).expanduser()
-    rows = read_jsonl(path, "data.responses", ("prompt", "response"), nonempty=("response",))
+    rows = read_response_rows(path)
     out = {row["prompt"]: row["response"] for row in rows}
     missing = [q for q in prompts if q not in out]
     if missing:
@@ -406,6 +419,8 @@ class ArithDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.pairs: preference pairs replace the answers; unset data.responses / data.teacher_tokenizer"
             )
+        if responses:  # read (again in setup) now: a bad file is reported before any model
+            read_response_rows(responses)
         for key, v in (("canaries", canaries), ("refusals", refusals),
                        ("unanswerable", unanswerable)):  # fmt: skip
             if v < 0:

@@ -41,32 +41,47 @@ def make_loader(
 
 
 def read_jsonl(
-    path: str, key: str, fields: tuple[str, ...], nonempty: tuple[str, ...] = ()
+    path: str, key: str, fields: tuple[str, ...], nonempty: tuple[str, ...] = (), hint: str = ""
 ) -> list[dict]:
     """The rows of a jsonl file, each checked to hold ``fields`` (and non-blank
-    ``nonempty`` ones); errors name the config ``key``, the file and the line."""
+    ``nonempty`` ones); a :class:`~distillery.config.ConfigError` names the config ``key``,
+    the file and the line: the first row that is not JSON or lacks a field, else the first
+    row with a blank field and how many rows have one (``hint``: what to do about it)."""
     import json
     from pathlib import Path
+
+    from distillery.config import ConfigError
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{key}: file not found: {p}")
-    rows = []
+    rows, blank = [], []  # blank: (line, its blank fields, row)
     for n, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{key}: line {n} of {p} is not JSON ({e})") from e
-        missing = [f for f in fields if f not in row] + [
-            f for f in nonempty if f in row and not str(row[f] or "").strip()
-        ]
+            raise ConfigError([f"{key}: line {n} of {p} is not JSON ({e})"]) from e
+        if not isinstance(row, dict):
+            raise ConfigError([f"{key}: line {n} of {p} is not a JSON object: {line[:80]!r}"])
+        missing = [f for f in fields if f not in row]
         if missing:
-            raise ValueError(
-                f"{key}: line {n} of {p} lacks {missing} (needs {list(fields)}; keys: {sorted(row)})"
-            )
+            raise ConfigError(
+                [f"{key}: line {n} of {p} lacks {missing} (needs {list(fields)}; keys: {sorted(row)})"]
+            )  # fmt: skip
+        empty = [f for f in nonempty if f in row and (row[f] is None or not str(row[f]).strip())]
+        if empty:
+            blank.append((n, empty, row))
         rows.append(row)
+    if blank:
+        n, empty, row = blank[0]
+        shown = ", ".join(f"{f!r} is {row[f]!r}" for f in empty)
+        raise ConfigError(
+            [f"{key}: line {n} of {p} has a blank {' and '.join(map(repr, empty))} ({shown}); "
+             f"{len(blank)} of its {len(rows)} rows have a blank {'/'.join(nonempty)}"
+             + (f"; {hint}" if hint else "")]
+        )  # fmt: skip
     return rows
 
 

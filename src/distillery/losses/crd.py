@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.config import require
 from distillery.core.objective import Outputs
 from distillery.losses.feature import FeatureTerm
 
@@ -26,6 +27,10 @@ class CRD(FeatureTerm):
     new embeddings: M[i] <- normalize(m * M[i] + (1 - m) * embedding_i). Each rank keeps
     its own banks under DDP. Sample ids are given bank slots on first sight; more
     distinct ids than ``bank_size`` is an error (size the bank to the training set).
+
+    Valid: ``bank_size >= 2``; ``feat_dim >= 1``; ``num_negatives >= 1`` (at most
+    ``bank_size - 1`` are drawn); ``temperature > 0``; ``0 <= momentum < 1`` (at 1 the
+    banks never move from their random start).
     """
 
     uses_projector = False
@@ -41,8 +46,11 @@ class CRD(FeatureTerm):
         momentum: float = 0.5,
     ):
         super().__init__(student, teacher, projector=None)
-        if bank_size < 2:
-            raise ValueError(f"bank_size must be >= 2 (the training-set size), got {bank_size}")
+        require(bank_size >= 2, "bank_size", ">= 2 (the training-set size)", bank_size)
+        require(feat_dim >= 1, "feat_dim", ">= 1", feat_dim)
+        require(num_negatives >= 1, "num_negatives", ">= 1", num_negatives)
+        require(temperature > 0, "temperature", "> 0", temperature)
+        require(0 <= momentum < 1, "momentum", "in [0, 1)", momentum)
         self.bank_size, self.feat_dim = bank_size, feat_dim
         self.num_negatives = min(num_negatives, bank_size - 1)
         self.temperature, self.momentum = temperature, momentum

@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import UNLABELED, LossTerm, Outputs
 
 
@@ -19,6 +20,10 @@ class DKD(LossTerm):
     ``warm(epoch) = min(epoch / warmup_epochs, 1)`` (1 when warmup_epochs == 0), as in
     the reference implementation. Unlabeled samples use the teacher's top-1 class as t.
     Computed in float32.
+
+    Valid: ``temperature > 0``; ``alpha >= 0`` and ``beta >= 0``, not both 0 (weights of
+    the two parts: a negative one would reward diverging from the teacher);
+    ``warmup_epochs >= 0``.
     """
 
     needs_teacher = True
@@ -31,8 +36,11 @@ class DKD(LossTerm):
         warmup_epochs: float = 0.0,
     ):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        require(temperature > 0, "temperature", "> 0", temperature)
+        require(alpha >= 0, "alpha", ">= 0", alpha)
+        require(beta >= 0, "beta", ">= 0", beta)
+        require(alpha > 0 or beta > 0, "beta", "> 0 when alpha is 0 (the term would be 0)", beta)
+        require(warmup_epochs >= 0, "warmup_epochs", ">= 0 (0: no warmup)", warmup_epochs)
         self.alpha, self.beta = float(alpha), float(beta)
         self.temperature = float(temperature)
         self.warmup_epochs = float(warmup_epochs)

@@ -16,23 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.config import ArgumentError, require
 from distillery.core.objective import LossTerm, Outputs
 from distillery.core.projectors import build_projector
 
 
 class FeatureTerm(LossTerm):
+    """Base of the feature terms. Valid: ``student`` and ``teacher`` non-empty tap names;
+    ``projector`` ``auto``, ``tokens``, ``maps``, null or a module."""
+
     needs_teacher = True
     uses_projector = True
 
     def __init__(self, student: str, teacher: str, projector: str | nn.Module | None = "auto"):
         super().__init__()
+        require(bool(student), "student", "a tap name (taps.student.<name>)", student)
+        require(bool(teacher), "teacher", "a tap name (taps.teacher.<name>)", teacher)
         self.student_tap, self.teacher_tap = student, teacher
         self.projector: nn.Module = nn.Identity()
         if isinstance(projector, nn.Module):  # given explicitly in config (_target_)
             self.projector, projector = projector, "given"
-        elif projector not in ("auto", "tokens", "maps", None):
-            raise ValueError(
-                f"projector must be auto, tokens, maps, null or a module, got {projector!r}"
+        else:
+            modes = ("auto", "tokens", "maps", None)
+            require(
+                projector in modes, "projector", "auto, tokens, maps, null or a module", projector
             )
         self.projector_mode = projector
 
@@ -115,12 +122,14 @@ class AttentionTransfer(FeatureTerm):
     """Attention transfer (Zagoruyko & Komodakis 2017) on feature maps ``[B, C, *space]``:
     loss_i = sum_l mean_s (a(f_S^l)_is - a(f_T^l)_is)^2 with a() above (p = 2 by
     default), over the tapped layer pairs l (one pair, or lists from glob taps such as
-    ``layer*``); student maps are resized to the teacher's spatial size. No projector."""
+    ``layer*``); student maps are resized to the teacher's spatial size. No projector.
+    Valid: ``p > 0`` (at 0 every map is uniform and the loss 0)."""
 
     uses_projector = False
 
     def __init__(self, student: str, teacher: str, p: float = 2.0):
         super().__init__(student, teacher, projector=None)
+        require(p > 0, "p", "> 0", p)
         self.p = p
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:
@@ -151,12 +160,14 @@ class AttentionMapKL(FeatureTerm):
     ``[B, H, Q, K]`` captured with ``kind: attention``. Head counts must match (or
     ``average_heads: true`` compares head-averaged maps). Queries with an all-zero
     teacher row (masked) and padding queries (``token_mask``) are left out; padding keys
-    have probability 0 in both maps (the taps apply the attention mask)."""
+    have probability 0 in both maps (the taps apply the attention mask).
+    Valid: ``eps > 0`` (log(0) of a masked key otherwise)."""
 
     uses_projector = False
 
     def __init__(self, student: str, teacher: str, average_heads: bool = False, eps: float = 1e-8):
         super().__init__(student, teacher, projector=None)
+        require(eps > 0, "eps", "> 0", eps)
         self.average_heads, self.eps = average_heads, eps
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:
@@ -190,7 +201,9 @@ class HiddenStates(FeatureTerm):
     teacher layer ``layer_map[l]``, by default uniformly: ``m(l) = round((l + 1) * L_T / L_S) - 1``
     (every k-th teacher layer). loss_i = mean_l d(P_l(h_S^l)_i, h_T^{m(l)}_i), with d the
     per-sample MSE (``kind: mse``) or 1 - cosine over channels averaged over tokens
-    (``kind: cosine``); one projector per student layer."""
+    (``kind: cosine``); one projector per student layer. Valid: ``kind`` mse or cosine;
+    ``layer_map`` null or a non-empty list of teacher layer indices >= 0 (their upper
+    bound, the teacher's layer count, is checked once the taps have run)."""
 
     def __init__(
         self,
@@ -201,8 +214,15 @@ class HiddenStates(FeatureTerm):
         projector: str | None = "auto",
     ):
         super().__init__(student, teacher, projector)
-        if kind not in ("mse", "cosine"):
-            raise ValueError(f"kind must be mse or cosine, got {kind!r}")
+        require(kind in ("mse", "cosine"), "kind", "mse or cosine", kind)
+        if layer_map is not None and (
+            not layer_map
+            or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in layer_map)
+        ):
+            raise ArgumentError(
+                "layer_map",
+                f"layer_map must be null or a list of teacher layer indices >= 0, got {list(layer_map)}",
+            )
         self.kind, self.layer_map = kind, list(layer_map) if layer_map is not None else None
         self.projectors = nn.ModuleList()
 
@@ -261,12 +281,19 @@ class ValueRelationKL(FeatureTerm):
     widths need not match; with VR = softmax(V_h V_h^T / sqrt(d_h)):
     loss_i = mean_{h, q} KL(VR_T[i,h,q,:] || VR_S[i,h,q,:]); padding is left out as a key
     (probability 0; ``extras["attention_mask"]``, else ``token_mask``) and as a query
-    (only ``token_mask`` positions are averaged)."""
+    (only ``token_mask`` positions are averaged). Valid: ``relation_heads >= 1`` (the
+    widths must divide by it: checked once the taps have run)."""
 
     uses_projector = False
 
     def __init__(self, student: str, teacher: str, relation_heads: int = 4):
         super().__init__(student, teacher, projector=None)
+        require(
+            not isinstance(relation_heads, bool) and relation_heads >= 1,
+            "relation_heads",
+            ">= 1",
+            relation_heads,
+        )
         self.relation_heads = relation_heads
 
     def setup(self, student_shape, teacher_shape, key: str) -> None:

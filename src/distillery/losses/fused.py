@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillery.config import require
 from distillery.core.objective import IGNORE, LossTerm, Outputs
-from distillery.losses.token import KINDS, per_token
+from distillery.losses.token import check_divergence, per_token
 
 
 class HeadOutputs:
@@ -122,15 +123,28 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None, None, None
 
 
-def check_arguments(kind: str, chunk_size, ce_weight: float, kd_weight: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if chunk_size is None or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    if ce_weight < 0 or kd_weight < 0 or not (ce_weight or kd_weight):
-        raise ValueError(
-            f"ce_weight and kd_weight must be >= 0, not both 0; got {ce_weight}, {kd_weight}"
-        )
+def check_arguments(
+    kind: str,
+    chunk_size,
+    ce_weight: float,
+    kd_weight: float,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> None:
+    """:func:`~distillery.losses.token.check_divergence`, ``chunk_size >= 1`` (not null:
+    the fused loss is always chunked), ``ce_weight >= 0`` and ``kd_weight >= 0``, not
+    both 0 (:class:`~distillery.config.ArgumentError` naming the argument)."""
+    check_divergence(kind, temperature, beta, alpha)
+    require(
+        chunk_size is not None and not isinstance(chunk_size, bool) and chunk_size >= 1,
+        "chunk_size",
+        "a positive number of tokens",
+        chunk_size,
+    )
+    require(ce_weight >= 0, "ce_weight", ">= 0", ce_weight)
+    require(kd_weight >= 0, "kd_weight", ">= 0", kd_weight)
+    require(ce_weight > 0 or kd_weight > 0, "kd_weight", "> 0 when ce_weight is 0", kd_weight)
 
 
 def fused_token_loss_per_token(
@@ -148,7 +162,7 @@ def fused_token_loss_per_token(
     """``kd_weight * D(p || q) + ce_weight * CE`` at every position of ``labels``
     (``[...]``, -100 = not trained: 0 there), from hidden states ``[..., D]`` and output
     layers; float32, shape of ``labels``."""
-    check_arguments(kind, chunk_size, ce_weight, kd_weight)
+    check_arguments(kind, chunk_size, ce_weight, kd_weight, temperature, beta, alpha)
     if kd_weight and teacher is None:
         raise ValueError("kd_weight > 0 needs the teacher's hidden states and output layer")
     w_s, b_s = student.head.weight, student.head.bias
@@ -180,7 +194,11 @@ class FusedTokenLoss(LossTerm):
     Takes the place of a ``TokenKD`` (+ ``TokenCrossEntropy``) pair in runs with
     ``task.fused: true``, whose models return :class:`HeadOutputs`: objective weights
     ``{kd: a, ce: b}`` are this term with objective weight ``a``, ``kd_weight: 1``,
-    ``ce_weight: b / a``. ``kd_weight: 0`` is next-token CE alone (no teacher needed)."""
+    ``ce_weight: b / a``. ``kd_weight: 0`` is next-token CE alone (no teacher needed).
+
+    Valid (:func:`check_arguments`): ``kind`` one of ``token.KINDS``, ``temperature > 0``,
+    ``0 <= beta <= 1``, ``0 < alpha < 1``, ``chunk_size >= 1``, ``ce_weight >= 0`` and
+    ``kd_weight >= 0``, not both 0."""
 
     per = "token"
 
@@ -195,7 +213,7 @@ class FusedTokenLoss(LossTerm):
         chunk_size: int = 128,
     ):
         super().__init__()
-        check_arguments(kind, chunk_size, ce_weight, kd_weight)
+        check_arguments(kind, chunk_size, ce_weight, kd_weight, temperature, beta, alpha)
         self.needs_teacher = kd_weight > 0
         self.kwargs = {"kind": kind, "temperature": temperature, "beta": beta, "alpha": alpha,
                        "ce_weight": ce_weight, "kd_weight": kd_weight, "chunk_size": chunk_size}  # fmt: skip

@@ -1,6 +1,7 @@
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import LossTerm, Outputs
 
 
@@ -26,14 +27,15 @@ class HintonKD(LossTerm):
     with p = softmax(teacher_logits / T) (the target) and q = softmax(student_logits / T).
     The T^2 factor keeps the gradient scale independent of T. The objective averages
     loss_i over samples (``batchmean``), labeled or not. Computed in float32.
+
+    Valid: ``temperature > 0``.
     """
 
     needs_teacher = True
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        require(temperature > 0, "temperature", "> 0", temperature)
         self.temperature = float(temperature)
 
     def forward(self, out: Outputs) -> Tensor:

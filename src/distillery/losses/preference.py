@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import IGNORE, LossTerm, Outputs
 
 
@@ -55,7 +56,10 @@ class DPO(LossTerm):
     name (default ``reference``, e.g. the student's starting checkpoint) or ``teacher``
     (only where the vocabularies match). Reference: Rafailov et al., "Direct Preference
     Optimization: Your Language Model is Secretly a Reward Model", NeurIPS 2023
-    (github.com/eric-mitchell/direct-preference-optimization, ``preference_loss``)."""
+    (github.com/eric-mitchell/direct-preference-optimization, ``preference_loss``).
+
+    Valid: ``beta > 0``; ``0 <= label_smoothing < 0.5`` (at 0.5 the loss no longer
+    prefers the chosen response); ``reference`` a non-empty name."""
 
     per = "pair"
 
@@ -63,10 +67,9 @@ class DPO(LossTerm):
         self, beta: float = 0.1, reference: str = "reference", label_smoothing: float = 0.0
     ):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        require(beta > 0, "beta", "> 0", beta)
+        require(0 <= label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)", label_smoothing)
+        require(bool(reference), "reference", "a frozen model's name or teacher", reference)
         self.beta, self.reference, self.label_smoothing = beta, reference, label_smoothing
         self.needs_teacher = reference == "teacher"
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import Outputs
 from distillery.losses.feature import FeatureTerm
 
@@ -49,10 +50,12 @@ class PKT(RelationTerm):
     loss_i = (1/B) sum_j P_T,ij log((P_T,ij + eps) / (P_S,ij + eps)),
     so the batch mean is the mean over all B^2 entries, the reference's value (the
     authors' ``cosine_similarity_loss`` in github passalis/probabilistic_kt ``nn/pkt.py``,
-    copied as RepDistiller's ``PKT.cosine_similarity_loss``; eps = 1e-7)."""
+    copied as RepDistiller's ``PKT.cosine_similarity_loss``; eps = 1e-7). Valid:
+    ``eps > 0`` (log(0) and 0/0 for opposite or zero features otherwise)."""
 
     def __init__(self, student: str, teacher: str, eps: float = 1e-7):
         super().__init__(student, teacher)
+        require(eps > 0, "eps", "> 0", eps)
         self.eps = eps
 
     def forward(self, out: Outputs) -> Tensor:
@@ -88,13 +91,22 @@ class RKD(RelationTerm):
         A_j = (1/B^2) sum_{i, k} huber(psi_A^S(j; i, k), psi_A^T(j; i, k)) (mean_j A_j is
         the reference's mean over the B^3 entries)
     loss_i = distance_weight * D_i + angle_weight * A_i (defaults 25 and 50, RepDistiller's
-    ``RKDLoss(w_d=25, w_a=50)``).
+    ``RKDLoss(w_d=25, w_a=50)``). Valid: ``distance_weight >= 0`` and ``angle_weight >= 0``,
+    not both 0 (a negative weight would push the relations apart).
     """
 
     def __init__(
         self, student: str, teacher: str, distance_weight: float = 25.0, angle_weight: float = 50.0
     ):
         super().__init__(student, teacher)
+        require(distance_weight >= 0, "distance_weight", ">= 0", distance_weight)
+        require(angle_weight >= 0, "angle_weight", ">= 0", angle_weight)
+        require(
+            distance_weight > 0 or angle_weight > 0,
+            "angle_weight",
+            "> 0 when distance_weight is 0 (the term would be 0)",
+            angle_weight,
+        )
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     @staticmethod

@@ -1,6 +1,7 @@
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import LossTerm, Outputs
 
 
@@ -12,14 +13,15 @@ class CrossEntropy(LossTerm):
     with ``eps = label_smoothing``. For mixed inputs ``onehot(y_i)`` is replaced by the
     soft target ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)`` (``Outputs.targets``).
     Unlabeled samples never reach this term. Computed in float32 whatever the logits' dtype.
+
+    Valid: ``0 <= label_smoothing < 1``.
     """
 
     needs_labels = True
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        require(0.0 <= label_smoothing < 1.0, "label_smoothing", "in [0, 1)", label_smoothing)
         self.label_smoothing = label_smoothing
 
     def forward(self, out: Outputs) -> Tensor:

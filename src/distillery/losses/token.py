@@ -33,10 +33,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import IGNORE, LossTerm, Outputs
 from distillery.losses.kd import kl_from_log_probs
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+
+
+def check_divergence(
+    kind: str, temperature: float, beta: float, alpha: float, chunk_size: int | None = None
+) -> None:
+    """The divergence's arguments (:class:`~distillery.config.ArgumentError` naming the
+    first one out of range): ``kind`` one of :data:`KINDS`; ``temperature > 0``;
+    ``0 <= beta <= 1`` (the JSD's mixture weight, its limits KL(p||q) and KL(q||p));
+    ``0 < alpha < 1`` (the skew of skl/srkl: log(alpha) and log(1 - alpha) must be
+    finite); ``chunk_size`` null or a positive number of tokens. ``beta`` and ``alpha``
+    are checked whatever ``kind`` reads them, so a sweep over kinds never meets a bad one
+    late."""
+    require(kind in KINDS, "kind", f"one of {KINDS}", kind)
+    require(temperature > 0, "temperature", "> 0", temperature)
+    require(0 <= beta <= 1, "beta", "in [0, 1]", beta)
+    require(0 < alpha < 1, "alpha", "in (0, 1)", alpha)
+    require(
+        chunk_size is None or (not isinstance(chunk_size, bool) and chunk_size >= 1),
+        "chunk_size",
+        "a positive number of tokens or null",
+        chunk_size,
+    )
 
 
 def per_token(
@@ -128,14 +151,7 @@ def token_divergence_per_token(
 
     ``vocab_align``: ``error`` (vocab sizes must match) or ``truncate`` (use the shared
     leading rows, e.g. a Qwen-style padded vocabulary tail)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 0 <= beta <= 1 or not 0 < alpha < 1:
-        raise ValueError(f"need 0 <= beta <= 1 and 0 < alpha < 1, got beta={beta}, alpha={alpha}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(
-            f"chunk_size must be a positive number of tokens or null, got {chunk_size}"
-        )
+    check_divergence(kind, temperature, beta, alpha, chunk_size)
     vs, vt = student.shape[-1], teacher.shape[-1]
     if vs != vt:
         if vocab_align != "truncate":
@@ -198,7 +214,11 @@ class TokenKD(LossTerm):
     """Token-level distillation: :func:`token_divergence_per_token` at the trained
     positions, 0 elsewhere: those whose label is not -100 (padding and masked prompts are
     left out), or ``extras["token_mask"]`` when the task sets it (on-policy batches: the
-    positions of the student's own samples, which carry no label)."""
+    positions of the student's own samples, which carry no label).
+
+    Valid (:func:`check_divergence`): ``kind`` one of :data:`KINDS`, ``temperature > 0``,
+    ``0 <= beta <= 1``, ``0 < alpha < 1``, ``chunk_size`` null or >= 1; ``vocab_align``
+    ``error`` or ``truncate``."""
 
     needs_teacher = True
     per = "token"
@@ -213,14 +233,10 @@ class TokenKD(LossTerm):
         vocab_align: str = "error",
     ):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-            raise ValueError(
-                f"chunk_size must be a positive number of tokens or null, got {chunk_size}"
-            )
-        if vocab_align not in ("error", "truncate"):
-            raise ValueError(f"vocab_align must be error or truncate, got {vocab_align!r}")
+        check_divergence(kind, temperature, beta, alpha, chunk_size)
+        require(
+            vocab_align in ("error", "truncate"), "vocab_align", "error or truncate", vocab_align
+        )
         self.kwargs = {
             "kind": kind,
             "temperature": temperature,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillery.config import require
 from distillery.core.objective import IGNORE, LossTerm, Outputs
 
 
@@ -36,7 +37,9 @@ def uld_per_row(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> T
 
 
 class ULD(LossTerm):
-    """See the module docstring; ``temperature`` softens both distributions."""
+    """See the module docstring; ``temperature`` softens both distributions.
+
+    Valid: ``temperature > 0``."""
 
     needs_teacher = True
     per = "token"
@@ -44,8 +47,7 @@ class ULD(LossTerm):
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        require(temperature > 0, "temperature", "> 0", temperature)
         self.temperature = temperature
 
     def forward(self, out: Outputs) -> Tensor:

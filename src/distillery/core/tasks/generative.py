@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distillery.config import ArgumentError
 from distillery.core.generation import (
     answers_of,
     generator_for,
@@ -68,6 +69,11 @@ class Answers:
 
 
 class GenerativeLMTask(CausalLMTask):
+    """The prompt/answer adapter (module docstring). Valid, checked when built (before any
+    model loads): ``0 <= on_policy <= 1``; ``temperature >= 0`` (0: greedy);
+    ``max_new_tokens >= 1``; ``preference_samples`` 0 or >= 2, and then ``on_policy`` 0;
+    ``preference_ranker`` null or a callable."""
+
     name = "generative_lm"
     output_kind = "prompt_answer"
     report_keys = ("exact_match", "teacher_nll", "nll", "answer_agreement", "quality_retained")
@@ -85,29 +91,35 @@ class GenerativeLMTask(CausalLMTask):
         preference_ranker: Callable[[list[str], list[str]], list[float]] | None = None,
     ):
         super().__init__(fused)
+        # ArgumentErrors, the key in the message: built from `task`, or directly in Python
         if preference_samples == 1 or preference_samples < 0:
-            raise ValueError(
-                f"task.preference_samples: a pair needs k >= 2 samples per prompt (0: off), "
-                f"got {preference_samples}"
+            raise ArgumentError("preference_samples", f"task.preference_samples: a pair needs "
+                                f"k >= 2 samples per prompt (0: off), got {preference_samples}")  # fmt: skip
+        if not 0.0 <= on_policy <= 1.0:
+            raise ArgumentError(
+                "on_policy", f"task.on_policy (lambda) must be in [0, 1], got {on_policy}"
             )
         if preference_samples and on_policy:
-            raise ValueError("task.preference_samples and task.on_policy: choose one")
-        if not 0.0 <= on_policy <= 1.0:
-            raise ValueError(f"task.on_policy (lambda) must be in [0, 1], got {on_policy}")
-        if temperature < 0:
-            raise ValueError(f"task.temperature must be >= 0 (0: greedy), got {temperature}")
-        if max_new_tokens < 1:
-            raise ValueError(f"task.max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ArgumentError(
+                "on_policy", "task.on_policy: set 0 with task.preference_samples (choose one)"
+            )
+        if not temperature >= 0:
+            raise ArgumentError(
+                "temperature", f"task.temperature must be >= 0 (0: greedy), got {temperature}"
+            )
+        if not max_new_tokens >= 1:
+            raise ArgumentError(
+                "max_new_tokens", f"task.max_new_tokens must be >= 1, got {max_new_tokens}"
+            )
+        if preference_ranker is not None and not callable(preference_ranker):
+            raise ArgumentError("preference_ranker", "task.preference_ranker: expected a "
+                                "callable (a _target_ with _partial_: true)")  # fmt: skip
         self.on_policy, self.temperature, self.max_new_tokens = (
             on_policy,
             temperature,
             max_new_tokens,
         )
         self.preference_samples, self.preference_ranker = preference_samples, preference_ranker
-        if preference_ranker is not None and not callable(preference_ranker):
-            raise ValueError(
-                "task.preference_ranker: expected a callable (a _target_ with _partial_: true)"
-            )
         self.eos_id = self.pad_id = None
         self.tokenizer = self.teacher_tokenizer = None
         self.offline_pairs = False

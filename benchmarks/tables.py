@@ -1,0 +1,322 @@
+"""The README's result tables, rendered from the results files.
+
+Each table sits in README.md between ``<!-- table:<name> -->`` and ``<!-- /table:<name>
+-->`` and is rendered from its results file in ``benchmarks/results/`` by the script's own
+table function, under a stamp line saying where and when it was measured
+(``provenance.stamp``: commit, dirty flag, date, load, cores; **MIXED COMMITS** when its
+runs ran at several commits). A results file written before provenance was recorded is
+stamped "measured before provenance was recorded (commit unknown)", with the commit in
+which its numbers were committed, recovered from git history into
+``benchmarks/results/legacy_provenance.json`` (``--recover``; a file changed since is
+refused until recovered again, or better, re-measured).
+
+    python benchmarks/tables.py            # rewrite the README tables
+    python benchmarks/tables.py --check    # exit 1, listing every table that differs
+    python benchmarks/tables.py --recover  # rewrite legacy_provenance.json from git history
+
+``tests/test_results_tables.py`` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
+
+ROOT = provenance.ROOT
+RESULTS = provenance.RESULTS
+README = ROOT / "README.md"
+LEGACY = RESULTS / "legacy_provenance.json"
+MARKER = re.compile(
+    r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.DOTALL
+)
+LEGACY_STAMP = "measured before provenance was recorded (commit unknown)"
+
+# results file stem -> the command that writes it
+SCRIPTS = {
+    "arith": "python benchmarks/arith.py",
+    "inherited": "python benchmarks/inherited.py",
+    "controls": "python benchmarks/controls.py",
+    "mnist1d_recipes_seeds": "python benchmarks/mnist1d_recipes_seeds.py",
+    "overhead": "python benchmarks/overhead.py",
+    "compile_speedup": "python benchmarks/compile_speedup.py",
+    "teacher_cache_classifier": "python benchmarks/teacher_cache.py --parts classifier",
+    "teacher_cache_lm": "python benchmarks/teacher_cache.py --parts lm",
+    "token_kd_memory": "python benchmarks/token_kd_memory.py",
+    "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
+}
+
+
+# ------------------------------------------------------------ records of legacy files
+
+
+def legacy_records(stem: str, data) -> dict[str, object]:
+    """A legacy results json's records by key (``name/seed`` or ``seed``), to find the
+    commit in which each was committed as it is now."""
+    if stem == "controls":
+        return {f"{name}/seed{r['seed']}": r for name, runs in data.items() for r in runs}
+    if stem == "arith":
+        return {f"seed{r['seed']}": r for r in data}
+    if stem == "inherited":
+        return {f"seed{s}": rows for s, rows in data.items()}
+    return {"file": data}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+def recover(path: Path) -> dict:
+    """For a legacy results file: its sha256, the last commit that changed it, and for
+    each record the oldest commit from which it is unchanged (newest first through the
+    file's history). Needs the git history (not a shallow clone)."""
+    rel = str(path.relative_to(ROOT))
+    log = [
+        line.split()
+        for line in _git("log", "--format=%h %ad", "--date=short", "--", rel).splitlines()
+    ]
+    current = _parse(path.name, path.read_text())
+    records = legacy_records(path.stem, current) if path.suffix == ".json" else {"file": current}
+    found: dict[str, list[str]] = {}
+    versions = {h: _parse(path.name, _git("show", f"{h}:{rel}")) for h, _ in log}
+    for key, record in records.items():
+        for h, date in log:
+            old = versions[h]
+            old_records = (
+                legacy_records(path.stem, old) if path.suffix == ".json" else {"file": old}
+            )
+            if old_records.get(key) != record:
+                break
+            found[key] = [h, date]
+        found.setdefault(key, ["uncommitted", "-"])  # differs from the last committed version
+    return {"sha256": _sha256(path), "file_committed": log[0] if log else None, "records": found}
+
+
+def _parse(name: str, text: str):
+    return json.loads(text) if name.endswith(".json") else text
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def legacy_files() -> list[Path]:
+    """Results files without provenance: jsons without it, mds without a json."""
+    files = []
+    for path in sorted(RESULTS.glob("*.json")):
+        if path == LEGACY:
+            continue
+        if provenance.load(path)[1] is None:
+            files.append(path)
+    for path in sorted(RESULTS.glob("*.md")):
+        if path.name != "README.md" and not path.with_suffix(".json").is_file():
+            files.append(path)
+    return files
+
+
+def recover_all() -> dict:
+    return {
+        "note": "Recovered from git history by `python benchmarks/tables.py --recover` for results "
+        "files written before provenance was recorded: the commit in which each record was "
+        "committed as it is now (newest first through the file's history). That is when the "
+        "numbers entered the repository, not the code they were measured with (unknown).",
+        "files": {p.name: recover(p) for p in legacy_files()},
+    }
+
+
+def legacy_stamp(path: Path) -> str:
+    """The stamp of a legacy results file: commit unknown, and when its records were
+    committed (from :data:`LEGACY`)."""
+    rel = path.relative_to(ROOT)
+    known = json.loads(LEGACY.read_text())["files"] if LEGACY.is_file() else {}
+    entry = known.get(path.name)
+    if entry is None or entry["sha256"] != _sha256(path):
+        raise SystemExit(f"{rel} has no provenance and {LEGACY.relative_to(ROOT)} does not "
+                         f"describe it as it is: re-measure it, or run "
+                         f"`python benchmarks/tables.py --recover`")  # fmt: skip
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, (h, date) in entry["records"].items():
+        groups.setdefault((h, date), []).append(key)
+    if len(groups) <= 1:
+        h, date = next(iter(groups)) if groups else entry["file_committed"]
+        return f"{LEGACY_STAMP}; its numbers were committed in {h} on {date}"
+    parts = [
+        f"{h} on {date} ({_keys(keys)})"
+        for (h, date), keys in sorted(groups.items(), key=lambda g: g[0][1])
+    ]
+    return f"{LEGACY_STAMP}; its records were committed at different commits: " + "; ".join(parts)
+
+
+def _keys(keys: list[str]) -> str:
+    """``a (seeds 0, 1, 2), b (seed 0)`` from ``a/seed0``-style keys."""
+    by: dict[str, list[str]] = {}
+    for key in keys:
+        name, _, seed = key.rpartition("/")
+        by.setdefault(name, []).append(seed.removeprefix("seed"))
+    return ", ".join(
+        (f"{name} " if name else "") + f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}"
+        for name, s in by.items()
+    )
+
+
+def stamp_of(stem: str) -> str:
+    """The stamp line of ``benchmarks/results/<stem>``: from its provenance, or legacy."""
+    path = RESULTS / f"{stem}.json"
+    if path.is_file():
+        prov = provenance.load(path)[1]
+        if prov is not None:
+            return provenance.stamp(prov)
+        return legacy_stamp(path)
+    return legacy_stamp(RESULTS / f"{stem}.md")
+
+
+def header(stem: str) -> str:
+    path = RESULTS / f"{stem}.json"
+    shown = path if path.is_file() else RESULTS / f"{stem}.md"
+    return f"_`{shown.relative_to(ROOT)}` (`{SCRIPTS[stem]}`): {stamp_of(stem)}._\n\n"
+
+
+# ------------------------------------------------------------------------- tables
+
+
+def render_arith() -> str:
+    import arith
+
+    results, _ = provenance.load(RESULTS / "arith.json")
+    return (
+        header("arith")
+        + arith.recipe_note(results)
+        + arith.table(results, arith.methods_in(results))
+    )
+
+
+def render_inherited() -> str:
+    import inherited
+
+    results, _ = provenance.load(RESULTS / "inherited.json")
+    return header("inherited") + inherited.table(results, inherited.methods_in(results))
+
+
+def render_controls() -> str:
+    import controls
+
+    results, _ = provenance.load(RESULTS / "controls.json")
+    return header("controls") + controls.table(results)
+
+
+def render_mnist1d_recipes() -> str:
+    import mnist1d_recipes_seeds as recipes
+
+    path = RESULTS / "mnist1d_recipes_seeds.json"
+    if path.is_file():
+        return header("mnist1d_recipes_seeds") + recipes.table(provenance.load(path)[0])
+    text = (RESULTS / "mnist1d_recipes_seeds.md").read_text()
+    return (
+        header("mnist1d_recipes_seeds")
+        + "Written by an older version of the script, as it wrote it: `student` is function "
+        "matching (`mnist1d_fm`), `baseline` the scratch MLP (`mnist1d_baseline`; the script "
+        "now calls it the control), `kd_transfer` KD + the transfer set (`mnist1d_kd`), "
+        "`kd_labeled` KD on the labeled set only. No per-seed numbers were kept, so there is "
+        "no paired interval; at 3 seeds no comparison is decided "
+        "(see `benchmarks/stats.py`).\n\n" + text
+    )
+
+
+def render_index() -> str:
+    """Every results file with the script that writes it and its stamp."""
+    stems = sorted({p.stem for p in RESULTS.glob("*.json") if p != LEGACY}
+                   | {p.stem for p in RESULTS.glob("*.md") if p.stem != "README"})  # fmt: skip
+    lines = ["| results file | written by | provenance |", "|---|---|---|"]
+    for stem in stems:
+        shown = RESULTS / f"{stem}.json"
+        shown = shown if shown.is_file() else RESULTS / f"{stem}.md"
+        script = SCRIPTS.get(stem) or SCRIPTS.get(stem.split("_cpu")[0], "")
+        lines.append(f"| `{shown.relative_to(ROOT)}` | `{script}` | {stamp_of(stem)} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "mnist1d-recipes": render_mnist1d_recipes,
+    "controls": render_controls,
+    "arith": render_arith,
+    "inherited": render_inherited,
+    "results-index": render_index,
+}
+
+
+def render(readme: str) -> tuple[str, list[str]]:
+    """``readme`` with every table re-rendered, and the problems found: a marker naming
+    no known table, a known table without its markers."""
+    problems = []
+    seen = set()
+
+    def replace(m: re.Match) -> str:
+        name = m["name"]
+        seen.add(name)
+        if name not in TABLES:
+            problems.append(
+                f"README marker table:{name} names no table (known: {', '.join(TABLES)})"
+            )
+            return m[0]
+        return f"<!-- table:{name} -->\n{TABLES[name]()}<!-- /table:{name} -->"
+
+    text = MARKER.sub(replace, readme)
+    problems += [f"README has no <!-- table:{name} --> ... <!-- /table:{name} --> block"
+                 for name in TABLES if name not in seen]  # fmt: skip
+    return text, problems
+
+
+def check(readme: str) -> list[str]:
+    """Every difference between ``readme``'s tables and what the results files render."""
+    text, problems = render(readme)
+    now = {m["name"]: m["body"] for m in MARKER.finditer(readme)}
+    want = {m["name"]: m["body"] for m in MARKER.finditer(text)}
+    for name, body in want.items():
+        if now.get(name) != body:
+            diff = difflib.unified_diff(now.get(name, "").splitlines(), body.splitlines(),
+                                        "README.md", f"rendered from benchmarks/results ({name})",
+                                        lineterm="")  # fmt: skip
+            problems.append(f"table:{name} differs from its results file:\n" + "\n".join(diff))
+    return problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 on differences"
+    )
+    parser.add_argument("--recover", action="store_true",
+                        help="rewrite legacy_provenance.json from git history")  # fmt: skip
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args()
+    if args.recover:
+        LEGACY.write_text(json.dumps(recover_all(), indent=2) + "\n")
+        print(f"wrote {LEGACY.relative_to(ROOT)}")
+    readme = args.readme.read_text()
+    if args.check:
+        problems = check(readme)
+        for p in problems:
+            print(p, end="\n\n")
+        sys.exit(1 if problems else 0)
+    text, problems = render(readme)
+    if problems:
+        raise SystemExit("\n".join(problems))
+    if text != readme:
+        args.readme.write_text(text)
+        print(f"rewrote the tables of {args.readme}")
+    else:
+        print("README tables are up to date")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Published evidence holds together: README tables equal what their results files render,
+comparisons carry their intervals, budgets do not drift, a table is not extended with
+runs of another recipe (benchmarks/provenance.py, stats.py, tables.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import arith  # noqa: E402
+import provenance  # noqa: E402
+import stats  # noqa: E402
+import tables  # noqa: E402
+
+EXPERIMENTS = ROOT / "conf" / "experiment"
+
+
+# --------------------------------------------------------------------- README tables
+
+
+def test_readme_tables_equal_their_results_files():
+    problems = tables.check(tables.README.read_text())
+    assert not problems, "run `python benchmarks/tables.py`:\n" + "\n\n".join(problems)
+
+
+def test_an_edited_readme_cell_is_caught():
+    readme = tables.README.read_text()
+    block = tables.MARKER.search(readme[readme.index("<!-- table:arith -->") :])["body"]
+    cell = "| `arith_sft` | 0, 1, 2 | 0.544 ± 0.074 |"
+    assert cell in block
+    edited = readme.replace(cell, "| `arith_sft` | 0, 1, 2 | 0.644 ± 0.074 |")
+    problems = tables.check(edited)
+    assert len(problems) == 1 and problems[0].startswith("table:arith differs")
+    assert "-| `arith_sft` | 0, 1, 2 | 0.644" in problems[0]
+
+
+def test_every_table_needs_its_markers():
+    readme = tables.README.read_text()
+    start = readme.index("<!-- table:controls -->")
+    end = readme.index("<!-- /table:controls -->") + len("<!-- /table:controls -->")
+    problems = tables.check(readme[:start] + readme[end:])
+    assert any("no <!-- table:controls -->" in p for p in problems)
+    unknown = readme + "\n<!-- table:nonsense -->\n<!-- /table:nonsense -->\n"
+    assert any("names no table" in p for p in tables.check(unknown))
+
+
+def test_legacy_files_are_stamped_commit_unknown():
+    block = tables.render_controls()
+    assert block.startswith("_`benchmarks/results/controls.json`")
+    assert tables.LEGACY_STAMP in block.splitlines()[0]
+    assert "different commits" in block.splitlines()[0]  # its rows entered at several
+
+
+def test_a_changed_legacy_file_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "arith.json").write_text(json.dumps([{"seed": 0, "models": {}}]))
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "LEGACY", tmp_path / "legacy_provenance.json")
+    (tmp_path / "legacy_provenance.json").write_text(json.dumps(
+        {"files": {"arith.json": {"sha256": "0" * 64, "records": {}}}}))  # fmt: skip
+    with pytest.raises(SystemExit, match="does not describe it as it is"):
+        tables.stamp_of("arith")
+
+
+# ------------------------------------------------------------------------ provenance
+
+
+def test_results_written_with_provenance_round_trip(tmp_path):
+    session = provenance.Session("benchmarks/demo.py", [tmp_path / "demo.json"])
+    with session.run("one", seed=0, command=["python", "-m", "x", "a=1"]) as run:
+        pass
+    prov = session.finish([run.record])
+    md = provenance.write("demo", {"seed": 0, "value": 1.5}, "| a |\n|---|\n| 1 |", prov, tmp_path)
+    results, loaded = provenance.load(tmp_path / "demo.json")
+    assert results == {"seed": 0, "value": 1.5}
+    assert loaded["runs"][0]["command"] == "python -m x a=1"
+    assert set(loaded["machine"]) >= {"cpu_count", "platform", "python", "torch", "lightning"}
+    assert loaded["session"]["load"][1] is not None or loaded["session"]["load"][0] is None
+    first = md.splitlines()[0]
+    assert (
+        first.startswith("measured at commit ") and f"{prov['machine']['cpu_count']} cores" in first
+    )
+    assert provenance.load(ROOT / "benchmarks" / "results" / "arith.json")[1] is None  # legacy
+
+
+def test_the_dirty_flag_leaves_the_results_files_out():
+    state = provenance.git_state()
+    if state["commit"] is None or not state["dirty_paths"]:
+        pytest.skip("not a git checkout, or a clean one")
+    written = state["dirty_paths"][0]  # as if it were the results file being written
+    ignored = provenance.git_state(ignore=[ROOT / written])
+    assert written not in ignored["dirty_paths"] and ignored["commit"] == state["commit"]
+    if len(state["dirty_paths"]) == 1:
+        assert ignored["dirty"] is False
+
+
+def test_a_table_mixing_commits_is_stamped_loudly():
+    runs = [{"label": "sft", "seed": 0, "commit": "a" * 40, "dirty": False,
+             "started": "2026-12-01T00:00:00+00:00", "ended": "2026-12-01T00:10:00+00:00",
+             "load": [0.5, 1.0]},
+            {"label": "sft", "seed": 1, "commit": "b" * 40, "dirty": True,
+             "started": "2026-12-02T00:00:00+00:00", "ended": "2026-12-02T00:10:00+00:00",
+             "load": [2.0, 3.0]}]  # fmt: skip
+    mixed = provenance.stamp({"runs": runs, "machine": {"cpu_count": 2}})
+    assert mixed.startswith("**MIXED COMMITS") and "aaaaaaa (seed 0: sft)" in mixed
+    assert "bbbbbbb (dirty) (seed 1: sft)" in mixed
+    one = provenance.stamp({"runs": [runs[0], dict(runs[1], commit="a" * 40)],
+                            "machine": {"cpu_count": 2}})  # fmt: skip
+    assert one == ("measured at commit aaaaaaa (dirty) on 2026-12-01 to 2026-12-02, "
+                   "load 0.5→3.0 (range 0.5-3.0 over 2 runs), 2 cores")  # fmt: skip
+    unknown = provenance.stamp({"runs": [runs[0], dict(runs[1], commit=None)]})
+    assert "MIXED COMMITS" in unknown and "unknown" in unknown
+
+
+# -------------------------------------------------------------------------- stats
+
+
+def test_paired_t_interval_by_hand():
+    # d = (0.2, 0.05, 0.25): mean 1/6, sd sqrt(0.0325 / 3) = 0.104083, t(2) = 4.303
+    a, b = [0.9, 0.8, 0.85], [0.7, 0.75, 0.6]
+    mean, low, high = stats.t_interval(stats.paired(a, b))
+    half = 4.303 * math.sqrt(0.0325 / 3) / math.sqrt(3)
+    assert mean == pytest.approx(1 / 6)
+    assert (low, high) == pytest.approx((1 / 6 - half, 1 / 6 + half))
+    assert (round(low, 4), round(high, 4)) == (-0.0919, 0.4252)
+    assert (
+        stats.verdict(stats.paired(a, b), a="A", b="B") == "no difference detected at n = 3 seeds"
+    )
+
+
+def test_t_quantiles_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df, q in stats.T975.items():
+        assert q == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=6e-4)
+    assert stats.t975(35) == stats.T975[30]  # between tabulated values: the wider one
+    assert stats.t975(1000) == stats.Z975
+
+
+def test_a_comparison_is_decided_only_with_five_seeds_and_an_interval_excluding_zero():
+    assert stats.verdict([0.10, 0.12, 0.11], a="A", b="B").startswith("not decided: n = 3 < 5")
+    assert stats.verdict([0.10, 0.12, 0.11, 0.13, 0.09], a="A", b="B") == (
+        "A better (n = 5, 95 % interval excludes 0)")  # fmt: skip
+    assert stats.verdict([-0.10, -0.12, -0.11, -0.13, -0.09], a="A", b="B").startswith("B better")
+    lower = stats.verdict([-5.0, -6.0, -4.0, -5.5, -4.5], higher=False, a="A", b="B")
+    assert lower.startswith("A better")  # perplexity: lower is better
+    assert stats.verdict([0.3, -0.2, 0.1, -0.1, 0.05]) == "no difference detected at n = 5 seeds"
+    assert stats.share_reaching([0.95, 0.5, 0.9, 0.89], 0.9) == (2, 4)
+
+
+def test_bootstrap_interval_is_deterministic_and_holds_the_mean():
+    diffs = [0.1, 0.3, -0.05, 0.2, 0.15, 0.25]
+    mean, low, high = stats.bootstrap_interval(diffs)
+    assert low <= mean <= high and (mean, low, high) == stats.bootstrap_interval(diffs)
+    assert high - low < stats.t_interval(diffs)[2] - stats.t_interval(diffs)[1]
+
+
+def test_comparison_rows_carry_their_interval():
+    results, _ = provenance.load(ROOT / "benchmarks" / "results" / "arith.json")
+    text = arith.table(results, arith.methods_in(results))
+    row = next(line for line in text.splitlines() if line.startswith("| `arith_gkd` - `arith_kd`"))
+    diffs = stats.paired(*arith.paired_values(results, "gkd", "kd")[1:])
+    mean, low, high = stats.t_interval(diffs)
+    assert f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" in row
+    assert row.endswith("| no difference detected at n = 3 seeds |")
+
+
+# ------------------------------------------------------------------------- budgets
+
+
+def experiment_defaults(name: str) -> list:
+    return yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text()).get("defaults") or []
+
+
+def parents(name: str) -> list[str]:
+    """The experiments ``name``'s defaults list starts from (plain entries, or an
+    ``/experiment`` group entry)."""
+    found = []
+    for entry in experiment_defaults(name):
+        if isinstance(entry, str) and entry != "_self_" and not entry.startswith("override"):
+            found.append(entry.lstrip("/").removeprefix("experiment/"))
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.lstrip("/") == "experiment":
+                    found.append(str(value))
+    return found
+
+
+TEACHERS = sorted(p.stem for p in EXPERIMENTS.glob("*_teacher.yaml"))
+STUDENTS = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml") if p.stem not in TEACHERS)
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_no_student_experiment_starts_from_a_teacher_experiment(name):
+    seen, todo = set(), [name]
+    while todo:  # the whole chain: a student may start from another student
+        current = todo.pop()
+        for parent in parents(current):
+            assert parent not in TEACHERS, (
+                f"{current}.yaml (reached from {name}) starts from the teacher experiment "
+                f"{parent}: a student states its own schedule"
+            )
+            if parent not in seen and (EXPERIMENTS / f"{parent}.yaml").is_file():
+                seen.add(parent)
+                todo.append(parent)
+
+
+def test_teacher_experiments_are_found():
+    assert {"arith_teacher", "mnist1d_teacher", "text_lm_teacher"} <= set(TEACHERS)
+    assert parents("arith_kd") == ["arith_sft"] and parents("arith_sft") == []
+
+
+def test_arith_students_state_their_budget_and_share_the_baselines():
+    steps = {}
+    for name in ("arith_sft", "arith_kd", "arith_seqkd", "arith_gkd", "arith_uld", "arith_dpo"):
+        own = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
+        assert "max_steps" in (own.get("trainer") or {}), f"{name}.yaml states no trainer.max_steps"
+        steps[name] = own["trainer"]["max_steps"]
+    assert {steps[n] for n in steps if n != "arith_dpo"} == {steps["arith_sft"]}  # equal budgets
+
+
+# ------------------------------------------------------------- reproducing a table
+
+
+def fabricated(tmp_path: Path, config: dict, seed: int = 0) -> Path:
+    """A results file whose `sft` run of ``seed`` was measured with ``config``."""
+    record = {"label": "sft", "seed": seed, "commit": "c" * 40, "config": config}
+    path = tmp_path / "arith.json"
+    path.write_text(json.dumps({"provenance": {"runs": [record]},
+                                "results": [{"seed": seed, "models": {}, "runs": [record]}]}))  # fmt: skip
+    return path
+
+
+def test_a_table_measured_at_other_budgets_is_not_extended(tmp_path):
+    out = tmp_path / "bench"
+    planned = arith.planned_configs([0], out, ["sft"], "shipped")
+    assert planned[("sft", 0)]["trainer"]["max_steps"] == 3000
+    as_published = arith.planned_configs([0], out, ["sft"], "published")[("sft", 0)]
+    path = fabricated(tmp_path, as_published)
+    with pytest.raises(SystemExit) as refused:
+        arith.check_table(path, {("sft", 0): planned[("sft", 0)]}, new_table=False)
+    message = str(refused.value)
+    assert "trainer.max_steps: recorded 6000, now 3000" in message
+    assert "scheduler.total_steps: recorded 6000, now 3000" in message
+    assert "--new-table" in message
+    arith.check_table(path, {("sft", 0): planned[("sft", 0)]}, new_table=True)  # a new table
+
+
+def test_the_same_recipe_extends_a_table_with_new_seeds(tmp_path):
+    out = tmp_path / "bench"
+    recorded = arith.planned_configs([0], out, ["sft"], "shipped")[("sft", 0)]
+    path = fabricated(tmp_path, recorded)
+    arith.check_table(path, arith.planned_configs([0], out, ["sft"], "shipped"), False)
+    arith.check_table(path, arith.planned_configs([3], out, ["sft"], "shipped"), False)  # seed 3
+    changed = arith.planned_configs([3], out, ["sft"], "shipped")
+    changed[("sft", 3)]["optimizer"]["lr"] = 0.001
+    with pytest.raises(SystemExit, match="optimizer.lr: recorded 0.003, now 0.001"):
+        arith.check_table(path, changed, False)
+
+
+def test_the_published_tables_cannot_be_extended():
+    path = ROOT / "benchmarks" / "results" / "arith.json"
+    planned = {("sft", 0): {"trainer": {"max_steps": 3000}}}
+    with pytest.raises(SystemExit, match="records no resolved configs"):
+        arith.check_table(path, planned, new_table=False)
+
+
+def test_a_new_seed_of_a_control_row_compares_its_recipe_modulo_the_seed(tmp_path):
+    import controls
+
+    seed0 = controls.stage_configs("digits_kd", 0, tmp_path)
+    seed3 = controls.stage_configs("digits_kd", 3, tmp_path)
+    assert seed3["distilled"]["seed"] == 3 and "seed3" in seed3["distilled"]["teacher"]["ckpt_path"]
+    recorded = {("digits_kd", 0): seed0["distilled"]}
+    assert (
+        provenance.recipe_differences(recorded, {("digits_kd", 3): seed3["distilled"]}, "t") == []
+    )
+    seed3["distilled"]["trainer"]["max_epochs"] = 7
+    (problem,) = provenance.recipe_differences(
+        recorded, {("digits_kd", 3): seed3["distilled"]}, "t"
+    )
+    assert problem.endswith("trainer.max_epochs: recorded 150, now 7")
