@@ -61,17 +61,17 @@ def load_average() -> float | None:
         return None
 
 
-def git_state(ignore: Iterable[str | Path] = ()) -> dict[str, Any]:
+def git_state(ignore: Iterable[str | Path] = (), root: Path = ROOT) -> dict[str, Any]:
     """``{"commit": HEAD or None, "dirty": bool or None, "dirty_paths": [...]}``: the
     working tree's uncommitted changes, ``ignore`` (the results files being written) and
     everything under ``benchmarks/results/`` (results, not code: a benchmark resumed
     after writing its table is not dirty for it) left out. ``commit`` is None outside a
-    git checkout (e.g. a copied tree)."""
-    skip = {_relative(p) for p in ignore}
+    git checkout (e.g. a copied tree). ``root``: the checkout (this project's)."""
+    skip = {_relative(p, root) for p in ignore}
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "dirty_paths": []}
@@ -83,10 +83,10 @@ def git_state(ignore: Iterable[str | Path] = ()) -> dict[str, Any]:
     return {"commit": head, "dirty": bool(paths), "dirty_paths": paths[:50]}
 
 
-def _relative(path: str | Path) -> str:
+def _relative(path: str | Path, root: Path = ROOT) -> str:
     path = Path(path)
     try:
-        return str(path.resolve().relative_to(ROOT))
+        return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
 

@@ -91,15 +91,32 @@ def test_results_written_with_provenance_round_trip(tmp_path):
     assert provenance.load(ROOT / "benchmarks" / "results" / "arith.json")[1] is None  # legacy
 
 
-def test_the_dirty_flag_leaves_the_results_files_out():
-    state = provenance.git_state()
-    if state["commit"] is None or not state["dirty_paths"]:
-        pytest.skip("not a git checkout, or a clean one")
-    written = state["dirty_paths"][0]  # as if it were the results file being written
-    ignored = provenance.git_state(ignore=[ROOT / written])
-    assert written not in ignored["dirty_paths"] and ignored["commit"] == state["commit"]
-    if len(state["dirty_paths"]) == 1:
-        assert ignored["dirty"] is False
+def test_the_dirty_flag_leaves_the_results_files_out(tmp_path):
+    """In a scratch checkout: a changed source file makes the tree dirty, the results file
+    being written and anything under benchmarks/results/ do not."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("code.py", "out.json", "benchmarks/results/table.json"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    clean = provenance.git_state(root=tmp_path)
+    assert clean["commit"] and clean["dirty"] is False and clean["dirty_paths"] == []
+    for name in ("out.json", "benchmarks/results/table.json"):
+        (tmp_path / name).write_text("b\n")
+    written = provenance.git_state(ignore=[tmp_path / "out.json"], root=tmp_path)
+    assert written == clean  # results only: not dirty
+    assert provenance.git_state(root=tmp_path)["dirty_paths"] == ["out.json"]
+    (tmp_path / "code.py").write_text("b\n")
+    dirty = provenance.git_state(ignore=[tmp_path / "out.json"], root=tmp_path)
+    assert dirty["dirty"] is True and dirty["dirty_paths"] == ["code.py"]
+    assert provenance.git_state(root=Path("/"))["commit"] is None  # not a checkout
 
 
 def test_a_table_mixing_commits_is_stamped_loudly():
