@@ -23,7 +23,7 @@ come out at today's code.
 
 Writes ``benchmarks/results/arith.md`` and ``arith.json``:
 
-    python benchmarks/arith.py [--seeds 0 1 2 3 4] [--methods sft kd seqkd gkd dpo uld]
+    python benchmarks/arith.py [--seeds 0 1 2 3 4] [--methods sft kd seqkd gkd dpo uld kd_sft gkd_sft gkd_sft_rkl]
         [--recipe shipped|published] [--override data.labeled=300 ...] [--new-table]
         [--results-dir DIR] [--report] [--train-only]
 """
@@ -43,7 +43,10 @@ import provenance  # noqa: E402
 import stats  # noqa: E402
 
 ROOT = provenance.ROOT
-METHODS = ("sft", "kd", "seqkd", "gkd", "dpo", "uld")
+METHODS = ("sft", "kd", "seqkd", "gkd", "dpo", "uld", "kd_sft", "gkd_sft", "gkd_sft_rkl")
+# fine-tunes of this seed's arith_sft student (student_init): DPO, and on-policy (GKD,
+# JSD and reverse KL) against off-policy token KD on equal prompts and steps
+FROM_SFT = ("dpo", "kd_sft", "gkd_sft", "gkd_sft_rkl")
 CROSS = ("uld",)  # students of another tokenizer: a report card of their own (same test problems)
 COLUMNS = (("exact_match", ".3f"), ("teacher_nll", ".3f"), ("params", ",.0f"),
            ("tokens_per_second", ",.0f"))  # fmt: skip
@@ -57,7 +60,7 @@ THRESHOLD = 0.9  # exact match a seed must reach to count as having learned the 
 PUBLISHED = {"teacher": ("student.config.n_head=4", "trainer.max_steps=6000"),
              "student": ("trainer.max_steps=6000",)}  # fmt: skip
 RECIPES = {"shipped": {"teacher": (), "student": ()}, "published": PUBLISHED}
-OWN_BUDGET = ("dpo",)  # students whose file states a budget of their own
+OWN_BUDGET = FROM_SFT  # students whose file states a budget of their own
 
 
 def seed_commands(seed: int, out: Path, methods: list[str], recipe: str = "shipped",
@@ -81,9 +84,9 @@ def seed_commands(seed: int, out: Path, methods: list[str], recipe: str = "shipp
         extra = {"sft": [], "seqkd": [f"data.responses={answers}"]}.get(
             m, [f"teacher.ckpt_path={teacher}"]
         )
-        if m == "dpo":  # starts from (and is referenced to) this seed's arith_sft student
+        if m in FROM_SFT:  # starts from this seed's arith_sft student (DPO: its reference)
             extra.append(f"student_init.ckpt_path={d / 'arith_sft.ckpt'}")
-        if m == "uld":  # the teacher's answers, as arith_seqkd, plus the teacher itself
+        if m in ("uld", "kd_sft"):  # the teacher's answers, as arith_seqkd, + the teacher
             extra.append(f"data.responses={answers}")
         if m not in OWN_BUDGET:
             extra.extend(budget["student"])
@@ -301,8 +304,9 @@ def table(results: list[dict], methods: list[str]) -> str:
         notes = [f"- `arith_{m}` recovers {100 * (em[m] - em['sft']) / gap:.0f} % of the "
                  f"teacher-vs-`arith_sft` exact-match gap (means)" for m in methods if m != "sft" and m in em]  # fmt: skip
     pairs = [(m, "sft") for m in methods if m != "sft"]
-    if "gkd" in methods and "kd" in methods:
-        pairs.append(("gkd", "kd"))
+    for on, off in (("gkd", "kd"), ("gkd_sft", "kd_sft"), ("gkd_sft_rkl", "kd_sft")):
+        if on in methods and off in methods:  # on-policy against off-policy
+            pairs.append((on, off))
     compared = comparisons(results, pairs)
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
     if compared:
@@ -358,6 +362,7 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true",
                         help="train the methods, write no report card (e.g. methods in parallel)")  # fmt: skip
     args = parser.parse_args()
+    args.methods = [m for m in METHODS if m in args.methods]  # arith_sft before its fine-tunes
     results_json = args.results_dir / "arith.json"
     session = provenance.Session(__file__, [results_json])
     env = {

@@ -152,6 +152,50 @@ def test_off_policy_batch_is_unchanged(arith_tok):
         ArithDataModule(str(arith_tok), ops=["mul"])
 
 
+@pytest.fixture(scope="module")
+def arith_sft_run(tmp_path_factory, data_dir, arith_tok):
+    """A 2-step arith_sft student (exported) and a responses file of the training prompts'
+    answers: the start and the data of the fine-tunes of the SFT student."""
+    from distillery.train import train
+
+    out = tmp_path_factory.mktemp("arith_sft")
+    train(compose_cfg("train", ["experiment=arith_sft", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
+                                "trainer.max_steps=2", "scheduler.warmup_steps=1", f"paths.output_dir={out}",
+                                f"paths.data_dir={data_dir}", f"export_ckpt={out / 'sft.ckpt'}",
+                                "extras.print_config=false"]))  # fmt: skip
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    answers = out / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n"
+                               for p in dm.splits()["train"]))  # fmt: skip
+    return out / "sft.ckpt", answers
+
+
+@pytest.mark.parametrize("experiment", ["arith_kd_sft", "arith_gkd_sft", "arith_gkd_sft_rkl"])
+def test_fine_tunes_of_the_sft_student(
+    train_cfg, arith_tok, arith_teacher_ckpt, arith_sft_run, experiment
+):
+    """On-policy (GKD: JSD, reverse KL) and off-policy token KD from the arith_sft student:
+    each starts from its weights, on the same prompts (every training prompt), and takes
+    a step with its own divergence."""
+    from distillery.core.checkpoint import load_student
+
+    sft, answers = arith_sft_run
+    cfg = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
+                    f"teacher.ckpt_path={arith_teacher_ckpt}", f"student_init.ckpt_path={sft}",
+                    f"data.responses={answers}",  # SMALL_ARITH's labeled=100: kd_sft's own null
+                    *(["data.labeled=null"] if experiment == "arith_kd_sft" else []))  # fmt: skip
+    datamodule, module, trainer, _ = build_run(cfg)
+    start = load_student(sft)[1].state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in module.student.state_dict().items())
+    kind = {"arith_kd_sft": "fkl", "arith_gkd_sft": "jsd", "arith_gkd_sft_rkl": "rkl"}[experiment]
+    assert module.objective.terms["kd"].kwargs["kind"] == kind
+    assert module.task.on_policy == (0.0 if experiment == "arith_kd_sft" else 1.0)
+    datamodule.setup("fit")
+    assert len(datamodule.train_set) == 400  # every training prompt, on- and off-policy
+    trainer.fit(module, datamodule=datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss/kd"])
+
+
 @pytest.mark.parametrize("experiment", ["arith_teacher", "arith_sft", "arith_kd", "arith_gkd"])
 def test_arith_experiments_fast_dev_run(train_cfg, arith_tok, arith_teacher_ckpt, experiment):
     extra = (
