@@ -25,18 +25,27 @@ def test_kd_is_float32_under_bf16_autocast():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_distillation_run(train_cfg, mnist1d_teacher_ckpt):
-    cfg = train_cfg(
-        "experiment=mnist1d_kd",
-        "trainer=gpu",
-        *SMALL_MNIST1D,
-        "data.transfer_size=400",
-        f"teacher.ckpt_path={mnist1d_teacher_ckpt}",
-        "trainer.max_epochs=1",
-    )
-    metrics = train(cfg)
-    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    assert metrics["test/acc"] > 0.1
+def test_gpu_bf16_distillation_run(train_cfg, mnist1d_teacher_ckpt, tmp_path):
+    """trainer=gpu (bf16-mixed) against the same run in float32 on the CPU (same seed,
+    data and order): the first step's loss within bf16's precision (8 units of roundoff,
+    2^-8 each: autocast rounds the matmuls' inputs), and after 5 epochs an accuracy within
+    5 points of the CPU run's (which reaches 0.23 here; chance is 0.10) and above chance."""
+    import csv
+
+    common = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400", "seed=0",
+              f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "trainer.max_epochs=5",
+              "trainer.log_every_n_steps=1", "logger=csv"]  # fmt: skip
+    runs, first = {}, {}
+    for name in ("gpu", "cpu"):
+        runs[name] = train(train_cfg(*common, f"trainer={name}", out=tmp_path / name))
+        rows = next((tmp_path / name).rglob("metrics.csv")).read_text().splitlines()
+        first[name] = next(
+            float(r["train/loss"]) for r in csv.DictReader(rows) if r.get("train/loss")
+        )
+    assert torch.isfinite(torch.tensor(runs["gpu"]["train/loss"]))
+    assert first["gpu"] == pytest.approx(first["cpu"], rel=8 * 2.0**-8)
+    assert abs(runs["gpu"]["test/acc"] - runs["cpu"]["test/acc"]) <= 0.05
+    assert runs["gpu"]["test/acc"] >= 0.15
 
 
 @pytest.mark.gpu
