@@ -49,7 +49,7 @@ TEXT_EXPERIMENTS = sorted(
 
 @pytest.mark.parametrize("name", TEXT_EXPERIMENTS)
 def test_text_experiments_under_fdr(
-    name, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, generated_pairs
+    name, train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, generated_pairs, monkeypatch
 ):
     extra = {
         "text_lm_kd": [f"teacher.ckpt_path={text_teacher_ckpt}"],
@@ -66,14 +66,31 @@ def test_text_experiments_under_fdr(
             f"teacher.ckpt_path={text_teacher_ckpt}",
         ],
     }.get(name, [])
+    import distillery.train as train_module
+
+    built = []  # the run train() builds, to check its test metrics against
+    monkeypatch.setattr(
+        train_module, "build_run", lambda c: built.append(build_run(c)) or built[-1]
+    )
     metrics = train(
         train_cfg(
             f"experiment={name}", "debug=fdr", *text_overrides(tokenizer_dir, data_dir), *extra
         )
     )
-    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["test/ppl"] > 1
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and metrics["train/loss"] > 0
+    datamodule, module = built[0][:2]  # the one test batch, scored here
+    batch = next(iter(datamodule.test_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        student = module.student(batch["input_ids"]).float()
+        teacher = module.teacher(batch["input_ids"]).float() if module.teacher else None
+    valid = batch["labels"] != -100  # trained positions only (padding and prompts out)
+    nll = torch.nn.functional.cross_entropy(student[valid], batch["labels"][valid])
+    assert metrics["test/ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
     if name.startswith("text_lm_kd") or name == "text_prompt_kd":
-        assert metrics["train/loss/kd"] > 0 and 0 <= metrics["test/agreement"] <= 1
+        agree = (student[valid].argmax(-1) == teacher[valid].argmax(-1)).float().mean()
+        assert metrics["train/loss/kd"] > 0
+        assert metrics["test/agreement"] == pytest.approx(float(agree), abs=1e-6)
     if name == "text_lm_kd_hidden":
         assert metrics["train/loss/hidden"] > 0 and metrics["train/loss/attn"] > 0
     if name in ("text_lm_kd", "text_lm_kd_hidden"):  # its no-teacher control
