@@ -147,7 +147,64 @@ def finished(seed: int, out: Path) -> dict:
             if name != "student":
                 models.setdefault(name, row)  # the teacher: as measured beside the main students
     seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
-    return {"seed": seed, "models": models, "seconds": seconds, "runs": seed_runs(seed, out)}
+    return {"seed": seed, "models": models, "seconds": seconds, "runs": seed_runs(seed, out),
+            "curves": learning_curves(d)}  # fmt: skip
+
+
+CURVE_METRIC = "val/exact_match"
+
+
+def learning_curves(d: Path) -> dict[str, list[list[float]]]:
+    """Each run's validation exact match against its optimizer step, ``{label: [[step,
+    value], ...]}``, read from the run's CSV log (``<seed dir>/<label>/csv/.../metrics.csv``;
+    a resumed run's versions merged, the later value of a step kept)."""
+    import csv
+
+    curves = {}
+    for run_dir in sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []:
+        points: dict[int, float] = {}
+        for log in sorted(run_dir.glob("csv/*/metrics.csv")):
+            for row in csv.DictReader(log.read_text().splitlines()):
+                if row.get(CURVE_METRIC):
+                    points[int(row["step"])] = float(row[CURVE_METRIC])
+        if points:
+            curves[run_dir.name] = [[step, points[step]] for step in sorted(points)]
+    return curves
+
+
+def plot_curves(results: list[dict], methods: list[str], path: Path) -> Path | None:
+    """Validation exact match against steps, one panel line per method (the mean over
+    seeds, each seed thin): where learning is a phase transition, when each seed jumps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["teacher", *methods]
+    if not any(r.get("curves", {}).get(m) for r in results for m in labels):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, label in enumerate(labels):
+        runs = [r["curves"][label] for r in results if r.get("curves", {}).get(label)]
+        if not runs:
+            continue
+        color = f"C{i % 10}"
+        for run in runs:
+            ax.plot(*zip(*run, strict=True), color=color, alpha=0.3, linewidth=0.8)
+        steps = sorted(set.intersection(*({s for s, _ in run} for run in runs)))
+        if steps:
+            mean = [statistics.mean(dict(map(tuple, run))[s] for run in runs) for s in steps]
+            name = label if label == "teacher" else f"arith_{label}"
+            ax.plot(steps, mean, color=color, linewidth=2, label=f"{name} ({len(runs)} seeds)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(CURVE_METRIC)
+    ax.axhline(THRESHOLD, color="grey", linestyle=":", linewidth=1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def done(label: str, d: Path) -> bool:
@@ -390,6 +447,9 @@ def main() -> None:
     prov = session.finish(runs, seeds=args.seeds, recipe=args.recipe, out=_rel(args.out),
                           overrides=args.override)  # fmt: skip
     body = recipe_note(results) + table(results, args.methods)
+    plot = plot_curves(results, args.methods, args.results_dir / "arith_curves.png")
+    if plot is not None:
+        body += f"\nLearning curves (validation exact match against steps): `{plot.name}`\n"
     print(provenance.write("arith", results, body, prov, args.results_dir))
 
 

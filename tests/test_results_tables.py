@@ -304,3 +304,25 @@ def test_a_new_seed_of_a_control_row_compares_its_recipe_modulo_the_seed(tmp_pat
         recorded, {("digits_kd", 3): seed3["distilled"]}, "t"
     )
     assert problem.endswith("trainer.max_epochs: recorded 150, now 7")
+
+
+def test_arith_learning_curves_are_read_from_each_runs_log_and_plotted(tmp_path):
+    """finished() records each run's validation exact match against steps (a resumed run's
+    CSV versions merged, the later value kept); plot_curves draws them into a PNG."""
+    d = tmp_path / "seed0"
+
+    def log(run: str, version: int, rows: list[tuple[int, str, str]]):
+        path = d / run / "csv" / f"version_{version}" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        path.write_text("step,train/loss,val/exact_match\n"
+                        + "".join(f"{s},{loss},{em}\n" for s, loss, em in rows))  # fmt: skip
+
+    log("sft", 0, [(0, "2.0", ""), (499, "", "0.1"), (999, "", "0.5")])
+    log("sft", 1, [(999, "", "0.6"), (1499, "", "0.95")])  # resumed: step 999 again
+    log("gkd_sft", 0, [(499, "", "0.7")])
+    curves = arith.finished(0, tmp_path)["curves"]
+    assert curves == {"gkd_sft": [[499, 0.7]], "sft": [[499, 0.1], [999, 0.6], [1499, 0.95]]}
+    results = [{"seed": 0, "curves": curves}, {"seed": 1, "curves": {"sft": [[499, 0.3]]}}]
+    png = arith.plot_curves(results, ["sft", "gkd_sft"], tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert arith.plot_curves([{"seed": 0, "curves": {}}], ["sft"], tmp_path / "x.png") is None
