@@ -101,13 +101,52 @@ def seed_commands(seed: int, out: Path, methods: list[str], recipe: str = "shipp
                                         "+teacher=run_checkpoint", f"teacher.ckpt_path={teacher}",
                                         f"output_dir={d / name}", "plots=false", "evaluators={}",
                                         f"hydra.run.dir={d / name}", *report_overrides]))  # fmt: skip
+    # the outside reading: each model exported to plain transformers and scored on fresh
+    # problems by benchmarks/outside_reading.py (its own process, no Distillery import)
+    for m, ckpt in [("teacher", teacher), *ckpts.items()]:
+        cmds.append((f"export_{m}", "export", [*py, "distillery.export", f"ckpt_path={ckpt}", "format=hf",
+                                               f"output_dir={d / 'hf' / m}", f"hydra.run.dir={d / 'hf' / m}"]))  # fmt: skip
+        cmds.append((f"outside_{m}", "outside", [sys.executable, str(ROOT / "benchmarks" / "outside_reading.py"),
+                                                 str(d / "hf" / m), "--n", str(OUTSIDE_N), "--seed", str(seed),
+                                                 "--out", str(d / "outside" / f"{m}.json")]))  # fmt: skip
     return cmds
+
+
+OUTSIDE_N = 2000  # fresh problems per model in the outside reading
+
+
+def outside_readings(d: Path, models: dict) -> dict:
+    """Each model's outside reading (``<seed dir>/outside/<model>.json``) beside the report
+    card's exact match: both numbers and whether they agree within sampling error
+    (two-proportion z-test at 5 %, :func:`outside_reading.compare`)."""
+    import outside_reading
+
+    readings = {}
+    for path in sorted((d / "outside").glob("*.json")) if (d / "outside").is_dir() else []:
+        reading = json.loads(path.read_text())
+        row, n_test = models.get(path.stem), test_size(d, path.stem)
+        if row is not None and n_test:
+            k = round(row["exact_match"] * n_test)
+            reading["compare"] = outside_reading.compare(
+                reading["correct"], reading["n"], k, n_test
+            )
+        readings[path.stem] = reading
+    return readings
+
+
+def test_size(d: Path, model: str) -> int | None:
+    """``data.num_test`` of the run that trained ``model`` in seed directory ``d``."""
+    for path in (d / "runs").glob("*.json") if (d / "runs").is_dir() else []:
+        run = json.loads(path.read_text())
+        if run.get("label") == model and run.get("config"):
+            return int(run["config"]["data"]["num_test"])
+    return None
 
 
 def run_config(config_name: str, argv: list[str], seed_dir: Path) -> dict | None:
     """The resolved config of a train or generate command (paths relative to the seed's
     directory and the repository), None for a report card."""
-    if config_name == "evaluate":
+    if config_name in ("evaluate", "export", "outside"):
         return None
     args = argv[argv.index("--config-name") + 2 :] if "--config-name" in argv else argv[3:]
     return provenance.resolved_config(
@@ -148,7 +187,7 @@ def finished(seed: int, out: Path) -> dict:
                 models.setdefault(name, row)  # the teacher: as measured beside the main students
     seconds = json.loads((d / "seconds.json").read_text()) if (d / "seconds.json").is_file() else {}
     return {"seed": seed, "models": models, "seconds": seconds, "runs": seed_runs(seed, out),
-            "curves": learning_curves(d)}  # fmt: skip
+            "curves": learning_curves(d), "outside": outside_readings(d, models)}  # fmt: skip
 
 
 CURVE_METRIC = "val/exact_match"
@@ -216,6 +255,10 @@ def done(label: str, d: Path) -> bool:
         return answers.is_file() and answers.with_name(answers.name + ".done").is_file()
     if label.startswith("report"):
         return (d / label / "report.json").is_file()
+    if label.startswith("export_"):
+        return (d / "hf" / label[len("export_") :] / "hf" / "config.json").is_file()
+    if label.startswith("outside_"):
+        return (d / "outside" / f"{label[len('outside_') :]}.json").is_file()
     return (d / f"arith_{label}.ckpt").is_file()
 
 
@@ -235,7 +278,7 @@ def one_seed(
     for label, config_name, argv in seed_commands(
         seed, out, methods, recipe, overrides, report_overrides
     ):
-        if label.startswith("report") and not report:
+        if label.startswith(("report", "export_", "outside_")) and not report:
             continue
         if done(label, d):
             continue
@@ -250,6 +293,8 @@ def one_seed(
         elif label.startswith("report"):
             if not (d / label / "report.json").is_file():
                 raise SystemExit(f"no report card written: see {d / f'{label}.log'}")
+        elif label.startswith(("export_", "outside_")):
+            pass
         else:
             seconds[label] = record["seconds"]
             save_seconds(d, seconds)
@@ -365,12 +410,40 @@ def table(results: list[dict], methods: list[str]) -> str:
         if on in methods and off in methods:  # on-policy against off-policy
             pairs.append((on, off))
     compared = comparisons(results, pairs)
-    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + outside_table(results, methods)
     if compared:
         text += ("\nPaired by seed; a method is called better only with at least "
                  f"{stats.MIN_SEEDS} seeds and a 95 % interval that excludes 0:\n\n"
                  + "\n".join(compared) + "\n")  # fmt: skip
     return text
+
+
+def outside_table(results: list[dict], methods: list[str]) -> str:
+    """The outside reading beside the report card's exact match, per model: both means,
+    and the seeds whose two numbers agree within sampling error. At 5 % per comparison,
+    about 1 in 20 disagree by chance alone: the count is shown against that expectation."""
+    rows, total, disagree = [], 0, 0
+    for name in ("teacher", *methods):
+        runs = [r for r in results if r.get("outside", {}).get(name, {}).get("compare")]
+        if not runs:
+            continue
+        out = [r["outside"][name] for r in runs]
+        agree = sum(o["compare"]["agree"] for o in out)
+        total, disagree = total + len(out), disagree + len(out) - agree
+        em = [r["models"][name]["exact_match"] for r in runs]
+        fresh = [o["exact_match"] for o in out]
+        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+        rows.append(f"| {label} | {', '.join(str(r['seed']) for r in runs)} | {statistics.mean(em):.3f} | "
+                    f"{statistics.mean(fresh):.3f} (n = {out[0]['n']} each) | {agree} / {len(out)} |")  # fmt: skip
+    if not rows:
+        return ""
+    head = ("\nOutside reading (`benchmarks/outside_reading.py`: the exported `format=hf` model, "
+            "plain transformers, fresh problems):\n\n| model | seeds | exact_match (report card) | "
+            "exact_match (outside) | seeds that agree (z-test, 5 %) |\n|---|---|---|---|---|")  # fmt: skip
+    tail = (
+        f"\n\n{disagree} of {total} comparisons disagree; {0.05 * total:.1f} expected by chance.\n"
+    )
+    return head + "\n" + "\n".join(rows) + tail
 
 
 def methods_in(results: list[dict]) -> list[str]:

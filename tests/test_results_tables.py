@@ -326,3 +326,33 @@ def test_arith_learning_curves_are_read_from_each_runs_log_and_plotted(tmp_path)
     png = arith.plot_curves(results, ["sft", "gkd_sft"], tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert arith.plot_curves([{"seed": 0, "curves": {}}], ["sft"], tmp_path / "x.png") is None
+
+
+def test_arith_outside_readings_sit_beside_the_report_cards(tmp_path):
+    """Each seed's outside reading (exported model, fresh problems) is compared with the
+    report card's exact match on the run's own test size; the table counts the seeds that
+    agree and the disagreements against what 5 % would give by chance."""
+    d = tmp_path / "seed0"
+    (d / "report").mkdir(parents=True)
+    (d / "report" / "report.json").write_text(json.dumps({"models": {
+        "teacher": {"exact_match": 0.95}, "sft": {"exact_match": 0.50}}}))  # fmt: skip
+    (d / "runs").mkdir()
+    for label in ("teacher", "sft"):
+        (d / "runs" / f"{label}.json").write_text(
+            json.dumps({"label": label, "seed": 0, "config": {"data": {"num_test": 2000}}})
+        )
+    (d / "outside").mkdir()
+    for label, correct in (("teacher", 1890), ("sft", 800)):  # 0.945 agrees, 0.40 does not
+        (d / "outside" / f"{label}.json").write_text(
+            json.dumps({"n": 2000, "correct": correct, "exact_match": correct / 2000})
+        )
+    result = arith.finished(0, tmp_path)
+    assert result["outside"]["teacher"]["compare"]["agree"] is True
+    assert result["outside"]["sft"]["compare"]["agree"] is False
+    text = arith.outside_table([result], ["sft"])
+    assert "| `teacher` | 0 | 0.950 | 0.945 (n = 2000 each) | 1 / 1 |" in text
+    assert "| `arith_sft` | 0 | 0.500 | 0.400 (n = 2000 each) | 0 / 1 |" in text
+    assert "1 of 2 comparisons disagree; 0.1 expected by chance." in text
+    labels = [label for label, _, _ in arith.seed_commands(0, tmp_path, ["sft"])]
+    assert labels[-4:] == ["export_teacher", "outside_teacher", "export_sft", "outside_sft"]
+    assert arith.done("outside_sft", d) and not arith.done("export_sft", d)
