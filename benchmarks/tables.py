@@ -44,6 +44,7 @@ LEGACY_STAMP = "measured before provenance was recorded (commit unknown)"
 # results file stem -> the command that writes it
 SCRIPTS = {
     "arith": "python benchmarks/arith.py",
+    "arith_pilot": "python benchmarks/arith_pilot.py",
     "inherited": "python benchmarks/inherited.py",
     "controls": "python benchmarks/controls.py",
     "mnist1d_recipes_seeds": "python benchmarks/mnist1d_recipes_seeds.py",
