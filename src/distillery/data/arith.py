@@ -344,10 +344,10 @@ def read_response_rows(path: str) -> list[dict]:
                       hint=BLANK_RESPONSES)  # fmt: skip
 
 
-def read_responses(path: str, prompts: set[str]) -> dict[str, str]:
-    """``{prompt: response}`` from a ``distillery.generate`` jsonl (``data.responses``)."""
+def responses_for(rows: list[dict], path: str, prompts: set[str]) -> dict[str, str]:
+    """``{prompt: response}`` from the rows of a ``distillery.generate`` jsonl
+    (``data.responses`` at ``path``: :func:`read_response_rows`), one for every prompt."""
     p = Path(path).expanduser()
-    rows = read_response_rows(path)
     out = {row["prompt"]: row["response"] for row in rows}
     missing = [q for q in prompts if q not in out]
     if missing:
@@ -419,8 +419,8 @@ class ArithDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.pairs: preference pairs replace the answers; unset data.responses / data.teacher_tokenizer"
             )
-        if responses:  # read (again in setup) now: a bad file is reported before any model
-            read_response_rows(responses)
+        # read now, once: a bad file is reported before any model is built
+        self.response_rows = read_response_rows(responses) if responses else None
         for key, v in (("canaries", canaries), ("refusals", refusals),
                        ("unanswerable", unanswerable)):  # fmt: skip
             if v < 0:
@@ -541,7 +541,8 @@ class ArithDataModule(L.LightningDataModule):
         train = splits["train"]
         n_answered = self.labeled if self.labeled is not None else len(train)
         if self.responses:
-            answers = read_responses(self.responses, {p["prompt"] for p in train[:n_answered]})
+            answers = responses_for(self.response_rows, self.responses,
+                                    {p["prompt"] for p in train[:n_answered]})  # fmt: skip
             train = [p | {"answer": answers[p["prompt"]]} for p in train[:n_answered]] + train[
                 n_answered:
             ]

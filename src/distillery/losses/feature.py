@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillery.config import ArgumentError, require
+from distillery.config import require
 from distillery.core.objective import LossTerm, Outputs
 from distillery.core.projectors import build_projector
 
@@ -215,14 +215,11 @@ class HiddenStates(FeatureTerm):
     ):
         super().__init__(student, teacher, projector)
         require(kind in ("mse", "cosine"), "kind", "mse or cosine", kind)
-        if layer_map is not None and (
-            not layer_map
-            or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in layer_map)
-        ):
-            raise ArgumentError(
-                "layer_map",
-                f"layer_map must be null or a list of teacher layer indices >= 0, got {list(layer_map)}",
-            )
+        indices = layer_map is None or (
+            len(layer_map) > 0
+            and all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in layer_map)
+        )
+        require(indices, "layer_map", "null or a list of teacher layer indices >= 0", layer_map)
         self.kind, self.layer_map = kind, list(layer_map) if layer_map is not None else None
         self.projectors = nn.ModuleList()
 

@@ -135,13 +135,8 @@ def check_arguments(
     """:func:`~distillery.losses.token.check_divergence`, ``chunk_size >= 1`` (not null:
     the fused loss is always chunked), ``ce_weight >= 0`` and ``kd_weight >= 0``, not
     both 0 (:class:`~distillery.config.ArgumentError` naming the argument)."""
-    check_divergence(kind, temperature, beta, alpha)
-    require(
-        chunk_size is not None and not isinstance(chunk_size, bool) and chunk_size >= 1,
-        "chunk_size",
-        "a positive number of tokens",
-        chunk_size,
-    )
+    check_divergence(kind, temperature, beta, alpha, chunk_size)
+    require(chunk_size is not None, "chunk_size", "a positive number of tokens", chunk_size)
     require(ce_weight >= 0, "ce_weight", ">= 0", ce_weight)
     require(kd_weight >= 0, "kd_weight", ">= 0", kd_weight)
     require(ce_weight > 0 or kd_weight > 0, "kd_weight", "> 0 when ce_weight is 0", kd_weight)
