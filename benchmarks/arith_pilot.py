@@ -59,6 +59,9 @@ RATIO_CEILING = 0.8  # ... and the upper end of the ratio's 95 % interval below 
 # smallest change first), then fewer steps as well.
 CANDIDATES: dict[str, tuple[str, ...]] = {
     "shipped": (),
+    "labeled800": ("data.labeled=800",),
+    "labeled700": ("data.labeled=700",),
+    "labeled600": ("data.labeled=600",),
     "labeled500": ("data.labeled=500",),
     "labeled300": ("data.labeled=300",),
     "labeled100": ("data.labeled=100",),
