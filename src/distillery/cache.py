@@ -46,7 +46,7 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 
 def write_cache(cfg: DictConfig) -> dict:
-    from distillery.core.builder import build_task, build_teacher
+    from distillery.core.builder import build_task, build_teacher, connect_remote_teacher
     from distillery.core.cache_codec import (
         DTYPES,
         INDEX_CODINGS,
@@ -90,6 +90,7 @@ def write_cache(cfg: DictConfig) -> dict:
     datamodule = build(run.data, "data")
     teacher = build_teacher(run).to(device)
     task = build_task(run, datamodule)
+    connect_remote_teacher(teacher, task, datamodule)  # teacher=remote: cache what it serves
     if problems := unsupported(run, task):
         raise ConfigError(problems)
     datamodule.prepare_data()

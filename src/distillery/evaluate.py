@@ -28,15 +28,18 @@ from distillery.config.resolvers import CONFIG_DIR
 log = logging.getLogger(__name__)
 
 
-def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
-    """The teacher a student was distilled from, from its recorded provenance."""
-    from distillery.core.builder import build_frozen_model
+def rebuild_teacher(ckpt: dict, key: str = "ckpt_path", task=None, datamodule=None):
+    """The teacher a student was distilled from, from its recorded provenance (a remote
+    teacher connected, so that the weights hash is the one its server reports)."""
+    from distillery.core.builder import build_frozen_model, connect_remote_teacher
     from distillery.core.checkpoint import META_KEY
 
     provenance = ckpt[META_KEY].get("teacher")
     if provenance is None:
         return None
     teacher = build_frozen_model(provenance["config"], f"{key} (recorded teacher config)")
+    if datamodule is not None:
+        connect_remote_teacher(teacher, task, datamodule)
     found = teacher.provenance["sha256"]  # of the weights as loaded, before any cast
     if found != provenance["sha256"]:
         raise ValueError(
@@ -48,7 +51,7 @@ def rebuild_teacher(ckpt: dict, key: str = "ckpt_path"):
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
-    from distillery.core.builder import build_task, build_teacher
+    from distillery.core.builder import build_task, build_teacher, connect_remote_teacher
     from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
     from distillery.evaluation.report import build_report, print_table, write_report
     from distillery.export import load_any
@@ -60,7 +63,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("test")
     task = build_task(run_cfg, datamodule)  # the run's adapter: classes, tokens or embeddings
     probes, gate = check_inherited_and_gate(cfg, task, datamodule)  # before any model loads
-    teacher = build_teacher(cfg) if cfg.get("teacher") is not None else rebuild_teacher(ckpt)
+    if cfg.get("teacher") is not None:
+        teacher = build_teacher(cfg)
+        connect_remote_teacher(teacher, task, datamodule)
+    else:
+        teacher = rebuild_teacher(ckpt, task=task, datamodule=datamodule)
 
     models = {}
     if teacher is not None:

@@ -301,6 +301,48 @@ def check_cached_teacher(cfg: DictConfig, teacher, task) -> None:
         raise ConfigError(problems)
 
 
+def connect_remote_teacher(teacher, task, datamodule) -> None:
+    """``teacher=remote`` (``core/remote_teacher.py``): token tasks only; connect to the
+    endpoint with the tokenizer the teacher reads in this run (the student's, or
+    ``data.teacher_tokenizer``'s for a cross-tokenizer objective), recording what it
+    serves in the teacher's provenance; and have the training loader hand each batch to
+    the teacher as it is drawn (``teacher.prefetch`` batches ahead), unless the run
+    trains on the student's own samples (those are drawn in the step). A no-op for other
+    teachers, and once connected."""
+    from distillery.core.generation import special_ids
+    from distillery.core.remote_teacher import remote_of
+
+    remote = remote_of(teacher)
+    if remote is None or remote.store is not None:
+        return
+    if task.name not in ("causal_lm", "generative_lm"):
+        raise ConfigError([f"teacher: a remote teacher serves next-token log-probabilities (tasks causal_lm, generative_lm); this run's task is {task.name}"])  # fmt: skip
+    load_teacher = getattr(datamodule, "load_teacher_tokenizer", None)
+    teacher_tok = load_teacher() if load_teacher is not None else None
+    if teacher_tok is not None:
+        tok, key, pad_id = teacher_tok, "data.teacher_tokenizer", special_ids(teacher_tok)[1]
+    else:
+        tok, key, pad_id = datamodule.load_tokenizer(), "data.tokenizer", getattr(datamodule, "pad_id", None)  # fmt: skip
+    try:
+        teacher.provenance.update(remote.connect(tok, pad_id, key))
+    except (ValueError, ConnectionError) as e:
+        raise ConfigError([str(e)]) from e
+    if remote.prefetch_depth and not (getattr(task, "on_policy", 0) or getattr(task, "preference_samples", 0)):  # fmt: skip
+        make_loader = datamodule.train_dataloader
+
+        def ask_ahead(batch: dict) -> None:
+            x = task.teacher_input(batch)
+            if x is not None:
+                remote.prefetch(x)
+
+        def prefetching_train_dataloader():
+            loader = make_loader()
+            loader.lookahead = (remote.prefetch_depth, ask_ahead)  # data/sampling.py
+            return loader
+
+        datamodule.train_dataloader = prefetching_train_dataloader
+
+
 def check_processes(cfg: DictConfig) -> None:
     """Refuse more CPU processes than this machine has cores (``trainer.devices`` x
     ``trainer.num_nodes`` on ``accelerator: cpu``) unless ``allow_oversubscription``, and
@@ -404,6 +446,7 @@ def build_run(cfg: DictConfig):
         objective = control_objective(cfg, objective, task)
     student = build_student(cfg)
     teacher = build_teacher(cfg)
+    connect_remote_teacher(teacher, task, datamodule)
     frozen = build_frozen(cfg)
     if teacher is not None or frozen:  # frozen models are in eval mode on purpose
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -453,7 +496,7 @@ def build_run(cfg: DictConfig):
             "params/student": count_params(student),
             "params/teacher": count_params(teacher) if teacher is not None else None,
             "params/compression": count_params(teacher) / count_params(student)
-            if teacher is not None
+            if teacher is not None and count_params(teacher)
             else None,
         },
     )

@@ -12,21 +12,14 @@ them by being another :class:`Generator`; the losses never see which one ran.
   uninterrupted one samples.
 * :class:`HTTPGenerator` calls an OpenAI-compatible completions endpoint (a vLLM server
   for throughput, or a hosted model whose text is all you get): one request per batch
-  of prompts, retries with exponential backoff (or the server's ``Retry-After``) on
-  connection errors, timeouts, bodies cut short, 429 and 5xx, a request-rate limit, the
-  API key read from a named environment variable (never from the config, so it is never
-  recorded).
+  of prompts, through ``core/endpoint.py`` (retries, backoff, rate limit, API key).
+* A remote teacher (``teacher=remote``, ``core/remote_teacher.py``) generates through
+  its own endpoint, in token ids (:func:`generator_for` asks the model for its
+  ``generator``).
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
-import json
-import os
-import time
-import urllib.error
-import urllib.request
 from typing import Protocol
 
 import torch
@@ -116,24 +109,14 @@ class HFGenerator:
 
 class HTTPGenerator:
     """:class:`Generator` over an OpenAI-compatible ``/completions`` endpoint (``url`` +
-    ``/completions``). Behaviour:
+    ``/completions``, through :class:`~distillery.core.endpoint.Endpoint`: retries,
+    backoff, rate limit and API key as documented there, messages naming ``http.*``):
 
     * one POST per call: ``model``, the prompts decoded with ``tokenizer`` (``prompt``, a
       list), ``max_tokens``, ``temperature``, ``top_p`` and ``seed`` (when given);
     * the answer must hold exactly one choice per prompt, indexed 0..N-1, each with a
       ``text``: anything else is an error, never rows. Texts are encoded back, + EOS when
-      the server stopped on its own (``finish_reason: stop``);
-    * retried, up to ``max_retries`` times: 429, 5xx, a refused, reset or dropped
-      connection, a timeout (``timeout`` seconds per attempt), a body cut short or not
-      JSON. Attempt ``k`` (from 0) is followed by a wait of ``backoff * 2**k`` seconds, or
-      longer if the server's ``Retry-After`` (seconds or an HTTP date) asks for it. Then a
-      :class:`ConnectionError` naming ``http.url`` and ``http.max_retries``;
-    * another 4xx is not retried: a :class:`ValueError` naming the status;
-    * ``requests_per_second``: request starts (retries included) are at least
-      ``1 / requests_per_second`` seconds apart;
-    * ``api_key_env``: the environment variable whose value is sent as
-      ``Authorization: Bearer <key>`` (the key itself is never in the config, so never
-      recorded); named but unset is an error.
+      the server stopped on its own (``finish_reason: stop``).
     """
 
     def __init__(
@@ -147,55 +130,12 @@ class HTTPGenerator:
         backoff: float = 1.0,
         requests_per_second: float | None = None,
     ):
-        if (
-            max_retries < 0
-            or timeout <= 0
-            or backoff < 0
-            or (requests_per_second is not None and requests_per_second <= 0)
-        ):
-            raise ValueError("http: need max_retries >= 0, timeout > 0, backoff >= 0, requests_per_second > 0 or null")  # fmt: skip
-        self.url = url.rstrip("/") + "/completions"
-        self.model, self.tokenizer, self.timeout = model, tokenizer, timeout
-        self.max_retries, self.backoff = max_retries, backoff
-        self.interval = 1.0 / requests_per_second if requests_per_second else 0.0
-        self.api_key = None
-        if api_key_env:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                raise ValueError(f"http.api_key_env: ${api_key_env} is not set")
-        self._last = 0.0
+        from distillery.core.endpoint import Endpoint
 
-    def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        for attempt in range(self.max_retries + 1):
-            wait = self._last + self.interval - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            self._last = time.monotonic()
-            retry_after = 0.0
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - configured URL
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:  # the request itself is wrong: no retry
-                    raise ValueError(
-                        f"http.url: {self.url} answered {e.code}: {e.read()[:300]!r}"
-                    ) from e
-                error, retry_after = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                # refused, reset, dropped, timed out (URLError and TimeoutError are OSErrors),
-                # a body cut short (IncompleteRead) or not JSON (JSON/UnicodeDecodeError)
-                error = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                time.sleep(max(self.backoff * 2**attempt, retry_after))
-        raise ConnectionError(
-            f"http.url: {self.url} failed {self.max_retries + 1} times "
-            f"(http.max_retries={self.max_retries}), last: {error}"
-        )
+        self.endpoint = Endpoint(url, "http", api_key_env, timeout, max_retries, backoff,
+                                 requests_per_second)  # fmt: skip
+        self.url = self.endpoint.url + "/completions"
+        self.model, self.tokenizer = model, tokenizer
 
     def __call__(
         self,
@@ -210,18 +150,8 @@ class HTTPGenerator:
                 "temperature": temperature, "top_p": top_p}  # fmt: skip
         if seed is not None:
             body["seed"] = seed
-        answer = self._post(body)
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        choices = choices if isinstance(choices, list) else []
-        by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
-        ordered = [by_index.get(i) for i in range(len(prompts))]
-        if len(choices) != len(prompts) or not all(
-            c and isinstance(c.get("text"), str) for c in ordered
-        ):  # one choice per prompt, indexed 0..N-1, each with a text: else no rows at all
-            raise ValueError(
-                f"http.url: {self.url} answered {len(choices)} choices, not one with a text "
-                f"per prompt index 0..{len(prompts) - 1}: {str(answer)[:300]}"
-            )
+        answer = self.endpoint.post("/completions", body)
+        ordered = one_choice_per_prompt(answer, len(prompts), self.url, "http.url", "text")
         eos = self.tokenizer.eos_token_id
         out = []
         for c in ordered:
@@ -230,24 +160,31 @@ class HTTPGenerator:
         return out
 
 
-def _retry_after(value: str | None) -> float:
-    """The seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date);
-    0 when absent or unreadable."""
-    if not value:
-        return 0.0
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return 0.0
+def one_choice_per_prompt(answer, n: int, url: str, key: str, text: str) -> list[dict]:
+    """The choices of a completions answer in prompt order: exactly one per prompt index
+    0..n-1, each with a string ``text`` field, else an error naming ``key`` (never rows)."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    choices = choices if isinstance(choices, list) else []
+    by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
+    ordered = [by_index.get(i) for i in range(n)]
+    if len(choices) != n or not all(c and isinstance(c.get(text), str) for c in ordered):
+        raise ValueError(
+            f"{key}: {url} answered {len(choices)} choices, not one with a {text} per prompt "
+            f"index 0..{n - 1}: {str(answer)[:300]}"
+        )
+    return ordered
+
+
+def special_ids(tok) -> tuple[int, int]:
+    """(eos, pad) token ids of a tokenizer (pad falls back to eos)."""
+    return tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def generator_for(model: nn.Module, eos_id: int, pad_id: int) -> Generator:
-    """The generator serving a local ``model`` (HF generate)."""
-    return HFGenerator(model, eos_id, pad_id)
+    """The generator serving ``model``: its own (a remote teacher's endpoint), else HF
+    generate on the local model."""
+    own = getattr(model, "generator", None)
+    return own(eos_id, pad_id) if callable(own) else HFGenerator(model, eos_id, pad_id)
 
 
 def pack(

@@ -188,6 +188,14 @@ class DistillationModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self.remove_taps()
+        self.flush_teacher()
+
+    def flush_teacher(self) -> None:
+        """A remote teacher writes the rows it was asked for to its cache
+        (``core/remote_store.py``): at the end of a stage and with every checkpoint."""
+        flush = getattr(getattr(self.teacher, "network", None), "flush", None)
+        if callable(flush):
+            flush()
 
     def remove_taps(self) -> None:
         for t in (self.student_taps, self.teacher_taps):
@@ -402,6 +410,7 @@ class DistillationModule(L.LightningModule):
         self._pending = list(checkpoint.get("pending_batches", []))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.flush_teacher()  # a resumed run then asks a remote teacher nothing twice
         if self._trainer is None or self.trainer.world_size == 1:  # rank 0's alone otherwise
             checkpoint["rng"] = rng_states()
             if self._pending:

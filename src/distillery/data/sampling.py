@@ -17,11 +17,16 @@ had not trained on. The position counts the batches the loader handed out (worke
 indices ahead; Lightning does not fetch ahead from a loader whose length it knows, and
 these loaders always have one), as samples of the whole pass; a run that stopped
 mid-epoch resumes on the same number of processes (at an epoch boundary, on any).
+``lookahead = (depth, told)``: the loader draws ``depth`` batches ahead of the one it
+hands out and tells ``told`` of each batch as it is drawn (a remote teacher then asks
+for its outputs while the student trains on earlier ones); the order and the position
+are unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -119,15 +124,26 @@ class ResumableLoader(DataLoader):
     _handed = 0  # batches handed out by the current iterator (one pass of the sampler)
     _skipped = 0  # samples the current pass skipped on resume
 
+    lookahead: tuple[int, Callable[[dict], None]] | None = None  # (depth, told of each batch)
+
     def __iter__(self):
         self._handed, self._skipped = 0, 0
         if isinstance(self.sampler, EpochSampler) and self.sampler._resume is not None:
             self._skipped = (
                 self.sampler._resume[2] if self.sampler._resume[0] == self.sampler.epoch else 0
             )
+        depth, told = self.lookahead or (0, None)
+        ahead: deque = deque()
         for batch in super().__iter__():
+            if told is not None:  # e.g. a remote teacher asked for the batch's outputs
+                told(batch)
+            ahead.append(batch)
+            if len(ahead) > depth:
+                self._handed += 1
+                yield ahead.popleft()
+        while ahead:
             self._handed += 1
-            yield batch
+            yield ahead.popleft()
 
     def state_dict(self) -> dict:
         if not isinstance(self.sampler, EpochSampler):

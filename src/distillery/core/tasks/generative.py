@@ -48,6 +48,7 @@ from distillery.core.generation import (
     pack_samples,
     prompts_of,
     response_logprobs,
+    special_ids,
 )
 from distillery.core.objective import IGNORE, Outputs
 from distillery.core.tasks.causal_lm import CausalLMTask
@@ -370,8 +371,3 @@ class GenerativeLMTask(CausalLMTask):
                 if teacher and teacher["exact_match"] else None
             ),
         }  # fmt: skip
-
-
-def special_ids(tok) -> tuple[int, int]:
-    """(eos, pad) token ids of a tokenizer (pad falls back to eos)."""
-    return tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
