@@ -360,8 +360,10 @@ def check_optimized_metric(cfg: DictConfig, module) -> None:
         )
 
 
-def build_run(cfg: DictConfig):
-    """Validate the config, then build (datamodule, module, trainer, loggers)."""
+def build_run(cfg: DictConfig, findings: list | None = None):
+    """Validate the config, then build (datamodule, module, trainer, loggers). The
+    preflight's errors (``core/preflight.py``) are raised, its warnings logged, unless
+    ``findings`` (a list) is given: then they are appended there (the preflight command)."""
     control = bool(cfg.get("control"))
     if control:
         cfg = control_config(cfg)
@@ -371,6 +373,7 @@ def build_run(cfg: DictConfig):
     from torch import nn
 
     from distillery.config.extras import build_list
+    from distillery.core import preflight
     from distillery.core.callbacks import ProgressBar
     from distillery.core.checkpoint import AtomicCheckpointIO
     from distillery.core.input_norm import InputNorm
@@ -411,6 +414,11 @@ def build_run(cfg: DictConfig):
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
     task.check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
+    checked = preflight.run_checks(cfg, student, teacher, datamodule, task)
+    if findings is None:
+        preflight.raise_errors(checked)
+    else:
+        findings.extend(checked)
     check_cached_teacher(cfg, teacher, task)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
