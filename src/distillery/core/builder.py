@@ -360,6 +360,19 @@ def check_optimized_metric(cfg: DictConfig, module) -> None:
         )
 
 
+def health_rules(cfg: DictConfig, module) -> list[dict]:
+    """``health.stop_on``, checked against the metrics the run logs (keys named)."""
+    from omegaconf import OmegaConf
+
+    from distillery.evaluation.health import check_rules
+
+    node = (cfg.get("health") or {}).get("stop_on")
+    if not node:
+        return []
+    logged = {f"{stage}/{m}" for stage in ("val",) for m, _ in module.val_metrics.items()}
+    return check_rules(OmegaConf.to_container(node, resolve=True), logged)
+
+
 def build_run(cfg: DictConfig, findings: list | None = None):
     """Validate the config, then build (datamodule, module, trainer, loggers). The
     preflight's errors (``core/preflight.py``) are raised, its warnings logged, unless
@@ -437,6 +450,7 @@ def build_run(cfg: DictConfig, findings: list | None = None):
             student_taps=student_taps,
             teacher_taps=teacher_taps,
             run_config=to_record(cfg),
+            **({"log_health": True} if (cfg.get("health") or {}).get("log") else {}),
         )
     except ConfigError:
         raise  # already names its key
@@ -445,6 +459,11 @@ def build_run(cfg: DictConfig, findings: list | None = None):
 
     check_optimized_metric(cfg, module)
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    rules = health_rules(cfg, module)
+    if rules:
+        from distillery.evaluation.health import HealthGuard
+
+        callbacks.append(HealthGuard(rules))
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBarBase) for c in callbacks
     ):  # Lightning's rich bar, step-based runs shown without "/-2"
