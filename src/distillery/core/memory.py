@@ -31,6 +31,13 @@ temporaries inside kernels included). Python's ``tracemalloc`` does not see torc
 allocations, and RSS includes the allocator's cached pages and the interpreter; the
 RSS high-water mark of the step (``/proc/self/status`` VmHWM after resetting it) is
 reported beside it, not compared.
+
+Measured on this CPU (2 cores, torch 2.14), estimate vs the second step's peak, single
+device: arith_kd (batch 64 x 21 tokens) 26.3 vs 26.9 MiB (2 % under); text_lm_kd at
+seq_len 64 and a 512-token vocabulary (batch 16) 39.5 vs 49.2 MiB (20 % under: the
+token KD term's temporaries over the logits, which are not saved for backward, are not
+counted). The RSS high-water delta of those steps was 0-1.6 MiB: the allocator reused
+pages the first step had made resident, so RSS says nothing about a step's peak.
 """
 
 from __future__ import annotations
