@@ -88,6 +88,7 @@ def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, A
 def main(cfg: DictConfig) -> float | None:
     from distillery.config.extras import apply_extras
     from distillery.core.interrupt import Interrupted
+    from distillery.evaluation.health import UnhealthyRun
 
     apply_extras(cfg)
     try:
@@ -95,6 +96,9 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as e:
         log.error(str(e))
         sys.exit(e.exit_code)
+    except UnhealthyRun as e:  # health.stop_on
+        log.error(str(e))
+        sys.exit(3)
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

@@ -402,8 +402,23 @@ def check_optimized_metric(cfg: DictConfig, module) -> None:
         )
 
 
-def build_run(cfg: DictConfig):
-    """Validate the config, then build (datamodule, module, trainer, loggers)."""
+def health_rules(cfg: DictConfig, module) -> list[dict]:
+    """``health.stop_on``, checked against the metrics the run logs (keys named)."""
+    from omegaconf import OmegaConf
+
+    from distillery.evaluation.health import check_rules
+
+    node = (cfg.get("health") or {}).get("stop_on")
+    if not node:
+        return []
+    logged = {f"{stage}/{m}" for stage in ("val",) for m, _ in module.val_metrics.items()}
+    return check_rules(OmegaConf.to_container(node, resolve=True), logged)
+
+
+def build_run(cfg: DictConfig, findings: list | None = None):
+    """Validate the config, then build (datamodule, module, trainer, loggers). The
+    preflight's errors (``core/preflight.py``) are raised, its warnings logged, unless
+    ``findings`` (a list) is given: then they are appended there (the preflight command)."""
     control = bool(cfg.get("control"))
     if control:
         cfg = control_config(cfg)
@@ -413,6 +428,7 @@ def build_run(cfg: DictConfig):
     from torch import nn
 
     from distillery.config.extras import build_list
+    from distillery.core import preflight
     from distillery.core.callbacks import ProgressBar
     from distillery.core.checkpoint import AtomicCheckpointIO
     from distillery.core.input_norm import InputNorm
@@ -454,6 +470,11 @@ def build_run(cfg: DictConfig):
     example = datamodule.example_input(2)
     num_classes = getattr(datamodule, "num_classes", None)
     task.check_models(cfg, nn.Sequential(student_norm, student), teacher, datamodule, example)
+    checked = preflight.run_checks(cfg, student, teacher, datamodule, task)
+    if findings is None:
+        preflight.raise_errors(checked)
+    else:
+        findings.extend(checked)
     check_cached_teacher(cfg, teacher, task)
     student_taps, teacher_taps = build_taps(cfg, student, teacher, objective, example)
     module_factory = build(cfg.get("module"), "module") or DistillationModule
@@ -472,6 +493,7 @@ def build_run(cfg: DictConfig):
             student_taps=student_taps,
             teacher_taps=teacher_taps,
             run_config=to_record(cfg),
+            **({"log_health": True} if (cfg.get("health") or {}).get("log") else {}),
         )
     except ConfigError:
         raise  # already names its key
@@ -480,6 +502,11 @@ def build_run(cfg: DictConfig):
 
     check_optimized_metric(cfg, module)
     callbacks = build_list(cfg.get("callbacks"), "callbacks")
+    rules = health_rules(cfg, module)
+    if rules:
+        from distillery.evaluation.health import HealthGuard
+
+        callbacks.append(HealthGuard(rules))
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBarBase) for c in callbacks
     ):  # Lightning's rich bar, step-based runs shown without "/-2"

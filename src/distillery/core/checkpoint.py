@@ -134,7 +134,9 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
         if identity
         else InputNorm(mean=stats["mean"].tolist(), std=stats["std"].tolist())
     )
-    return nn.Sequential(norm, student).eval()
+    model = nn.Sequential(norm, student).eval()
+    model.run_config = ckpt[META_KEY]["config"]  # what it was trained on (its tokenizer: preflight)
+    return model
 
 
 # Keys of a run config that say where outputs go or how a run is shown, not what it trains.

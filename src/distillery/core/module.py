@@ -34,7 +34,7 @@ from distillery.core.checkpoint import FORMAT, META_KEY
 from distillery.core.guards import NonFiniteGuard
 from distillery.core.input_norm import InputNorm
 from distillery.core.loggers import logs_this_batch
-from distillery.core.objective import Objective
+from distillery.core.objective import IGNORE, Objective
 from distillery.core.taps import Taps
 from distillery.core.tasks import ClassificationTask, Task
 from distillery.core.teacher import Teacher
@@ -64,6 +64,7 @@ class DistillationModule(L.LightningModule):
         nan_policy: str = "raise",
         max_skipped_share: float = 0.01,
         compile: bool | Mapping[str, Any] = False,
+        log_health: bool = False,
     ):
         """``task``: the adapter (default classification). ``accumulate`` and
         ``gradient_clip_val`` apply to step-normalised tasks, which optimise manually;
@@ -72,7 +73,9 @@ class DistillationModule(L.LightningModule):
         ``compile``: ``torch.compile`` the student's and the frozen models' forwards in
         place (``nn.Module.compile``: parameter names, checkpoints and taps unchanged;
         the taps' hooks are attached first, so the compiled graphs run them); ``true``
-        or the keyword arguments of ``torch.compile`` (e.g. ``{mode: max-autotune}``)."""
+        or the keyword arguments of ``torch.compile`` (e.g. ``{mode: max-autotune}``).
+        ``log_health``: log ``train/health/*`` (``evaluation/health.py``) of token-level
+        tasks on the logger's cadence (``health.log``)."""
         super().__init__()
         self.task = task if task is not None else ClassificationTask()
         if objective.needs_teacher and teacher is None:
@@ -121,6 +124,13 @@ class DistillationModule(L.LightningModule):
         self.compile_kwargs = (
             None if compile is False else ({} if compile is True else dict(compile))
         )
+        self.log_health = log_health and self.task.reduction == "token"
+        self._health_due = False
+        self._top_k = None
+        if self.log_health:
+            from distillery.evaluation.health import cache_top_k
+
+            self._top_k = cache_top_k(teacher)
         self.task.check(self)
         self.val_metrics = self.task.metrics(num_classes, teacher is not None)
         self.test_metrics = self.task.metrics(num_classes, teacher is not None)
@@ -231,10 +241,27 @@ class DistillationModule(L.LightningModule):
     def _scheduled_weights(self) -> dict:
         return {n: self.objective.current_weights[n] for n in self.objective.scheduled}
 
+    def _observe_health(self, out, batch: dict) -> None:
+        """``train/health/*`` of a batch the logger writes (``evaluation/health.py``)."""
+        if not self._health_due:
+            return
+        from distillery.evaluation.health import sampled_tokens, token_signals
+
+        mask = out.extras.get("token_mask")
+        mask = out.labels != IGNORE if mask is None else mask
+        if not torch.is_tensor(out.student) or not mask.any():
+            return
+        teacher = out.teacher if torch.is_tensor(out.teacher) else None
+        signals = token_signals(out.student, teacher, mask, sampled_tokens(batch), self._top_k)
+        for name, value in signals.items():
+            self.log(f"train/health/{name}", value.mean(), batch_size=len(out.student))
+
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        self._health_due = self.log_health and logs_this_batch(self._trainer, batch_idx)
         if self.automatic_optimization:
             batch = self.task.prepare_batch(self, batch)
             out = self.task.training_outputs(self, batch, self._epoch(batch_idx))
+            self._observe_health(out, batch)
             total, values = self.objective(out)
             self._unlogged = None
             if self.nan_guard.skip(self, total, values, batch):
@@ -271,8 +298,10 @@ class DistillationModule(L.LightningModule):
         opt.zero_grad()
         sums: dict[str, Tensor] = {}
         rows = 0
-        for b in batches:
+        for i, b in enumerate(batches):
             out = self.task.training_outputs(self, b, epoch)
+            if i == len(batches) - 1:
+                self._observe_health(out, b)
             total, values = self.objective(out, step_count)
             self.manual_backward(total * world)  # DDP averages gradients over ranks
             for k, v in {"": total, **values}.items():

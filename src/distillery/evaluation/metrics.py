@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from distillery.core.generation import answers_of
 from distillery.core.objective import IGNORE
+from distillery.evaluation.health import answer_signals, token_signals
 from distillery.losses.kd import kl_teacher_student
 from distillery.losses.token import per_token
 
@@ -140,6 +141,9 @@ class LMMetrics(nn.Module):
         self.nll, self.ppl, self.with_teacher = MeanMetric(), Perplexity(), with_teacher
         if with_teacher:
             self.agreement, self.kl_to_teacher = MeanMetric(), MeanMetric()
+        # health signals (evaluation/health.py), logged as val|test/health/<name>
+        signals = ("student_entropy", "teacher_entropy", "outlier_share") if with_teacher else ("student_entropy",)  # fmt: skip
+        self.health = nn.ModuleDict({n: MeanMetric() for n in signals})
 
     def update(
         self, logits: Tensor, labels: Tensor, teacher: Tensor | None, sample_id=None
@@ -155,12 +159,19 @@ class LMMetrics(nn.Module):
             t = teacher[valid].float()[:, : s.shape[-1]]
             self.agreement.update((s.argmax(-1) == t.argmax(-1)).float())
             self.kl_to_teacher.update(per_token(s[:, : t.shape[-1]], t, "fkl"))
+        signals = token_signals(logits, teacher if self.with_teacher else None, valid)
+        for name, value in signals.items():
+            self.health[name].update(value)
 
     def items(self):
-        return [("nll", self.nll), ("ppl", self.ppl)] + (
-            [("agreement", self.agreement), ("kl_to_teacher", self.kl_to_teacher)]
-            if self.with_teacher
-            else []
+        return (
+            [("nll", self.nll), ("ppl", self.ppl)]
+            + (
+                [("agreement", self.agreement), ("kl_to_teacher", self.kl_to_teacher)]
+                if self.with_teacher
+                else []
+            )
+            + [(f"health/{n}", m) for n, m in self.health.items()]
         )
 
 
@@ -174,13 +185,24 @@ class AnswerMetrics(LMMetrics):
     per-position agreement / kl_to_teacher."""
 
     def __init__(
-        self, num_classes: int | None = None, with_teacher: bool = False, same_tokens: bool = True
+        self,
+        num_classes: int | None = None,
+        with_teacher: bool = False,
+        same_tokens: bool = True,
+        eos_id: int | None = None,
+        teacher_eos_id: int | None = None,
     ):
         super().__init__(num_classes, with_teacher and same_tokens)
         self.exact_match = MeanMetric()
         self.with_answers_teacher = with_teacher
         if with_teacher:
             self.answer_agreement, self.teacher_nll = MeanMetric(), MeanMetric()
+        self.eos_id, self.teacher_eos_id = eos_id, teacher_eos_id
+        sides = ("", "teacher_") if with_teacher else ("",)
+        if eos_id is not None:  # the answers' health: stopping and length, each side
+            for side in sides:
+                for n in ("eos_rate", "response_length"):
+                    self.health[side + n] = MeanMetric()
 
     def update(self, out, labels: Tensor, teacher, sample_id=None) -> None:
         labels = labels if out.labels is None else out.labels  # a model of other tokens
@@ -195,6 +217,13 @@ class AnswerMetrics(LMMetrics):
             self.answer_agreement.update(torch.tensor(same, dtype=torch.float32))
             if out.teacher_nll is not None and out.teacher_nll.numel():
                 self.teacher_nll.update(out.teacher_nll)
+        if self.eos_id is not None:
+            answers = [("", out, self.eos_id)]
+            if self.with_answers_teacher:
+                answers.append(("teacher_", teacher, self.teacher_eos_id))
+            for side, model_out, eos in answers:
+                for n, value in answer_signals(model_out.answers, eos).items():
+                    self.health[side + n].update(value)
 
     def items(self):
         extra = ["answer_agreement", "teacher_nll"] if self.with_answers_teacher else []

@@ -105,6 +105,10 @@ def build_report(
         row |= {k: speed[k] for k in SPEED_KEYS}
         row |= {rate_key: speed["throughput"], cost_key: speed["cost_per_million"]}
         report["models"][name] = {k: row.get(k) for k in keys}
+    health = {n: {k.removeprefix("health/"): v for k, v in vals.items() if k.startswith("health/")}
+              for n, vals in values.items()}  # fmt: skip
+    if any(health.values()):  # token-level tasks: evaluation/health.py
+        report["health"] = health
     return report, preds, records
 
 
@@ -132,6 +136,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         )
     text = "\n".join(lines) + "\n"
     text += f"\nDevice: {report.get('device', 'cpu')}; {cost_note(report)}\n"
+    if report.get("health"):
+        from distillery.evaluation.health import health_markdown
+
+        text += health_markdown(report["health"])
     for name, path in (report.get("plots") or {}).items():
         text += f"\n![{name}]({Path(path).name})\n"
     for name, result in (report.get("evaluations") or {}).items():

@@ -359,7 +359,8 @@ class GenerativeLMTask(CausalLMTask):
     def metrics(self, num_classes, with_teacher):
         from distillery.evaluation.metrics import AnswerMetrics
 
-        return AnswerMetrics(num_classes, with_teacher, same_tokens=not self.cross)
+        t_eos = self.teacher_tokenizer.eos_token_id if self.cross else self.eos_id
+        return AnswerMetrics(num_classes, with_teacher, not self.cross, self.eos_id, t_eos)
 
     def quality(self, values, teacher):
         return {
