@@ -20,7 +20,18 @@ from distillery.core.teacher import Teacher, from_model
 from distillery.losses import CrossEntropy, HintonKD, TokenKD
 from distillery.train import build_run
 
-COMMANDS = {"train", "evaluate", "pipeline", "generate", "export", "aggregate", "taps", "cache", "serve", "preflight"}
+COMMANDS = {
+    "train",
+    "evaluate",
+    "pipeline",
+    "generate",
+    "export",
+    "aggregate",
+    "taps",
+    "cache",
+    "serve",
+    "preflight",
+}
 
 
 def package_modules() -> dict[str, Path]:

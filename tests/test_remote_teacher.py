@@ -137,7 +137,9 @@ def proxy(served):
 
 def connected(url, tok, tmp_path, top_k, **kw) -> RemoteLogprobs:
     teacher = from_remote(url, NAME, top_k, cache_dir=str(tmp_path / "cache"), backoff=0.01, **kw)
-    teacher.network.connect(tok, tok.pad_token_id, "data.tokenizer")
+    teacher.provenance.update(
+        teacher.network.connect(tok, tok.pad_token_id, "data.tokenizer")
+    )  # as the builder does
     return teacher
 
 
@@ -173,6 +175,11 @@ def test_remote_outputs_equal_the_in_process_teacher_read_as_a_cache(
     tok = char_tokenizer(arith_tok)
     k = engine.vocab_size if k == "vocab" else k
     remote = connected(url, tok, tmp_path, k)
+    from distillery.evaluation.health import cache_top_k
+
+    assert cache_top_k(remote) == (
+        None if k == engine.vocab_size else k
+    )  # its tail mass is a health signal
     x = rows(tok)
     got = remote(x)
     want = reference(from_run_checkpoint(str(arith_teacher_ckpt)), x, tok.pad_token_id, k)
@@ -343,3 +350,15 @@ def test_the_serve_command_serves_a_run_checkpoint(arith_teacher_ckpt, arith_tok
         )
     finally:
         processes.stop(proc)
+
+
+def test_a_connected_remote_teacher_survives_pickling(served, arith_tok, tmp_path):
+    """trainer=ddp_spawn pickles the module: the teacher comes back with its own thread
+    pool and lock, and its rows."""
+    import pickle
+
+    tok = char_tokenizer(arith_tok)
+    teacher = connected(served[0], tok, tmp_path, 4)
+    x = rows(tok)
+    want = teacher(x)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(teacher))(x), want, atol=0, rtol=0)

@@ -62,6 +62,13 @@ class Endpoint:
         self._next_start = 0.0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # picklable (trainer=ddp_spawn): a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _wait_for_slot(self) -> None:
         """Sleep until this request may start (the rate limit, shared by every thread)."""
         with self._lock:

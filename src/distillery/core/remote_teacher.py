@@ -201,6 +201,15 @@ class RemoteLogprobs(nn.Module):
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="remote-teacher")
         self.inflight: dict[int, tuple[Future, int]] = {}  # row key -> (its request, its place)
 
+    def __getstate__(self) -> dict:  # trainer=ddp_spawn pickles the module: no threads
+        state = self.__dict__.copy()
+        state["pool"], state["inflight"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="remote-teacher")
+
     # --- connect ------------------------------------------------------------------
     def connect(self, tokenizer, pad_id: int | None, tokenizer_key: str) -> dict:
         """Check the endpoint serves ``model`` with ``tokenizer`` and holds ``top_k``
@@ -327,7 +336,7 @@ def from_remote(
     url: str,
     model: str,
     top_k: int = 20,
-    cache_dir: str = "cache/remote_teacher",
+    cache_dir: str = "artifacts/teacher_cache/remote",
     vocab_size: int | None = None,
     api_key_env: str | None = None,
     request_rows: int = 8,

@@ -8,7 +8,7 @@ training signal's failures that a loss curve hides.
   mismatch, or positions the student cannot fit);
 * ``teacher_mass_on_samples`` (on-policy batches): the teacher's probability of the
   tokens the student sampled; near 0, the teacher is asked about text it would never write;
-* ``teacher_tail_mass`` (a top-k teacher cache): the mass the cache leaves outside its k
+* ``teacher_tail_mass`` (a top-k teacher cache or remote teacher): the mass left outside its k
   stored tokens, spread uniformly by the cache; large, the student learns a flat tail;
 * ``eos_rate`` / ``response_length`` (and the teacher's; prompt/answer tasks, on the
   validation prompts' greedy answers): students that never stop, or stop at once.
@@ -95,8 +95,13 @@ def answer_signals(answers: list[list[int]], eos_id: int) -> dict[str, Tensor]:
 
 
 def cache_top_k(teacher) -> int | None:
-    """k of a top-k teacher cache (``teacher.cache`` written with ``cache.k``), else None."""
-    cache = (getattr(teacher, "provenance", None) or {}).get("cache")
+    """k of a top-k teacher: a teacher cache written with ``cache.k``, or a remote
+    teacher (``teacher=remote``) whose ``top_k`` is below its vocabulary; else None."""
+    provenance = getattr(teacher, "provenance", None) or {}
+    if provenance.get("source") == "remote":
+        k, vocab = provenance.get("k"), provenance.get("vocab")
+        return int(k) if k and vocab and k < vocab else None
+    cache = provenance.get("cache")
     if not cache:
         return None
     from pathlib import Path
