@@ -53,8 +53,8 @@ def token_signals(
     top-k cache (its tail mass is reported)."""
     s = student[mask].float()
     out = {"student_entropy": entropy(s)}
-    if teacher is None:
-        return out
+    if teacher is None or teacher.shape[:-1] != student.shape[:-1]:
+        return out  # no teacher, or its positions are another tokenizer's (ULD)
     t = teacher[mask].float()[:, : s.shape[-1]]
     s = s[:, : t.shape[-1]]
     t_logp, s_logp = t.log_softmax(-1), s.log_softmax(-1)
