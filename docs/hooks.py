@@ -14,6 +14,8 @@ Nothing here names a module or a page that may move:
   linked file is added under ``repo/`` (Markdown rendered as a page, anything else
   copied) and the link is pointed at it. A link to a file that does not exist is left as
   it is, so ``mkdocs build --strict`` fails on it.
+- **Sphinx roles** in docstrings (``:func:`name```) show as the name in code on the API
+  pages.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ REPO = "repo"  # where files from outside docs/ appear in the site
 # [text](target) and [text](target "title"); reference-style links are not used here
 LINK = re.compile(r"(?P<head>\]\()(?P<target>[^)\s]+)(?P<tail>(?:\s+\"[^\"]*\")?\))")
 FENCE = re.compile(r"^(```|~~~)")
+ROLE = re.compile(r":(?:class|func|meth|data|attr|mod|exc|obj|py:\w+):(?=<code>)")
 
 # src_uri of a page the hooks add -> the file it stands for in the repository (links in
 # it are relative to that file)
@@ -154,6 +157,14 @@ def on_files(files: Files, config) -> Files:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     source = _source(page.file, config)
     return _rewrite(markdown, source, page.file.src_uri, Path(config["docs_dir"]))
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Docstrings name objects with Sphinx roles (``:func:`name```); the API pages show
+    the name as code, without the role."""
+    if page.file.src_uri.startswith(f"{API}/"):
+        return ROLE.sub("", html)
+    return html
 
 
 # ------------------------------------------------------------------------- links
