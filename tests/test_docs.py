@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import pkgutil
+import re
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def test_the_site_builds_strictly_with_the_readme_as_home_page(site):
     assert 'href="report-card/"' in home and 'href="docs/report-card.md"' not in home
     # a file outside docs/ that a page links to is in the site too
     assert (site / "repo" / "benchmarks" / "results" / "index.html").is_file()
+
+
+def test_lists_and_code_blocks_render_as_on_github(site):
+    """Python-Markdown wants a blank line before a list and a fence at the list's
+    indentation; GitHub does not. Where a page differs, the site shows "- " or a fence
+    as text: no page may."""
+    literal = re.compile(r"^\s*(<p>)?(- |\d+\. |```)")
+    shown = []
+    for html in sorted(site.glob("**/index.html")):
+        text = html.read_text()
+        article = text[text.find("<article") : text.find("</article>")]
+        article = re.sub(r"<pre.*?</pre>", "", article, flags=re.DOTALL)
+        shown += [f"{html.parent.name}: {line.strip()[:80]}" for line in article.splitlines()
+                  if literal.match(line)]  # fmt: skip
+    assert not shown, "\n".join(shown)
 
 
 def test_the_api_reference_covers_every_module_and_its_docstrings(site):
