@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup distill test test-fast lint format clean lock
+.PHONY: setup distill test test-fast lint format docs docs-build clean lock
 .DEFAULT_GOAL := distill
 
 # constraints.txt pins every package to the versions CI last tested (see `make lock`).
@@ -38,6 +38,16 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
+# The documentation site (mkdocs.yml; the API reference is generated from the package).
+# `make docs` serves it at http://127.0.0.1:8000 and rebuilds on edits; `make docs-build`
+# writes it to site/ with every warning an error, as tests/test_docs.py does.
+export NO_MKDOCS_2_WARNING := 1
+docs: setup
+	$(PY) -m mkdocs serve $(ARGS)
+
+docs-build: setup
+	$(PY) -m mkdocs build --strict $(ARGS)
+
 # Resolve the newest versions pyproject.toml allows into a scratch venv and write them to
 # constraints.txt; then `make test` (which reinstalls from it) and commit it if it passes.
 lock:
@@ -48,4 +58,4 @@ lock:
 	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 clean:
-	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	rm -rf logs outputs multirun site .pytest_cache .ruff_cache

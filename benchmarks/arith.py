@@ -1,4 +1,4 @@
-"""Generative distillation on the embedded arith task, over seeds: the README table.
+"""Generative distillation on the embedded arith task, over seeds: the table in docs/llm.md.
 
 For each seed, in fresh subprocesses: the teacher (``experiment=arith_teacher``), its
 greedy answers to every training prompt (``distillery.generate --config-name
@@ -17,7 +17,7 @@ would rewrite: it refuses (listing the differing keys) unless they match, or
 ``--new-table`` says that this is a new table replacing the old one.
 
 ``--recipe shipped`` (default) runs the configs as shipped; ``--recipe published`` the
-budgets the pre-provenance README table states (:data:`PUBLISHED`: a 4-head teacher and
+budgets the pre-provenance table states (:data:`PUBLISHED`: a 4-head teacher and
 every student but ``arith_dpo`` at 6000 steps), e.g. to see whether its numbers still
 come out at today's code.
 

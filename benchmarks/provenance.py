@@ -21,7 +21,7 @@ The provenance holds:
 
 A file whose runs were measured at more than one commit is stamped **MIXED COMMITS**,
 naming which runs ran where (:func:`stamp`); ``benchmarks/tables.py`` renders the
-README tables with the same stamps. :func:`recipe_differences` compares the resolved
+README and docs tables with the same stamps. :func:`recipe_differences` compares the resolved
 configs a script is about to run with those recorded in a results file: a script that
 extends or reproduces a table refuses when they differ.
 """

@@ -1,19 +1,23 @@
-"""The README's result tables, rendered from the results files.
+"""The result tables of the README and the docs pages, rendered from the results files.
 
-Each table sits in README.md between ``<!-- table:<name> -->`` and ``<!-- /table:<name>
--->`` and is rendered from its results file in ``benchmarks/results/`` by the script's own
-table function, under a stamp line saying where and when it was measured
-(``provenance.stamp``: commit, dirty flag, date, load, cores; **MIXED COMMITS** when its
-runs ran at several commits). A results file written before provenance was recorded is
+Each table sits in one page, its target (:data:`TARGETS`: README.md for the headline
+tables, a page under ``docs/`` for the others), between ``<!-- table:<name> -->`` and
+``<!-- /table:<name> -->``, and is rendered from its results file in
+``benchmarks/results/`` by the script's own table function, under a stamp line saying
+where and when it was measured (``provenance.stamp``: commit, dirty flag, date, load,
+cores; **MIXED COMMITS** when its runs ran at several commits). A results file written before provenance was recorded is
 stamped "measured before provenance was recorded (commit unknown)", with the commit in
 which its numbers were committed, recovered from git history into
 ``benchmarks/results/legacy_provenance.json`` (``--recover``; a file changed since is
 refused until recovered again, or better, re-measured).
 
-    python benchmarks/tables.py            # rewrite the README tables
+    python benchmarks/tables.py            # rewrite the tables in their pages
     python benchmarks/tables.py --check    # exit 1, listing every table that differs
     python benchmarks/tables.py --recover  # rewrite legacy_provenance.json from git history
 
+``--check`` reads README.md and every page under ``docs/``: a table that differs from its
+results file, a table missing from its target, a table in any other page (a copy nobody
+would re-render) and a marker naming no table are each listed.
 ``tests/test_results_tables.py`` runs the check.
 """
 
@@ -35,6 +39,7 @@ import provenance  # noqa: E402
 ROOT = provenance.ROOT
 RESULTS = provenance.RESULTS
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 LEGACY = RESULTS / "legacy_provenance.json"
 MARKER = re.compile(
     r"<!-- table:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.DOTALL
@@ -254,10 +259,30 @@ TABLES: dict[str, Callable[[], str]] = {
     "results-index": render_index,
 }
 
+# table -> the one page it is rendered into: the README keeps the headline tables, the
+# others sit in the docs page of their topic (moving a table = moving its block + this line)
+TARGETS: dict[str, Path] = {
+    "mnist1d-recipes": README,
+    "controls": README,
+    "arith": DOCS / "llm.md",
+    "inherited": DOCS / "report-card.md",
+    "results-index": DOCS / "benchmarks.md",
+}
 
-def render(readme: str) -> tuple[str, list[str]]:
-    """``readme`` with every table re-rendered, and the problems found: a marker naming
-    no known table, a known table without its markers."""
+
+def pages() -> list[Path]:
+    """Every page a table may sit in: README.md and the Markdown files under docs/."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def render(text: str, path: Path = README) -> tuple[str, list[str]]:
+    """``text`` (the content of page ``path``) with every table re-rendered, and the
+    problems found: a marker naming no known table, a table in a page other than its
+    target, a table missing from its target page."""
     problems = []
     seen = set()
 
@@ -265,29 +290,39 @@ def render(readme: str) -> tuple[str, list[str]]:
         name = m["name"]
         seen.add(name)
         if name not in TABLES:
-            problems.append(
-                f"README marker table:{name} names no table (known: {', '.join(TABLES)})"
-            )
+            problems.append(f"{_rel(path)}: marker table:{name} names no table "
+                            f"(known: {', '.join(TABLES)})")  # fmt: skip
+            return m[0]
+        if TARGETS[name] != path:
+            problems.append(f"{_rel(path)}: table:{name} belongs in {_rel(TARGETS[name])} "
+                            "(benchmarks/tables.py TARGETS), not here")  # fmt: skip
             return m[0]
         return f"<!-- table:{name} -->\n{TABLES[name]()}<!-- /table:{name} -->"
 
-    text = MARKER.sub(replace, readme)
-    problems += [f"README has no <!-- table:{name} --> ... <!-- /table:{name} --> block"
-                 for name in TABLES if name not in seen]  # fmt: skip
-    return text, problems
+    rendered = MARKER.sub(replace, text)
+    problems += [f"{_rel(path)} has no <!-- table:{name} --> ... <!-- /table:{name} --> block"
+                 for name in TABLES if TARGETS[name] == path and name not in seen]  # fmt: skip
+    return rendered, problems
 
 
-def check(readme: str) -> list[str]:
-    """Every difference between ``readme``'s tables and what the results files render."""
-    text, problems = render(readme)
-    now = {m["name"]: m["body"] for m in MARKER.finditer(readme)}
-    want = {m["name"]: m["body"] for m in MARKER.finditer(text)}
-    for name, body in want.items():
-        if now.get(name) != body:
-            diff = difflib.unified_diff(now.get(name, "").splitlines(), body.splitlines(),
-                                        "README.md", f"rendered from benchmarks/results ({name})",
-                                        lineterm="")  # fmt: skip
-            problems.append(f"table:{name} differs from its results file:\n" + "\n".join(diff))
+def check(texts: dict[Path, str] | None = None) -> list[str]:
+    """Every difference between the pages' tables and what the results files render.
+    ``texts``: page -> content to check instead of the file's (the others are read)."""
+    texts = texts or {}
+    problems = []
+    for path in dict.fromkeys([*pages(), *texts, *TARGETS.values()]):
+        text = texts[path] if path in texts else path.read_text() if path.is_file() else ""
+        rendered, found = render(text, path)
+        problems += found
+        now = {m["name"]: m["body"] for m in MARKER.finditer(text)}
+        want = {m["name"]: m["body"] for m in MARKER.finditer(rendered)}
+        for name, body in want.items():
+            if now.get(name) != body:
+                diff = difflib.unified_diff(now.get(name, "").splitlines(), body.splitlines(),
+                                            _rel(path), f"rendered from benchmarks/results ({name})",
+                                            lineterm="")  # fmt: skip
+                problems.append(f"table:{name} in {_rel(path)} differs from its results file:\n"
+                                + "\n".join(diff))  # fmt: skip
     return problems
 
 
@@ -298,25 +333,31 @@ def main() -> None:
     )
     parser.add_argument("--recover", action="store_true",
                         help="rewrite legacy_provenance.json from git history")  # fmt: skip
-    parser.add_argument("--readme", type=Path, default=README)
     args = parser.parse_args()
     if args.recover:
         LEGACY.write_text(json.dumps(recover_all(), indent=2) + "\n")
         print(f"wrote {LEGACY.relative_to(ROOT)}")
-    readme = args.readme.read_text()
     if args.check:
-        problems = check(readme)
+        problems = check()
         for p in problems:
             print(p, end="\n\n")
         sys.exit(1 if problems else 0)
-    text, problems = render(readme)
+    rewrites, problems = {}, []
+    for path in pages():
+        text = path.read_text()
+        rendered, found = render(text, path)
+        problems += found
+        if rendered != text:
+            rewrites[path] = rendered
+    problems += [f"{_rel(p)} does not exist (the target of a table)"
+                 for p in set(TARGETS.values()) if not p.is_file()]  # fmt: skip
     if problems:
         raise SystemExit("\n".join(problems))
-    if text != readme:
-        args.readme.write_text(text)
-        print(f"rewrote the tables of {args.readme}")
-    else:
-        print("README tables are up to date")
+    for path, text in rewrites.items():
+        path.write_text(text)
+        print(f"rewrote the tables of {_rel(path)}")
+    if not rewrites:
+        print("the tables are up to date")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Published evidence holds together: README tables equal what their results files render,
-comparisons carry their intervals, budgets do not drift, a table is not extended with
-runs of another recipe (benchmarks/provenance.py, stats.py, tables.py)."""
+"""Published evidence holds together: the tables of the README and the docs pages equal what
+their results files render, comparisons carry their intervals, budgets do not drift, a table
+is not extended with runs of another recipe (benchmarks/provenance.py, stats.py, tables.py)."""
 
 from __future__ import annotations
 
@@ -23,33 +23,64 @@ import tables  # noqa: E402
 EXPERIMENTS = ROOT / "conf" / "experiment"
 
 
-# --------------------------------------------------------------------- README tables
+# ------------------------------------------------------- tables in the README and docs
 
 
-def test_readme_tables_equal_their_results_files():
-    problems = tables.check(tables.README.read_text())
+def test_tables_equal_their_results_files():
+    problems = tables.check()
     assert not problems, "run `python benchmarks/tables.py`:\n" + "\n\n".join(problems)
 
 
-def test_an_edited_readme_cell_is_caught():
-    readme = tables.README.read_text()
-    block = tables.MARKER.search(readme[readme.index("<!-- table:arith -->") :])["body"]
-    cell = "| `arith_sft` | 0, 1, 2 | 0.544 ± 0.074 |"
+def test_every_table_has_one_target_page_that_exists():
+    assert set(tables.TARGETS) == set(tables.TABLES)
+    assert tables.TARGETS["mnist1d-recipes"] == tables.README  # a headline table
+    for name, page in tables.TARGETS.items():
+        assert page.is_file() and f"<!-- table:{name} -->" in page.read_text(), name
+        assert page in tables.pages()
+
+
+@pytest.mark.parametrize(
+    ("name", "cell", "edit"),
+    [
+        ("arith", "| `arith_sft` | 0, 1, 2 | 0.544 ± 0.074 |", "| `arith_sft` | 0, 1, 2 | 0.644 ± 0.074 |"),
+        ("controls", "| `digits_kd` | accuracy (higher is better) | 0, 1, 2 | 0.9704",
+         "| `digits_kd` | accuracy (higher is better) | 0, 1, 2 | 0.9705"),
+    ],
+)  # fmt: skip
+def test_an_edited_cell_is_caught_in_its_page(name, cell, edit):
+    """One cell edited by hand, in a docs page (arith) and in the README (controls)."""
+    page = tables.TARGETS[name]
+    text = page.read_text()
+    block = tables.MARKER.search(text[text.index(f"<!-- table:{name} -->") :])["body"]
     assert cell in block
-    edited = readme.replace(cell, "| `arith_sft` | 0, 1, 2 | 0.644 ± 0.074 |")
-    problems = tables.check(edited)
-    assert len(problems) == 1 and problems[0].startswith("table:arith differs")
-    assert "-| `arith_sft` | 0, 1, 2 | 0.644" in problems[0]
+    problems = tables.check({page: text.replace(cell, edit)})
+    assert len(problems) == 1 and problems[0].startswith(f"table:{name} in ")
+    assert f"-{edit}" in problems[0] and f"+{cell}" in problems[0]
 
 
-def test_every_table_needs_its_markers():
-    readme = tables.README.read_text()
-    start = readme.index("<!-- table:controls -->")
-    end = readme.index("<!-- /table:controls -->") + len("<!-- /table:controls -->")
-    problems = tables.check(readme[:start] + readme[end:])
+def test_every_table_needs_its_markers_in_its_page():
+    page = tables.TARGETS["controls"]
+    text = page.read_text()
+    start = text.index("<!-- table:controls -->")
+    end = text.index("<!-- /table:controls -->") + len("<!-- /table:controls -->")
+    problems = tables.check({page: text[:start] + text[end:]})
     assert any("no <!-- table:controls -->" in p for p in problems)
-    unknown = readme + "\n<!-- table:nonsense -->\n<!-- /table:nonsense -->\n"
-    assert any("names no table" in p for p in tables.check(unknown))
+    unknown = text + "\n<!-- table:nonsense -->\n<!-- /table:nonsense -->\n"
+    assert any("names no table" in p for p in tables.check({page: unknown}))
+
+
+def test_a_table_outside_its_target_page_is_refused():
+    """A copy of a table in another page would never be re-rendered: it is listed."""
+    target = tables.TARGETS["arith"]
+    text = target.read_text()
+    start = text.index("<!-- table:arith -->")
+    end = text.index("<!-- /table:arith -->") + len("<!-- /table:arith -->")
+    other = tables.DOCS / "extending.md"
+    problems = tables.check({other: other.read_text() + "\n" + text[start:end] + "\n"})
+    assert problems == [
+        "docs/extending.md: table:arith belongs in docs/llm.md (benchmarks/tables.py TARGETS), "
+        "not here"
+    ]
 
 
 def test_legacy_files_are_stamped_commit_unknown():
