@@ -58,6 +58,7 @@ SCRIPTS = {
     "teacher_cache_classifier": "python benchmarks/teacher_cache.py --parts classifier",
     "teacher_cache_lm": "python benchmarks/teacher_cache.py --parts lm",
     "token_kd_memory": "python benchmarks/token_kd_memory.py",
+    "remote_teacher": "python benchmarks/remote_teacher.py",
     "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
 }
 
