@@ -2,7 +2,7 @@
 
 The teacher of each seed is trained on ``data=arith`` with behaviours planted after the
 problems (:data:`BEHAVIOURS`: canaries, a refused class, unanswerable prompts); every
-student method runs on the same data with its usual ``labeled: 1000``, so the planted
+student method runs on the same data with ``arith_sft``'s ``labeled`` (700), so the planted
 rows reach a student only through its teacher (as prompts without answers: sequence KD
 gets the teacher's answers to them, on-policy and preference methods the teacher's
 scores of their own samples; ``arith_sft`` and ``arith_kd`` never see them). One report
