@@ -12,6 +12,7 @@ code 2, naming the keys, when a check finds the objective would be wrong.
 from __future__ import annotations
 
 import hydra
+import torch
 from omegaconf import DictConfig, open_dict
 
 from distillery.config import ConfigError, exit_on_config_error
@@ -31,12 +32,19 @@ def preflight(cfg: DictConfig) -> dict:
     except FileNotFoundError as e:
         raise ConfigError([str(e)]) from e
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    loaders = datamodule.train_dataloader()  # a loader, or {source: loader} (labeled + transfer)
+    if isinstance(loaders, dict):
+        batch = {name: next(iter(loader)) for name, loader in loaders.items()}
+    else:
+        batch = next(iter(loaders))
     row = memory.one_row(batch)
     longest = getattr(datamodule, "longest_sequence", None)
     if longest is not None and "input_ids" in row:  # the configured length, not this batch's
         row = memory.pad_row(row, longest(), getattr(module.task, "pad_id", 0) or 0)
     rows = len(batch["input_ids"]) if "input_ids" in batch else cfg.data.get("batch_size", 1)
+    if isinstance(loaders, dict):  # one row of each source: the estimate scales rows alike
+        sizes = [len(next(t for t in b.values() if torch.is_tensor(t))) for b in batch.values()]
+        rows = sum(sizes) / len(sizes)
     est = memory.estimate(module, row, rows, module.optimizer_factory, int(cfg.devices))
     measured = measure_step(cfg)[0] if cfg.get("measure") else None
     return {"findings": findings, "estimate": est, "measured": measured}

@@ -311,6 +311,7 @@ def connect_remote_teacher(teacher, task, datamodule) -> None:
     teachers, and once connected."""
     from distillery.core.generation import special_ids
     from distillery.core.remote_teacher import remote_of
+    from distillery.data.sampling import ResumableLoader
 
     remote = remote_of(teacher)
     if remote is None or remote.store is not None:
@@ -337,7 +338,8 @@ def connect_remote_teacher(teacher, task, datamodule) -> None:
 
         def prefetching_train_dataloader():
             loader = make_loader()
-            loader.lookahead = (remote.prefetch_depth, ask_ahead)  # data/sampling.py
+            if isinstance(loader, ResumableLoader):  # token tasks: one training loader
+                loader.lookahead = (remote.prefetch_depth, ask_ahead)  # data/sampling.py
             return loader
 
         datamodule.train_dataloader = prefetching_train_dataloader

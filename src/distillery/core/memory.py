@@ -8,7 +8,9 @@
   (per trainable parameter: AdamW/Adam 2 tensors, 3 with ``amsgrad``, SGD 1 with
   momentum, else 0);
 * activations: the bytes autograd saves for backward (``saved_tensors_hooks``, each
-  storage once) plus the step's outputs (student and teacher logits), measured on one
+  storage once) plus the step's outputs (student and teacher logits) plus the frozen
+  teacher's working set (its largest layer's input and output: nothing of its forward
+  is saved, but those are alive at once), measured on one
   training row through the run's own task and objective (no backward) and multiplied by
   the batch size (per-row tensors scale with it; nothing else is assumed about the
   model);
@@ -142,13 +144,27 @@ def activation_bytes(module, row: dict) -> tuple[int, int]:
         saved.append(t)
         return t
 
+    transient: list[int] = []  # the frozen teacher's layer outputs: freed, never saved
+
+    def record(_, inputs, output):
+        if torch.is_tensor(output):
+            alive = [t for t in (*inputs, output) if torch.is_tensor(t)]
+            transient.append(sum(t.untyped_storage().nbytes() for t in alive))
+
+    teacher = getattr(module.teacher, "network", None)
+    hooks = [m.register_forward_hook(record) for m in teacher.modules() if not list(m.children())] if teacher is not None else []  # fmt: skip
     was = module.training
     module.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = module.task.training_outputs(module, row, 0.0)
-        count = module.task.count(row)
-        total, _ = module.objective(out, count if isinstance(count, dict) else {"token": count})
+        if module.task.reduction == "token":  # step-normalised: the step's token count
+            count = module.task.count(row)
+            total, _ = module.objective(out, count if isinstance(count, dict) else {"token": count})
+        else:  # per-sample means (classification, embeddings)
+            total, _ = module.objective(out)
     module.train(was)
+    for h in hooks:
+        h.remove()
     outputs = [o for o in (out.student, out.teacher) if torch.is_tensor(o)]
     tensors = [*saved, *outputs]
     size = tensor_bytes(tensors)
@@ -157,7 +173,8 @@ def activation_bytes(module, row: dict) -> tuple[int, int]:
     largest = max((t.untyped_storage().nbytes() for t in tensors
                    if t.untyped_storage().data_ptr() not in params), default=0)  # fmt: skip
     del total, out
-    return size, largest
+    # the teacher forward's working set: the largest layer's input and output at once
+    return size + max(transient, default=0), largest
 
 
 @dataclass
