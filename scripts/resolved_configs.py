@@ -4,11 +4,14 @@ no number.
     python scripts/resolved_configs.py dump before.json      # at the base commit
     python scripts/resolved_configs.py dump after.json       # after the change
     python scripts/resolved_configs.py compare before.json after.json
+    python scripts/resolved_configs.py compare before.json after.json --moved-targets
 
 Each experiment in conf/experiment/ is composed as `train experiment=<name>` (outputs and
 the project root pinned to fixed strings, so two checkouts compare equal) and resolved
 leaf by leaf: a leaf that cannot resolve here (a `???`, a model package that is not
-installed) is kept as its unresolved text.
+installed) is kept as its unresolved text. ``--moved-targets`` reads the ``_target_``s of
+before.json at today's paths first (``distillery.config.MOVED_TARGETS``, what an old
+checkpoint's config goes through), so a move of code alone compares identical.
 """
 
 from __future__ import annotations
@@ -75,8 +78,13 @@ def differences(a, b, where=""):
         yield f"{where}: {a!r} -> {b!r}"
 
 
-def compare(before: str, after: str) -> int:
+def compare(before: str, after: str, *flags: str) -> int:
     a, b = (json.loads(Path(p).read_text()) for p in (before, after))
+    if "--moved-targets" in flags:
+        sys.path.insert(0, str(ROOT / "src"))
+        from distillery.config import upgrade_targets
+
+        a = upgrade_targets(a)
     found = list(differences(a, b))
     for line in found:
         print(line.lstrip("."))
