@@ -164,7 +164,7 @@ def test_blank_responses_exit_2_naming_file_line_and_count(train_cfg, blank, cap
     student's run stops with exit code 2 and one message saying so (the key, the file, the
     first blank line, how many), before any model; never "lacks" a key the rows have."""
     from distillery.config import exit_on_config_error
-    from distillery.core import builder
+    from distillery.engine import builder
 
     def refuse(cfg):
         raise AssertionError("the student was built before data.responses was read")

@@ -90,13 +90,17 @@ def discovered_terms() -> dict[str, type]:
     return found
 
 
+OBJECTIVE = "distillery.losses.objective.Objective"  # the terms' sum, not a term
+
+
 def shipped_term_nodes() -> list[tuple[str, dict]]:
-    """(file, node) for every ``_target_: distillery.losses.*`` node under conf/."""
+    """(file, node) for every ``_target_: distillery.losses.*`` term node under conf/."""
     nodes = []
 
     def walk(value, path):
         if isinstance(value, dict):
-            if str(value.get("_target_", "")).startswith("distillery.losses."):
+            target = str(value.get("_target_", ""))
+            if target.startswith("distillery.losses.") and target != OBJECTIVE:  # a term
                 nodes.append((path, value))
             for v in value.values():
                 walk(v, path)

@@ -21,7 +21,7 @@ from distillery.config.resolvers import CONFIG_DIR
 def preflight(cfg: DictConfig) -> dict:
     """``{findings, estimate, measured}`` of a run config (nothing trains unless
     ``cfg.measure``)."""
-    from distillery.core import memory
+    from distillery.engine import memory
     from distillery.engine.builder import build_run
     from distillery.engine.preflight import Finding
 
@@ -45,7 +45,7 @@ def preflight(cfg: DictConfig) -> dict:
 def measure_step(cfg: DictConfig, step: int = 1):
     """Run ``step + 1`` real training steps of ``cfg`` on this CPU; ``(result, module)``
     with the peak of the last (``engine.memory.StepPeak``)."""
-    from distillery.core import memory
+    from distillery.engine import memory
     from distillery.engine.builder import build_run
 
     cfg = cfg.copy()
@@ -71,8 +71,8 @@ def main(cfg: DictConfig) -> None:
     from rich.console import Console
 
     from distillery.config.extras import apply_extras
-    from distillery.core import memory
-    from distillery.core import preflight as checks
+    from distillery.engine import memory
+    from distillery.engine import preflight as checks
 
     apply_extras(cfg)
 
