@@ -184,7 +184,7 @@ def timed_run(compose, overrides: list[str], method: str, steps: int) -> dict[st
     """CPU and wall seconds of ``steps`` steps of ``method`` on a freshly built run (the
     same seed: the same initial weights and batches for every method), timed from a
     garbage collection on."""
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     cfg = compose([*overrides, f"++trainer.max_steps={steps}"])
     datamodule, module, trainer, _ = build_run(cfg)
@@ -204,8 +204,8 @@ def measure(compose, common, ckpts, sizes, steps: dict, repeats) -> tuple[dict, 
     """({(size, method, clock): [ms/step per repeat]}, {size: (student, teacher) params}),
     the three methods interleaved, after one unrecorded warm-up round (first calls:
     kernels, lazy imports and initialisations)."""
-    from distillery.core.builder import build_run
-    from distillery.core.module import count_params
+    from distillery.engine.builder import build_run
+    from distillery.engine.module import count_params
 
     per_step: dict = {}
     params = {}
@@ -312,7 +312,7 @@ def profile(compose, overrides: list[str], steps: int) -> None:
     import cProfile
     import pstats
 
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     datamodule, module, trainer, _ = build_run(
         compose([*overrides, f"++trainer.max_steps={steps}"])

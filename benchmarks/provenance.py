@@ -378,7 +378,11 @@ def recipe_differences(recorded: Mapping[Any, Mapping | None], planned: Mapping[
 
     A key is e.g. ``(method, seed)``; a planned key the table lacks (a new seed) is
     compared with the recorded runs of the same first element (method) instead, its
-    seed-valued keys aside."""
+    seed-valued keys aside. Recorded ``_target_``s are read at today's paths (code that
+    moved is the same recipe: ``distillery.config.MOVED_TARGETS``)."""
+    from distillery.config import upgrade_targets
+
+    recorded = {k: None if v is None else upgrade_targets(dict(v)) for k, v in recorded.items()}
     problems = []
     missing = [k for k, v in recorded.items() if v is None]
     if missing and len(missing) == len(recorded):

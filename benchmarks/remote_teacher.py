@@ -109,8 +109,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from distillery.core.remote_teacher import from_remote
     from distillery.data.sampling import EpochSampler, ResumableLoader
+    from distillery.engine.remote_teacher import from_remote
 
     session = provenance.Session(__file__, [args.results_dir / STEM])
     tmp = Path(tempfile.mkdtemp(prefix="bench_remote_"))

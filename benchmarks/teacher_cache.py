@@ -76,7 +76,7 @@ def lockstep_ms(modes: dict[str, list[str]], steps: int) -> dict[str, float]:
 
     import lightning as L
 
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     names = list(modes)
     turn = threading.Condition()
@@ -247,8 +247,8 @@ def cache_read_ms(overrides: list[str]) -> float:
     """ms for the cached teacher to answer one training batch (fastest of 50)."""
     import torch
 
-    from distillery.core.builder import build_run
     from distillery.data.batch import merge_sources
+    from distillery.engine.builder import build_run
 
     datamodule, module, _, _ = build_run(compose("train", [*overrides, *QUIET]))
     datamodule.setup("fit")
@@ -269,7 +269,7 @@ def cache_read_ms(overrides: list[str]) -> float:
 
 READER = """
 import sys, torch
-from distillery.core.teacher_cache import CachedOutputs
+from distillery.teacher_cache.store import CachedOutputs
 def rss(kind):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(kind)) / 1024
 anon, file = rss('RssAnon'), rss('RssFile')
@@ -304,8 +304,8 @@ def language_model(out: Path, text_teacher: Path | None, data_dir: Path | None,
     import torch
 
     from distillery.config import build
-    from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row
+    from distillery.engine.teacher import from_run_checkpoint
+    from distillery.teacher_cache.store import CachedOutputs, bytes_per_row
 
     common = [f"paths.data_dir={data_dir or out / 'data'}", f"paths.output_dir={out / 'runs'}"]
     if text_teacher is None:

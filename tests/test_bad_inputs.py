@@ -129,7 +129,7 @@ def test_bad_input_is_one_message_naming_the_key_and_writes_nothing(
 
 
 def test_the_oversubscription_guard_can_be_lifted(train_cfg):
-    from distillery.core.builder import check_processes
+    from distillery.engine.builder import check_processes
 
     cores = len(__import__("os").sched_getaffinity(0))
     with pytest.raises(ConfigError, match="trainer.devices"):
@@ -145,9 +145,9 @@ def test_a_training_loader_without_a_batch_is_refused():
 
     from torch.utils.data import DataLoader
 
-    from distillery.core.module import DistillationModule
-    from distillery.core.objective import Objective
+    from distillery.engine.module import DistillationModule
     from distillery.losses import CrossEntropy
+    from distillery.losses.objective import Objective
 
     module = DistillationModule(torch.nn.Linear(2, 2), Objective({"task": CrossEntropy()}),
                                 optimizer=lambda params: torch.optim.SGD(params, lr=0.1), num_classes=2)  # fmt: skip
@@ -164,7 +164,7 @@ def test_blank_responses_exit_2_naming_file_line_and_count(train_cfg, blank, cap
     student's run stops with exit code 2 and one message saying so (the key, the file, the
     first blank line, how many), before any model; never "lacks" a key the rows have."""
     from distillery.config import exit_on_config_error
-    from distillery.core import builder
+    from distillery.engine import builder
 
     def refuse(cfg):
         raise AssertionError("the student was built before data.responses was read")

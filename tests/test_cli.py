@@ -172,7 +172,7 @@ def test_a_signal_stops_the_run_with_last_ckpt_and_it_resumes(tmp_path, data_dir
     import signal
     import threading
 
-    from distillery.core.checkpoint import read_checkpoint
+    from distillery.engine.checkpoint import read_checkpoint
 
     env = processes.cli_env()
     env.pop("SLURM_JOB_ID", None)
@@ -213,7 +213,7 @@ def test_a_signal_stops_the_run_with_last_ckpt_and_it_resumes(tmp_path, data_dir
     assert not list((out / "checkpoints").glob(".*.tmp"))
     epoch = ckpt["epoch"]
     from conftest import compose_cfg
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
     from distillery.train import train
 
     def finish(name, *extra):  # in-process: the same config up to epoch + 2

@@ -15,9 +15,9 @@ def test_all_problems_reported_together_before_loading(train_cfg, monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("nothing may be built from an invalid config")
 
-    import distillery.core.builder
+    import distillery.engine.builder
 
-    monkeypatch.setattr(distillery.core.builder, "build", no_build)
+    monkeypatch.setattr(distillery.engine.builder, "build", no_build)
     cfg = train_cfg(
         "experiment=mnist1d_kd",  # teacher.ckpt_path interpolates a real path...
         "teacher.ckpt_path=???",  # ...made missing here
@@ -94,17 +94,17 @@ def test_logged_ece_is_guos_formula():
 def test_evaluate_refuses_a_teacher_whose_weights_changed(mnist1d_teacher_ckpt, tmp_path):
     import shutil
 
-    from distillery.core.checkpoint import META_KEY
+    from distillery.engine.checkpoint import META_KEY
 
     copy = tmp_path / "teacher.ckpt"
     shutil.copy(mnist1d_teacher_ckpt, copy)
-    from distillery.core.teacher import from_run_checkpoint
+    from distillery.engine.teacher import from_run_checkpoint
 
     teacher = from_run_checkpoint(str(copy))
     provenance = {
         **teacher.provenance,
         "config": {
-            "_target_": "distillery.core.teacher.from_run_checkpoint",
+            "_target_": "distillery.engine.teacher.from_run_checkpoint",
             "ckpt_path": str(copy),
         },
     }

@@ -14,10 +14,11 @@ from torch import nn
 import distillery
 from conftest import SMALL_MNIST1D
 from distillery.config import ConfigError
-from distillery.core.module import DistillationModule
-from distillery.core.objective import Objective, Outputs
-from distillery.core.teacher import Teacher, from_model
+from distillery.contract import Outputs
+from distillery.engine.module import DistillationModule
+from distillery.engine.teacher import Teacher, from_model
 from distillery.losses import CrossEntropy, HintonKD, TokenKD
+from distillery.losses.objective import Objective
 from distillery.train import build_run
 
 COMMANDS = {
@@ -101,12 +102,86 @@ def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+# The layers, bottom to top: a module imports its own layer or the layers below, never a
+# higher one (docs/architecture.md draws them). Names are top-level packages or modules.
+LAYERS = (
+    {"contract", "config"},  # the shared vocabulary; config errors, resolvers, run records
+    {"losses", "models", "recipes", "generation", "data", "teacher_cache", "evaluation"},
+    {"tasks"},  # task adapters
+    {"engine"},  # module, builder, teacher, taps, sharding, checkpoint, remote teacher
+    COMMANDS,
+)
+
+
+def folder_of(module: str, mods: dict[str, Path]) -> str:
+    """The folder (package) a module lives in; a top-level module (a command, the
+    contract) is a unit of its own."""
+    folder = module if mods[module].name == "__init__.py" else module.rpartition(".")[0]
+    return module if folder == "distillery" else folder
+
+
+def folder_graph(graph: dict[str, set[str]], mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Folder -> the folders its modules import (no self edges)."""
+    folders: dict[str, set[str]] = {folder_of(m, mods): set() for m in graph}
+    for m, targets in graph.items():
+        for t in targets:
+            if folder_of(t, mods) != folder_of(m, mods):
+                folders[folder_of(m, mods)].add(folder_of(t, mods))
+    return folders
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, layer in enumerate(LAYERS) if top in layer)
+
+
+def test_no_import_cycle_between_folders():
+    mods = package_modules()
+    cycle = find_cycle(folder_graph(import_graph(mods), mods))
+    assert cycle is None, "folders import each other: " + " -> ".join(cycle)
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    tops = {m.split(".")[1] for m in package_modules() if m != "distillery"}
+    assert tops == set().union(*LAYERS), "every top-level package or module has a layer"
+    upward = sorted(
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in import_graph(package_modules()).items() if m != "distillery"
+        for t in targets if layer_of(t) > layer_of(m)
+    )  # fmt: skip
+    assert not upward, "\n".join(upward)
+
+
+def test_every_distillery_import_names_a_module_that_exists():
+    """Lazy imports too (inside functions), which importing every module does not run."""
+    mods = package_modules()
+    stale = sorted(
+        f"{m}: {node.module}"
+        for m, f in mods.items() for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level == 0
+        and (node.module or "").startswith("distillery") and node.module not in mods
+    )  # fmt: skip
+    assert not stale, stale
+
+
+def test_the_contract_imports_nothing_of_distillery():
+    assert import_graph(package_modules())["distillery.contract"] == set()
+
+
+def test_the_folder_check_finds_a_cycle_between_folders_of_acyclic_files():
+    mods = {m: Path(f"{m.replace('.', '/')}.py") for m in ("distillery.a.x", "distillery.a.y",
+                                                         "distillery.b.z")}  # fmt: skip
+    files = {"distillery.a.x": {"distillery.b.z"}, "distillery.b.z": {"distillery.a.y"},
+             "distillery.a.y": set()}  # fmt: skip
+    assert find_cycle(files) is None  # no cycle between files ...
+    assert find_cycle(folder_graph(files, mods)) == ["distillery.a", "distillery.b", "distillery.a"]
+
+
 def test_top_level_modules_are_the_commands_and_each_has_a_console_script():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     top = {m.split(".")[1] for m in package_modules() if m.count(".") == 1}
-    packages = {"config", "core", "data", "evaluation", "losses", "models", "recipes"}
-    assert top == COMMANDS | packages
+    assert top == set().union(*LAYERS)
     scripts = tomllib.loads((Path(distillery.__file__).parents[2] / "pyproject.toml").read_text())
     targets = scripts["project"]["scripts"]
     assert {t.split(":")[0] for t in targets.values()} == {f"distillery.{c}" for c in COMMANDS}
@@ -225,7 +300,7 @@ def load_last_layer(student: nn.Module, path: str) -> None:
 def test_a_checkpoint_from_before_the_unified_core_still_loads(mnist1d_teacher_ckpt, tmp_path):
     """Format-1 metadata named the teacher sources at distillery.teacher.* and kept
     embeddings_from in the student config; reading it gives today's layout."""
-    from distillery.core.checkpoint import read_checkpoint
+    from distillery.engine.checkpoint import read_checkpoint
     from distillery.evaluate import rebuild_teacher
 
     ckpt = torch.load(mnist1d_teacher_ckpt, weights_only=True)
@@ -239,10 +314,40 @@ def test_a_checkpoint_from_before_the_unified_core_still_loads(mnist1d_teacher_c
     }
     torch.save(ckpt, tmp_path / "old.ckpt")
     new = read_checkpoint(tmp_path / "old.ckpt")["distillery"]
-    assert new["format"] == 2 and "embeddings_from" not in new["config"]["student"]
-    assert new["teacher"]["config"]["_target_"] == "distillery.core.teacher.from_run_checkpoint"
+    assert new["format"] == 3 and "embeddings_from" not in new["config"]["student"]
+    assert new["teacher"]["config"]["_target_"] == "distillery.engine.teacher.from_run_checkpoint"
     with pytest.raises(ConfigError, match="teacher.ckpt_path: file not found: x"):
         rebuild_teacher(read_checkpoint(tmp_path / "old.ckpt"))  # today's source runs
+
+
+def test_a_checkpoint_from_before_the_layers_still_rebuilds(mnist1d_teacher_ckpt, tmp_path):
+    """Format-2 checkpoints recorded their targets under distillery.core.*; reading one
+    names today's paths, and every target it names can be imported."""
+    from hydra.utils import get_object
+
+    from distillery.config import MOVED_TARGETS
+    from distillery.engine.checkpoint import read_checkpoint
+
+    ckpt = torch.load(mnist1d_teacher_ckpt, weights_only=True)
+    meta = ckpt["distillery"]
+    meta["format"] = 2
+    old = {"module": "distillery.core.module.DistillationModule",
+           "objective": "distillery.core.objective.Objective",
+           "task": "distillery.core.tasks.ClassificationTask",
+           "teacher": "distillery.core.teacher.from_run_checkpoint",
+           "init": "distillery.core.checkpoint.init_from_run",
+           "remote": "distillery.core.remote_teacher.from_remote",
+           "strategy": "distillery.core.sharding.FSDP2Strategy",
+           "callback": "distillery.core.callbacks.ModelCheckpoint"}  # fmt: skip
+    meta["config"]["recorded"] = {k: {"_target_": v} for k, v in old.items()}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new = read_checkpoint(tmp_path / "old.ckpt")["distillery"]
+    for key, node in new["config"]["recorded"].items():
+        assert not node["_target_"].startswith("distillery.core."), key
+        assert callable(get_object(node["_target_"])), node["_target_"]
+    assert {old for old, _ in MOVED_TARGETS[1:]} == {
+        v.rsplit(".", 1)[0] + "." for v in old.values()
+    }  # every moved prefix is exercised here
 
 
 class NaNOnCall(CrossEntropy):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distillery.core.objective import UNLABELED
+from distillery.contract import UNLABELED
 from distillery.data.batch import merge_sources
 from distillery.data.digits import DigitsDataModule
 from distillery.data.images import ImageDataModule

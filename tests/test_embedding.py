@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from distillery.config import ConfigError
 from distillery.config.resolvers import packaged_model
-from distillery.core.objective import UNLABELED, Outputs
+from distillery.contract import UNLABELED, Outputs
 from distillery.data.sentences import SentenceDataModule, split_sentences
 from distillery.evaluation.metrics import EmbeddingMetrics, NeighbourAgreement, neighbour_agreement
 from distillery.losses import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
@@ -210,9 +210,9 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
     """A short minilm_embed_kd run, then `distillery.evaluate` on its checkpoint: the
     teacher is rebuilt from provenance, the report compares it with the student."""
     from conftest import compose_cfg
-    from distillery.core.tasks import EmbeddingTask
     from distillery.evaluate import evaluate
     from distillery.evaluation.report import report_keys
+    from distillery.tasks import EmbeddingTask
     from distillery.train import train
 
     cfg = train_cfg("experiment=minilm_embed_kd", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
@@ -241,7 +241,7 @@ def test_embedding_report_card(train_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "pca_embeddings", no_teacher_needed)
     # ONNX export of the encoder: token ids stay int64, any batch size and length.
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
     from distillery.export import export_student, load_exported
 
     example = torch.randint(1000, 3000, (4, 9))

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.core.checkpoint import read_checkpoint
-from distillery.core.objective import UNLABELED, Outputs
+from distillery.contract import UNLABELED, Outputs
 from distillery.data.batch import TensorDictDataset
 from distillery.data.mnist1d import MNIST1DDataModule
 from distillery.data.pool import ID_STRIDE, TransferPool
+from distillery.engine.checkpoint import read_checkpoint
 from distillery.losses import CrossEntropy
 from distillery.recipes.augment import ImageAugment, SignalAugment
 from distillery.recipes.mixing import CutMix, Mixup

@@ -10,13 +10,13 @@ import torch
 
 from conftest import SMALL_ARITH, compose_cfg
 from distillery.config import ConfigError
-from distillery.core.builder import build_run
-from distillery.core.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
-from distillery.core.objective import IGNORE, Outputs
-from distillery.core.tasks.generative import Answers, GenerativeLMTask
+from distillery.contract import IGNORE, Outputs
 from distillery.data.arith import ArithDataModule, char_tokenizer
+from distillery.engine.builder import build_run
 from distillery.evaluation.metrics import AnswerMetrics
+from distillery.generation import HFGenerator, cut_at_eos, left_pad, pack, prompts_of
 from distillery.losses import TokenKD
+from distillery.tasks.generative import Answers, GenerativeLMTask
 
 
 def test_problems_are_deterministic_disjoint_and_correct(arith_tok):
@@ -177,7 +177,7 @@ def test_fine_tunes_of_the_sft_student(
     """On-policy (GKD: JSD, reverse KL) and off-policy token KD from the arith_sft student:
     each starts from its weights, on the same prompts (every training prompt), and takes
     a step with its own divergence."""
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     sft, answers = arith_sft_run
     cfg = train_cfg(f"experiment={experiment}", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
@@ -377,7 +377,7 @@ def test_dpo_equals_its_closed_form_on_a_hand_made_pair():
         DPO(reference="other")(out)
     # under accumulation each micro-batch is divided by the step's pair count, so the
     # micro-batches' losses add up to the mean over all pairs of the step
-    from distillery.core.objective import Objective
+    from distillery.losses.objective import Objective
 
     objective = Objective({"dpo": DPO(beta=0.5)}, reduction="token")
     whole = DPO(beta=0.5)(out).mean()
@@ -587,7 +587,7 @@ def test_verifier_ranks_preference_pairs_before_the_teacher(
     wrong one, whatever the teacher thinks; the teacher only breaks ties. The student's
     samples are set here (the right answer and five wrong ones per prompt), so every
     prompt has both, and the barely trained teacher prefers a wrong one somewhere."""
-    import distillery.core.tasks.generative as generative
+    import distillery.tasks.generative as generative
     from distillery.data.arith import solve
 
     cfg = train_cfg("experiment=arith_dpo", "debug=fdr", *SMALL_ARITH, f"data.tokenizer={arith_tok}",

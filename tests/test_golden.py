@@ -5,7 +5,7 @@ unified (one module, one objective, task adapters), which left them where they w
 were recorded anew since for changes meant to move them: the training order became a
 function of (seed, epoch, pass) so that resume is exact (``distillery.data.sampling``);
 building a frozen model no longer draws from the run's random stream
-(``core/builder.py: build_frozen_model``), which moved the runs with dropout or views
+(``engine/builder.py: build_frozen_model``), which moved the runs with dropout or views
 (mnist1d_fm, text_lm_kd, text_lm_kd_hidden).
 A refactor must leave them where they are. Record them anew only for a change that is
 meant to move the numbers, and say so in its commit:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SMALL_MNIST1D
-from distillery.core.objective import Outputs
+from distillery.contract import Outputs
 from distillery.losses import HintonKD
 from distillery.train import train
 

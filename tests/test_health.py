@@ -61,7 +61,7 @@ def test_a_student_that_never_emits_eos_is_stopped(train_cfg, arith_tok, arith_t
     """arith_kd with a student whose EOS logit is forced to -inf: greedy answers never
     end, val/health/eos_rate stays 0 (the teacher's is logged beside it), and
     health.stop_on stops the run at the second validation with a message."""
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     cfg = train_cfg("experiment=arith_kd", *SMALL_ARITH, f"data.tokenizer={arith_tok}", f"teacher.ckpt_path={arith_teacher_ckpt}",
                     "trainer.max_steps=8", "trainer.val_check_interval=2", "scheduler.warmup_steps=1",

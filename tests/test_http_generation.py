@@ -1,4 +1,4 @@
-"""The HTTP generation backend (``HTTPGenerator`` in core/generation.py, ``distillery.generate
+"""The HTTP generation backend (``HTTPGenerator`` in generation/__init__.py, ``distillery.generate
 backend=http``) against a scriptable fake OpenAI-compatible ``/v1/completions`` server.
 
 The fake's answers are canned texts derived from a hash of (prompt, seed, temperature,
@@ -23,8 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import SMALL_ARITH, compose_cfg
-from distillery.core.generation import HTTPGenerator
 from distillery.data.arith import char_tokenizer
+from distillery.generation import HTTPGenerator
 
 PROMPTS = ["12+34=", "7 minus 5 is", "100-1=", "3 plus 4 is"]
 TRANSIENT = ["429", "500", "503", "drop-after-headers", "drop-mid-body", "truncated-json", "slow"]
@@ -336,8 +336,8 @@ def test_a_server_running_the_teacher_gives_the_local_rows(
     HFGenerator) are the local backend's rows."""
     import torch
 
-    from distillery.core.checkpoint import load_student
-    from distillery.core.generation import hf_model
+    from distillery.engine.checkpoint import load_student
+    from distillery.generation import hf_model
 
     tok = char_tokenizer(arith_tok)
     model = hf_model(load_student(arith_teacher_ckpt)[1]).eval()

@@ -12,7 +12,6 @@ import torch
 
 from conftest import compose_cfg
 from distillery.config import ConfigError
-from distillery.core.generation import TextModel
 from distillery.data.arith import ABSTAIN, REFUSAL, ArithDataModule, char_tokenizer, policy_suite
 from distillery.evaluation.gate import Gate
 from distillery.evaluation.inherited import Evidence
@@ -20,6 +19,7 @@ from distillery.evaluation.inherited.errors import InheritedErrors
 from distillery.evaluation.inherited.groups import Groups
 from distillery.evaluation.inherited.memorization import Memorization
 from distillery.evaluation.inherited.safety import RegexScorer, Safety
+from distillery.generation import TextModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def canary_runs(tmp_path_factory, data_dir, arith_tok):
 
 
 def test_canary_is_extracted_after_training_on_it_and_not_without(canary_runs, arith_tok):
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     dm = ArithDataModule(str(arith_tok), num_train=200, num_val=16, num_test=40, canaries=2,
                          canary_digits=3)  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.core.objective import IGNORE, Objective, Outputs
+from distillery.contract import IGNORE, Outputs
 from distillery.losses import (
     CRD,
     DKD,
@@ -33,6 +33,7 @@ from distillery.losses import (
     TokenKD,
     ValueRelationKL,
 )
+from distillery.losses.objective import Objective
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.core.objective import UNLABELED, Objective, Outputs
+from distillery.contract import UNLABELED, Outputs
 from distillery.losses import DKD, CrossEntropy, HintonKD
+from distillery.losses.objective import Objective
 
 
 def hand_kd(t_logits, s_logits, T):

@@ -105,7 +105,7 @@ def test_prompts_and_answers_are_the_tasks(outside):
 def test_exact_match_needs_the_answer_then_eos(outside, char_tok):
     """Hand-made generations: the script's verdict, and the project's (the new tokens cut
     at EOS equal the answer's tokens + EOS, as AnswerMetrics counts)."""
-    from distillery.core.generation import cut_at_eos
+    from distillery.generation import cut_at_eos
 
     eos, pad = char_tok.eos_token_id, char_tok.pad_token_id
 
@@ -182,9 +182,9 @@ class Oracle(nn.Module):
 def test_outside_reading_agrees_with_the_project_on_a_model_that_answers(outside, arith_tok):
     """A model right on half the problems: the project's exact match on its test split and
     the script's on fresh problems agree within sampling error (and both are near 0.5)."""
-    from distillery.core.tasks.generative import GenerativeLMTask
     from distillery.data.arith import ArithDataModule
     from distillery.evaluation.report import held_out_pass
+    from distillery.tasks.generative import GenerativeLMTask
 
     dm = ArithDataModule(
         str(arith_tok), num_train=100, num_val=10, num_test=400, ops=["add", "sub"]
@@ -209,10 +209,10 @@ def test_exported_student_read_from_outside(outside, arith_teacher_ckpt, arith_t
     no Distillery, reads the problem spec from the model card and writes its statistics;
     on the project's test split it writes, problem by problem, the project's answers and
     verdicts."""
-    from distillery.core.tasks.generative import GenerativeLMTask
     from distillery.data.arith import ArithDataModule
     from distillery.evaluation.report import held_out_pass
     from distillery.export import HFExported, export
+    from distillery.tasks.generative import GenerativeLMTask
 
     out = tmp_path / "export"
     export(compose_cfg("export", [f"ckpt_path={arith_teacher_ckpt}", "format=hf",

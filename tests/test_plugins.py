@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from distillery.data.digits import DigitsDataModule
-from distillery.core.objective import LossTerm
-from distillery.core.teacher import Teacher
+from distillery.contract import LossTerm
+from distillery.engine.teacher import Teacher
 
 
 class L1Logits(LossTerm):
@@ -51,7 +51,7 @@ def random_teacher(seed: int = 0):
 
 YAMLS = {
     "distill/l1.yaml": """
-        _target_: distillery.core.objective.Objective
+        _target_: distillery.losses.objective.Objective
         terms:
           task: {_target_: distillery.losses.CrossEntropy}
           l1: {_target_: user_plugins.L1Logits}
@@ -99,8 +99,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from distillery.core.objective import LossTerm, Outputs
-from distillery.core.tasks import Task
+from distillery.contract import LossTerm, Outputs
+from distillery.tasks import Task
 from distillery.data.digits import DigitsDataModule
 
 
@@ -171,7 +171,7 @@ class SquaredError(LossTerm):
 
 def brightness_teacher():
     torch.manual_seed(0)
-    from distillery.core.teacher import Teacher
+    from distillery.engine.teacher import Teacher
 
     return Teacher(nn.Linear(64, 1), {"source": "user_random"})
 '''
@@ -182,7 +182,7 @@ MODALITY_YAMLS = {
     "student/regressor.yaml": "_target_: torch.nn.Linear\nin_features: 64\nout_features: 1\n",
     "teacher/brightness.yaml": "_target_: user_modality.brightness_teacher\n",
     "distill/regression_kd.yaml": """
-        _target_: distillery.core.objective.Objective
+        _target_: distillery.losses.objective.Objective
         terms:
           target: {_target_: user_modality.SquaredError, to: labels}
           teacher: {_target_: user_modality.SquaredError, to: teacher}

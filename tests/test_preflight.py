@@ -1,4 +1,4 @@
-"""Preflight (core/preflight.py, core/memory.py, python -m distillery.preflight): each
+"""Preflight (engine/preflight.py, engine/memory.py, python -m distillery.preflight): each
 check catches its failure, and the memory estimate meets one real step's peak."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 
 from conftest import SMALL_ARITH
 from distillery.config import ConfigError
-from distillery.core import memory
-from distillery.core.preflight import (
+from distillery.engine import memory
+from distillery.engine.preflight import (
     check_chat_templates,
     check_special_tokens,
     check_vocabulary,
@@ -90,8 +90,8 @@ def test_train_refuses_a_pretrained_teacher_whose_tokenizer_swaps_two_ids(
     directory whose tokenizer means other tokens by two ids is refused, key named."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distillery.core.builder import build_run
     from distillery.data.arith import ALPHABET, SPECIAL, char_tokenizer
+    from distillery.engine.builder import build_run
 
     char_tokenizer(arith_tok)  # written on first use
     chars = [*SPECIAL, *ALPHABET]
@@ -112,7 +112,7 @@ def test_memory_estimate_is_within_a_quarter_of_one_steps_peak(
 ):
     """The estimate (weights, grads, optimizer state, activations from one row times the
     batch) against the measured peak of a real second step on this CPU (live tensors +
-    the CPU allocator's running peak, core/memory.py)."""
+    the CPU allocator's running peak, engine/memory.py)."""
     from distillery.preflight import measure_step
 
     cfg = train_cfg(f"experiment={experiment}", *SMALL_ARITH, "data.batch_size=64", "data.labeled=null", f"data.tokenizer={arith_tok}",

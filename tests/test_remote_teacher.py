@@ -21,13 +21,13 @@ import torch
 
 import processes
 from conftest import SMALL_ARITH
-from distillery.core.cache_codec import compress, expand
-from distillery.core.cache_keys import content_lengths
-from distillery.core.endpoint import Endpoint
-from distillery.core.remote_teacher import RemoteLogprobs, from_remote
-from distillery.core.teacher import from_run_checkpoint
 from distillery.data.arith import char_tokenizer
+from distillery.engine.remote_teacher import RemoteLogprobs, from_remote
+from distillery.engine.teacher import from_run_checkpoint
+from distillery.generation.endpoint import Endpoint
 from distillery.serve import load_engine, make_server
+from distillery.teacher_cache.codec import compress, expand
+from distillery.teacher_cache.keys import content_lengths
 
 NAME = "arith-teacher"
 
@@ -292,7 +292,7 @@ def test_prefetch_asks_for_batches_ahead_without_changing_their_order():
 
 
 def fit_student(cfg) -> dict[str, torch.Tensor]:
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     datamodule, module, trainer, _ = build_run(cfg)
     before = {k: v.clone() for k, v in module.student.state_dict().items()}
@@ -328,7 +328,7 @@ def test_the_serve_command_serves_a_run_checkpoint(arith_teacher_ckpt, arith_tok
     import sys
 
     from conftest import PROJECT_ROOT
-    from distillery.core.remote_teacher import tokenizer_fingerprint
+    from distillery.engine.remote_teacher import tokenizer_fingerprint
 
     cmd = [sys.executable, "-m", "distillery.serve", f"model={arith_teacher_ckpt}", "port=0",
            f"served_name={NAME}", "device=cpu", f"hydra.run.dir={tmp_path}"]  # fmt: skip

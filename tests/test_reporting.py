@@ -8,12 +8,12 @@ import torch
 
 from conftest import SMALL_MNIST1D, compose_cfg
 from distillery.aggregate import aggregate
-from distillery.core.tasks import ClassificationTask
 from distillery.evaluate import evaluate
 from distillery.evaluation.evaluators import DisagreementAnalysis
 from distillery.evaluation.report import report_keys
 from distillery.evaluation.speed import cost_per_million
 from distillery.export import export, load_exported
+from distillery.tasks import ClassificationTask
 from distillery.train import train
 
 
@@ -104,7 +104,7 @@ def test_report_card_equals_what_the_run_logged_on_test(kd_run, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["state_dict", "torchscript", "onnx"])
 def test_export_reloads_and_matches_the_student(fmt, kd_student, tmp_path, data_dir):
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     report_dir = tmp_path / "report"
     evaluate(
@@ -167,7 +167,7 @@ def test_export_reloads_and_matches_the_student(fmt, kd_student, tmp_path, data_
 def test_int8_export_is_close_smaller_and_on_the_report_card(kd_student, tmp_path):
     """int8 dynamic quantisation of the student's Linear layers: within int8_tolerance of
     the float student, and measured by the report card next to it."""
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     path = export(compose_cfg("export", [f"ckpt_path={kd_student}", "format=int8",
                                          f"paths.output_dir={tmp_path / 'int8'}"]))  # fmt: skip

@@ -262,16 +262,48 @@ def test_no_student_experiment_starts_from_a_teacher_experiment(name):
 
 def test_teacher_experiments_are_found():
     assert {"arith_teacher", "mnist1d_teacher", "text_lm_teacher"} <= set(TEACHERS)
-    assert parents("arith_kd") == ["arith_sft"] and parents("arith_sft") == []
+    assert parents("arith_gkd_sft") == ["arith_gkd"] and parents("arith_sft") == []
 
 
-def test_arith_students_state_their_budget_and_share_the_baselines():
-    steps = {}
-    for name in ("arith_sft", "arith_kd", "arith_seqkd", "arith_gkd", "arith_uld", "arith_dpo"):
+def protocol_of(name: str) -> str | None:
+    for entry in experiment_defaults(name):
+        if isinstance(entry, dict) and "/protocol" in entry:
+            return entry["/protocol"]
+    return None
+
+
+PROTOCOLS = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
+
+
+OWN_SETTING = {  # experiments named like a family that are not part of its comparison
+    "mnist1d_fm": "a pool of fresh inputs, counted in steps",
+    "digits_bert_teacher": "digits as tokens (bert_hidden_attention's teacher)",
+}
+
+
+@pytest.mark.parametrize("family", ["arith", "mnist1d", "text_lm", "digits"])
+def test_a_family_shares_its_protocol(family):
+    """The teacher and the methods of a family start from conf/protocol/<family>.yaml
+    (data, tokenizer, budget), not from one another's experiment."""
+    assert family in PROTOCOLS
+    roots = [n for n in STUDENTS + TEACHERS if n.startswith(f"{family}_") and not parents(n)]
+    assert f"{family}_teacher" in roots
+    for name in roots:
+        if name in OWN_SETTING:
+            continue
+        assert protocol_of(name) == family, f"{name}.yaml does not start from /protocol: {family}"
+
+
+def test_arith_students_share_the_protocols_budget():
+    from conftest import compose_cfg
+
+    protocol = yaml.safe_load((ROOT / "conf" / "protocol" / "arith.yaml").read_text())
+    budget = protocol["trainer"]["max_steps"]  # and its warm-up: 300 steps
+    for name in ("arith_sft", "arith_kd", "arith_seqkd", "arith_gkd", "arith_uld"):
         own = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())
-        assert "max_steps" in (own.get("trainer") or {}), f"{name}.yaml states no trainer.max_steps"
-        steps[name] = own["trainer"]["max_steps"]
-    assert {steps[n] for n in steps if n != "arith_dpo"} == {steps["arith_sft"]}  # equal budgets
+        assert "max_steps" not in (own.get("trainer") or {}), f"{name}.yaml moves the budget"
+        cfg = compose_cfg("train", [f"experiment={name}"])
+        assert cfg.trainer.max_steps == budget and cfg.scheduler.warmup_steps == 300
 
 
 # ------------------------------------------------------------- reproducing a table

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import SMALL_MNIST1D, text_overrides
-from distillery.core.checkpoint import load_student
+from distillery.engine.checkpoint import load_student
 from distillery.train import train
 
 # No validation (the function-matching test keeps it, between the steps): last.ckpt only.

@@ -10,7 +10,7 @@ import torch
 
 from conftest import SMALL_MNIST1D, compose_cfg
 from distillery.config import ConfigError
-from distillery.core.checkpoint import read_checkpoint
+from distillery.engine.checkpoint import read_checkpoint
 
 
 class Payload:

@@ -143,8 +143,8 @@ def test_fsdp2_shipped_mixed_precision_policy(tmp_path, data_dir, mnist1d_teache
 
 def test_fsdp2_plan_names_its_keys(train_cfg, mnist1d_teacher_ckpt):
     from distillery.config import ConfigError
-    from distillery.core.builder import build_run
-    from distillery.core.sharding import units
+    from distillery.engine.builder import build_run
+    from distillery.engine.sharding import units
     from distillery.models.hf import HFCausalLM
 
     with pytest.raises(ConfigError, match="trainer.strategy.teacher"):
@@ -193,7 +193,7 @@ class Frozen(torch.nn.Module):
 def test_replicated_teacher_must_fit_and_fsdp1_keeps_it_out_of_flat_parameters(monkeypatch):
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    import distillery.core.sharding as sharding
+    import distillery.engine.sharding as sharding
     from distillery.config import ConfigError
 
     module = Frozen(64)  # 64 x 65 float32 = 16.6 kB
@@ -205,5 +205,5 @@ def test_replicated_teacher_must_fit_and_fsdp1_keeps_it_out_of_flat_parameters(m
     fsdp1 = FSDPStrategy(parallel_devices=[torch.device("cpu")])
     sharding.configure_sharding(module, fsdp1)  # Lightning wraps the root after this hook
     assert fsdp1.kwargs["ignored_modules"] == [module.teacher]
-    with pytest.raises(ConfigError, match="use distillery.core.sharding.FSDP2Strategy"):
+    with pytest.raises(ConfigError, match="use distillery.engine.sharding.FSDP2Strategy"):
         sharding.configure_sharding(module, ModelParallelStrategy())

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMALL_MNIST1D, compose_cfg
-from distillery.core.objective import Outputs
-from distillery.core.projectors import MapProjector, TokenProjector, build_projector
-from distillery.core.taps import DuplicateCaptureError, Taps, describe
+from distillery.contract import Outputs
+from distillery.engine.taps import DuplicateCaptureError, Taps, describe
 from distillery.losses import (
     PKT,
     RKD,
@@ -22,6 +21,7 @@ from distillery.losses import (
     HiddenStates,
     SimilarityPreserving,
 )
+from distillery.losses.projectors import MapProjector, TokenProjector, build_projector
 from distillery.train import build_run
 
 FITNET = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=300"]
@@ -307,7 +307,7 @@ def test_describe_lists_paths_and_shapes():
 def test_feature_kd_end_to_end_projector_trained_and_not_exported(
     train_cfg, mnist1d_teacher_ckpt, tmp_path
 ):
-    from distillery.core.checkpoint import load_student, read_checkpoint
+    from distillery.engine.checkpoint import load_student, read_checkpoint
 
     cfg = train_cfg(*FITNET, f"teacher.ckpt_path={mnist1d_teacher_ckpt}", "trainer.max_epochs=2")
     datamodule, module, trainer, _ = build_run(cfg)
@@ -351,7 +351,7 @@ def test_taps_cli_lists_a_configured_model():
 
 
 def test_glob_star_matches_one_path_component():
-    from distillery.core.taps import path_matches
+    from distillery.engine.taps import path_matches
 
     assert path_matches("encoder.layer.3", "encoder.layer.*")
     assert not path_matches("encoder.layer.3.attention", "encoder.layer.*")
@@ -493,7 +493,7 @@ def test_compiled_models_run_their_taps(train_cfg, mnist1d_teacher_ckpt, tmp_pat
     3 steps of mnist1d_fitnet end with the student of the uncompiled run."""
     from torch._dynamo.utils import counters
 
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     students, hints = {}, {}
     for compiled in (False, True):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distillery.core.teacher import Teacher, from_state_dict, from_timm, weights_sha256
+from distillery.engine.teacher import Teacher, from_state_dict, from_timm, weights_sha256
 from distillery.models import CNN1D, resnet8x4
 
 

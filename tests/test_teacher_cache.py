@@ -11,7 +11,7 @@ from distillery.config import ConfigError
 
 def topk_reference(logits: torch.Tensor, k: int, half: bool = False) -> torch.Tensor:
     """The top-k cache's documented reading, written out here independently of
-    ``core/cache_codec.py``: per position the teacher's k largest log-probabilities
+    ``teacher_cache/codec.py``: per position the teacher's k largest log-probabilities
     (rounded to float16 with ``half``), the rest of the mass spread evenly over the other
     V - k tokens."""
     logp = logits.float().log_softmax(-1)
@@ -58,9 +58,9 @@ def test_cached_teacher_trains_the_online_student_and_refuses_other_runs(
         assert torch.equal(cached["state_dict"][k], v), k
     assert cached["distillery"]["teacher"]["sha256"] == online["distillery"]["teacher"]["sha256"]
 
-    from distillery.core.builder import build_run
-    from distillery.core.cache_keys import row_keys
-    from distillery.core.teacher_cache import CachedOutputs
+    from distillery.engine.builder import build_run
+    from distillery.teacher_cache.keys import row_keys
+    from distillery.teacher_cache.store import CachedOutputs
 
     with pytest.raises(
         ValueError, match=r"teacher.cache: 3 of 3 teacher inputs are not in the cache"
@@ -122,8 +122,8 @@ def test_topk_token_cache(train_cfg, tmp_path, data_dir, tokenizer_dir, text_tea
     ids): bytes per token as designed, read back as a distribution whose KL from the
     teacher's falls with k, the run trains; a full cache (k: null) gives the online
     student."""
-    from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, bytes_per_row
+    from distillery.engine.teacher import from_run_checkpoint
+    from distillery.teacher_cache.store import CachedOutputs, bytes_per_row
 
     run = ["experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]  # fmt: skip
@@ -186,14 +186,14 @@ def _some_rows(data_dir, run):
 def test_runs_a_cache_cannot_serve_are_refused_by_key():
     from omegaconf import OmegaConf
 
-    from distillery.core.builder import build_frozen_model
-    from distillery.core.tasks import (
+    from distillery.engine.builder import build_frozen_model
+    from distillery.tasks import (
         CausalLMTask,
         ClassificationTask,
         EmbeddingTask,
         GenerativeLMTask,
     )
-    from distillery.core.teacher_cache import unsupported
+    from distillery.teacher_cache.store import unsupported
 
     def problems(task=None, **cfg):
         return " | ".join(unsupported(OmegaConf.create(cfg), task or ClassificationTask()))
@@ -217,7 +217,7 @@ def test_runs_a_cache_cannot_serve_are_refused_by_key():
     )
     assert problems(CausalLMTask(fused=True)).startswith("task.fused:")
     node = {
-        "_target_": "distillery.core.teacher.from_run_checkpoint",
+        "_target_": "distillery.engine.teacher.from_run_checkpoint",
         "ckpt_path": "x",
         "cache": "/c",
     }
@@ -230,7 +230,7 @@ def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
     seven bits first with the high bit set), a round trip over a 128k vocabulary with
     rows of different byte lengths, read back row by row in any order; a stream that does
     not hold the expected ids is refused; a corrupt shard is refused naming the key."""
-    from distillery.core.cache_codec import delta_decode, delta_encode, ragged_rows
+    from distillery.teacher_cache.codec import delta_decode, delta_encode, ragged_rows
 
     codes, lengths = delta_encode(torch.tensor([[0, 5, 200]]))
     assert codes.tolist() == [0x00, 0x04, 0xC2, 0x01] and lengths.tolist() == [4]
@@ -256,9 +256,9 @@ def test_delta_coded_ids_are_leb128_gaps_and_read_back_by_row():
 def test_delta_cache_shard_that_lost_bytes_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from distillery.core.cache_codec import compress
-    from distillery.core.cache_keys import row_keys
-    from distillery.core.teacher_cache import CachedOutputs, CacheWriter
+    from distillery.teacher_cache.codec import compress
+    from distillery.teacher_cache.keys import row_keys
+    from distillery.teacher_cache.store import CachedOutputs, CacheWriter
 
     x = torch.randn(5, 3, 40)
     writer = CacheWriter(tmp_path, {"k": 4, "dtype": "q8", "indices": "delta", "vocab": 40})
@@ -300,9 +300,9 @@ def test_padded_prompt_response_rows_are_cached_by_their_tokens(
     full-logit cache trains the online student, and a delta-coded top-k cache reads back
     what the teacher gives at every real position of any padding. A row whose text ends
     in the pad token is refused at write time, naming data."""
-    from distillery.core.cache_keys import ragged_row_keys
-    from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs
+    from distillery.engine.teacher import from_run_checkpoint
+    from distillery.teacher_cache.keys import ragged_row_keys
+    from distillery.teacher_cache.store import CachedOutputs
 
     pairs = _pairs(tmp_path / "pairs.jsonl")
     run = ["experiment=text_prompt_kd", *text_overrides(tokenizer_dir, data_dir), f"data.source={pairs}",
@@ -359,7 +359,7 @@ def test_a_pool_of_views_is_cached_and_trains_the_online_student(
     from the seed i * pool + v), so a run with augmented views reads its teacher from
     the cache and trains the very student the live teacher gives; mixing, an unpooled
     augmentation and a cache of another pool are refused by key."""
-    from distillery.core.builder import build_run
+    from distillery.engine.builder import build_run
 
     pool = ["views=augment_signal_pool", "views.pool=3"]
     run = ["experiment=mnist1d_kd", *SMALL_MNIST1D, "data.transfer_size=400", *pool,
@@ -394,12 +394,12 @@ def test_tapped_teacher_features_are_cached_and_train_the_online_student(
     logits alone; a cache without the run's tap, or holding it for another module, is
     refused by key."""
     from distillery.config import build
-    from distillery.core.builder import build_run
-    from distillery.core.cache_codec import compress_features
-    from distillery.core.cache_keys import row_keys
-    from distillery.core.taps import DuplicateCaptureError, Taps
-    from distillery.core.teacher import from_run_checkpoint
-    from distillery.core.teacher_cache import CachedOutputs, CachedTaps
+    from distillery.engine.builder import build_run
+    from distillery.engine.taps import CachedTaps, DuplicateCaptureError, Taps
+    from distillery.engine.teacher import from_run_checkpoint
+    from distillery.teacher_cache.codec import compress_features
+    from distillery.teacher_cache.keys import row_keys
+    from distillery.teacher_cache.store import CachedOutputs
 
     run = ["experiment=mnist1d_fitnet", *SMALL_MNIST1D, "data.transfer_size=400",
            f"teacher.ckpt_path={mnist1d_teacher_ckpt}"]  # fmt: skip

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf, open_dict
 import distillery.losses
 from conftest import PROJECT_ROOT, compose_cfg
 from distillery.config import ConfigError
-from distillery.core import builder
-from distillery.core.objective import LossTerm
-from distillery.core.tasks import TASKS
+from distillery.contract import LossTerm
+from distillery.engine import builder
+from distillery.tasks import TASKS
 
 CONF = PROJECT_ROOT / "conf"
 
@@ -90,13 +90,17 @@ def discovered_terms() -> dict[str, type]:
     return found
 
 
+OBJECTIVE = "distillery.losses.objective.Objective"  # the terms' sum, not a term
+
+
 def shipped_term_nodes() -> list[tuple[str, dict]]:
-    """(file, node) for every ``_target_: distillery.losses.*`` node under conf/."""
+    """(file, node) for every ``_target_: distillery.losses.*`` term node under conf/."""
     nodes = []
 
     def walk(value, path):
         if isinstance(value, dict):
-            if str(value.get("_target_", "")).startswith("distillery.losses."):
+            target = str(value.get("_target_", ""))
+            if target.startswith("distillery.losses.") and target != OBJECTIVE:  # a term
                 nodes.append((path, value))
             for v in value.values():
                 walk(v, path)
@@ -157,12 +161,12 @@ def test_each_term_builds_with_its_defaults_and_the_shipped_configs(name):
     """The table's failures come from the bad value: the term builds without it, and
     every node under conf/ that names it builds too."""
     cls = discovered_terms()[name]
-    cfg = OmegaConf.create({"distill": {"_target_": "distillery.core.objective.Objective",
+    cfg = OmegaConf.create({"distill": {"_target_": "distillery.losses.objective.Objective",
                                         "terms": {"probe": node_for(cls, {})}}})  # fmt: skip
     assert isinstance(builder.build_objective(cfg).terms["probe"], cls)
     for path, node in shipped_term_nodes():
         if node["_target_"].rsplit(".", 1)[1] == name and "${" not in str(node):
-            cfg = OmegaConf.create({"distill": {"_target_": "distillery.core.objective.Objective",
+            cfg = OmegaConf.create({"distill": {"_target_": "distillery.losses.objective.Objective",
                                                 "terms": {"probe": node}}})  # fmt: skip
             assert isinstance(builder.build_objective(cfg).terms["probe"], cls), path
 
@@ -247,7 +251,7 @@ def test_a_bad_task_option_is_one_config_error_naming_its_key(
 ):
     cfg = base_cfgs["generative"].copy()
     with open_dict(cfg):
-        cfg.task._target_ = f"distillery.core.tasks.{name}"
+        cfg.task._target_ = f"distillery.tasks.{name}"
         for key, value in given.items():
             cfg.task[key] = value
     problem = one_problem(cfg)

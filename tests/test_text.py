@@ -281,9 +281,9 @@ def test_prompt_response_masks_prompt_and_padding(tmp_path, tokenizer_dir):
 
 
 def test_lm_report_card(train_cfg, tokenizer_dir, data_dir, text_teacher_ckpt, tmp_path):
-    from distillery.core.tasks import CausalLMTask
     from distillery.evaluate import evaluate
     from distillery.evaluation.report import report_keys
+    from distillery.tasks import CausalLMTask
 
     cfg = train_cfg("experiment=text_lm_kd", *text_overrides(tokenizer_dir, data_dir), f"teacher.ckpt_path={text_teacher_ckpt}",
                     "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
@@ -338,7 +338,7 @@ def test_lm_student_exports_as_a_hugging_face_directory(tmp_path, text_teacher_c
     generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
     from distillery.export import export_student, load_exported
 
     ids = torch.randint(3, 500, (2, 12))

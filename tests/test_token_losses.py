@@ -111,8 +111,9 @@ def test_vocab_guard_and_truncate():
 def test_feature_terms_in_the_token_objective_are_token_sums():
     """A hidden-state term under the token reduction: sum over trained positions (labels
     != -100) of the per-token loss, divided by the step's token count, like TokenKD."""
-    from distillery.core.objective import Objective, Outputs
+    from distillery.contract import Outputs
     from distillery.losses import HiddenStates
+    from distillery.losses.objective import Objective
 
     torch.manual_seed(0)
     h_s, h_t = torch.randn(2, 6, 4), torch.randn(2, 6, 4)

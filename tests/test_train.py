@@ -10,8 +10,8 @@ from omegaconf import open_dict
 
 from conftest import SMALL_MNIST1D
 from distillery.config import ConfigError
-from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
-from distillery.core.module import DistillationModule
+from distillery.engine.checkpoint import META_KEY, load_student, read_checkpoint
+from distillery.engine.module import DistillationModule
 from distillery.train import build_run, train
 
 # Text experiments run under debug=fdr in test_text.py (they need a tokenizer fixture);
@@ -86,8 +86,8 @@ def test_student_checkpoint_loads_strictly_with_and_without_teacher(
     trainer.fit(module, datamodule=datamodule)
     state = read_checkpoint(trainer.checkpoint_callback.last_model_path)["state_dict"]
     module.load_state_dict(state)  # strict, teacher refilled from the live teacher
-    from distillery.core.objective import Objective
     from distillery.losses import CrossEntropy
+    from distillery.losses.objective import Objective
     from distillery.models import MLP
 
     bare = DistillationModule(
@@ -294,7 +294,7 @@ def test_teacher_student_shape_mismatch_is_reported(train_cfg, mnist1d_teacher_c
 
 
 def test_failed_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    from distillery.core.checkpoint import AtomicCheckpointIO
+    from distillery.engine.checkpoint import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -485,7 +485,7 @@ def test_fdr_refuses_an_explicit_export(train_cfg, tmp_path):
 def test_an_export_never_overwrites_an_artifact_of_another_configuration(
     train_cfg, mnist1d_teacher_ckpt, tmp_path
 ):
-    from distillery.core.checkpoint import artifact_differences, export_artifact
+    from distillery.engine.checkpoint import artifact_differences, export_artifact
 
     dst = tmp_path / "artifacts" / "teacher.ckpt"
     dst.parent.mkdir()

@@ -4,7 +4,7 @@ The run's teacher runs once over every input the run will show it: each training
 source (labeled set, transfer pool sources) in order, validation, test and the dry-run
 example. Train with ``teacher.cache=<cache.dir>`` (same experiment): the teacher's
 forward becomes a read. With ``taps.teacher`` the tapped features are stored too.
-Format, keys and checks: ``distillery/core/teacher_cache.py``.
+Format, keys and checks: ``distillery/teacher_cache/store.py``.
 """
 
 from __future__ import annotations
@@ -46,17 +46,17 @@ def input_loaders(datamodule, batch_size: int) -> dict:
 
 
 def write_cache(cfg: DictConfig) -> dict:
-    from distillery.core.builder import build_task, build_teacher, connect_remote_teacher
-    from distillery.core.cache_codec import (
+    from distillery.engine.builder import build_task, build_teacher, connect_remote_teacher
+    from distillery.engine.taps import Taps
+    from distillery.teacher_cache.codec import (
         DTYPES,
         INDEX_CODINGS,
         compress,
         compress_features,
         compress_ragged,
     )
-    from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
-    from distillery.core.taps import Taps
-    from distillery.core.teacher_cache import CacheWriter, unsupported
+    from distillery.teacher_cache.keys import content_lengths, ragged_row_keys, row_keys
+    from distillery.teacher_cache.store import CacheWriter, unsupported
 
     options = cfg.cache
     run = cfg.copy()

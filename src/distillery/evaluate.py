@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 def rebuild_teacher(ckpt: dict, key: str = "ckpt_path", task=None, datamodule=None):
     """The teacher a student was distilled from, from its recorded provenance (a remote
     teacher connected, so that the weights hash is the one its server reports)."""
-    from distillery.core.builder import build_frozen_model, connect_remote_teacher
-    from distillery.core.checkpoint import META_KEY
+    from distillery.engine.builder import build_frozen_model, connect_remote_teacher
+    from distillery.engine.checkpoint import META_KEY
 
     provenance = ckpt[META_KEY].get("teacher")
     if provenance is None:
@@ -51,8 +51,8 @@ def rebuild_teacher(ckpt: dict, key: str = "ckpt_path", task=None, datamodule=No
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
-    from distillery.core.builder import build_task, build_teacher, connect_remote_teacher
-    from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
+    from distillery.engine.builder import build_task, build_teacher, connect_remote_teacher
+    from distillery.engine.checkpoint import META_KEY, load_student, read_checkpoint
     from distillery.evaluation.report import build_report, print_table, write_report
     from distillery.export import load_any
 

@@ -164,7 +164,7 @@ def load_exported(path: str | Path) -> nn.Module:
     """An exported student (a file written by :func:`export_student`), raw inputs in."""
     from hydra.utils import instantiate
 
-    from distillery.core.input_norm import InputNorm
+    from distillery.models.input_norm import InputNorm
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():
@@ -193,7 +193,7 @@ def load_exported(path: str | Path) -> nn.Module:
 
 def load_any(path: str | Path, key: str) -> nn.Module:
     """A student from a run checkpoint (.ckpt) or an export."""
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     return load_student(path, key) if str(path).endswith(".ckpt") else load_exported(path)
 
@@ -206,8 +206,8 @@ def export_student(
     atol: float = 1e-5,
     int8_tolerance: float = 0.05,
 ) -> Path:
-    from distillery.core.checkpoint import META_KEY, read_checkpoint
-    from distillery.core.checkpoint import load_student as load
+    from distillery.engine.checkpoint import META_KEY, read_checkpoint
+    from distillery.engine.checkpoint import load_student as load
 
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {sorted(FORMATS)}, got {fmt!r}")
@@ -307,7 +307,7 @@ def model_card(
     teacher_inherited: dict | None = None,
     gate: dict | None = None,
 ) -> str:
-    from distillery.core.checkpoint import META_KEY
+    from distillery.engine.checkpoint import META_KEY
 
     meta = ckpt[META_KEY]
     cfg, teacher = meta["config"], meta.get("teacher")
@@ -381,8 +381,8 @@ def model_card(
 def export(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
     from distillery.config import build
-    from distillery.core.checkpoint import META_KEY, read_checkpoint
-    from distillery.core.tasks import task_for
+    from distillery.engine.checkpoint import META_KEY, read_checkpoint
+    from distillery.tasks import task_for
 
     if cfg.format not in FORMATS:
         raise ConfigError([f"format: expected one of {sorted(FORMATS)}, got {cfg.format!r}"])

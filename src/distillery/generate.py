@@ -1,6 +1,6 @@
 """Teacher-generated sequences for sequence-level KD: ``python -m distillery.generate``.
 
-Runs the teacher through the generation interface (``core/generation.py``) over a
+Runs the teacher through the generation interface (``generation/__init__.py``) over a
 prompt set in batches and appends
 ``{"prompt_id", "prompt", "response"}`` rows to a jsonl file; ``<output>.meta.json``
 records the provenance (teacher checkpoint and weights hash, tokenizer, generation
@@ -84,9 +84,10 @@ def generate(cfg: DictConfig) -> Path:
     validate(cfg, top_level={})
     from transformers import AutoTokenizer
 
-    from distillery.core.checkpoint import atomic_write_text, load_student
-    from distillery.core.generation import generator_for
-    from distillery.core.teacher import weights_sha256
+    from distillery.config import atomic_write_text
+    from distillery.engine.checkpoint import load_student
+    from distillery.engine.teacher import weights_sha256
+    from distillery.generation import generator_for
 
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer))
     pad_id = (
@@ -102,7 +103,7 @@ def generate(cfg: DictConfig) -> Path:
         source = {"teacher_ckpt": str(cfg.teacher_ckpt),
                   "teacher_sha256": weights_sha256(getattr(model, "model", model))}  # fmt: skip
     elif backend == "http":
-        from distillery.core.generation import HTTPGenerator
+        from distillery.generation import HTTPGenerator
 
         http = OmegaConf.to_container(cfg.http, resolve=True)
         if not http.get("url") or not http.get("model"):

@@ -64,7 +64,8 @@ def timed(fn, *args) -> tuple[Any, float]:
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, top_level={})
-    from distillery.core.checkpoint import artifact_differences, atomic_write_text
+    from distillery.config import atomic_write_text
+    from distillery.engine.checkpoint import artifact_differences
     from distillery.evaluate import evaluate
     from distillery.train import train
 

@@ -1,10 +1,10 @@
 """Check a teacher-student pair before spending GPU time on it:
 ``python -m distillery.preflight experiment=... [devices=8] [measure=true]``.
 
-Prints one table: the checks of ``core/preflight.py`` (vocabularies compared by token
+Prints one table: the checks of ``engine/preflight.py`` (vocabularies compared by token
 string, special tokens, chat templates, the data's longest sequence against both models'
 positions, teacher frozen; the same checks ``distillery.train`` runs before its first
-step) and the memory estimate per device and strategy of ``core/memory.py`` (with
+step) and the memory estimate per device and strategy of ``engine/memory.py`` (with
 ``measure=true``, beside the measured peak of one real step on this CPU). Exits with
 code 2, naming the keys, when a check finds the objective would be wrong.
 """
@@ -22,9 +22,9 @@ from distillery.config.resolvers import CONFIG_DIR
 def preflight(cfg: DictConfig) -> dict:
     """``{findings, estimate, measured}`` of a run config (nothing trains unless
     ``cfg.measure``)."""
-    from distillery.core import memory
-    from distillery.core.builder import build_run
-    from distillery.core.preflight import Finding
+    from distillery.engine import memory
+    from distillery.engine.builder import build_run
+    from distillery.engine.preflight import Finding
 
     findings: list[Finding] = []
     try:
@@ -52,9 +52,9 @@ def preflight(cfg: DictConfig) -> dict:
 
 def measure_step(cfg: DictConfig, step: int = 1):
     """Run ``step + 1`` real training steps of ``cfg`` on this CPU; ``(result, module)``
-    with the peak of the last (``core.memory.StepPeak``)."""
-    from distillery.core import memory
-    from distillery.core.builder import build_run
+    with the peak of the last (``engine.memory.StepPeak``)."""
+    from distillery.engine import memory
+    from distillery.engine.builder import build_run
 
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -79,8 +79,8 @@ def main(cfg: DictConfig) -> None:
     from rich.console import Console
 
     from distillery.config.extras import apply_extras
-    from distillery.core import memory
-    from distillery.core import preflight as checks
+    from distillery.engine import memory
+    from distillery.engine import preflight as checks
 
     apply_extras(cfg)
 

@@ -10,7 +10,7 @@ on CPU or GPU, with the subset of vLLM's OpenAI-compatible API the remote teache
 HTTP generator use:
 
 * ``GET /v1/models``: the served name, its ``max_model_len`` and, under ``distillery``,
-  the tokenizer's hash (``core/remote_teacher.py: tokenizer_fingerprint``), the vocabulary
+  the tokenizer's hash (``engine/remote_teacher.py: tokenizer_fingerprint``), the vocabulary
   size, the weights' sha256 and ``max_logprobs``;
 * ``POST /v1/completions``: prompts as text or token ids (one or a list), ``max_tokens``,
   ``temperature`` (0: greedy), ``top_p``, ``seed``, ``logprobs`` (the top k of each
@@ -48,8 +48,8 @@ class Engine:
     """A causal LM behind the server: ``model`` maps token ids ``[B, T]`` to logits."""
 
     def __init__(self, model: nn.Module, tokenizer, name: str, device: str, weights_sha256: str):
-        from distillery.core.generation import HFGenerator, special_ids
-        from distillery.core.remote_teacher import tokenizer_fingerprint
+        from distillery.engine.remote_teacher import tokenizer_fingerprint
+        from distillery.generation import HFGenerator, special_ids
 
         self.model, self.tokenizer, self.name, self.device = (
             model.to(device).eval(),
@@ -92,8 +92,8 @@ def load_engine(model: str, tokenizer: str | None, device: str, dtype: str | Non
     names unless ``tokenizer`` is given) or an HF causal-LM directory."""
     from transformers import AutoTokenizer
 
-    from distillery.core.checkpoint import META_KEY, load_student, read_checkpoint
-    from distillery.core.teacher import DTYPES, weights_sha256
+    from distillery.engine.checkpoint import META_KEY, load_student, read_checkpoint
+    from distillery.engine.teacher import DTYPES, weights_sha256
     from distillery.models.hf import HFCausalLM
 
     path = Path(model).expanduser()

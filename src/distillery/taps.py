@@ -1,7 +1,7 @@
 """List the tappable module paths of a run's student or teacher:
 ``python -m distillery.taps experiment=... [side=teacher]`` (module path, type, output
 shape for a batch of 2, timm feature stage). Taps themselves live in
-``distillery.core.taps``.
+``distillery.engine.taps``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import hydra
 
 from distillery.config import build
 from distillery.config.resolvers import CONFIG_DIR
-from distillery.core.builder import build_teacher
-from distillery.core.taps import describe
+from distillery.engine.builder import build_teacher
+from distillery.engine.taps import describe
 
 
 def list_taps(cfg) -> list[tuple[str, str, str, str]]:

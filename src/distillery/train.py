@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from distillery.config import ConfigError, exit_on_config_error
 from distillery.config.resolvers import CONFIG_DIR
-from distillery.core.builder import build_run
+from distillery.engine.builder import build_run
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (resuming from ``ckpt_path``), test the best checkpoint, export it.
     Returns the final metrics as floats plus ``best_ckpt``."""
-    from distillery.core.loggers import finish_loggers
+    from distillery.engine.loggers import finish_loggers
 
     try:  # a missing file the config names (data.root, data.source, data.tokenizer, ...)
         datamodule, module, trainer, loggers = build_run(cfg)
@@ -45,7 +45,7 @@ def fit(cfg: DictConfig, datamodule, module, trainer) -> None:
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from distillery.core.interrupt import Interrupted, sigusr1_as_sigterm
+    from distillery.engine.interrupt import Interrupted, sigusr1_as_sigterm
 
     with sigusr1_as_sigterm() as received:
         try:
@@ -58,7 +58,7 @@ def fit(cfg: DictConfig, datamodule, module, trainer) -> None:
 
 
 def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, Any]:
-    from distillery.core.checkpoint import export_artifact
+    from distillery.engine.checkpoint import export_artifact
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
@@ -87,7 +87,7 @@ def fit_test_export(cfg: DictConfig, datamodule, module, trainer) -> dict[str, A
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from distillery.config.extras import apply_extras
-    from distillery.core.interrupt import Interrupted
+    from distillery.engine.interrupt import Interrupted
     from distillery.evaluation.health import UnhealthyRun
 
     apply_extras(cfg)

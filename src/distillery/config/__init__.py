@@ -14,10 +14,13 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -139,7 +142,7 @@ def _signature(fn) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
 
 def _consumed_keys(key: str) -> set[str]:
     """Keys Distillery reads around a node's ``_target_`` and does not pass to it: a
-    frozen model's ``dtype`` and ``cache`` (``core.builder.build_frozen_model``)."""
+    frozen model's ``dtype`` and ``cache`` (``engine.builder.build_frozen_model``)."""
     return {"dtype", "cache"} if key == "teacher" or key.startswith("frozen.") else set()
 
 
@@ -335,3 +338,92 @@ def redact(node: Any) -> Any:
         return value
 
     return walk(node)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- run records: compared across runs, read back from older checkpoints and caches
+# What an older checkpoint is rebuilt from (its student config, its teacher's recorded
+# config) and a teacher cache's recorded teacher config name ``_target_``s at their old
+# paths: each prefix here is replaced by today's, in order (format 1 -> 2 -> 3).
+MOVED_TARGETS = (
+    ("distillery.teacher.", "distillery.core.teacher."),  # format 1
+    ("distillery.core.tasks.", "distillery.tasks."),  # format 2: core/ split into layers
+    ("distillery.core.objective.", "distillery.losses.objective."),
+    ("distillery.core.checkpoint.", "distillery.engine.checkpoint."),
+    ("distillery.core.teacher.", "distillery.engine.teacher."),
+    ("distillery.core.remote_teacher.", "distillery.engine.remote_teacher."),
+    ("distillery.core.module.", "distillery.engine.module."),
+    ("distillery.core.callbacks.", "distillery.engine.callbacks."),
+    ("distillery.core.sharding.", "distillery.engine.sharding."),
+)
+
+
+def upgrade_targets(node: Any) -> Any:
+    """``node`` (nested dicts and lists) with every moved ``_target_`` at today's path."""
+    if isinstance(node, dict):
+        node = {k: upgrade_targets(v) for k, v in node.items()}
+        target = node.get("_target_")
+        for old, new in MOVED_TARGETS:
+            if isinstance(target, str) and target.startswith(old):
+                node["_target_"] = target = new + target[len(old) :]
+        return node
+    return [upgrade_targets(v) for v in node] if isinstance(node, list) else node
+
+
+# Keys of a run config that say where outputs go or how a run is shown, not what it trains.
+VOLATILE_KEYS = ("paths", "hydra", "extras", "logger", "callbacks", "ckpt_path", "export_ckpt",
+                 "tags", "task_name")  # fmt: skip
+
+
+def abstract_paths(config: dict) -> dict:
+    """The config with every occurrence of its own ``paths.*`` directories replaced by
+    ``<paths.name>``: values derived from where a run writes (``trainer.default_root_dir``,
+    a teacher under ``paths.artifacts_dir``) then compare equal across locations."""
+    paths = {k: str(v).rstrip("/") for k, v in (config.get("paths") or {}).items()}
+    order = sorted(((k, v) for k, v in paths.items() if len(v) > 1), key=lambda kv: -len(kv[1]))
+    pattern = [(re.compile(re.escape(v) + r"(?=/|$)"), f"<paths.{k}>") for k, v in order]
+
+    def sub(node):
+        if isinstance(node, dict):
+            return {k: sub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        if isinstance(node, str):
+            for regex, name in pattern:
+                node = regex.sub(name, node)
+        return node
+
+    return sub(config)
+
+
+def config_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where two resolved run configs differ: ``VOLATILE_KEYS`` aside, and
+    locations compared relative to each config's own ``paths`` (:func:`abstract_paths`)."""
+    if not prefix:
+        recorded, current = abstract_paths(recorded), abstract_paths(current)
+    missing = object()
+    out = []
+    for k in sorted(set(recorded) | set(current), key=str):
+        if not prefix and k in VOLATILE_KEYS:
+            continue
+        a, b = recorded.get(k, missing), current.get(k, missing)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out

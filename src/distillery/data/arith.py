@@ -29,7 +29,7 @@ holds ``teacher``: the same prompts and answers packed in the teacher's tokens.
 
 Offline preference pairs (``pairs``: a jsonl of ``prompt, chosen, rejected``, e.g.
 teacher-ranked elsewhere): the training batches are those pairs (rows 0..P-1 chosen,
-P..2P-1 rejected, ``response_labels``; ``core/generation.py: pack_pairs``) for
+P..2P-1 rejected, ``response_labels``; ``generation/__init__.py: pack_pairs``) for
 ``distill=dpo``; validation and test are the problems as usual.
 
 Behaviours to inherit (``distillery.evaluation.inherited``), appended after the
@@ -62,8 +62,8 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from distillery.core.generation import pack, pack_pairs
 from distillery.data.base import make_loader, read_jsonl
+from distillery.generation import pack, pack_pairs
 
 ALPHABET = "0123456789+-=<>?,.:;!'() abcdefghijklmnopqrstuvwxyz"
 SPECIAL = ("<pad>", "<eos>", "<unk>")
@@ -282,7 +282,7 @@ class ProblemDataset(Dataset):
 
 def collate_problems(pad_id: int, teacher_pad_id: int | None = None):
     """Right-padded ``input_ids`` = prompt + answer, ``labels`` the answer's next tokens
-    (``distillery.core.generation.pack``), plus ``group`` and ``sample_id``; with a
+    (``distillery.generation.pack``), plus ``group`` and ``sample_id``; with a
     teacher tokenizer, ``teacher``: the same packing in the teacher's tokens."""
 
     def collate(items: list[dict]) -> dict:

@@ -1,13 +1,5 @@
-"""The batch contract shared by every datamodule.
-
-A batch is a dict:
-
-* ``inputs``: raw (un-normalised) input tensor ``[B, ...]``;
-* ``labels``: ``[B]`` int64 class ids, ``-1`` (``UNLABELED``) for transfer-set samples;
-* ``sample_id``: ``[B]`` int64 id, stable across epochs and runs for a given data
-  config (the key a teacher-output cache will use).
-* ``attention_mask`` (token inputs with padding only): ``[B, N]``, 1 = token,
-  0 = padding; feature terms average over real tokens only.
+"""Datasets and batches under the batch contract (``distillery.contract``: ``inputs``,
+``labels``, ``sample_id``, and ``attention_mask`` for padded tokens).
 
 With a transfer set, training batches arrive as ``{"labeled": batch, "transfer":
 batch}`` from Lightning's CombinedLoader; :func:`merge_sources` concatenates them.
@@ -18,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from distillery.core.objective import UNLABELED
-
-BATCH_KEYS = ("inputs", "labels", "sample_id")
+from distillery.contract import BATCH_KEYS, UNLABELED
 
 
 class TensorDictDataset(Dataset):

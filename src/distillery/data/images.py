@@ -1,7 +1,7 @@
 """Images from torchvision datasets: CIFAR-10/100 files on disk, or an ImageFolder tree.
 
 Images are yielded as raw tensors in [0, 1]; normalisation is ``data.input_norm``
-(see ``distillery.core.input_norm``). Train augmentation (random crop with padding and
+(see ``distillery.models.input_norm``). Train augmentation (random crop with padding and
 horizontal flip) is applied once per sample in the dataset, so teacher and student
 see the very same augmented tensor.
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from distillery.core.objective import UNLABELED
+from distillery.contract import UNLABELED
 from distillery.data.base import ClassificationDataModule, make_loader
 from distillery.data.batch import TensorDictDataset
 

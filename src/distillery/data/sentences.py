@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from distillery.core.objective import UNLABELED
+from distillery.contract import UNLABELED
 from distillery.data.base import make_loader, split_indices
 from distillery.data.text import load_documents, load_tokenizer
 

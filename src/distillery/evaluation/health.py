@@ -14,7 +14,7 @@ training signal's failures that a loss curve hides.
   validation prompts' greedy answers): students that never stop, or stop at once.
 
 Training signals are logged as ``train/health/<name>`` on the logger's cadence
-(``core/module.py``, ``core/loggers.py: logs_this_batch``); the held-out ones are items
+(``engine/module.py``, ``engine/loggers.py: logs_this_batch``); the held-out ones are items
 of the task's metrics (``val|test/health/<name>``) and the report card's "Health" table.
 :class:`HealthGuard` (``health.stop_on``) stops a run whose signal stays out of range.
 """
@@ -106,7 +106,7 @@ def cache_top_k(teacher) -> int | None:
         return None
     from pathlib import Path
 
-    from distillery.core.teacher_cache import read_meta
+    from distillery.teacher_cache.store import read_meta
 
     k = read_meta(Path(cache), "teacher.cache").get("k")
     return int(k) if k else None

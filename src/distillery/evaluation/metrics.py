@@ -4,7 +4,7 @@ reduce over DDP ranks). There is no second implementation: the report card runs 
 same classes over the test split.
 
 Every class is built as ``cls(num_classes, with_teacher)`` by its task adapter
-(``distillery.core.tasks``) and has ``update(student_out, labels, teacher_out,
+(``distillery.tasks``) and has ``update(student_out, labels, teacher_out,
 sample_id=None)`` and ``items()`` -> ``[(name, metric)]``.
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from distillery.core.generation import answers_of
-from distillery.core.objective import IGNORE
+from distillery.contract import IGNORE
 from distillery.evaluation.health import answer_signals, token_signals
+from distillery.generation import answers_of
 from distillery.losses.kd import kl_teacher_student
 from distillery.losses.token import per_token
 
@@ -176,7 +176,7 @@ class LMMetrics(nn.Module):
 
 
 class AnswerMetrics(LMMetrics):
-    """Prompt/answer tasks (``core/tasks/generative.py``, outputs ``Answers``): the LM
+    """Prompt/answer tasks (``tasks/generative.py``, outputs ``Answers``): the LM
     metrics of the reference answer (nll, ppl per answer token; agreement, kl_to_teacher)
     plus exact_match (the greedy answer equals the reference, EOS included) and, with a
     teacher, answer_agreement (the greedy answers are equal: as text when both were

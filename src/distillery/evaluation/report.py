@@ -158,7 +158,7 @@ def write_report(
 ) -> tuple[Path, Path]:
     """``report.json`` and ``report.md`` (with the "What the student inherited" section
     and the gate's verdict when there are any)."""
-    from distillery.core.checkpoint import atomic_write_text
+    from distillery.config import atomic_write_text
 
     out = Path(out_dir)
     js = atomic_write_text(out / "report.json", json.dumps(report, indent=2))

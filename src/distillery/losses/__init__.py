@@ -1,6 +1,6 @@
 """Loss terms. Each is a small module with its formula in the docstring.
 
-A new term is one class deriving from ``distillery.core.objective.LossTerm`` plus a
+A new term is one class deriving from ``distillery.contract.LossTerm`` plus a
 YAML entry under ``distill.terms`` naming it with ``_target_``.
 """
 

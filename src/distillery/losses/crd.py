@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.config import require
-from distillery.core.objective import Outputs
+from distillery.contract import Outputs
 from distillery.losses.feature import FeatureTerm
 
 

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.config import require
-from distillery.core.objective import UNLABELED, LossTerm, Outputs
+from distillery.contract import UNLABELED, LossTerm, Outputs
 
 
 class DKD(LossTerm):

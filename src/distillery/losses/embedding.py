@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from distillery.core.objective import LossTerm, Outputs
+from distillery.contract import LossTerm, Outputs
 
 
 def _pair(out: Outputs) -> tuple[Tensor, Tensor]:

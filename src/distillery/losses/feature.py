@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.config import require
-from distillery.core.objective import LossTerm, Outputs
-from distillery.core.projectors import build_projector
+from distillery.contract import LossTerm, Outputs
+from distillery.losses.projectors import build_projector
 
 
 class FeatureTerm(LossTerm):

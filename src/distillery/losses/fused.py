@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.config import require
-from distillery.core.objective import IGNORE, LossTerm, Outputs
+from distillery.contract import IGNORE, LossTerm, Outputs
 from distillery.losses.token import check_divergence, per_token
 
 

@@ -1,6 +1,6 @@
 """Preference losses: one value per (chosen, rejected) pair of responses to a prompt.
 
-Pair batches (``core/tasks/generative.py``: the student's samples ranked by the teacher)
+Pair batches (``tasks/generative.py``: the student's samples ranked by the teacher)
 hold the chosen responses in rows ``0..P-1`` and the rejected ones in rows ``P..2P-1``,
 the response tokens in ``extras["response_labels"]`` (-100 elsewhere: prompts, padding;
 ``labels`` is all -100, so no cross-entropy fits either response). The objective's token
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.config import require
-from distillery.core.objective import IGNORE, LossTerm, Outputs
+from distillery.contract import IGNORE, LossTerm, Outputs
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

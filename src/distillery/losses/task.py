@@ -2,7 +2,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.config import require
-from distillery.core.objective import LossTerm, Outputs
+from distillery.contract import LossTerm, Outputs
 
 
 class CrossEntropy(LossTerm):

@@ -15,7 +15,7 @@ token position (all math in float32, whatever the logits' dtype):
 Each per-token value is multiplied by T^2 (the gradient-scale convention of Hinton KD).
 The terms (``TokenCrossEntropy``, ``TokenKD``) return per-token losses ``[B, T]``, zero
 at untrained positions (label -100: padding, prompts); the objective's token reduction
-(``distillery.core.objective.TokenSum``) divides their sum by the valid-token count of
+(``distillery.losses.objective.TokenSum``) divides their sum by the valid-token count of
 the whole optimizer step, so gradient accumulation and padding leave the loss unchanged.
 :func:`token_divergence` is the same loss as one function (sum / ``num_tokens``, by
 default this batch's valid tokens). An all-masked batch gives 0.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.config import require
-from distillery.core.objective import IGNORE, LossTerm, Outputs
+from distillery.contract import IGNORE, LossTerm, Outputs
 from distillery.losses.kd import kl_from_log_probs
 
 KINDS = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.config import require
-from distillery.core.objective import IGNORE, LossTerm, Outputs
+from distillery.contract import IGNORE, LossTerm, Outputs
 
 
 def uld_per_row(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:

@@ -2,7 +2,7 @@
 
 Patient distillation runs are long and step-based (``trainer.max_steps``); epochs of
 a sampled transfer pool are arbitrary. Each schedule here has ``interval = "step"``,
-which :class:`~distillery.core.module.DistillationModule` passes to Lightning, and its state
+which :class:`~distillery.engine.module.DistillationModule` passes to Lightning, and its state
 (``last_epoch`` = steps taken) is saved in the checkpoint, so ``ckpt_path=last.ckpt``
 resumes mid-schedule.
 """

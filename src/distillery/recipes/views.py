@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillery.core.objective import UNLABELED
+from distillery.contract import UNLABELED
 
 
 class ViewBatch(NamedTuple):

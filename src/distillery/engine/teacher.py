@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distillery.core.input_norm import InputNorm
+from distillery.models.input_norm import InputNorm
 
 BNMode = Literal["eval", "batch_stats"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,7 +134,7 @@ def from_run_checkpoint(ckpt_path: str, bn_mode: BNMode = "eval") -> Teacher:
     The run's student (architecture from its stored config, weights and input
     normalisation from its state dict) becomes the teacher.
     """
-    from distillery.core.checkpoint import load_student
+    from distillery.engine.checkpoint import load_student
 
     path = _existing_file(ckpt_path, "teacher.ckpt_path")
     model = load_student(path)  # Sequential(InputNorm, net): takes raw inputs
@@ -221,3 +221,31 @@ def from_model(
         input_norm=_norm(input_norm),
         bn_mode=bn_mode,
     )
+
+
+def cached_teacher(path: str, node: dict, run: dict, key: str):
+    """A :class:`Teacher` reading the cache at ``path``, after checking that it was
+    written for this teacher config (``node``: the teacher node without ``cache``) and
+    this run's data (``run``: ``{"paths", "data"}`` records)."""
+    from distillery.config import ConfigError, config_differences, upgrade_targets
+    from distillery.teacher_cache.store import CachedOutputs, read_meta, without_loader_keys
+
+    cache = Path(path).expanduser()
+    try:
+        meta = read_meta(cache, f"{key}.cache")
+    except FileNotFoundError as e:
+        raise ConfigError([str(e)]) from e
+    recorded = {"paths": meta["paths"], "data": without_loader_keys(meta["data"]),
+                "views": meta.get("views"), "teacher": upgrade_targets(meta["teacher_config"])}  # fmt: skip
+    current = {**run, "data": without_loader_keys(run.get("data")), "teacher": node}
+    diffs = config_differences(recorded, current)
+    if diffs:
+        raise ConfigError(
+            [f"{key}.cache: {cache} was written for another run: {', '.join(diffs[:8])} differ"]
+        )
+    try:
+        outputs = CachedOutputs(cache, f"{key}.cache")
+    except ValueError as e:
+        raise ConfigError([str(e)]) from e
+    provenance = {**meta["teacher_provenance"], "cache": str(cache)}
+    return Teacher(outputs, provenance=provenance)

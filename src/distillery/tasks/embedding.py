@@ -9,9 +9,9 @@ nearest-neighbour agreement over the whole split (``EmbeddingMetrics``).
 
 from __future__ import annotations
 
-from distillery.core.checks import check_pad_id, check_vocab
-from distillery.core.tasks.classification import ClassificationTask
 from distillery.evaluation.metrics import EmbeddingMetrics
+from distillery.tasks.checks import check_pad_id, check_vocab
+from distillery.tasks.classification import ClassificationTask
 
 
 class EmbeddingTask(ClassificationTask):

@@ -19,10 +19,10 @@ import math
 
 from torch import Tensor
 
-from distillery.core.checks import check_vocab
-from distillery.core.objective import IGNORE, Outputs
-from distillery.core.tasks.base import Task
+from distillery.contract import IGNORE, Outputs
 from distillery.evaluation.metrics import LMMetrics
+from distillery.tasks.base import Task
+from distillery.tasks.checks import check_vocab
 
 
 class CausalLMTask(Task):

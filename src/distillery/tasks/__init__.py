@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from distillery.core.tasks.base import Task
-from distillery.core.tasks.causal_lm import CausalLMTask
-from distillery.core.tasks.classification import ClassificationTask
-from distillery.core.tasks.embedding import EmbeddingTask
-from distillery.core.tasks.generative import GenerativeLMTask
+from distillery.tasks.base import Task
+from distillery.tasks.causal_lm import CausalLMTask
+from distillery.tasks.classification import ClassificationTask
+from distillery.tasks.embedding import EmbeddingTask
+from distillery.tasks.generative import GenerativeLMTask
 
 TASKS: dict[str, type[Task]] = {
     t.output_kind: t for t in (ClassificationTask, EmbeddingTask, CausalLMTask, GenerativeLMTask)

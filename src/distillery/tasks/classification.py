@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from distillery.core.objective import Outputs
-from distillery.core.tasks.base import Task
+from distillery.contract import Outputs
 from distillery.data.batch import merge_sources
 from distillery.evaluation.metrics import ClassificationMetrics
+from distillery.tasks.base import Task
 
 
 class ClassificationTask(Task):

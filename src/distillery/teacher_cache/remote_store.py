@@ -5,14 +5,14 @@ twice.
 Layout: ``<cache_dir>/cache.json`` records what the rows are (the served model, its
 weights hash when the server reports one, the tokenizer's hash, ``k``, the vocabulary
 size) and, as provenance, the endpoint that wrote them first. Every process writes its own
-subdirectory (``w<time>-<pid>/``: a :class:`~distillery.core.teacher_cache.CacheWriter`,
+subdirectory (``w<time>-<pid>/``: a :class:`~distillery.teacher_cache.store.CacheWriter`,
 so several runs or DDP ranks never write the same file) of ragged rows: per row its
 positions, per position the top-``k`` log-probabilities (fp32), their ids and the rest of
-the mass, keyed by the row's tokens (:func:`~distillery.core.cache_keys.ragged_row_keys`).
+the mass, keyed by the row's tokens (:func:`~distillery.teacher_cache.keys.ragged_row_keys`).
 A process reads every subdirectory's finished shards (memory-mapped) plus the rows it has
 not written yet (kept in memory until ``flush_rows`` of them are pending, and flushed at
 the end of a run and when a checkpoint is saved). A row is read back exactly as the
-teacher cache reads it (:func:`~distillery.core.cache_codec.expand`): the rest of the mass
+teacher cache reads it (:func:`~distillery.teacher_cache.codec.expand`): the rest of the mass
 spread over the other ``V - k`` tokens; positions past a row's end read a uniform
 distribution (no loss reads them: their labels are -100).
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distillery.core.cache_codec import expand
-from distillery.core.teacher_cache import CacheWriter, Shard
+from distillery.teacher_cache.codec import expand
+from distillery.teacher_cache.store import CacheWriter, Shard
 
 META = "cache.json"
 IDENTITY = ("source", "model", "weights_sha256", "tokenizer_sha256", "k", "vocab")

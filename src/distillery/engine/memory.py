@@ -122,7 +122,7 @@ def one_row(batch: dict) -> dict:
 def pad_row(row: dict, length: int, pad_id: int) -> dict:
     """A token row right-padded to ``length`` (ids ``pad_id``, labels -100, masks 0):
     the configured sequence length rather than one batch's."""
-    from distillery.core.objective import IGNORE
+    from distillery.contract import IGNORE
 
     out = dict(row)
     n = row["input_ids"].shape[1]

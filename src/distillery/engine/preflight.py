@@ -1,9 +1,9 @@
 """Preflight: does the teacher-student pair mean the same thing by the same ids?
 
-The dry-run checks (``core/checks.py``) compare shapes and sizes; these compare meaning,
+The dry-run checks (``tasks/checks.py``) compare shapes and sizes; these compare meaning,
 before any step trains (``build_run`` runs them after the task's ``check_models``; the
 command ``python -m distillery.preflight`` prints them with a memory estimate,
-``core/memory.py``). Each check gives :class:`Finding` rows: ``error`` (the objective
+``engine/memory.py``). Each check gives :class:`Finding` rows: ``error`` (the objective
 would be wrong: raised as one :class:`~distillery.config.ConfigError` naming the key),
 ``warning`` (logged) or ``ok``.
 
@@ -206,7 +206,7 @@ def check_vocabulary(s_tok, t_tok, s_rows, t_rows, align, source, cross) -> list
 
 def special_ids(tok) -> dict[str, int | None]:
     ids = {k: getattr(tok, f"{k}_token_id", None) for k in ("pad", "eos", "bos")}
-    if ids["pad"] is None:  # generation pads with eos then (core/tasks/generative.py)
+    if ids["pad"] is None:  # generation pads with eos then (tasks/generative.py)
         ids["pad"] = ids["eos"]
     return ids
 

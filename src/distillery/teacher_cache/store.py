@@ -1,5 +1,5 @@
 """The offline teacher-output cache: the teacher run once, its outputs read back as a
-:class:`~distillery.core.teacher.Teacher` (``teacher.cache=<dir>`` on any teacher).
+:class:`~distillery.engine.teacher.Teacher` (``teacher.cache=<dir>`` on any teacher).
 
 Written by ``python -m distillery.cache experiment=...`` (:class:`CacheWriter`) over
 every input a run shows its teacher: the training sets (each source once), validation,
@@ -13,11 +13,11 @@ collision: ~3e-8 for a million rows; rows differing in one byte never collide). 
 whose inputs change per step, whose teacher generates, or whose teacher reads padding are
 refused (:func:`unsupported`).
 
-What is stored per row: ``core/cache_codec.py``; how a row is found: ``core/cache_keys.py``.
+What is stored per row: ``teacher_cache/codec.py``; how a row is found: ``teacher_cache/keys.py``.
 
 Tapped teacher features: when the run has ``taps.teacher``, the writer stores each
 tap's capture per row beside the outputs (fixed rows only), and a run's teacher taps
-become :class:`CachedTaps`, filled by each read with the stored features of the same
+become ``engine.taps.CachedTaps``, filled by each read with the stored features of the same
 tap specs (a tap the cache does not hold, or holds for another module, is refused by
 key); a run without teacher taps reads the outputs alone.
 
@@ -41,7 +41,7 @@ and views configs, the task, ``k``, ``dtype``, ``indices``, ``pad_id``, rows, ``
 files, each written to a temporary file and renamed. A writer finds the shards already
 there and skips their rows (resumable); a cache of another teacher, data or format is
 refused. A run refuses a cache whose teacher or data config differs from its own
-(batch sizes and workers aside), naming the keys (:func:`cached_teacher`).
+(batch sizes and workers aside), naming the keys (``engine.teacher.cached_teacher``).
 """
 
 from __future__ import annotations
@@ -57,15 +57,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distillery.core.cache_codec import (
+from distillery.teacher_cache.codec import (
     FEATURE,
     RAGGED,
     delta_decode,
     expand,
-    feature_names,
     ragged_rows,
 )
-from distillery.core.cache_keys import content_lengths, ragged_row_keys, row_keys
+from distillery.teacher_cache.keys import content_lengths, ragged_row_keys, row_keys
 
 FORMAT = 1
 META = "cache.json"
@@ -188,8 +187,9 @@ class CacheWriter:
         self.meta = {**meta, "format": FORMAT}
         self.seen: set[int] = set()
         if (self.path / META).is_file():
-            old = read_meta(self.path, "cache.dir")
-            from distillery.core.checkpoint import config_differences
+            from distillery.config import config_differences, upgrade_targets
+
+            old = upgrade_targets(read_meta(self.path, "cache.dir"))  # moved _target_ paths
 
             diffs = config_differences(
                 {k: v for k, v in old.items() if k not in ("rows", "complete")},
@@ -331,7 +331,9 @@ class CachedOutputs(nn.Module):
         self.vocab = meta.get("vocab")
         self.pad_id = meta.get("pad_id")  # set: rows of different lengths (right-padded)
         self.taps: dict[str, dict] = meta.get("taps") or {}  # tapped features it stores
-        self.sink: CachedTaps | None = None  # the run's teacher taps, filled by each read
+        self.sink: Any = (
+            None  # the run's teacher taps (engine.taps.CachedTaps), filled by each read
+        )
         self.shards = [Shard(f, key, self.pad_id, self.vocab) for f in shards(self.path)]
         if not self.shards or sum(len(s.keys) for s in self.shards) != meta["rows"]:
             raise ValueError(
@@ -377,111 +379,6 @@ class CachedOutputs(nn.Module):
         if sink is not None:
             sink.receive(feats)
         return out
-
-
-class CachedTaps:
-    """A cached teacher's taps: the features the cache stored for the same tap specs,
-    handed over by each read (:meth:`CachedOutputs.forward`). The interface the module
-    and the builder use of :class:`~distillery.core.taps.Taps`: ``specs``, ``captured``
-    (a tap's tensor, or its list when it matched several modules), ``active``,
-    ``clear``, ``attach``, ``remove``."""
-
-    side, detach = "teacher", True
-
-    def __init__(self, outputs: CachedOutputs, specs: dict | None):
-        from dataclasses import asdict
-
-        from distillery.core.taps import TapSpec
-
-        self.outputs = outputs
-        self.specs = {str(k): TapSpec.parse(v) for k, v in (specs or {}).items()}
-        problems = []
-        for name, spec in self.specs.items():
-            held = outputs.taps.get(name)
-            if held is None or {k: held[k] for k in ("path", "kind", "index")} != asdict(spec):
-                problems.append(
-                    f"taps.teacher.{name}: the teacher cache at {outputs.path} holds "
-                    f"{'no such tap' if held is None else f'it for {held}'} (its taps: "
-                    f"{sorted(outputs.taps)}); rewrite it with python -m distillery.cache "
-                    f"and this run's taps.teacher"
-                )
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.captured: dict[str, Tensor | list[Tensor]] = {}
-        self.active = True
-        absent = [n for n in self.stored_names() for s in outputs.shards if n not in s.features]
-        if absent:
-            raise ValueError(
-                f"teacher.cache: {outputs.path} records taps whose features a shard lacks "
-                f"({sorted(set(absent))}); rewrite the cache"
-            )
-
-    def __bool__(self) -> bool:
-        return bool(self.specs)
-
-    def stored_names(self) -> tuple[str, ...]:
-        return tuple(
-            n for t in self.specs for n in feature_names(t, self.outputs.taps[t]["targets"])
-        )
-
-    def receive(self, features: dict[str, Tensor]) -> None:
-        for name in self.specs:
-            if name in self.captured:
-                from distillery.core.taps import DuplicateCaptureError
-
-                raise DuplicateCaptureError(
-                    f"taps.teacher.{name}: the cached teacher was read twice in one forward "
-                    f"(its taps are cleared before each)"
-                )
-            parts = [features[n] for n in feature_names(name, self.outputs.taps[name]["targets"])]
-            self.captured[name] = parts[0] if len(parts) == 1 else parts
-
-    def attach(self) -> CachedTaps:
-        self.outputs.sink = self
-        return self
-
-    def remove(self) -> None:
-        if self.outputs.sink is self:
-            self.outputs.sink = None
-        self.clear()
-
-    def clear(self) -> None:
-        self.captured = {}
-
-    def __enter__(self) -> CachedTaps:
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def cached_teacher(path: str, node: dict, run: dict, key: str):
-    """A :class:`Teacher` reading the cache at ``path``, after checking that it was
-    written for this teacher config (``node``: the teacher node without ``cache``) and
-    this run's data (``run``: ``{"paths", "data"}`` records)."""
-    from distillery.config import ConfigError
-    from distillery.core.checkpoint import config_differences
-    from distillery.core.teacher import Teacher
-
-    cache = Path(path).expanduser()
-    try:
-        meta = read_meta(cache, f"{key}.cache")
-    except FileNotFoundError as e:
-        raise ConfigError([str(e)]) from e
-    recorded = {"paths": meta["paths"], "data": without_loader_keys(meta["data"]),
-                "views": meta.get("views"), "teacher": meta["teacher_config"]}  # fmt: skip
-    current = {**run, "data": without_loader_keys(run.get("data")), "teacher": node}
-    diffs = config_differences(recorded, current)
-    if diffs:
-        raise ConfigError(
-            [f"{key}.cache: {cache} was written for another run: {', '.join(diffs[:8])} differ"]
-        )
-    try:
-        outputs = CachedOutputs(cache, f"{key}.cache")
-    except ValueError as e:
-        raise ConfigError([str(e)]) from e
-    provenance = {**meta["teacher_provenance"], "cache": str(cache)}
-    return Teacher(outputs, provenance=provenance)
 
 
 def bytes_per_row(path: Path) -> float:

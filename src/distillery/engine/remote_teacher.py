@@ -3,7 +3,7 @@
 only the student.
 
 What the teacher gives a run is what the teacher cache serves
-(``core/teacher_cache.py``): per position the top-``k`` log-probabilities, their ids and
+(``teacher_cache/store.py``): per position the top-``k`` log-probabilities, their ids and
 the rest of the mass, read back as log-probabilities over the vocabulary (the rest spread
 over the other ``V - k`` tokens; at ``top_k`` = the vocabulary, the teacher's exact
 distribution). Token KD, GKD scoring the student's own samples, the teacher's greedy
@@ -21,7 +21,7 @@ anything else (a text-only endpoint, fewer than ``k``: vLLM caps them at
 ``--max-logprobs``, a row cut short) is an error naming the key, never a target.
 
 Asked once: every answered row goes into ``cache_dir`` as it arrives
-(``core/remote_store.py``), keyed by its tokens; rows held there are never asked again
+(``teacher_cache/remote_store.py``), keyed by its tokens; rows held there are never asked again
 (a rerun, a resume, another student). Overlap: ``prefetch`` training batches ahead (the
 training loader hands each batch to :meth:`RemoteLogprobs.prefetch` as it is drawn,
 ``data/sampling.py``), up to ``concurrency`` requests in flight, so a teacher whose
@@ -45,8 +45,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from distillery.core.cache_keys import content_lengths, ragged_row_keys
-from distillery.core.endpoint import Endpoint
+from distillery.generation.endpoint import Endpoint
+from distillery.teacher_cache.keys import content_lengths, ragged_row_keys
 
 TOKEN_ID = "token_id:"
 
@@ -132,7 +132,7 @@ def row_from_choice(choice: dict, length: int, k: int, vocab: int, key: str) -> 
 
 
 class RemoteGenerator:
-    """:class:`~distillery.core.generation.Generator` over the remote teacher's endpoint,
+    """:class:`~distillery.generation.Generator` over the remote teacher's endpoint,
     in token ids (prompts sent as ids, the generated ids read from ``logprobs.tokens``),
     ``request_rows`` prompts a request, requests run by the teacher's thread pool."""
 
@@ -140,7 +140,7 @@ class RemoteGenerator:
         self.remote, self.eos_id = remote, eos_id
 
     def _ask(self, prompts: list[list[int]], body: dict) -> list[list[int]]:
-        from distillery.core.generation import one_choice_per_prompt
+        from distillery.generation import one_choice_per_prompt
 
         key = self.remote.key
         answer = self.remote.endpoint.post("/completions", {**body, "prompt": prompts})
@@ -214,7 +214,7 @@ class RemoteLogprobs(nn.Module):
     def connect(self, tokenizer, pad_id: int | None, tokenizer_key: str) -> dict:
         """Check the endpoint serves ``model`` with ``tokenizer`` and holds ``top_k``
         log-probabilities, then open the row store; returns the provenance to record."""
-        from distillery.core.remote_store import RowStore
+        from distillery.teacher_cache.remote_store import RowStore
 
         listed = self.endpoint.get("/models")
         models = {m.get("id"): m for m in (listed.get("data") or []) if isinstance(m, dict)}
@@ -273,7 +273,7 @@ class RemoteLogprobs(nn.Module):
 
     def _ask(self, rows: list[list[int]]) -> list[dict[str, Tensor]]:
         """One request (in a pool thread): the stored outputs of ``rows``."""
-        from distillery.core.generation import one_choice_per_prompt
+        from distillery.generation import one_choice_per_prompt
 
         out: list[dict[str, Tensor] | None] = [None] * len(rows)
         asked = [i for i, r in enumerate(rows) if r]
@@ -349,7 +349,7 @@ def from_remote(
     verify_tokenizer: bool = True,
 ):
     """Teacher source ``teacher=remote`` (``conf/teacher/remote.yaml``)."""
-    from distillery.core.teacher import Teacher
+    from distillery.engine.teacher import Teacher
 
     endpoint = Endpoint(url, "teacher", api_key_env, timeout, max_retries, backoff, requests_per_second)  # fmt: skip
     remote = RemoteLogprobs(endpoint, model, top_k, vocab_size, cache_dir, request_rows,

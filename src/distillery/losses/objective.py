@@ -1,7 +1,7 @@
 """The objective: a weighted sum of named loss terms, one object for every modality.
 
 Every term is a small ``nn.Module`` (see ``distillery.losses``) that maps an
-:class:`Outputs` bundle to unreduced losses: one per sample (``per = "sample"``, the
+:class:`~distillery.contract.Outputs` bundle to unreduced losses: one per sample (``per = "sample"``, the
 default) or one per token (``per = "token"``, ``[B, T]``, zero where a position is not
 trained). The objective owns the reduction, so all terms of a run share one rule:
 
@@ -22,64 +22,12 @@ either reduction.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-UNLABELED = -1  # label value of samples from an unlabeled transfer set
-IGNORE = -100  # label value of positions no token term trains on (padding, prompts)
-
-
-@dataclass
-class Outputs:
-    """What one forward pass produced, handed to every loss term."""
-
-    student: Tensor  # student outputs: logits [B, C], embeddings [B, D] or token logits [B, T, V]
-    labels: Tensor  # [B] class ids (UNLABELED for transfer-set samples) or [B, T] next tokens
-    teacher: Tensor | None = None  # teacher outputs, detached
-    epoch: float = 0.0  # fractional epoch, for warmups and weight schedules
-    targets: Tensor | None = None  # soft label targets [B, C] (mixed inputs), else None
-    extras: dict = field(default_factory=dict)  # captured features, masks, sample ids
-
-    def subset(self, mask: Tensor) -> Outputs:
-        return Outputs(
-            student=self.student[mask],
-            labels=self.labels[mask],
-            teacher=None if self.teacher is None else self.teacher[mask],
-            epoch=self.epoch,
-            targets=None if self.targets is None else self.targets[mask],
-            extras=_subset_batch(self.extras, mask),
-        )
-
-
-def _subset_batch(value, mask: Tensor):
-    """Apply a batch mask to every batch-first tensor in nested dicts/lists."""
-    if isinstance(value, Tensor):
-        return value[mask] if value.ndim and value.shape[0] == mask.shape[0] else value
-    if isinstance(value, dict):
-        return {k: _subset_batch(v, mask) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_subset_batch(v, mask) for v in value)
-    return value
-
-
-class LossTerm(nn.Module):
-    """Base class of a loss term.
-
-    Subclasses set ``needs_labels`` (only labeled samples are passed in, sample
-    reduction), ``needs_teacher`` (an error when no teacher is configured) and ``per``
-    (``sample``: ``forward(out) -> [B]``; ``token``: ``forward(out) -> [B, T]``;
-    ``pair``: ``forward(out) -> [P]``, one loss per preference pair of the batch).
-    """
-
-    needs_labels: bool = False
-    needs_teacher: bool = False
-    per: str = "sample"
-
-    def forward(self, out: Outputs) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+from distillery.contract import IGNORE, UNLABELED, LossTerm, Outputs
 
 
 def _check_shape(name: str, value: Tensor, want: tuple[int, ...], what: str) -> None:
@@ -195,7 +143,7 @@ class Objective(nn.Module):
         for name, term in terms.items():
             if not isinstance(term, LossTerm):
                 raise TypeError(
-                    f"distill.terms.{name}: expected a distillery.core.objective.LossTerm, "
+                    f"distill.terms.{name}: expected a distillery.contract.LossTerm, "
                     f"got {type(term).__name__}"
                 )
         self.terms = nn.ModuleDict(dict(terms))

@@ -1,8 +1,8 @@
 """The task adapter contract: what differs between modalities, and nothing else.
 
-A task adapter turns a batch into :class:`~distillery.core.objective.Outputs` (student
+A task adapter turns a batch into :class:`~distillery.contract.Outputs` (student
 and teacher outputs, labels, masks, captured features) for the one LightningModule
-(``distillery.core.module.DistillationModule``), names the objective reduction it needs,
+(``distillery.engine.module.DistillationModule``), names the objective reduction it needs,
 and builds the held-out metrics that validation, test and the report card share.
 
 Adding a modality is one adapter file (a subclass of :class:`Task`) plus configs
@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from distillery.core.checks import check_compatible
-from distillery.core.objective import Outputs
+from distillery.contract import Outputs
+from distillery.tasks.checks import check_compatible
 
 
 class Task:
@@ -57,7 +57,7 @@ class Task:
             )
 
     def check_models(self, cfg, student, teacher, datamodule, example: Tensor) -> None:
-        """Dry-run checks before training (``distillery.core.checks``), ``ConfigError``s
+        """Dry-run checks before training (``distillery.tasks.checks``), ``ConfigError``s
         naming the key. ``student`` takes raw inputs (its input normalisation included).
         Default: student and teacher run on ``example`` and agree in output shape (and
         give ``num_classes`` outputs when the data has classes)."""
@@ -106,7 +106,7 @@ class Task:
         return None
 
     def text_model(self, model: nn.Module, teacher: bool = False, device="cpu"):
-        """The model as a ``core.generation.TextModel`` (text in, text out) for probes that
+        """The model as a ``generation.TextModel`` (text in, text out) for probes that
         prompt it (memorisation, safety); None: the task does not generate."""
         return None
 

@@ -12,8 +12,8 @@ them by being another :class:`Generator`; the losses never see which one ran.
   uninterrupted one samples.
 * :class:`HTTPGenerator` calls an OpenAI-compatible completions endpoint (a vLLM server
   for throughput, or a hosted model whose text is all you get): one request per batch
-  of prompts, through ``core/endpoint.py`` (retries, backoff, rate limit, API key).
-* A remote teacher (``teacher=remote``, ``core/remote_teacher.py``) generates through
+  of prompts, through ``generation/endpoint.py`` (retries, backoff, rate limit, API key).
+* A remote teacher (``teacher=remote``, ``engine/remote_teacher.py``) generates through
   its own endpoint, in token ids (:func:`generator_for` asks the model for its
   ``generator``).
 """
@@ -109,7 +109,7 @@ class HFGenerator:
 
 class HTTPGenerator:
     """:class:`Generator` over an OpenAI-compatible ``/completions`` endpoint (``url`` +
-    ``/completions``, through :class:`~distillery.core.endpoint.Endpoint`: retries,
+    ``/completions``, through :class:`~distillery.generation.endpoint.Endpoint`: retries,
     backoff, rate limit and API key as documented there, messages naming ``http.*``):
 
     * one POST per call: ``model``, the prompts decoded with ``tokenizer`` (``prompt``, a
@@ -130,7 +130,7 @@ class HTTPGenerator:
         backoff: float = 1.0,
         requests_per_second: float | None = None,
     ):
-        from distillery.core.endpoint import Endpoint
+        from distillery.generation.endpoint import Endpoint
 
         self.endpoint = Endpoint(url, "http", api_key_env, timeout, max_retries, backoff,
                                  requests_per_second)  # fmt: skip

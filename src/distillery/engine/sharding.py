@@ -48,8 +48,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from distillery.config import ConfigError
-from distillery.core.checkpoint import AtomicCheckpointIO
-from distillery.core.taps import path_matches
+from distillery.engine.checkpoint import AtomicCheckpointIO
+from distillery.engine.taps import path_matches
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}
 TEACHER_MODES = ("shard", "replicate")
@@ -216,7 +216,7 @@ def configure_sharding(module: nn.Module, strategy) -> None:
     elif isinstance(strategy, ModelParallelStrategy):
         raise ConfigError(
             ["trainer.strategy: ModelParallelStrategy needs the distillation sharding plan; "
-             "use distillery.core.sharding.FSDP2Strategy (trainer=fsdp2 or fsdp2_sim)"]
+             "use distillery.engine.sharding.FSDP2Strategy (trainer=fsdp2 or fsdp2_sim)"]
         )  # fmt: skip
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -25,29 +24,12 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from distillery.config import config_differences, upgrade_targets
+
 META_KEY = "distillery"
-FORMAT = 2  # 2: the unified core (core/, recipes/, evaluation/); 1: before it
+FORMAT = 3  # 3: the layers (engine/, tasks/, contract.py); 2: the unified core/; 1: before it
 
-# What a format-1 checkpoint is rebuilt from (its student config and its teacher's
-# recorded config) named these targets at their old paths.
-MOVED_TARGETS = {"distillery.teacher.": "distillery.core.teacher."}
 log = logging.getLogger(__name__)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``:
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -96,17 +78,7 @@ def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("format", 1) >= FORMAT:
         return meta
 
-    def fix(node):
-        if isinstance(node, dict):
-            node = {k: fix(v) for k, v in node.items()}
-            target = node.get("_target_")
-            for old, new in MOVED_TARGETS.items():
-                if isinstance(target, str) and target.startswith(old):
-                    node["_target_"] = new + target[len(old) :]
-            return node
-        return [fix(v) for v in node] if isinstance(node, list) else node
-
-    meta = fix(meta)
+    meta = upgrade_targets(meta)
     student = (meta.get("config") or {}).get("student")
     if isinstance(student, dict):
         student.pop("embeddings_from", None)
@@ -122,7 +94,7 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     ``Sequential(InputNorm, student)`` in eval mode that takes raw inputs."""
     from hydra.utils import instantiate
 
-    from distillery.core.input_norm import InputNorm
+    from distillery.models.input_norm import InputNorm
 
     ckpt = read_checkpoint(path, key)
     student = instantiate(ckpt[META_KEY]["config"]["student"])
@@ -137,50 +109,6 @@ def load_student(path: str | Path, key: str = "ckpt_path") -> nn.Sequential:
     model = nn.Sequential(norm, student).eval()
     model.run_config = ckpt[META_KEY]["config"]  # what it was trained on (its tokenizer: preflight)
     return model
-
-
-# Keys of a run config that say where outputs go or how a run is shown, not what it trains.
-VOLATILE_KEYS = ("paths", "hydra", "extras", "logger", "callbacks", "ckpt_path", "export_ckpt",
-                 "tags", "task_name")  # fmt: skip
-
-
-def abstract_paths(config: dict) -> dict:
-    """The config with every occurrence of its own ``paths.*`` directories replaced by
-    ``<paths.name>``: values derived from where a run writes (``trainer.default_root_dir``,
-    a teacher under ``paths.artifacts_dir``) then compare equal across locations."""
-    paths = {k: str(v).rstrip("/") for k, v in (config.get("paths") or {}).items()}
-    order = sorted(((k, v) for k, v in paths.items() if len(v) > 1), key=lambda kv: -len(kv[1]))
-    pattern = [(re.compile(re.escape(v) + r"(?=/|$)"), f"<paths.{k}>") for k, v in order]
-
-    def sub(node):
-        if isinstance(node, dict):
-            return {k: sub(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [sub(v) for v in node]
-        if isinstance(node, str):
-            for regex, name in pattern:
-                node = regex.sub(name, node)
-        return node
-
-    return sub(config)
-
-
-def config_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys where two resolved run configs differ: ``VOLATILE_KEYS`` aside, and
-    locations compared relative to each config's own ``paths`` (:func:`abstract_paths`)."""
-    if not prefix:
-        recorded, current = abstract_paths(recorded), abstract_paths(current)
-    missing = object()
-    out = []
-    for k in sorted(set(recorded) | set(current), key=str):
-        if not prefix and k in VOLATILE_KEYS:
-            continue
-        a, b = recorded.get(k, missing), current.get(k, missing)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def artifact_differences(path: Path, run_config: dict) -> list[str]:

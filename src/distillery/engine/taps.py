@@ -27,11 +27,14 @@ import copy
 import difflib
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from distillery.teacher_cache.codec import feature_names
+from distillery.teacher_cache.store import CachedOutputs
 
 Kind = Literal["output", "input", "attention"]
 
@@ -306,3 +309,73 @@ def describe(model: nn.Module, example: Tensor) -> list[tuple[str, str, str]]:
     return [
         (p, type(m).__name__, shapes.get(p, "not called")) for p, m in model.named_modules() if p
     ]
+
+
+class CachedTaps:
+    """A cached teacher's taps: the features the cache stored for the same tap specs,
+    handed over by each read (``teacher_cache.store.CachedOutputs.forward``). The interface the module
+    and the builder use of :class:`Taps`: ``specs``, ``captured``
+    (a tap's tensor, or its list when it matched several modules), ``active``,
+    ``clear``, ``attach``, ``remove``."""
+
+    side, detach = "teacher", True
+
+    def __init__(self, outputs: CachedOutputs, specs: dict | None):
+        self.outputs = outputs
+        self.specs = {str(k): TapSpec.parse(v) for k, v in (specs or {}).items()}
+        problems = []
+        for name, spec in self.specs.items():
+            held = outputs.taps.get(name)
+            if held is None or {k: held[k] for k in ("path", "kind", "index")} != asdict(spec):
+                problems.append(
+                    f"taps.teacher.{name}: the teacher cache at {outputs.path} holds "
+                    f"{'no such tap' if held is None else f'it for {held}'} (its taps: "
+                    f"{sorted(outputs.taps)}); rewrite it with python -m distillery.cache "
+                    f"and this run's taps.teacher"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.captured: dict[str, Tensor | list[Tensor]] = {}
+        self.active = True
+        absent = [n for n in self.stored_names() for s in outputs.shards if n not in s.features]
+        if absent:
+            raise ValueError(
+                f"teacher.cache: {outputs.path} records taps whose features a shard lacks "
+                f"({sorted(set(absent))}); rewrite the cache"
+            )
+
+    def __bool__(self) -> bool:
+        return bool(self.specs)
+
+    def stored_names(self) -> tuple[str, ...]:
+        return tuple(
+            n for t in self.specs for n in feature_names(t, self.outputs.taps[t]["targets"])
+        )
+
+    def receive(self, features: dict[str, Tensor]) -> None:
+        for name in self.specs:
+            if name in self.captured:
+                raise DuplicateCaptureError(
+                    f"taps.teacher.{name}: the cached teacher was read twice in one forward "
+                    f"(its taps are cleared before each)"
+                )
+            parts = [features[n] for n in feature_names(name, self.outputs.taps[name]["targets"])]
+            self.captured[name] = parts[0] if len(parts) == 1 else parts
+
+    def attach(self) -> CachedTaps:
+        self.outputs.sink = self
+        return self
+
+    def remove(self) -> None:
+        if self.outputs.sink is self:
+            self.outputs.sink = None
+        self.clear()
+
+    def clear(self) -> None:
+        self.captured = {}
+
+    def __enter__(self) -> CachedTaps:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -6,7 +6,7 @@ The causal-LM adapter (token terms, step normalisation, taps) on prompt/answer d
 * **On-policy distillation** (``on_policy`` = lambda of GKD, Agarwal et al. 2024): before
   a training batch is counted and trained, with probability ``on_policy`` its responses
   are replaced by the student's own samples (no grad, ``temperature``,
-  ``max_new_tokens``, through the one generation interface, ``core/generation.py``).
+  ``max_new_tokens``, through the one generation interface, ``generation/__init__.py``).
   The sampled positions carry no label (no cross-entropy on the student's own text) and
   are the batch's ``token_mask``, which token divergences read: the teacher scores
   exactly the tokens the student wrote. Otherwise the batch keeps its dataset responses.
@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from distillery.config import ArgumentError
-from distillery.core.generation import (
+from distillery.contract import IGNORE, Outputs
+from distillery.generation import (
     answers_of,
     generator_for,
     pack_pairs,
@@ -50,8 +51,7 @@ from distillery.core.generation import (
     response_logprobs,
     special_ids,
 )
-from distillery.core.objective import IGNORE, Outputs
-from distillery.core.tasks.causal_lm import CausalLMTask
+from distillery.tasks.causal_lm import CausalLMTask
 
 
 @dataclass
@@ -170,7 +170,7 @@ class GenerativeLMTask(CausalLMTask):
 
     def check_models(self, cfg, student, teacher, datamodule, example) -> None:
         from distillery.config import ConfigError
-        from distillery.core.checks import check_vocab
+        from distillery.tasks.checks import check_vocab
 
         if self.cross and teacher is not None:
             check_vocab(cfg, student[-1], None, datamodule)
@@ -325,7 +325,7 @@ class GenerativeLMTask(CausalLMTask):
                 "reference": [decode(r) for r in refs]}  # fmt: skip
 
     def text_model(self, model, teacher: bool = False, device="cpu"):
-        from distillery.core.generation import TextModel
+        from distillery.generation import TextModel
 
         return TextModel(
             model, self.teacher_tokenizer if teacher and self.cross else self.tokenizer, device

@@ -1,6 +1,6 @@
 """Stopping a run from outside without losing it: SIGTERM (schedulers, ``kill``) and
 SIGUSR1 (SLURM's pre-emption warning with ``--signal``) end the fit after the current
-batch, ``last.ckpt`` is written atomically (``distillery.core.callbacks.ModelCheckpoint``),
+batch, ``last.ckpt`` is written atomically (``distillery.engine.callbacks.ModelCheckpoint``),
 and the command exits with 128 + the signal number, saying how to resume.
 
 Lightning handles SIGTERM itself (it raises ``SIGTERMException`` after the batch); SIGUSR1

@@ -1,12 +1,12 @@
 """The LightningModule: one for every modality; it orchestrates, the pieces compute.
 
-Batch flow (training): batch -> task adapter (``core/tasks``: views, teacher and
-student forwards, masks) -> :class:`~distillery.core.objective.Outputs` -> objective
+Batch flow (training): batch -> task adapter (``tasks``: views, teacher and
+student forwards, masks) -> :class:`~distillery.contract.Outputs` -> objective
 (named terms, one reduction) -> total loss -> optimizer step. What the module owns is
 what every run shares:
 
 * frozen models: the teacher, and any further frozen model (``frozen``: a DPO
-  reference, more teachers), each a :class:`~distillery.core.teacher.Teacher`
+  reference, more teachers), each a :class:`~distillery.engine.teacher.Teacher`
   (eval-locked, no_grad). They are submodules (they follow the device) but never enter
   the optimizer or the checkpoint: ``state_dict`` drops them and ``load_state_dict``
   refills them from the live models; the checkpoint records their provenance instead;
@@ -30,15 +30,16 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from distillery.core.checkpoint import FORMAT, META_KEY
-from distillery.core.guards import NonFiniteGuard
-from distillery.core.input_norm import InputNorm
-from distillery.core.loggers import logs_this_batch
-from distillery.core.objective import IGNORE, Objective
-from distillery.core.taps import Taps
-from distillery.core.tasks import ClassificationTask, Task
-from distillery.core.teacher import Teacher
+from distillery.contract import IGNORE
+from distillery.engine.checkpoint import FORMAT, META_KEY
+from distillery.engine.guards import NonFiniteGuard
+from distillery.engine.loggers import logs_this_batch
+from distillery.engine.taps import Taps
+from distillery.engine.teacher import Teacher
+from distillery.losses.objective import Objective
+from distillery.models.input_norm import InputNorm
 from distillery.recipes.views import Views
+from distillery.tasks import ClassificationTask, Task
 
 RESERVED = ("student", "student_norm", "objective", "views", "task")
 
@@ -69,7 +70,7 @@ class DistillationModule(L.LightningModule):
         """``task``: the adapter (default classification). ``accumulate`` and
         ``gradient_clip_val`` apply to step-normalised tasks, which optimise manually;
         other tasks use ``trainer.accumulate_grad_batches`` / ``trainer.gradient_clip_val``.
-        ``nan_policy`` / ``max_skipped_share``: see ``distillery.core.guards``.
+        ``nan_policy`` / ``max_skipped_share``: see ``distillery.engine.guards``.
         ``compile``: ``torch.compile`` the student's and the frozen models' forwards in
         place (``nn.Module.compile``: parameter names, checkpoints and taps unchanged;
         the taps' hooks are attached first, so the compiled graphs run them); ``true``
@@ -94,7 +95,7 @@ class DistillationModule(L.LightningModule):
             key = "teacher" if name == "teacher" else f"frozen.{name}"
             if not isinstance(model, Teacher):
                 raise TypeError(
-                    f"{key}: expected a distillery.core.teacher.Teacher, got {type(model).__name__}"
+                    f"{key}: expected a distillery.engine.teacher.Teacher, got {type(model).__name__}"
                 )
             self.frozen_names.append(name)
         self.student = student
@@ -177,10 +178,10 @@ class DistillationModule(L.LightningModule):
         }
 
     def configure_model(self) -> None:
-        """Sharding strategies shard the models here (``core/sharding.py``: the student
+        """Sharding strategies shard the models here (``engine/sharding.py``: the student
         per block, frozen models in their own units or replicated); then ``compile``
         (Lightning calls ``setup``, which attaches the taps, before this hook)."""
-        from distillery.core.sharding import configure_sharding
+        from distillery.engine.sharding import configure_sharding
 
         if self._trainer is not None:
             configure_sharding(self, self.trainer.strategy)
@@ -202,7 +203,7 @@ class DistillationModule(L.LightningModule):
 
     def flush_teacher(self) -> None:
         """A remote teacher writes the rows it was asked for to its cache
-        (``core/remote_store.py``): at the end of a stage and with every checkpoint."""
+        (``teacher_cache/remote_store.py``): at the end of a stage and with every checkpoint."""
         flush = getattr(getattr(self.teacher, "network", None), "flush", None)
         if callable(flush):
             flush()
@@ -281,7 +282,7 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Log the terms of an automatically optimised step on the batches the logger
-        writes and the run's last (``core/loggers.py: logs_this_batch``: one ``self.log``
+        writes and the run's last (``engine/loggers.py: logs_this_batch``: one ``self.log``
         costs ~0.4 ms on CPU; decided here, after the callbacks' hooks, so a callback that
         stops the run on this batch is seen). The step-normalised path logs them with
         every optimizer step."""

@@ -27,7 +27,7 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
     the cache is shown to come from this teacher config and ``cfg``'s data."""
     from omegaconf import OmegaConf, open_dict
 
-    from distillery.core.teacher import Teacher
+    from distillery.engine.teacher import Teacher
 
     if node is None:
         return None
@@ -45,7 +45,7 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
     with open_dict(teacher_node):
         teacher_node.pop("cache", None)
     if cache is not None:
-        from distillery.core.teacher_cache import cached_teacher
+        from distillery.engine.teacher import cached_teacher
 
         if key != "teacher":
             raise ConfigError([f"{key}.cache: only the teacher reads a teacher-output cache"])
@@ -60,7 +60,7 @@ def build_frozen_model(node, key: str, cfg: DictConfig | None = None):
         # masks do not depend on which teacher (or teacher cache) the run has
     if not isinstance(model, Teacher):
         raise ConfigError(
-            [f"{key}: the teacher source must return a distillery.core.teacher.Teacher, got {type(model).__name__}"]
+            [f"{key}: the teacher source must return a distillery.engine.teacher.Teacher, got {type(model).__name__}"]
         )  # fmt: skip
     model.provenance["config"] = to_record(teacher_node)
     if dtype is not None:
@@ -81,9 +81,9 @@ def build_taps(cfg: DictConfig, student, teacher, objective, x) -> tuple:
     feature term (so they exist before the optimizer and checkpoint loading)."""
     import torch
 
-    from distillery.core.taps import Taps
-    from distillery.core.teacher_cache import CachedOutputs, CachedTaps
+    from distillery.engine.taps import CachedTaps, Taps
     from distillery.losses.feature import FeatureTerm
+    from distillery.teacher_cache.store import CachedOutputs
 
     feature_terms = {n: t for n, t in objective.terms.items() if isinstance(t, FeatureTerm)}
     spec = cfg.get("taps") or {}
@@ -214,7 +214,7 @@ def build_objective(cfg: DictConfig):
 def build_task(cfg: DictConfig, datamodule, task=None):
     """The task adapter: ``task`` (already built from ``cfg.task``), else ``cfg.task`` if
     set, else the default for the datamodule's ``output_kind``; the two must agree."""
-    from distillery.core.tasks import Task, task_for
+    from distillery.tasks import Task, task_for
 
     kind = getattr(datamodule, "output_kind", "logits")
     if task is None:
@@ -225,9 +225,7 @@ def build_task(cfg: DictConfig, datamodule, task=None):
         except ValueError as e:
             raise ConfigError([str(e)]) from e
     if not isinstance(task, Task):
-        raise ConfigError(
-            [f"task: expected a distillery.core.tasks.Task, got {type(task).__name__}"]
-        )
+        raise ConfigError([f"task: expected a distillery.tasks.Task, got {type(task).__name__}"])
     if task.output_kind != kind:
         raise ConfigError(
             [f"task: the {task.name} task reads {task.output_kind!r} data, but data gives {kind!r}"]
@@ -266,7 +264,7 @@ def control_objective(cfg: DictConfig, objective, task):
     config (``cfg.distill``) is rewritten to match."""
     from omegaconf import OmegaConf, open_dict
 
-    from distillery.core.objective import Objective
+    from distillery.losses.objective import Objective
 
     keep = {n: t for n, t in objective.terms.items() if not t.needs_teacher}
     dropped = [n for n in objective.terms if n not in keep]
@@ -294,7 +292,7 @@ def check_cached_teacher(cfg: DictConfig, teacher, task) -> None:
     modules: refuse what needs a live teacher, naming the key."""
     if teacher is None or "cache" not in teacher.provenance:
         return
-    from distillery.core.teacher_cache import unsupported
+    from distillery.teacher_cache.store import unsupported
 
     problems = unsupported(cfg, task)
     if problems:
@@ -302,16 +300,16 @@ def check_cached_teacher(cfg: DictConfig, teacher, task) -> None:
 
 
 def connect_remote_teacher(teacher, task, datamodule) -> None:
-    """``teacher=remote`` (``core/remote_teacher.py``): token tasks only; connect to the
+    """``teacher=remote`` (``engine/remote_teacher.py``): token tasks only; connect to the
     endpoint with the tokenizer the teacher reads in this run (the student's, or
     ``data.teacher_tokenizer``'s for a cross-tokenizer objective), recording what it
     serves in the teacher's provenance; and have the training loader hand each batch to
     the teacher as it is drawn (``teacher.prefetch`` batches ahead), unless the run
     trains on the student's own samples (those are drawn in the step). A no-op for other
     teachers, and once connected."""
-    from distillery.core.generation import special_ids
-    from distillery.core.remote_teacher import remote_of
     from distillery.data.sampling import ResumableLoader
+    from distillery.engine.remote_teacher import remote_of
+    from distillery.generation import special_ids
 
     remote = remote_of(teacher)
     if remote is None or remote.store is not None:
@@ -419,7 +417,7 @@ def health_rules(cfg: DictConfig, module) -> list[dict]:
 
 def build_run(cfg: DictConfig, findings: list | None = None):
     """Validate the config, then build (datamodule, module, trainer, loggers). The
-    preflight's errors (``core/preflight.py``) are raised, its warnings logged, unless
+    preflight's errors (``engine/preflight.py``) are raised, its warnings logged, unless
     ``findings`` (a list) is given: then they are appended there (the preflight command)."""
     control = bool(cfg.get("control"))
     if control:
@@ -430,13 +428,13 @@ def build_run(cfg: DictConfig, findings: list | None = None):
     from torch import nn
 
     from distillery.config.extras import build_list
-    from distillery.core import preflight
-    from distillery.core.callbacks import ProgressBar
-    from distillery.core.checkpoint import AtomicCheckpointIO
-    from distillery.core.input_norm import InputNorm
-    from distillery.core.loggers import log_hyperparameters, single_lightning_log
-    from distillery.core.module import DistillationModule, count_params
-    from distillery.core.sharding import check_plan
+    from distillery.engine import preflight
+    from distillery.engine.callbacks import ProgressBar
+    from distillery.engine.checkpoint import AtomicCheckpointIO
+    from distillery.engine.loggers import log_hyperparameters, single_lightning_log
+    from distillery.engine.module import DistillationModule, count_params
+    from distillery.engine.sharding import check_plan
+    from distillery.models.input_norm import InputNorm
 
     single_lightning_log()
 
@@ -445,7 +443,7 @@ def build_run(cfg: DictConfig, findings: list | None = None):
 
     check_processes(cfg)
     if cfg.get("ckpt_path") not in (None, "last", "best", "hpc"):  # resume: checked up front
-        from distillery.core.checkpoint import read_checkpoint
+        from distillery.engine.checkpoint import read_checkpoint
 
         try:
             read_checkpoint(cfg.ckpt_path, "ckpt_path")
