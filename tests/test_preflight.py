@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SMALL_ARITH
+from conftest import SMALL_ARITH, SMALL_MNIST1D, text_overrides
 from distillery.config import ConfigError
 from distillery.engine import memory
 from distillery.engine.preflight import (
@@ -106,19 +106,33 @@ def test_train_refuses_a_pretrained_teacher_whose_tokenizer_swaps_two_ids(
         build_run(cfg)
 
 
-@pytest.mark.parametrize("experiment", ["arith_kd"])
+@pytest.mark.parametrize("experiment", ["arith_kd", "mnist1d_kd", "text_lm_kd"])
 def test_memory_estimate_is_within_a_quarter_of_one_steps_peak(
-    train_cfg, arith_tok, arith_teacher_ckpt, experiment
+    request, train_cfg, arith_tok, experiment
 ):
     """The estimate (weights, grads, optimizer state, activations from one row times the
     batch) against the measured peak of a real second step on this CPU (live tensors +
     the CPU allocator's running peak, engine/memory.py)."""
     from distillery.preflight import measure_step
 
-    cfg = train_cfg(f"experiment={experiment}", *SMALL_ARITH, "data.batch_size=64", "data.labeled=null", f"data.tokenizer={arith_tok}",
-                    f"teacher.ckpt_path={arith_teacher_ckpt}")  # fmt: skip
+    if experiment == "arith_kd":
+        cfg = train_cfg(f"experiment={experiment}", *SMALL_ARITH, "data.batch_size=64", "data.labeled=null", f"data.tokenizer={arith_tok}",
+                        f"teacher.ckpt_path={request.getfixturevalue('arith_teacher_ckpt')}")  # fmt: skip
+        rows = None  # the measured batch's
+    elif experiment == "text_lm_kd":  # token KD over a 512-token vocabulary, 32 tokens a row
+        overrides = text_overrides(
+            request.getfixturevalue("tokenizer_dir"), request.getfixturevalue("data_dir")
+        )
+        cfg = train_cfg(f"experiment={experiment}", *overrides, "data.batch_size=16",
+                        f"teacher.ckpt_path={request.getfixturevalue('text_teacher_ckpt')}")  # fmt: skip
+        rows = None
+    else:  # make distill's student: a CNN teacher, 64 labeled + 256 transfer rows a step
+        cfg = train_cfg(f"experiment={experiment}", *SMALL_MNIST1D, "data.transfer_size=1024",
+                        f"teacher.ckpt_path={request.getfixturevalue('mnist1d_teacher_ckpt')}")  # fmt: skip
+        rows = (64 + 256) / 2  # the row holds one of each source (distillery.preflight)
     measured, module, row = measure_step(cfg)
-    est = memory.estimate(module, row, measured["shape"][0], module.optimizer_factory, devices=8)
+    rows = rows or measured["shape"][0]
+    est = memory.estimate(module, row, rows, module.optimizer_factory, devices=8)
     single = est.rows["single"]
     assert (
         single["teacher"]

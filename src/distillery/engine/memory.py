@@ -8,9 +8,9 @@
   (per trainable parameter: AdamW/Adam 2 tensors, 3 with ``amsgrad``, SGD 1 with
   momentum, else 0);
 * activations: the bytes autograd saves for backward (``saved_tensors_hooks``, each
-  storage once) plus the step's outputs (student and teacher logits) plus the frozen
-  teacher's working set (its largest layer's input and output: nothing of its forward
-  is saved, but those are alive at once), measured on one
+  storage once) plus the step's outputs (student and teacher logits), or the CPU
+  allocator's peak during that forward when larger (the frozen teacher's layer outputs
+  and other temporaries are never saved but are alive at once), measured on one
   training row through the run's own task and objective (no backward) and multiplied by
   the batch size (per-row tensors scale with it; nothing else is assumed about the
   model);
@@ -34,11 +34,15 @@ allocations, and RSS includes the allocator's cached pages and the interpreter; 
 RSS high-water mark of the step (``/proc/self/status`` VmHWM after resetting it) is
 reported beside it, not compared.
 
-Measured on this CPU (2 cores, torch 2.14), estimate vs the second step's peak, single
-device: arith_kd (batch 64 x 21 tokens) 26.3 vs 26.9 MiB (2 % under); text_lm_kd at
-seq_len 64 and a 512-token vocabulary (batch 16) 39.5 vs 49.2 MiB (20 % under: the
-token KD term's temporaries over the logits, which are not saved for backward, are not
-counted). The RSS high-water delta of those steps was 0-1.6 MiB: the allocator reused
+Activations are measured at 1 and 4 rows and extrapolated (a fixed part, such as
+workspaces, plus a part per row). Measured on this CPU (2 cores, torch 2.14; the sizes of
+``tests/test_preflight.py``, which checks each within 25 %), estimate vs the second
+step's peak, single device: arith_kd (batch 64 x 21 tokens) 25.1 vs 26.9 MiB (7 %
+under); mnist1d_kd (CNN teacher, 64 labeled + 256 transfer rows) 4.4 vs 5.1 MiB (14 %
+under); text_lm_kd (batch 16 x 32 tokens, a 512-token vocabulary) 25.75 vs 25.75 MiB.
+Counting saved tensors alone (before the allocator's peak was taken) left mnist1d_kd at
+0.7 MiB: its CNN teacher's layer outputs are never saved but are alive during the
+forward. The RSS high-water delta of those steps was 0-1.6 MiB: the allocator reused
 pages the first step had made resident, so RSS says nothing about a step's peak.
 """
 
@@ -135,27 +139,42 @@ def pad_row(row: dict, length: int, pad_id: int) -> dict:
     return out
 
 
+def repeated(row: dict, n: int) -> dict:
+    """``row`` with every tensor's rows repeated ``n`` times (a batch of ``n`` rows)."""
+    return {k: repeated(v, n) if isinstance(v, dict)
+            else torch.cat([v] * n) if torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in row.items()}  # fmt: skip
+
+
+def activations(module, row: dict, batch_size: float) -> tuple[float, int]:
+    """(bytes, largest tensor) of a training forward at ``batch_size`` rows shaped like
+    ``row``: :func:`activation_bytes` at 1 and 4 rows, a fixed part and a part per row
+    (the allocator's peak holds both: workspaces and the like do not grow with rows)."""
+    one, largest = activation_bytes(module, row)
+    four, _ = activation_bytes(module, repeated(row, 4))
+    per_row = max(0.0, (four - one) / 3)
+    return max(0.0, one - per_row) + per_row * batch_size, largest
+
+
 def activation_bytes(module, row: dict) -> tuple[int, int]:
-    """(bytes, largest tensor) saved for backward by one forward of the run's task and
-    objective on ``row``, plus its outputs; no backward runs."""
+    """(bytes, largest tensor) of one forward of the run's task and objective on ``row``
+    (no backward runs): the larger of what it leaves for the backward (the tensors
+    autograd saves, plus its outputs) and the CPU allocator's peak during it (the frozen
+    teacher's layer outputs and every other temporary, freed before the end)."""
+    from torch.profiler import ProfilerActivity, profile
+
     saved: list[torch.Tensor] = []
 
     def pack(t):
         saved.append(t)
         return t
 
-    transient: list[int] = []  # the frozen teacher's layer outputs: freed, never saved
-
-    def record(_, inputs, output):
-        if torch.is_tensor(output):
-            alive = [t for t in (*inputs, output) if torch.is_tensor(t)]
-            transient.append(sum(t.untyped_storage().nbytes() for t in alive))
-
-    teacher = getattr(module.teacher, "network", None)
-    hooks = [m.register_forward_hook(record) for m in teacher.modules() if not list(m.children())] if teacher is not None else []  # fmt: skip
     was = module.training
     module.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         out = module.task.training_outputs(module, row, 0.0)
         if module.task.reduction == "token":  # step-normalised: the step's token count
             count = module.task.count(row)
@@ -163,8 +182,6 @@ def activation_bytes(module, row: dict) -> tuple[int, int]:
         else:  # per-sample means (classification, embeddings)
             total, _ = module.objective(out)
     module.train(was)
-    for h in hooks:
-        h.remove()
     outputs = [o for o in (out.student, out.teacher) if torch.is_tensor(o)]
     tensors = [*saved, *outputs]
     size = tensor_bytes(tensors)
@@ -173,8 +190,7 @@ def activation_bytes(module, row: dict) -> tuple[int, int]:
     largest = max((t.untyped_storage().nbytes() for t in tensors
                    if t.untyped_storage().data_ptr() not in params), default=0)  # fmt: skip
     del total, out
-    # the teacher forward's working set: the largest layer's input and output at once
-    return size + max(transient, default=0), largest
+    return max(size, allocator_peak(prof)), largest
 
 
 @dataclass
@@ -200,8 +216,7 @@ def estimate(module, row: dict, batch_size: int, optimizer_factory, devices: int
     grads = tensor_bytes(trainable)  # a gradient like each trainable parameter
     states = optimizer_states(optimizer_factory) * sum(p.numel() * 4 for p in trainable)
     temporaries = step_temporaries(trainable, optimizer_factory)
-    per_row, largest = activation_bytes(module, row)
-    acts = per_row * batch_size
+    acts, largest = activations(module, row, batch_size)
     work = largest * batch_size
     t_net = teacher.network if teacher is not None else None
     s_unit = largest_unit(module.student) * 4
