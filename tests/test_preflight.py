@@ -83,15 +83,11 @@ def test_two_chat_templates_that_differ_by_one_character():
     assert [f.level for f in same] == ["ok"]
 
 
-def test_train_refuses_a_pretrained_teacher_whose_tokenizer_swaps_two_ids(
-    tmp_path, train_cfg, arith_tok
-):
-    """The check runs inside build_run (every distillery.train): a pretrained teacher
-    directory whose tokenizer means other tokens by two ids is refused, key named."""
+def swapped_teacher(tmp_path, arith_tok):
+    """A pretrained teacher directory whose tokenizer swaps the ids of "+" and "="."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distillery.data.arith import ALPHABET, SPECIAL, char_tokenizer
-    from distillery.engine.builder import build_run
 
     char_tokenizer(arith_tok)  # written on first use
     chars = [*SPECIAL, *ALPHABET]
@@ -100,10 +96,37 @@ def test_train_refuses_a_pretrained_teacher_whose_tokenizer_swaps_two_ids(
                                    bos_token_id=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
     AutoModelForCausalLM.from_config(config).save_pretrained(teacher_dir)
     word_tokenizer(swapped(chars, "+", "=")).save_pretrained(teacher_dir)
+    return teacher_dir
+
+
+def test_train_refuses_a_pretrained_teacher_whose_tokenizer_swaps_two_ids(
+    tmp_path, train_cfg, arith_tok
+):
+    """The check runs inside build_run (every distillery.train): a pretrained teacher
+    directory whose tokenizer means other tokens by two ids is refused, key named."""
+    from distillery.engine.builder import build_run
+
+    teacher_dir = swapped_teacher(tmp_path, arith_tok)
     cfg = train_cfg("experiment=arith_kd", *SMALL_ARITH, f"data.tokenizer={arith_tok}", "teacher=model", "~teacher.ckpt_path",
                     f"teacher.model={{_target_:distillery.models.hf.HFCausalLM,pretrained:{teacher_dir}}}")  # fmt: skip
     with pytest.raises(ConfigError, match=r"data.tokenizer: 2 of 54 shared ids mean another token"):
         build_run(cfg)
+
+
+def test_the_preflight_command_prints_its_table_and_exits_2_on_an_error(
+    tmp_path, arith_tok, data_dir
+):
+    """``python -m distillery.preflight`` on the same pair, as a process: the checks and the
+    memory estimate printed as tables, exit code 2, the key named."""
+    import processes
+
+    teacher_dir = swapped_teacher(tmp_path, arith_tok)
+    done = processes.run("distillery.preflight", "experiment=arith_kd", *SMALL_ARITH, f"data.tokenizer={arith_tok}",
+                         "teacher=model", "~teacher.ckpt_path", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'pf'}",
+                         f"teacher.model={{_target_:distillery.models.hf.HFCausalLM,pretrained:{teacher_dir}}}", check=False)  # fmt: skip
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "Distillery preflight" in done.stdout and "memory per device" in done.stdout
+    assert "2 of 54 shared ids mean another token" in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("experiment", ["arith_kd", "mnist1d_kd", "text_lm_kd"])
