@@ -115,13 +115,45 @@ def compress(
     return {**out, "values": levels.cpu(), "low": low.half().cpu(), "high": high.half().cpu()}
 
 
-def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
-    """Stored rows -> float32 outputs: as they are, or top-k log-probabilities with the
-    remaining mass spread over the other tokens."""
+def dequantized(stored: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``stored`` with float32 ``values`` (q8 levels mapped back between their ``low``
+    and ``high``, which are dropped)."""
+    out = {n: t for n, t in stored.items() if n not in ("low", "high")}
     values = stored["values"].float()
     if "low" in stored:  # q8 levels
         low, high = stored["low"].float(), stored["high"].float()
         values = low + values * (high - low).clamp_min(1e-6) / 255
+    return {**out, "values": values}
+
+
+def padded(stored: dict[str, Tensor], lengths: Tensor, width: int, vocab: int | None) -> dict[str, Tensor]:  # fmt: skip
+    """Dequantized per-position tensors of ragged rows (``sum(lengths)`` positions) as
+    ``[rows, width, ...]``; the padding positions expand to a uniform distribution (top-k
+    rows: every id at ``-log V``) or zeros (full outputs)."""
+    lengths = lengths.long()
+    real = torch.arange(width, device=lengths.device) < lengths.unsqueeze(1)
+    out = {}
+    for name, t in stored.items():
+        if name == "values" and "indices" in stored:
+            pad = -math.log(vocab)
+        elif name == "rest":
+            pad = (
+                vocab - stored["values"].shape[-1]
+            ) / vocab  # fill = log(rest / (V - k)) = -log V
+        else:
+            pad = 0
+        full = t.new_full((len(lengths), width, *t.shape[1:]), pad)
+        if name == "indices":  # the k ids of a padding position: any k distinct ones
+            full[:] = torch.arange(t.shape[-1], dtype=t.dtype, device=t.device)
+        full[real.to(t.device)] = t
+        out[name] = full
+    return out
+
+
+def expand(stored: dict[str, Tensor], vocab: int | None) -> Tensor:
+    """Stored rows -> float32 outputs: as they are, or top-k log-probabilities with the
+    remaining mass spread over the other tokens (one pass over the output)."""
+    values = dequantized(stored)["values"]
     if "indices" not in stored:
         return values
     k = values.shape[-1]

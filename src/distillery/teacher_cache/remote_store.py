@@ -20,7 +20,6 @@ distribution (no loss reads them: their labels are -100).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distillery.teacher_cache.codec import expand
+from distillery.teacher_cache.codec import expand, padded
 from distillery.teacher_cache.store import CacheWriter, Shard
 
 META = "cache.json"
@@ -102,20 +101,20 @@ class RowStore:
         self.pending = {}
 
     def read(self, keys: list[int], lengths: Tensor, width: int, device) -> Tensor:
-        """``[B, width, V]`` float32 log-probabilities of the rows ``keys`` (all held)."""
-        out = torch.full((len(keys), width, self.vocab), -math.log(self.vocab), device=device)
+        """``[B, width, V]`` float32 log-probabilities of the rows ``keys`` (all held): their
+        stored top-k gathered and padded, then expanded in one pass over the output."""
+        rows: list[dict[str, Tensor] | None] = [self.pending.get(k) for k in keys]
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for i, k in enumerate(keys):
-            if k in self.pending:
-                row = self.pending[k]
-                n = len(row["rest"])
-                if n:
-                    out[i, :n] = expand({n_: t.to(device) for n_, t in row.items()}, self.vocab)
-            else:
+            if rows[i] is None:
                 shard, local = self.where[k]
                 by_shard.setdefault(shard, []).append((i, local))
         for shard, items in by_shard.items():
-            at = torch.tensor([i for i, _ in items], device=device)
-            rows = torch.tensor([r for _, r in items])
-            out[at], _ = self.shards[shard].read(rows, width, device)
-        return out
+            stored, counts = self.shards[shard].stored_rows(torch.tensor([r for _, r in items]))
+            parts = {n: t.split(counts.tolist()) for n, t in stored.items()}
+            for j, (i, _) in enumerate(items):
+                rows[i] = {n: p[j] for n, p in parts.items()}
+        lengths = torch.tensor([len(r["rest"]) for r in rows])
+        stored = {n: torch.cat([r[n] for r in rows]) for n in ("values", "indices", "rest")}
+        stored = padded(stored, lengths, width, self.vocab)
+        return expand({n: t.to(device) for n, t in stored.items()}, self.vocab)

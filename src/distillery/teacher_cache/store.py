@@ -47,7 +47,6 @@ refused. A run refuses a cache whose teacher or data config differs from its own
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import warnings
@@ -61,7 +60,9 @@ from distillery.teacher_cache.codec import (
     FEATURE,
     RAGGED,
     delta_decode,
+    dequantized,
     expand,
+    padded,
     ragged_rows,
 )
 from distillery.teacher_cache.keys import content_lengths, ragged_row_keys, row_keys
@@ -287,6 +288,15 @@ class Shard:
         padded to ``width`` positions, the padding a uniform distribution), and the
         stored ``features`` of those rows (float32)."""
         feats = {n: self.features[n][rows].to(device, torch.float32) for n in features}
+        stored, lengths = self.stored_rows(rows)
+        stored = dequantized(stored)
+        if lengths is not None:  # padding positions read uniform (no loss reads them: labels -100)
+            stored = padded(stored, lengths, width, self.vocab)
+        return expand({n: t.to(device) for n, t in stored.items()}, self.vocab), feats
+
+    def stored_rows(self, rows: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        """What is stored of ``rows`` (ids decoded; ragged rows: their positions
+        concatenated) and, for ragged rows, each row's number of positions."""
         stored = {n: t[rows] for n, t in self.per_row.items()}
         lengths = stored.pop("positions", None)
         if lengths is not None:
@@ -302,14 +312,7 @@ class Shard:
             stored["indices"] = delta_decode(
                 ragged_rows(self.codes, starts, counts), tuple(stored["values"].shape)
             )
-        out = expand({n: t.to(device) for n, t in stored.items()}, self.vocab)
-        if lengths is None:
-            return out, feats
-        # padding positions read a uniform distribution (no loss reads them: labels -100)
-        fill = -math.log(self.vocab) if "indices" in stored else 0.0
-        full = out.new_full((len(rows), width, out.shape[-1]), fill)
-        full[(torch.arange(width) < lengths.long().unsqueeze(1)).to(device)] = out
-        return full, feats
+        return stored, lengths
 
 
 class CachedOutputs(nn.Module):
