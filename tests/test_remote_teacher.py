@@ -362,3 +362,28 @@ def test_a_connected_remote_teacher_survives_pickling(served, arith_tok, tmp_pat
     x = rows(tok)
     want = teacher(x)
     torch.testing.assert_close(pickle.loads(pickle.dumps(teacher))(x), want, atol=0, rtol=0)
+
+
+def test_a_cross_tokenizer_run_reads_the_remote_teacher_in_its_own_tokens(
+    served, proxy, train_cfg, arith_tok, arith_teacher_ckpt, tmp_path
+):
+    """arith_uld: a BPE student, the character teacher served remotely. At connect the
+    server's tokenizer is compared with data.teacher_tokenizer (not the student's), the
+    teacher reads the batch's teacher tokens (padded with its own pad id), and 2 steps and
+    a validation give the in-process teacher's student."""
+    import json as json_
+
+    from distillery.data.arith import ArithDataModule
+
+    answers = tmp_path / "answers.jsonl"  # the true answers stand in for the teacher's
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    answers.write_text("".join(json_.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
+    common = ["experiment=arith_uld", "debug=fdr", "trainer.fast_dev_run=2", *SMALL_ARITH, "data.labeled=null",
+              f"data.responses={answers}", f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}"]  # fmt: skip
+    local = fit_student(train_cfg(*common, f"teacher.ckpt_path={arith_teacher_ckpt}", out=tmp_path / "local"))  # fmt: skip
+    remote = fit_student(train_cfg(*common, "teacher=remote", "~teacher.ckpt_path", f"teacher.url={proxy.url}",
+                                   f"teacher.model={NAME}", f"teacher.top_k={served[1].vocab_size}",
+                                   f"teacher.cache_dir={tmp_path / 'cache'}", out=tmp_path / "remote"))  # fmt: skip
+    for k in local:
+        torch.testing.assert_close(remote[k], local[k], atol=1e-5, rtol=0, msg=k)
+    assert proxy.asked() > 0
