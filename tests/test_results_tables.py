@@ -39,20 +39,16 @@ def test_every_table_has_one_target_page_that_exists():
         assert page in tables.pages()
 
 
-@pytest.mark.parametrize(
-    ("name", "cell", "edit"),
-    [
-        ("arith", "| `arith_sft` | 0, 1, 2 | 0.544 ± 0.074 |", "| `arith_sft` | 0, 1, 2 | 0.644 ± 0.074 |"),
-        ("controls", "| `digits_kd` | accuracy (higher is better) | 0, 1, 2 | 0.9704",
-         "| `digits_kd` | accuracy (higher is better) | 0, 1, 2 | 0.9705"),
-    ],
-)  # fmt: skip
-def test_an_edited_cell_is_caught_in_its_page(name, cell, edit):
-    """One cell edited by hand, in a docs page (arith) and in the README (controls)."""
+@pytest.mark.parametrize("name", ["arith", "controls"])
+def test_an_edited_cell_is_caught_in_its_page(name):
+    """One digit of the table's first row edited by hand, in a docs page (arith) and in
+    the README (controls)."""
     page = tables.TARGETS[name]
     text = page.read_text()
     block = tables.MARKER.search(text[text.index(f"<!-- table:{name} -->") :])["body"]
-    assert cell in block
+    cell = next(line for line in block.splitlines() if line.startswith("| `"))
+    at = max(i for i, c in enumerate(cell) if c.isdigit())
+    edit = cell[:at] + str((int(cell[at]) + 1) % 10) + cell[at + 1 :]
     problems = tables.check({page: text.replace(cell, edit)})
     assert len(problems) == 1 and problems[0].startswith(f"table:{name} in ")
     assert f"-{edit}" in problems[0] and f"+{cell}" in problems[0]
@@ -84,10 +80,14 @@ def test_a_table_outside_its_target_page_is_refused():
 
 
 def test_legacy_files_are_stamped_commit_unknown():
-    block = tables.render_controls()
-    assert block.startswith("_`benchmarks/results/controls.json`")
-    assert tables.LEGACY_STAMP in block.splitlines()[0]
-    assert "different commits" in block.splitlines()[0]  # its rows entered at several
+    """Every results file written before provenance was recorded (no ``provenance`` key)
+    is stamped so, with the commit its numbers entered the repository in."""
+    legacy = [p.stem for p in sorted(tables.RESULTS.glob("*.json")) if p.stem in tables.SCRIPTS
+              and not (isinstance(d := json.loads(p.read_text()), dict) and "provenance" in d)]  # fmt: skip
+    assert legacy  # arith, inherited, ...: when the last is re-measured, delete this test
+    for stem in legacy:
+        stamp = tables.stamp_of(stem)
+        assert stamp.startswith(tables.LEGACY_STAMP) and "committed" in stamp, (stem, stamp)
 
 
 def test_a_changed_legacy_file_is_refused(tmp_path, monkeypatch):
