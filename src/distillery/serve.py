@@ -71,10 +71,9 @@ class Engine:
         """Per row ``[L, V]`` float32 log-probabilities (position t: the next token after
         the row's first t + 1), from one right-padded forward (causal: the padding after a
         row changes nothing before it)."""
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
+        from distillery.generation import pack
+
+        ids = pack(rows, [None] * len(rows), self.pad_id)["input_ids"]
         with self.lock:
             logits = self.model(ids.to(self.device)).float()
         logp = torch.log_softmax(logits, dim=-1).cpu()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillery.config import ConfigError
+from distillery.tasks.checks import vocab_align
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,6 @@ def rows(net) -> int | None:
     return None if net is None else getattr(net, "vocab_size", None)
 
 
-def vocab_align(cfg) -> str:
-    terms = (cfg.get("distill") or {}).get("terms") or {}
-    aligns = {t.get("vocab_align") for t in terms.values() if t is not None and hasattr(t, "get")}
-    return "truncate" if "truncate" in aligns else "error"
-
-
 def hf_config(net):
     return getattr(getattr(net, "model", None), "config", None)
 
@@ -205,10 +200,12 @@ def check_vocabulary(s_tok, t_tok, s_rows, t_rows, align, source, cross) -> list
 
 
 def special_ids(tok) -> dict[str, int | None]:
-    ids = {k: getattr(tok, f"{k}_token_id", None) for k in ("pad", "eos", "bos")}
-    if ids["pad"] is None:  # generation pads with eos then (tasks/generative.py)
-        ids["pad"] = ids["eos"]
-    return ids
+    """pad, eos and bos ids as generation uses them (``generation.special_ids``: pad
+    falls back to eos)."""
+    from distillery.generation import special_ids as eos_and_pad
+
+    eos, pad = eos_and_pad(tok)
+    return {"pad": pad, "eos": eos, "bos": getattr(tok, "bos_token_id", None)}
 
 
 def check_special_tokens(s_tok, t_tok, source, cross, s_net, t_net) -> list[Finding]:

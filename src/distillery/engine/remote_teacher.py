@@ -260,7 +260,8 @@ class RemoteLogprobs(nn.Module):
             raise ValueError(f"{differs} (a probe text of {len(expected)} tokens tokenizes differently)")  # fmt: skip
 
     # --- rows -------------------------------------------------------------------
-    def _rows(self, x: Tensor) -> tuple[list[int], Tensor]:
+    def _rows(self, x: Tensor) -> tuple[Tensor, list[int], Tensor]:
+        """The batch on the CPU as int64 (copied once), its rows' keys and lengths."""
         if self.store is None:
             raise RuntimeError(f"{self.key}: the remote teacher was not connected (RemoteLogprobs.connect)")  # fmt: skip
         x = x.detach().to("cpu", torch.int64)
@@ -269,7 +270,7 @@ class RemoteLogprobs(nn.Module):
             if self.pad_id is None
             else content_lengths(x, self.pad_id)
         )
-        return ragged_row_keys(x, lengths).tolist(), lengths
+        return x, ragged_row_keys(x, lengths).tolist(), lengths
 
     def _ask(self, rows: list[list[int]]) -> list[dict[str, Tensor]]:
         """One request (in a pool thread): the stored outputs of ``rows``."""
@@ -304,13 +305,12 @@ class RemoteLogprobs(nn.Module):
 
     def prefetch(self, x: Tensor) -> None:
         """Start asking for the rows of a batch to come (no wait)."""
-        keys, lengths = self._rows(x)
-        self._submit(x.detach().to("cpu", torch.int64), keys, lengths)
+        self._submit(*self._rows(x))
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        keys, lengths = self._rows(x)
-        self._submit(x.detach().to("cpu", torch.int64), keys, lengths)
+        rows, keys, lengths = self._rows(x)
+        self._submit(rows, keys, lengths)
         for k in keys:
             if k in self.inflight:
                 future, j = self.inflight.pop(k)

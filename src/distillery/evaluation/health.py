@@ -27,6 +27,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from distillery.losses.token import per_token
+
 OUTLIER_KL = 2.0  # nats: a token whose KL(teacher || student) exceeds this is an outlier
 
 
@@ -51,18 +53,33 @@ def token_signals(
     tensors. ``sampled``: the token the student sampled at each position (on-policy
     batches: the next input id), -1 where it did not sample. ``top_k``: the teacher is a
     top-k cache (its tail mass is reported)."""
+    if teacher is not None and teacher.shape[:-1] != student.shape[:-1]:
+        teacher = None  # its positions are another tokenizer's (ULD)
     s = student[mask].float()
+    t = None if teacher is None else teacher[mask].float()[:, : s.shape[-1]]
+    return row_signals(s, t, None if sampled is None else sampled[mask], top_k)
+
+
+@torch.no_grad()
+def row_signals(
+    s: Tensor,
+    t: Tensor | None,
+    sampled: Tensor | None = None,
+    top_k: int | None = None,
+    kl: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """:func:`token_signals` of selected positions: ``[N, V]`` student and teacher logits
+    (float32), the sampled ids ``[N]``, and ``kl`` (KL(teacher || student) per row) when
+    the caller has it already (the LM metrics)."""
     out = {"student_entropy": entropy(s)}
-    if teacher is None or teacher.shape[:-1] != student.shape[:-1]:
-        return out  # no teacher, or its positions are another tokenizer's (ULD)
-    t = teacher[mask].float()[:, : s.shape[-1]]
-    s = s[:, : t.shape[-1]]
-    t_logp, s_logp = t.log_softmax(-1), s.log_softmax(-1)
+    if t is None:
+        return out
+    t_logp = t.log_softmax(-1)
     out["teacher_entropy"] = -(t_logp.exp() * t_logp).sum(-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    kl = per_token(s[:, : t.shape[-1]], t, "fkl") if kl is None else kl
     out["outlier_share"] = (kl > OUTLIER_KL).float()
     if sampled is not None:
-        ids = sampled[mask]
+        ids = sampled
         keep = ids >= 0
         if keep.any():
             picked = t_logp[keep].gather(-1, ids[keep].unsqueeze(-1)).squeeze(-1)

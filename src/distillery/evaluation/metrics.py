@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from distillery.contract import IGNORE
-from distillery.evaluation.health import answer_signals, token_signals
+from distillery.evaluation.health import answer_signals, row_signals
 from distillery.generation import answers_of
 from distillery.losses.kd import kl_teacher_student
 from distillery.losses.token import per_token
@@ -155,12 +155,13 @@ class LMMetrics(nn.Module):
         nll = F.cross_entropy(s, y, reduction="none")
         self.nll.update(nll)
         self.ppl.update(nll)
+        t = kl = None
         if self.with_teacher:
             t = teacher[valid].float()[:, : s.shape[-1]]
             self.agreement.update((s.argmax(-1) == t.argmax(-1)).float())
-            self.kl_to_teacher.update(per_token(s[:, : t.shape[-1]], t, "fkl"))
-        signals = token_signals(logits, teacher if self.with_teacher else None, valid)
-        for name, value in signals.items():
+            kl = per_token(s[:, : t.shape[-1]], t, "fkl")
+            self.kl_to_teacher.update(kl)
+        for name, value in row_signals(s, t, kl=kl).items():  # computed once, for both
             self.health[name].update(value)
 
     def items(self):

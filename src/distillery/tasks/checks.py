@@ -64,8 +64,7 @@ def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool =
         and None not in sizes.values()
         and sizes["student"] != sizes["teacher"]
     ):
-        terms = (cfg.distill.get("terms") or {}).values()
-        if not any(t.get("vocab_align") == "truncate" for t in terms if t):
+        if vocab_align(cfg) != "truncate":
             problems.append(
                 f"teacher and student vocabularies differ ({sizes['teacher']} vs {sizes['student']}): "
                 f"use the same tokenizer, or set vocab_align: truncate on the token KD term"
@@ -77,6 +76,14 @@ def check_vocab(cfg: DictConfig, student, teacher, datamodule, same_rows: bool =
                 )
     if problems:
         raise ConfigError(problems)
+
+
+def vocab_align(cfg) -> str:
+    """``truncate`` when a token term of ``distill.terms`` sets ``vocab_align: truncate``
+    (logits of different row counts compared over the shared rows), else ``error``."""
+    terms = (cfg.get("distill") or {}).get("terms") or {}
+    aligns = {t.get("vocab_align") for t in terms.values() if t is not None and hasattr(t, "get")}
+    return "truncate" if "truncate" in aligns else "error"
 
 
 def check_pad_id(student, teacher, datamodule) -> None:
