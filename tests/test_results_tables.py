@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import arith  # noqa: E402
+import arith_variants  # noqa: E402
+import make_distill_time  # noqa: E402
 import provenance  # noqa: E402
 import stats  # noqa: E402
 import tables  # noqa: E402
@@ -419,3 +421,119 @@ def test_arith_outside_readings_sit_beside_the_report_cards(tmp_path):
     labels = [label for label, _, _ in arith.seed_commands(0, tmp_path, ["sft"])]
     assert labels[-4:] == ["export_teacher", "outside_teacher", "export_sft", "outside_sft"]
     assert arith.done("outside_sft", d) and not arith.done("export_sft", d)
+
+
+# ------------------------------------------------ arith variants, make distill timing
+
+
+def _card(path: Path, models: dict[str, float]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "report.json").write_text(json.dumps({"models": {
+        m: {"exact_match": em, "teacher_nll": 1.0 - em} for m, em in models.items()}}))  # fmt: skip
+
+
+def _arith_seed(out: Path, seed: int) -> Path:
+    d = out / f"seed{seed}"
+    (d / "runs").mkdir(parents=True)
+    for name in arith_variants.LINKED:
+        (d / name).write_text(name)
+    for label in ("teacher", "generate", "sft", "seqkd", "kd"):
+        (d / "runs" / f"{label}.json").write_text(
+            json.dumps({"label": label, "seed": seed, "commit": "a" * 40})
+        )
+    return d
+
+
+def test_an_arith_variant_reuses_the_seeds_teacher_answers_and_sft_student(tmp_path):
+    """A variant's seed directory links the arith seed's teacher, answers and arith_sft
+    (nothing retrained: their steps count as done), copies their run records, and runs the
+    method with the variant's overrides; a seed the arith table lacks is refused by flag."""
+    arith_out, out = tmp_path / "arith", tmp_path / "variants"
+    _arith_seed(arith_out, 0)
+    d = arith_variants.link_seed(0, arith_out, out / "uld_control")
+    assert (d / "arith_teacher.ckpt").resolve() == (
+        arith_out / "seed0" / "arith_teacher.ckpt"
+    ).resolve()
+    assert arith.done("teacher", d) and arith.done("generate", d) and not arith.done("uld", d)
+    assert sorted(p.stem for p in (d / "runs").glob("*.json")) == ["generate", "sft", "teacher"]
+    method, overrides, _ = arith_variants.VARIANTS["uld_control"]
+    cmds = {
+        label: argv
+        for label, _, argv in arith.seed_commands(
+            0, out / "uld_control", [method], overrides=overrides
+        )
+    }
+    assert "control=true" in cmds["uld"] and "experiment=arith_uld" in cmds["uld"]
+    dpo = dict(
+        (label, argv)
+        for label, _, argv in arith.seed_commands(
+            0, out / "dpo_long", ["dpo"], overrides=arith_variants.VARIANTS["dpo_long"][1]
+        )
+    )["dpo"]
+    assert (
+        "trainer.max_steps=3000" in dpo
+        and f"student_init.ckpt_path={out / 'dpo_long' / 'seed0' / 'arith_sft.ckpt'}" in dpo
+    )
+    with pytest.raises(SystemExit, match=r"--arith-out .*: seed 1 has no arith_teacher.ckpt"):
+        arith_variants.link_seed(1, arith_out, out / "uld_control")
+
+
+@pytest.mark.parametrize("name", list(arith_variants.VARIANTS))
+def test_every_arith_variant_composes(name):
+    """Each variant's overrides name keys its method's config has (Hydra refuses others)."""
+    method, overrides, _ = arith_variants.VARIANTS[name]
+    config = provenance.resolved_config([f"experiment=arith_{method}", *overrides], "train", {})
+    flat = provenance.flatten(config)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if "${" not in value:
+            assert str(flat[key]).lower() == {"null": "none"}.get(value, value).lower(), (
+                key,
+                flat[key],
+            )
+
+
+def test_arith_variants_are_tabulated_beside_the_methods_they_are_paired_with(tmp_path):
+    """Each variant's row sits under its own name beside the arith methods' rows of the
+    same seeds; the paired comparisons carry their intervals and verdicts."""
+    arith_out, out = tmp_path / "arith", tmp_path / "variants"
+    for seed in range(5):
+        _arith_seed(arith_out, seed)
+        _card(arith_out / f"seed{seed}" / "report", {"teacher": 0.99, "sft": 0.2, "seqkd": 0.98})
+        _card(arith_out / f"seed{seed}" / "report_uld", {"teacher": 0.99, "uld": 0.1 + 0.01 * seed})
+        _card(
+            out / "uld_control" / f"seed{seed}" / "report_uld",
+            {"teacher": 0.99, "uld": 0.3 + 0.02 * seed},
+        )
+    results = [
+        arith_variants.seed_results(s, arith_out, out, list(arith_variants.VARIANTS))
+        for s in range(5)
+    ]
+    assert results[2]["models"]["uld_control"]["exact_match"] == pytest.approx(0.34)
+    assert results[2]["models"]["uld"]["exact_match"] == pytest.approx(0.12)
+    text = arith_variants.table(results, ["uld_control"])
+    assert "| `uld_control` | `arith_uld` with `control=true`" in text
+    assert "| `arith_uld` - `uld_control` | 0, 1, 2, 3, 4 | -0.220 [" in text
+    assert "`uld_control` better (n = 5, 95 % interval excludes 0)" in text
+    assert "| `uld_control` - `arith_seqkd` |" in text and "uld_w15" not in text
+
+
+def test_make_distill_timing_reads_the_stages_and_tabulates_the_repeats(tmp_path):
+    """Install and job are reported apart, each stage from the run's stages.json (the newest
+    run), as mean ± std (min-max) over the repeats."""
+    for i, (teacher, student) in enumerate(((60.0, 400.0), (70.0, 420.0))):
+        run = tmp_path / "logs" / "distill" / "runs" / f"2026-12-0{i + 1}_x" / "stages.json"
+        run.parent.mkdir(parents=True)
+        run.write_text(
+            json.dumps({"teacher": {"seconds": teacher}, "student": {"seconds": student}})
+        )
+    assert make_distill_time.stage_seconds(tmp_path) == {"teacher": 70.0, "student": 420.0}
+    runs = [{"load": [1.0, 1.5]}, {"load": [0.5, 2.0]}]
+    results = [{"install_s": 100.0, "job_s": 300.0, "stages_s": {"teacher": 60.0}, "runs": runs},
+               {"install_s": 110.0, "job_s": 320.0, "stages_s": {"teacher": 70.0}, "runs": runs}]  # fmt: skip
+    text = make_distill_time.table(results)
+    assert "| job (`make distill` once installed) | 310 ± 14 s (300-320) |" in text
+    assert "| install (`make setup` on the fresh clone) | 105 ± 7 s (100-110) |" in text
+    assert "| stage `teacher` | 65 ± 7 s (60-70) |" in text and "0.5-2.0" in text
+    with pytest.raises(SystemExit, match="no stages.json"):
+        make_distill_time.stage_seconds(tmp_path / "nothing")
