@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import arith  # noqa: E402
 import arith_variants  # noqa: E402
+import embeddings  # noqa: E402
 import make_distill_time  # noqa: E402
 import provenance  # noqa: E402
 import stats  # noqa: E402
@@ -537,3 +538,43 @@ def test_make_distill_timing_reads_the_stages_and_tabulates_the_repeats(tmp_path
     assert "| stage `teacher` | 65 ± 7 s (60-70) |" in text and "0.5-2.0" in text
     with pytest.raises(SystemExit, match="no stages.json"):
         make_distill_time.stage_seconds(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("name", list(embeddings.STUDENTS))
+def test_every_embedding_student_composes(name):
+    overrides, _ = embeddings.STUDENTS[name]
+    config = provenance.resolved_config(list(overrides), "train", {})
+    assert config["teacher"] and config["student"]
+
+
+def _encoder_row(cos: float) -> dict:
+    return {"cosine_to_teacher": cos, "nn_agreement": cos / 2, "params": 7.3e6, "latency_ms": 2.7}
+
+
+def test_embedding_students_share_one_report_card_and_are_paired_by_seed(tmp_path):
+    """One report card per seed holds the teacher and every student (the first is the card's
+    `student` column, the others compared by name); the table pairs them by seed."""
+    cmds = dict(embeddings.seed_commands(0, tmp_path, ["kd", "kd_random"]))
+    assert (
+        "experiment=minilm_embed_kd" in cmds["kd_random"] and "~student_init" in cmds["kd_random"]
+    )
+    assert f"ckpt_path={tmp_path / 'seed0' / 'kd.ckpt'}" in cmds["report"]
+    assert f"+compare.kd_random={tmp_path / 'seed0' / 'kd_random.ckpt'}" in cmds["report"]
+    results = []
+    for seed in range(5):
+        d = tmp_path / f"seed{seed}"
+        (d / "report").mkdir(parents=True)
+        (d / "report" / "report.json").write_text(json.dumps({"models": {
+            "teacher": _encoder_row(1.0), "student": _encoder_row(0.81 + 0.001 * seed), "kd_random": _encoder_row(0.78 + 0.002 * seed)}}))  # fmt: skip
+        (d / "runs").mkdir()
+        (d / "runs" / "kd.json").write_text(json.dumps({"label": "kd", "seconds": 600.0}))
+        results.append(embeddings.finished(seed, tmp_path, ["kd", "kd_random"]))
+    assert embeddings.finished(5, tmp_path, ["kd"]) is None
+    assert results[1]["models"]["kd"]["cosine_to_teacher"] == pytest.approx(0.811)
+    text = embeddings.table(results, ["kd", "kd_random"])
+    assert (
+        "| `kd` | 3 layers, width 192, PCA-initialised embeddings | 0, 1, 2, 3, 4 | 0.812 ± 0.002 |"
+        in text
+    )
+    assert "| `kd` - `kd_random` | cosine_to_teacher | 0, 1, 2, 3, 4 | +0.028 [" in text
+    assert "`kd` better (n = 5, 95 % interval excludes 0)" in text and "600 s" in text
