@@ -73,10 +73,11 @@ def logs_this_batch(trainer, batch_idx: int) -> bool:
     ``on_train_batch_end``: on the batches whose metrics the logger writes
     (``trainer.log_every_n_steps``; every batch under ``fast_dev_run`` or once the run
     is stopping) and on the run's last batch, so ``callback_metrics`` end with them. Why:
-    one ``self.log`` costs about 0.4 ms on CPU (Lightning moves its result metric to the
-    device on every call), which made a small model's KD step with two terms 1.2x its
-    student alone. (An early stop decided by a validation inside the epoch comes after
-    the logger's write: the terms then end at the last written step.)"""
+    every ``self.log`` call costs time on CPU (Lightning moves its result metric to the
+    device on every call), which showed in a small model's KD step with two terms (its
+    cost is not measured in a results file: benchmarks/results/README.md, "Numbers
+    awaiting a re-run"). (An early stop decided by a validation inside the epoch comes
+    after the logger's write: the terms then end at the last written step.)"""
     if trainer is None or trainer.fast_dev_run or trainer.should_stop:
         return True
     connector = getattr(trainer, "_logger_connector", None)  # as Lightning's own callbacks

@@ -282,10 +282,10 @@ class DistillationModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Log the terms of an automatically optimised step on the batches the logger
-        writes and the run's last (``engine/loggers.py: logs_this_batch``: one ``self.log``
-        costs ~0.4 ms on CPU; decided here, after the callbacks' hooks, so a callback that
-        stops the run on this batch is seen). The step-normalised path logs them with
-        every optimizer step."""
+        writes and the run's last (``engine/loggers.py: logs_this_batch``: every
+        ``self.log`` call costs time on CPU, not measured in a results file; decided here,
+        after the callbacks' hooks, so a callback that stops the run on this batch is
+        seen). The step-normalised path logs them with every optimizer step."""
         if self._unlogged is not None and logs_this_batch(self._trainer, batch_idx):
             self._log_terms(*self._unlogged)
         self._unlogged = None
