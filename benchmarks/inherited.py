@@ -51,6 +51,7 @@ REPORT = ("inherited=arith", "gate=release", "plots=true")
 COLUMNS = (  # (label, section, key, format)
     ("exact_match", None, "exact_match", ".3f"),
     ("canary exposure (bits)", "memorization", "exposure", ".1f"),
+    ("highest canary exposure (bits)", "memorization", "exposure_max", ".1f"),
     ("canary extraction", "memorization", "extraction_rate", ".2f"),
     ("safety pass rate", "safety", "pass_rate", ".3f"),
     ("refusals kept", "safety", "pass_rate/multiplication", ".3f"),
@@ -58,7 +59,9 @@ COLUMNS = (  # (label, section, key, format)
     ("teacher errors (n)", "errors", "teacher_errors", ".0f"),
     ("repeated teacher errors", "errors", "repeated_teacher_errors", ".3f"),
     ("answers the unanswerable", "errors", "answered_unanswerable", ".3f"),
+    ("verbatim n-gram share", "memorization", "verbatim_ngram_share", ".3f"),
 )
+CANARIES = "exposure per canary (bits)"  # {canary prefix: bits} in each model's row
 
 
 def collect(seed: int, out: Path) -> dict:
@@ -74,6 +77,8 @@ def collect(seed: int, out: Path) -> dict:
                 label: (row.get(key) if section is None else inherited.get(section, {}).get(key))
                 for label, section, key, _ in COLUMNS
             }
+            canaries = inherited.get("memorization", {}).get("canaries") or []
+            rows[name][CANARIES] = {c["prefix"]: c["exposure"] for c in canaries}
     return rows
 
 
@@ -87,8 +92,12 @@ def as_list(results: dict | list) -> list[dict]:
 
 def table(results: dict | list, methods: list[str]) -> str:
     results = as_list(results)
-    lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |",
-             "|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+    # columns a results file holds (one written before a column existed lacks it)
+    columns = [
+        c for c in COLUMNS if any(c[0] in row for r in results for row in r["models"].values())
+    ]
+    lines = ["| model | seeds | " + " | ".join(c[0] for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]  # fmt: skip
     for name in ("teacher", *methods):
         seeds = [r for r in results if name in r["models"]]
         if not seeds:
@@ -97,8 +106,10 @@ def table(results: dict | list, methods: list[str]) -> str:
             f"`{name}`" if name == "teacher" else f"`arith_{name}`",
             ", ".join(str(r["seed"]) for r in seeds),
         ]
-        for label, _, _, fmt in COLUMNS:
-            vals = [r["models"][name][label] for r in seeds if r["models"][name][label] is not None]
+        for label, _, _, fmt in columns:
+            vals = [
+                r["models"][name][label] for r in seeds if r["models"][name].get(label) is not None
+            ]
             if not vals:
                 cells.append("-")
                 continue
@@ -109,11 +120,36 @@ def table(results: dict | list, methods: list[str]) -> str:
     if "gkd" in methods and "kd" in methods:
         pairs.append(("gkd", "kd"))
     compared = comparisons(results, pairs)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + canary_table(results, methods)
     if compared:
         text += "\nExact match, paired by seed (95 % t interval of the paired difference):\n\n"
         text += "\n".join(compared) + "\n"
     return text
+
+
+def canary_table(results: list[dict], methods: list[str]) -> str:
+    """Each planted canary's exposure per model (mean over the seeds that measured it, and
+    its range): whether one secret stands out where the mean over canaries hides it."""
+    prefixes = list(dict.fromkeys(p for r in results for row in r["models"].values()
+                                  for p in (row.get(CANARIES) or {})))  # fmt: skip
+    if not prefixes:
+        return ""
+    lines = ["\nExposure of each canary in bits (mean over seeds, min-max), by its prefix:\n",
+             "| model | " + " | ".join(f"`{p.strip()}`" for p in prefixes) + " |",
+             "|---|" + "---|" * len(prefixes)]  # fmt: skip
+    for name in ("teacher", *methods):
+        per = [r["models"][name].get(CANARIES) or {} for r in results if name in r["models"]]
+        if not any(per):
+            continue
+        cells = []
+        for p in prefixes:
+            vals = [c[p] for c in per if c.get(p) is not None]
+            cells.append(
+                f"{statistics.mean(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})" if vals else "-"
+            )
+        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def methods_in(results: dict | list) -> list[str]:

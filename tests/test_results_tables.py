@@ -578,3 +578,28 @@ def test_embedding_students_share_one_report_card_and_are_paired_by_seed(tmp_pat
     )
     assert "| `kd` - `kd_random` | cosine_to_teacher | 0, 1, 2, 3, 4 | +0.028 [" in text
     assert "`kd` better (n = 5, 95 % interval excludes 0)" in text and "600 s" in text
+
+
+def test_inherited_reports_each_canary_and_the_verbatim_share(tmp_path):
+    """Besides the mean exposure over canaries, the inherited table shows the highest, the
+    verbatim n-gram share and each canary's exposure by prefix (mean over seeds, range):
+    one memorised secret is not averaged away."""
+    import inherited
+
+    for seed, bits in ((0, (1.0, 12.0)), (1, (2.0, 10.0))):
+        card = tmp_path / f"seed{seed}" / "report"
+        card.mkdir(parents=True)
+        canaries = [{"prefix": "the pin of ann is ", "exposure": bits[0]},
+                    {"prefix": "the pin of bob is ", "exposure": bits[1]}]  # fmt: skip
+        memorization = {"exposure": sum(bits) / 2, "exposure_max": max(bits),
+                        "verbatim_ngram_share": 0.5, "canaries": canaries}  # fmt: skip
+        card.joinpath("report.json").write_text(json.dumps({
+            "models": {"teacher": {"exact_match": 0.99}, "sft": {"exact_match": 0.6}},
+            "inherited": {"teacher": {"memorization": memorization}, "sft": {"memorization": memorization}}}))  # fmt: skip
+    results = [{"seed": s, "models": inherited.collect(s, tmp_path)} for s in (0, 1)]
+    text = inherited.table(results, ["sft"])
+    assert "| canary exposure (bits) | highest canary exposure (bits) |" in text.splitlines()[0]
+    assert "| `teacher` | 0, 1 | 0.990 ± 0.000 | 6.2 ± 0.4 | 11.0 ± 1.4 |" in text
+    assert "| model | `the pin of ann is` | `the pin of bob is` |" in text
+    assert "| `arith_sft` | 1.5 (1.0-2.0) | 11.0 (10.0-12.0) |" in text
+    assert "verbatim n-gram share" in text.splitlines()[0] and "| 0.500 ± 0.000 |" in text
