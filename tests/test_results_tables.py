@@ -603,3 +603,17 @@ def test_inherited_reports_each_canary_and_the_verbatim_share(tmp_path):
     assert "| model | `the pin of ann is` | `the pin of bob is` |" in text
     assert "| `arith_sft` | 1.5 (1.0-2.0) | 11.0 (10.0-12.0) |" in text
     assert "verbatim n-gram share" in text.splitlines()[0] and "| 0.500 ± 0.000 |" in text
+
+
+def test_teacher_precision_memory_compares_each_run_at_both_dtypes():
+    """One row per run: the teacher's bytes and the step's peak at float32 and bf16, what the
+    peak saves and their ratio."""
+    import teacher_precision_memory as tpm
+
+    row = {"teacher_params": 22.7e6}
+    results = {"minilm_embed_kd": {"null": {**row, "teacher_bytes": 90 * 2**20, "peak": 400 * 2**20},
+                                   "bf16": {**row, "teacher_bytes": 45 * 2**20, "peak": 300 * 2**20}}}  # fmt: skip
+    assert (
+        "| `minilm_embed_kd` | 22.70 M | 90.0 / 45.0 | 400.0 / 300.0 | 100.0 MiB | 0.75 |"
+        in tpm.table(results)
+    )
