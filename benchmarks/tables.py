@@ -59,6 +59,10 @@ SCRIPTS = {
     "teacher_cache_lm": "python benchmarks/teacher_cache.py --parts lm",
     "token_kd_memory": "python benchmarks/token_kd_memory.py",
     "remote_teacher": "python benchmarks/remote_teacher.py",
+    "teacher_precision_memory": "python benchmarks/teacher_precision_memory.py --arith-teacher <arith seed 0 teacher>",
+    "arith_variants": "python benchmarks/arith_variants.py",
+    "embeddings": "python benchmarks/embeddings.py",
+    "make_distill": "python benchmarks/make_distill_time.py",
     "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
 }
 
@@ -239,6 +243,13 @@ def render_mnist1d_recipes() -> str:
     )
 
 
+def render_teacher_precision() -> str:
+    import teacher_precision_memory
+
+    results, _ = provenance.load(RESULTS / "teacher_precision_memory.json")
+    return header("teacher_precision_memory") + teacher_precision_memory.table(results)
+
+
 def render_index() -> str:
     """Every results file with the script that writes it and its stamp."""
     stems = sorted({p.stem for p in RESULTS.glob("*.json") if p != LEGACY}
@@ -257,6 +268,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "controls": render_controls,
     "arith": render_arith,
     "inherited": render_inherited,
+    "teacher-precision-memory": render_teacher_precision,
     "results-index": render_index,
 }
 
@@ -267,6 +279,7 @@ TARGETS: dict[str, Path] = {
     "controls": README,
     "arith": DOCS / "llm.md",
     "inherited": DOCS / "report-card.md",
+    "teacher-precision-memory": DOCS / "speed-memory.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
