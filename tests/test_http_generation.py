@@ -225,6 +225,29 @@ def test_retry_after_is_honoured(fake, tok, form):
     assert len(fake.requests) == 2 and fake.gaps()[0] >= least - EPS
 
 
+def test_a_408_is_retried(fake, tok):
+    """408 Request Timeout: the server gave up waiting; the same request may succeed."""
+    fake.script = {0: "408"}
+    client(fake, tok, max_retries=1, backoff=0.01)([tok(p)["input_ids"] for p in PROMPTS], 3)
+    assert len(fake.requests) == 2
+
+
+def test_a_retry_after_beyond_the_cap_stops_at_once(fake, tok, monkeypatch):
+    """A server asking for an hour is not waited for (a step would stall silently): the
+    error comes at once, saying how long it asked for, after one request. (The client's
+    sleeps are recorded, not slept: a client that waited would not hang this test.)"""
+    from distillery.generation import endpoint
+
+    slept = []
+    monkeypatch.setattr(endpoint.time, "sleep", slept.append)
+    fake.script = {0: "503 retry-after=3600"}
+    with pytest.raises(
+        ConnectionError, match=r"http\.url: .* answered 503 and asked to wait 3600 s"
+    ):
+        client(fake, tok, max_retries=3, backoff=0.01)([tok(p)["input_ids"] for p in PROMPTS], 3)
+    assert len(fake.requests) == 1 and slept == []
+
+
 @pytest.mark.parametrize("status", ["400", "401", "404", "422"])
 def test_another_4xx_is_not_retried(fake, tok, status):
     fake.script = {0: status}

@@ -3,11 +3,14 @@ hosted model): JSON requests with retries, backoff, a rate limit and an API key.
 HTTP client of the project: the HTTP generator (``distillery.generate backend=http``) and
 the remote teacher (``teacher=remote``) both talk through it.
 
-* retried, up to ``max_retries`` times: 429, 5xx, a refused, reset or dropped connection,
-  a timeout (``timeout`` seconds per attempt), a body cut short or not JSON. Attempt ``k``
-  (from 0) is followed by a wait of ``backoff * 2**k`` seconds, or longer if the server's
-  ``Retry-After`` (seconds or an HTTP date) asks for it. Then a :class:`ConnectionError`
-  naming ``<key>.url`` and ``<key>.max_retries``;
+* retried, up to ``max_retries`` times: 408, 429, 5xx, a refused, reset or dropped
+  connection, a timeout (``timeout`` seconds per attempt), a body cut short or not JSON.
+  Attempt ``k`` (from 0) is followed by a wait of ``backoff * 2**k`` seconds, or longer if
+  the server's ``Retry-After`` (seconds or an HTTP date) asks for it. Then a
+  :class:`ConnectionError` naming ``<key>.url`` and ``<key>.max_retries``. A
+  ``Retry-After`` beyond :data:`MAX_RETRY_AFTER` seconds is not waited for: a training
+  step would stall without a word, so the :class:`ConnectionError` comes at once, saying
+  how long the server asked for;
 * another 4xx is not retried: a :class:`ValueError` naming the status and ``<key>.url``;
 * ``requests_per_second``: request starts (retries included, over every thread of the
   process) are at least ``1 / requests_per_second`` seconds apart;
@@ -104,11 +107,17 @@ class Endpoint:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - configured URL
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
-                if e.code != 429 and e.code < 500:  # the request itself is wrong: no retry
+                if e.code not in RETRIED and e.code < 500:  # the request itself is wrong: no retry
                     raise ValueError(
                         f"{self.key}.url: {url} answered {e.code}: {e.read()[:300]!r}"
                     ) from e
                 error, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After"))  # fmt: skip
+                if retry_after > MAX_RETRY_AFTER:
+                    raise ConnectionError(
+                        f"{self.key}.url: {url} answered {e.code} and asked to wait "
+                        f"{retry_after:.0f} s (Retry-After), more than the {MAX_RETRY_AFTER:.0f} s "
+                        "a run waits for: try later, or another server"
+                    ) from e
             except (OSError, http.client.HTTPException, ValueError) as e:
                 # refused, reset, dropped, timed out (URLError and TimeoutError are OSErrors),
                 # a body cut short (IncompleteRead) or not JSON (JSON/UnicodeDecodeError)
@@ -119,6 +128,10 @@ class Endpoint:
             f"{self.key}.url: {url} failed {self.max_retries + 1} times "
             f"({self.key}.max_retries={self.max_retries}), last: {error}"
         )
+
+
+MAX_RETRY_AFTER = 300.0  # seconds: the longest Retry-After waited for
+RETRIED = {408, 429}  # and every 5xx: the server's state, not the request, is at fault
 
 
 def retry_after_seconds(value: str | None) -> float:
