@@ -3,11 +3,13 @@ arith table (``benchmarks/arith.py``) and paired by seed with the methods it mus
 compared with: the questions that table leaves open (issue #24.6).
 
 - ULD (``arith_uld``: a byte-level BPE student, CE on the teacher's answers + ULD at
-  weight 1) against **its own control**, the same BPE student with CE alone on the same
-  answers (``control=true``); ULD at the **reference code's weight** (``distil_factor``
-  1.5 in Boizard et al.'s llm-recipes, CE weight 1); and ULD where it **must not hurt**:
-  the student reading the teacher's own character tokens, against ``arith_seqkd`` (the
-  same student, CE alone on the same answers).
+  weight 1) against **its own baseline**, the same BPE student with CE alone on the same
+  answers (``arith_seqkd`` with ``arith_uld``'s tokenizer and student: sequence KD, not a
+  no-teacher control, which ``control=true`` rightly refuses on teacher generations);
+  ULD at the **reference code's weight** (``distil_factor`` 1.5 in Boizard et al.'s
+  llm-recipes, CE weight 1); and ULD where it **must not hurt**: the student reading the
+  teacher's own character tokens, against ``arith_seqkd`` (the same student, CE alone on
+  the same answers).
 - DPO (``arith_dpo``: 500 steps from ``arith_sft``) run **6x longer**, validation every
   250 steps, against ``arith_sft`` and the 500-step ``arith_dpo``.
 
@@ -17,7 +19,7 @@ reading as the arith table) in ``<out>/<variant>/seed<N>``, with the seed's teac
 answers and ``arith_sft`` student linked from ``--arith-out`` (nothing retrained). A
 finished step is not run again; ``--report`` tabulates without running anything.
 
-    python benchmarks/arith_variants.py [--seeds 0 1 2 3 4] [--variants uld_control ...]
+    python benchmarks/arith_variants.py [--seeds 0 1 2 3 4] [--variants seqkd_bpe ...]
         [--arith-out logs/bench_arith] [--out logs/bench_arith_variants] [--report]
 
 Writes ``benchmarks/results/arith_variants.md`` and ``arith_variants.json``.
@@ -39,11 +41,14 @@ import stats  # noqa: E402
 
 ROOT = provenance.ROOT
 CHAR = "data.tokenizer=${paths.artifacts_dir}/tokenizers/arith_char"  # the teacher's tokens
+BPE = ("data.tokenizer=${paths.artifacts_dir}/tokenizers/arith_bpe_300", "data.bpe_vocab=300",
+       "student.config.vocab_size=300",  # arith_uld's student; the report card's teacher
+       "data.teacher_tokenizer=${paths.artifacts_dir}/tokenizers/arith_char")  # reads its own tokens  # fmt: skip
 
 # name -> (arith method, overrides of its training run, what it is)
 VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "uld_control": ("uld", ("control=true",),
-                    "`arith_uld` with `control=true`: the BPE student, CE alone on the teacher's answers"),
+    "seqkd_bpe": ("seqkd", BPE,
+                  "`arith_seqkd` with `arith_uld`'s BPE student: CE alone on the teacher's answers"),
     "uld_w15": ("uld", ("distill.weights.uld=1.5",),
                 "`arith_uld` at the reference code's ULD weight 1.5 (CE 1)"),
     "uld_same": ("uld", (CHAR, "data.teacher_tokenizer=${data.tokenizer}", "data.bpe_vocab=null",
@@ -54,8 +59,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }  # fmt: skip
 # (a, b): a paired comparison of exact match; names are variants or arith methods
 PAIRS = (
-    ("uld", "uld_control"), ("uld_w15", "uld_control"), ("uld_w15", "uld"),
-    ("uld_same", "seqkd"), ("uld_control", "seqkd"),
+    ("uld", "seqkd_bpe"), ("uld_w15", "seqkd_bpe"), ("uld_w15", "uld"),
+    ("uld_same", "seqkd"), ("seqkd_bpe", "seqkd"),
     ("dpo_long", "sft"), ("dpo_long", "dpo"),
 )  # fmt: skip
 LINKED = ("arith_teacher.ckpt", "arith_teacher.jsonl", "arith_teacher.jsonl.done",

@@ -451,20 +451,24 @@ def test_an_arith_variant_reuses_the_seeds_teacher_answers_and_sft_student(tmp_p
     method with the variant's overrides; a seed the arith table lacks is refused by flag."""
     arith_out, out = tmp_path / "arith", tmp_path / "variants"
     _arith_seed(arith_out, 0)
-    d = arith_variants.link_seed(0, arith_out, out / "uld_control")
+    d = arith_variants.link_seed(0, arith_out, out / "seqkd_bpe")
     assert (d / "arith_teacher.ckpt").resolve() == (
         arith_out / "seed0" / "arith_teacher.ckpt"
     ).resolve()
-    assert arith.done("teacher", d) and arith.done("generate", d) and not arith.done("uld", d)
+    assert arith.done("teacher", d) and arith.done("generate", d) and not arith.done("seqkd", d)
     assert sorted(p.stem for p in (d / "runs").glob("*.json")) == ["generate", "sft", "teacher"]
-    method, overrides, _ = arith_variants.VARIANTS["uld_control"]
+    method, overrides, _ = arith_variants.VARIANTS["seqkd_bpe"]
     cmds = {
         label: argv
         for label, _, argv in arith.seed_commands(
-            0, out / "uld_control", [method], overrides=overrides
+            0, out / "seqkd_bpe", [method], overrides=overrides
         )
     }
-    assert "control=true" in cmds["uld"] and "experiment=arith_uld" in cmds["uld"]
+    assert (
+        "experiment=arith_seqkd" in cmds["seqkd"]
+        and "student.config.vocab_size=300" in cmds["seqkd"]
+    )
+    assert f"data.responses={d / 'arith_teacher.jsonl'}" in cmds["seqkd"]
     dpo = dict(
         (label, argv)
         for label, _, argv in arith.seed_commands(
@@ -476,7 +480,7 @@ def test_an_arith_variant_reuses_the_seeds_teacher_answers_and_sft_student(tmp_p
         and f"student_init.ckpt_path={out / 'dpo_long' / 'seed0' / 'arith_sft.ckpt'}" in dpo
     )
     with pytest.raises(SystemExit, match=r"--arith-out .*: seed 1 has no arith_teacher.ckpt"):
-        arith_variants.link_seed(1, arith_out, out / "uld_control")
+        arith_variants.link_seed(1, arith_out, out / "seqkd_bpe")
 
 
 @pytest.mark.parametrize("name", list(arith_variants.VARIANTS))
@@ -503,20 +507,20 @@ def test_arith_variants_are_tabulated_beside_the_methods_they_are_paired_with(tm
         _card(arith_out / f"seed{seed}" / "report", {"teacher": 0.99, "sft": 0.2, "seqkd": 0.98})
         _card(arith_out / f"seed{seed}" / "report_uld", {"teacher": 0.99, "uld": 0.1 + 0.01 * seed})
         _card(
-            out / "uld_control" / f"seed{seed}" / "report_uld",
-            {"teacher": 0.99, "uld": 0.3 + 0.02 * seed},
+            out / "seqkd_bpe" / f"seed{seed}" / "report",
+            {"teacher": 0.99, "seqkd": 0.3 + 0.02 * seed},
         )
     results = [
         arith_variants.seed_results(s, arith_out, out, list(arith_variants.VARIANTS))
         for s in range(5)
     ]
-    assert results[2]["models"]["uld_control"]["exact_match"] == pytest.approx(0.34)
+    assert results[2]["models"]["seqkd_bpe"]["exact_match"] == pytest.approx(0.34)
     assert results[2]["models"]["uld"]["exact_match"] == pytest.approx(0.12)
-    text = arith_variants.table(results, ["uld_control"])
-    assert "| `uld_control` | `arith_uld` with `control=true`" in text
-    assert "| `arith_uld` - `uld_control` | 0, 1, 2, 3, 4 | -0.220 [" in text
-    assert "`uld_control` better (n = 5, 95 % interval excludes 0)" in text
-    assert "| `uld_control` - `arith_seqkd` |" in text and "uld_w15" not in text
+    text = arith_variants.table(results, ["seqkd_bpe"])
+    assert "| `seqkd_bpe` | `arith_seqkd` with `arith_uld`'s BPE student" in text
+    assert "| `arith_uld` - `seqkd_bpe` | 0, 1, 2, 3, 4 | -0.220 [" in text
+    assert "`seqkd_bpe` better (n = 5, 95 % interval excludes 0)" in text
+    assert "| `seqkd_bpe` - `arith_seqkd` |" in text and "uld_w15" not in text
 
 
 def test_make_distill_timing_reads_the_stages_and_tabulates_the_repeats(tmp_path):
