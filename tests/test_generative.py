@@ -509,6 +509,36 @@ def test_cross_tokenizer_run_and_refusals(train_cfg, arith_tok, arith_teacher_ck
         build_run(train_cfg(*base, "data.teacher_tokenizer=null", "distill=token_kd"))
 
 
+def test_the_teacher_scores_a_cross_tokenizer_answer_within_its_context(
+    train_cfg, arith_tok, arith_teacher_ckpt, tmp_path
+):
+    """A student's answer of max_new_tokens BPE tokens can be many more character tokens
+    than the teacher's context holds after the prompt (an untrained student at the
+    sanity check: arith_uld seed 3 crashed with an index error in the teacher's position
+    embedding). The teacher scores what fits; the rest is cut."""
+    from distillery.tasks.generative import Answers
+
+    good = tmp_path / "answers.jsonl"
+    dm = ArithDataModule(str(arith_tok), num_train=400, num_val=16, num_test=16)
+    good.write_text("".join(json.dumps({"prompt": p["prompt"], "response": p["answer"]}) + "\n" for p in dm.splits()["train"]))  # fmt: skip
+    datamodule, module, _, _ = build_run(train_cfg(
+        "experiment=arith_uld", *SMALL_ARITH, "data.labeled=null", f"data.responses={good}",
+        f"data.teacher_tokenizer={arith_tok}", f"data.tokenizer={tmp_path / 'bpe'}",
+        f"teacher.ckpt_path={arith_teacher_ckpt}"))  # fmt: skip
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.val_dataloader()))
+    n_pos = module.teacher.network.model.config.n_positions
+    rows = len(batch["input_ids"])
+    out = Answers(logits=torch.zeros(0), answers=[[0]] * rows, text=["12345678" * 8] * rows)
+    module.task.teacher_scores(module.teacher, out, batch, batch["input_ids"].device)
+    from distillery.generation import prompts_of
+
+    prompts = [len(p) for p in prompts_of(batch["teacher"])]
+    assert torch.isfinite(out.teacher_nll).all()
+    # each row's answer is cut to what fits the context after its prompt
+    assert len(out.teacher_nll) == sum(n_pos - p for p in prompts)
+
+
 def test_report_card_scores_answers(tmp_path, train_cfg, arith_tok, arith_teacher_ckpt):
     """distillery.evaluate on an arith student: exact match of greedy answers (the same
     value the run's test step logs), the teacher's NLL of the student's answers, answer

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillery.config import ConfigError
+from distillery.models.hf import context_length
 from distillery.tasks.checks import vocab_align
 
 log = logging.getLogger(__name__)
@@ -280,20 +281,13 @@ def check_chat_templates(s_tok, t_tok, source, cross) -> list[Finding]:
                     f"({source}): the teacher reads prompts in a format it was not trained on")]  # fmt: skip
 
 
-def positions(net) -> int | None:
-    conf = hf_config(net)
-    if conf is None:
-        return None
-    return getattr(conf, "n_positions", None) or getattr(conf, "max_position_embeddings", None)
-
-
 def check_positions(longest, s_net, t_net) -> list[Finding]:
     """The data's longest sequence fits both models' positions."""
     if longest is None:
         return []
     out = []
     for role, net, key in (("student", s_net, "student.config.n_positions"), ("teacher", t_net, "teacher")):  # fmt: skip
-        n = positions(net)
+        n = context_length(net)
         if n is None:
             continue
         if longest > n:

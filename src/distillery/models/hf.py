@@ -57,6 +57,13 @@ def build_hf(
     return model.to(torch_dtype) if torch_dtype is not None else model
 
 
+def context_length(net) -> int | None:
+    """The positions an HF-backed network (its ``model.config``) can attend over:
+    ``n_positions`` or ``max_position_embeddings``; None when it states neither."""
+    conf = getattr(getattr(net, "model", None), "config", None)
+    return getattr(conf, "n_positions", None) or getattr(conf, "max_position_embeddings", None)
+
+
 class HFSequenceClassifier(nn.Module):
     def __init__(
         self,

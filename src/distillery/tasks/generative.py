@@ -51,6 +51,7 @@ from distillery.generation import (
     response_logprobs,
     special_ids,
 )
+from distillery.models.hf import context_length
 from distillery.tasks.causal_lm import CausalLMTask
 
 
@@ -182,10 +183,7 @@ class GenerativeLMTask(CausalLMTask):
                 )  # fmt: skip
         else:
             super().check_models(cfg, student, teacher, datamodule, example)
-        limit = getattr(getattr(student[-1], "model", None), "config", None)
-        n_pos = getattr(limit, "n_positions", None) or getattr(
-            limit, "max_position_embeddings", None
-        )
+        n_pos = context_length(student[-1])
         longest = datamodule.longest_sequence() + self.max_new_tokens
         if n_pos is not None and longest > n_pos:
             raise ConfigError(
@@ -354,6 +352,12 @@ class GenerativeLMTask(CausalLMTask):
             view = batch["teacher"]
             eos = self.teacher_tokenizer.eos_token_id
             answers = [self.teacher_tokenizer(t)["input_ids"] + [eos] for t in out.text]
+            # an answer of max_new_tokens student tokens can be many more of the teacher's:
+            # the teacher scores what fits its context after the prompt (the rest is cut)
+            n_pos = context_length(teacher.network)
+            if n_pos is not None:
+                lengths = [len(p) for p in prompts_of(view)]
+                answers = [a[: max(0, n_pos - n)] for a, n in zip(answers, lengths, strict=True)]
         out.teacher_nll = self.score(teacher, {k: v.to(device) for k, v in view.items()}, answers)
 
     def metrics(self, num_classes, with_teacher):
