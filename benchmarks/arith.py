@@ -411,11 +411,7 @@ def table(results: list[dict], methods: list[str]) -> str:
             pairs.append((on, off))
     compared = comparisons(results, pairs)
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + outside_table(results, methods)
-    if compared:
-        text += ("\nPaired by seed; a method is called better only with at least "
-                 f"{stats.MIN_SEEDS} seeds and a 95 % interval that excludes 0:\n\n"
-                 + "\n".join(compared) + "\n")  # fmt: skip
-    return text
+    return text + stats.paired_section(compared)
 
 
 def outside_table(results: list[dict], methods: list[str]) -> str:

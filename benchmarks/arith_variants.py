@@ -151,11 +151,7 @@ def table(results: list[dict], variants: list[str]) -> str:
     pairs = [p for p in PAIRS if all(m not in VARIANTS or m in variants for m in p)]
     compared = arith.comparisons(results, pairs, label=label)
     text = "\n".join(lines) + "\n" + curve_table(results, variants)
-    if compared:
-        text += ("\nPaired by seed; a model is called better only with at least "
-                 f"{stats.MIN_SEEDS} seeds and a 95 % interval that excludes 0:\n\n"
-                 + "\n".join(compared) + "\n")  # fmt: skip
-    return text
+    return text + stats.paired_section(compared, "model")
 
 
 def curve_table(results: list[dict], variants: list[str]) -> str:

@@ -135,13 +135,13 @@ def table(results: list[dict], students: list[str]) -> str:
             )
             compared.append(f"| `{a}` - `{b}` | {key} | {', '.join(str(r['seed']) for r in both)} | "
                             f"{stats.interval_text(diffs)} | {stats.verdict(diffs, a=f'`{a}`', b=f'`{b}`')} |")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if compared:
-        text += ("\nPaired by seed; a student is called better only with at least "
-                 f"{stats.MIN_SEEDS} seeds and a 95 % interval that excludes 0:\n\n"
-                 "| comparison | metric | seeds | mean paired difference [95 % t interval] | verdict |\n"
-                 "|---|---|---|---|---|\n" + "\n".join(compared) + "\n")  # fmt: skip
-    return text
+    head = ["| comparison | metric | seeds | mean paired difference [95 % t interval] | verdict |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    return (
+        "\n".join(lines)
+        + "\n"
+        + stats.paired_section(head + compared if compared else [], "student")
+    )
 
 
 def main() -> None:

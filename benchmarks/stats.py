@@ -99,3 +99,12 @@ def interval_text(diffs: Sequence[float], fmt: str = "+.3f") -> str:
         return f"{statistics.mean(diffs):{fmt}} (n = {len(diffs)}: no interval)" if diffs else ""
     mean, low, high = t_interval(diffs)
     return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def paired_section(rows: Sequence[str], noun: str = "method") -> str:
+    """The paragraph above a table of paired comparisons (``rows``: its Markdown lines,
+    header included), saying what "better" takes; empty without rows."""
+    if not rows:
+        return ""
+    return (f"\nPaired by seed; a {noun} is called better only with at least {MIN_SEEDS} "
+            "seeds and a 95 % interval that excludes 0:\n\n" + "\n".join(rows) + "\n")  # fmt: skip

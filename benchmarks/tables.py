@@ -243,6 +243,14 @@ def render_mnist1d_recipes() -> str:
     )
 
 
+def render_arith_variants() -> str:
+    import arith_variants
+
+    results, _ = provenance.load(RESULTS / "arith_variants.json")
+    variants = [v for v in arith_variants.VARIANTS if any(v in r["models"] for r in results)]
+    return header("arith_variants") + arith_variants.table(results, variants)
+
+
 def render_teacher_precision() -> str:
     import teacher_precision_memory
 
