@@ -321,7 +321,7 @@ def recorded_configs(results: list[dict] | dict) -> dict[tuple[str, int], dict |
         if not r.get("runs"):  # a seed measured before run records were kept
             recorded[("*", r.get("seed"))] = None
         for run in r.get("runs") or []:
-            if not str(run["label"]).startswith("report"):
+            if not str(run["label"]).startswith(("report", "export_", "outside_")):  # train nothing
                 recorded[(run["label"], run["seed"])] = run.get("config")
     return recorded
 
