@@ -277,6 +277,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "arith": render_arith,
     "inherited": render_inherited,
     "teacher-precision-memory": render_teacher_precision,
+    "arith-variants": render_arith_variants,
     "results-index": render_index,
 }
 
@@ -288,6 +289,7 @@ TARGETS: dict[str, Path] = {
     "arith": DOCS / "llm.md",
     "inherited": DOCS / "report-card.md",
     "teacher-precision-memory": DOCS / "speed-memory.md",
+    "arith-variants": DOCS / "llm.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
