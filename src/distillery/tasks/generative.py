@@ -352,13 +352,14 @@ class GenerativeLMTask(CausalLMTask):
             view = batch["teacher"]
             eos = self.teacher_tokenizer.eos_token_id
             answers = [self.teacher_tokenizer(t)["input_ids"] + [eos] for t in out.text]
-            # an answer of max_new_tokens student tokens can be many more of the teacher's:
-            # the teacher scores what fits its context after the prompt (the rest is cut)
-            n_pos = context_length(teacher.network)
-            if n_pos is not None:
-                lengths = [len(p) for p in prompts_of(view)]
-                answers = [a[: max(0, n_pos - n)] for a, n in zip(answers, lengths, strict=True)]
-        out.teacher_nll = self.score(teacher, {k: v.to(device) for k, v in view.items()}, answers)
+        prompts = prompts_of(view)
+        # an answer of max_new_tokens student tokens can be many more of the teacher's:
+        # the teacher scores what fits its context after the prompt (the rest is cut)
+        n_pos = context_length(teacher.network) if self.cross else None
+        if n_pos is not None:
+            answers = [a[: max(0, n_pos - len(p))] for a, p in zip(answers, prompts, strict=True)]
+        view = {k: v.to(device) for k, v in view.items()}
+        out.teacher_nll = self.score(teacher, view, answers, prompts=prompts)
 
     def metrics(self, num_classes, with_teacher):
         from distillery.evaluation.metrics import AnswerMetrics
