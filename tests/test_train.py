@@ -523,3 +523,25 @@ def test_a_pipeline_stage_may_pin_its_seed(tmp_path):
         pinned = stage_config("teacher", ["experiment=mnist1d_teacher", "seed=0"], cfg, tmp_path)
         student = stage_config("student", ["experiment=mnist1d_kd"], cfg, tmp_path)
     assert (pinned.seed, student.seed) == (0, 3)
+
+
+def test_the_last_validation_of_a_step_based_run_competes_for_best(train_cfg, tmp_path):
+    """last.ckpt written at the last step must not stop the validation at that same step
+    from being scored and saved: every validation is a candidate for best, so ``test``
+    (which loads ``best_model_path``) can run on the final student."""
+    cfg = train_cfg(
+        "experiment=mnist1d_baseline",
+        *SMALL_MNIST1D,
+        "trainer.max_epochs=-1",
+        "+trainer.max_steps=4",
+        "++trainer.val_check_interval=2",
+        "trainer.check_val_every_n_epoch=null",
+        "+trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    )
+    datamodule, module, trainer, _ = build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    callback = trainer.checkpoint_callback
+    steps = sorted(read_checkpoint(p)["global_step"] for p in callback.best_k_models)
+    assert steps == [2, 4]
+    assert read_checkpoint(Path(callback.last_model_path))["global_step"] == 4

@@ -19,6 +19,8 @@ class ModelCheckpoint(LightningModelCheckpoint):
     (Lightning's ``SIGTERMException``). Never under ``fast_dev_run``: a smoke test writes
     no checkpoint."""
 
+    _last_step_here = -1  # the step of the last last.ckpt written by this class
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if 0 < trainer.max_steps <= trainer.global_step:
@@ -32,14 +34,23 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if type(exception).__name__ == "SIGTERMException":
             self._save_last_here(trainer)
 
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._last_step_here != trainer.global_step:  # else: ours, inside its epoch, stays
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
     def _save_last_here(self, trainer) -> None:
         if not self.save_last or not self.dirpath or trainer.fast_dev_run:
             return
-        if trainer.sanity_checking or self._last_global_step_saved == trainer.global_step:
+        step = trainer.global_step
+        if trainer.sanity_checking or step in (self._last_global_step_saved, self._last_step_here):
             return
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
-        self.last_model_path, self._last_global_step_saved = str(path), trainer.global_step
+        # Not Lightning's ``_last_global_step_saved``: a validation at this same step (the
+        # last one of a step-based run comes after this batch end) must still be scored
+        # and saved as a top-k candidate, or ``test`` would load an earlier "best"; only
+        # Lightning's own last.ckpt at this step is skipped (``_save_last_checkpoint``).
+        self.last_model_path, self._last_step_here = str(path), step
 
 
 class ProgressBar(RichProgressBar):
