@@ -639,3 +639,37 @@ def test_teacher_precision_memory_compares_each_run_at_both_dtypes():
         "| `minilm_embed_kd` | 22.70 M | 90.0 / 45.0 | 400.0 / 300.0 | 100.0 MiB | 0.75 |"
         in tpm.table(results)
     )
+
+
+def test_the_best_checkpoint_audit_flags_a_final_validation_better_than_the_tested_best(
+    train_cfg, tmp_path
+):
+    """A real step-based run (validations at steps 2 and 4) is not affected; with its final
+    logged value raised above the kept best (what the old callback left), it is."""
+    import csv
+
+    import best_checkpoint_audit
+
+    from conftest import SMALL_MNIST1D
+    from distillery.train import train
+
+    run = tmp_path / "run"
+    train(train_cfg("experiment=mnist1d_baseline", *SMALL_MNIST1D, "trainer.max_epochs=-1",
+                    "+trainer.max_steps=4", "++trainer.val_check_interval=2",
+                    "trainer.check_val_every_n_epoch=null", "+trainer.limit_val_batches=1",
+                    "test=false", out=run))  # fmt: skip
+    verdict = best_checkpoint_audit.audit_run(run)
+    assert verdict["monitor"] == "val/acc" and verdict["mode"] == "max"
+    assert verdict["final_step"] == 3 and not verdict["affected"]  # csv steps count from 0
+    assert best_checkpoint_audit.audit(tmp_path)["affected"] == []
+
+    (metrics,) = run.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.read_text().splitlines()))
+    last = max((r for r in rows if r.get("val/acc")), key=lambda r: int(r["step"]))
+    last["val/acc"] = str(verdict["tested_best"] + 0.01)
+    with metrics.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert best_checkpoint_audit.audit_run(run)["affected"]
+    assert len(best_checkpoint_audit.audit(tmp_path)["affected"]) == 1
