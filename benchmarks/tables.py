@@ -64,6 +64,7 @@ SCRIPTS = {
     "embeddings": "python benchmarks/embeddings.py",
     "make_distill": "python benchmarks/make_distill_time.py",
     "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
+    "best_checkpoint_audit": "python benchmarks/best_checkpoint_audit.py <run folders>",
 }
 
 
@@ -258,6 +259,13 @@ def render_teacher_precision() -> str:
     return header("teacher_precision_memory") + teacher_precision_memory.table(results)
 
 
+def render_best_checkpoint_audit() -> str:
+    import best_checkpoint_audit
+
+    results, _ = provenance.load(RESULTS / "best_checkpoint_audit.json")
+    return header("best_checkpoint_audit") + best_checkpoint_audit.table(results) + "\n"
+
+
 def render_index() -> str:
     """Every results file with the script that writes it and its stamp."""
     stems = sorted({p.stem for p in RESULTS.glob("*.json") if p != LEGACY}
@@ -278,6 +286,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "inherited": render_inherited,
     "teacher-precision-memory": render_teacher_precision,
     "arith-variants": render_arith_variants,
+    "best-checkpoint-audit": render_best_checkpoint_audit,
     "results-index": render_index,
 }
 
@@ -290,6 +299,7 @@ TARGETS: dict[str, Path] = {
     "inherited": DOCS / "report-card.md",
     "teacher-precision-memory": DOCS / "speed-memory.md",
     "arith-variants": DOCS / "llm.md",
+    "best-checkpoint-audit": DOCS / "benchmarks.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
