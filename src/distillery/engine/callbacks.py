@@ -34,6 +34,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if type(exception).__name__ == "SIGTERMException":
             self._save_last_here(trainer)
 
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        # after ours at this step, with nothing new to score (no validation ran): as before
+        if self._last_step_here == trainer.global_step and self.monitor not in monitor_candidates:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         if self._last_step_here != trainer.global_step:  # else: ours, inside its epoch, stays
             super()._save_last_checkpoint(trainer, monitor_candidates)
