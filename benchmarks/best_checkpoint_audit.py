@@ -24,12 +24,10 @@ import csv
 import sys
 from pathlib import Path
 
-import torch
+from distillery.engine.checkpoint import META_KEY, read_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
-
-META_KEY = "distillery"  # distillery.engine.checkpoint.META_KEY: the run's metadata
 
 
 def callback_state(ckpt: dict) -> dict | None:
@@ -71,7 +69,7 @@ def audit_run(run: Path) -> dict | None:
     for path in sorted((run / "checkpoints").glob("*.ckpt")):
         if path.name == "last.ckpt":
             continue
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path, key=str(path))
         state = callback_state(ckpt)
         if state is not None and state.get("current_score") is not None:
             scored.append((float(state["current_score"]), state["monitor"], run_mode(ckpt)))
