@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -491,12 +490,7 @@ def main() -> None:
     args.methods = [m for m in METHODS if m in args.methods]  # arith_sft before its fine-tunes
     results_json = args.results_dir / "arith.json"
     session = provenance.Session(__file__, [results_json])
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    env = provenance.offline_env()
     if args.report:
         results = [finished(seed, args.out) for seed in args.seeds]
         check_table(results_json, {k: v for k, v in recorded_configs(results).items() if v},

@@ -365,8 +365,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out.resolve()
     session = provenance.Session(__file__, [args.results_dir / f"{STEM}.json"])
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+    env = provenance.offline_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not args.report:
         teacher_seeds = args.seeds if args.teacher_seeds is None else args.teacher_seeds
         # seed by seed: a candidate's seed is paired as soon as its teacher has run

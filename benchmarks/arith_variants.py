@@ -28,7 +28,6 @@ Writes ``benchmarks/results/arith_variants.md`` and ``arith_variants.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -184,8 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     results_json = args.results_dir / "arith_variants.json"
     session = provenance.Session(__file__, [results_json])
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    env = provenance.offline_env()
     if not args.report:
         for name in args.variants:
             for seed in args.seeds:

@@ -107,7 +107,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| `{Path(r['folder']).name}` | {r['runs']} | {len(r['affected'])} | {which or '-'} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

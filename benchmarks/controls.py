@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -188,8 +187,7 @@ def main() -> None:
     parser.add_argument("--new-table", action="store_true",
                         help="drop the committed rows of --only and measure them afresh")  # fmt: skip
     args = parser.parse_args()
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    env = provenance.offline_env()
     results_json = args.results_dir / "controls.json"
     session = provenance.Session(__file__, [results_json])
     saved = provenance.load(results_json)[0] if results_json.is_file() else {}

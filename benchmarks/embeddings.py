@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -155,8 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     students = [s for s in STUDENTS if s in args.students]
     session = provenance.Session(__file__, [args.results_dir / "embeddings.json"])
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}  # fmt: skip
+    env = provenance.offline_env()
     if not args.report:
         for seed in args.seeds:
             start = time.perf_counter()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -170,12 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     results_json = args.results_dir / "inherited.json"
     session = provenance.Session(__file__, [results_json])
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    env = provenance.offline_env()
     if not args.report:
         planned = planned_configs(args.seeds, args.out, args.methods, args.recipe, BEHAVIOURS)
         check_table(results_json, planned, args.new_table)

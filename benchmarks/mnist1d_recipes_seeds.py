@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -91,7 +90,7 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
     args, extra = parser.parse_known_args()
     session = provenance.Session(__file__, [args.results_dir / "mnist1d_recipes_seeds.json"])
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env = provenance.offline_env()
     results = []
     for seed in args.seeds:
         run_dir = args.out / f"seed{seed}"

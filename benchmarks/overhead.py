@@ -58,9 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+provenance.go_offline()
 ROOT = Path(__file__).resolve().parents[1]
 
 # student MLP hidden widths, teacher CNN1D channels (small: mnist1d_kd's own models) and

@@ -46,6 +46,20 @@ RESULTS = ROOT / "benchmarks" / "results"
 PACKAGES = ("torch", "transformers", "lightning", "hydra-core")
 SCHEMA = 1
 RESULTS_PREFIX = "benchmarks/results/"
+# Nothing downloads at run time: in the environment of every run a benchmark starts, and
+# in its own process before transformers is imported.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a run a benchmark starts: this process's, offline, plus ``extra``."""
+    return {**os.environ, **OFFLINE, **extra}
+
+
+def go_offline() -> None:
+    """This process offline (call before importing transformers); values already set stay."""
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
 
 
 def now() -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -105,7 +104,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
     args = p.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    provenance.go_offline()
     import torch
 
     torch.set_num_threads(args.threads)

@@ -263,7 +263,7 @@ def render_best_checkpoint_audit() -> str:
     import best_checkpoint_audit
 
     results, _ = provenance.load(RESULTS / "best_checkpoint_audit.json")
-    return header("best_checkpoint_audit") + best_checkpoint_audit.table(results) + "\n"
+    return header("best_checkpoint_audit") + best_checkpoint_audit.table(results)
 
 
 def render_index() -> str:

@@ -42,9 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 
 ROOT = provenance.ROOT
-for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(key, "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+provenance.go_offline()
 
 QUIET = ["extras.print_config=false", "~logger", "callbacks=none", "+trainer.enable_progress_bar=false",
          "+trainer.limit_val_batches=0", "+trainer.enable_model_summary=false"]  # fmt: skip

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -103,12 +102,7 @@ def main() -> None:
             f"teacher.ckpt_path={args.arith_teacher.resolve()}",
         ]
     session = provenance.Session(__file__, [args.results_dir / "teacher_precision_memory.json"])
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-    }
+    env = provenance.offline_env()
     results, records = {}, []
     for name, overrides in runs.items():
         results[name] = {}

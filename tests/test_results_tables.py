@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -123,6 +124,23 @@ def test_results_written_with_provenance_round_trip(tmp_path):
         first.startswith("measured at commit ") and f"{prov['machine']['cpu_count']} cores" in first
     )
     assert provenance.load(ROOT / "benchmarks" / "results" / "inherited.json")[1] is None  # legacy
+
+
+def test_benchmark_runs_start_offline(monkeypatch):
+    """The runs a benchmark starts are offline whatever its own environment says; its own
+    process goes offline without overriding a value the user set."""
+    for key in provenance.OFFLINE:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DISTILLERY_KEPT", "x")
+    env = provenance.offline_env(OMP_NUM_THREADS="1")
+    assert {k: env[k] for k in provenance.OFFLINE} == {
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"
+    }  # fmt: skip
+    assert env["DISTILLERY_KEPT"] == "x" and env["OMP_NUM_THREADS"] == "1"
+    provenance.go_offline()
+    assert os.environ["HF_HUB_OFFLINE"] == "0"  # the user's
+    assert os.environ["TRANSFORMERS_OFFLINE"] == "1" and os.environ["WANDB_MODE"] == "offline"
 
 
 def test_the_dirty_flag_leaves_the_results_files_out(tmp_path):

@@ -17,7 +17,12 @@ class ModelCheckpoint(LightningModelCheckpoint):
     reached, while the loops still place it inside its epoch, so the resumed run continues
     that epoch exactly), at the end of training, and when a signal interrupts the run
     (Lightning's ``SIGTERMException``). Never under ``fast_dev_run``: a smoke test writes
-    no checkpoint."""
+    no checkpoint.
+
+    Writing that ``last.ckpt`` does not count as this step's save: the validation that
+    follows a step-based run's last batch is still scored for top-k, so ``test`` (which
+    loads ``best_model_path``) sees the final validation too (the bug fixed in 541db6f);
+    only Lightning's own ``last.ckpt`` at that step is skipped."""
 
     _last_step_here = -1  # the step of the last last.ckpt written by this class
 
