@@ -387,3 +387,19 @@ def test_a_cross_tokenizer_run_reads_the_remote_teacher_in_its_own_tokens(
     for k in local:
         torch.testing.assert_close(remote[k], local[k], atol=1e-5, rtol=0, msg=k)
     assert proxy.asked() > 0
+
+
+def test_an_experiments_local_teacher_checkpoint_is_refused_by_name(train_cfg, caplog):
+    """``experiment=arith_kd teacher=remote`` keeps the experiment's ``teacher.ckpt_path``:
+    the run exits 2 with one message naming that key and the fix, before any request
+    (the port below serves nothing)."""
+    from distillery.config import exit_on_config_error
+    from distillery.train import train
+
+    cfg = train_cfg("experiment=arith_kd", "teacher=remote", "teacher.url=http://127.0.0.1:9/v1",
+                    f"teacher.model={NAME}", *SMALL_ARITH)  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_config_error(lambda: train(cfg))
+    assert exit_.value.code == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "teacher.ckpt_path=" in message and "'~teacher.ckpt_path'" in message, message

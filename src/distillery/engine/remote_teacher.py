@@ -347,9 +347,21 @@ def from_remote(
     backoff: float = 1.0,
     requests_per_second: float | None = None,
     verify_tokenizer: bool = True,
+    ckpt_path: str | None = None,
 ):
-    """Teacher source ``teacher=remote`` (``conf/teacher/remote.yaml``)."""
+    """Teacher source ``teacher=remote`` (``conf/teacher/remote.yaml``). ``ckpt_path`` is
+    accepted only to be refused by name: an experiment written for a local teacher sets
+    ``teacher.ckpt_path``, which ``teacher=remote`` would otherwise reject as an unknown
+    argument, or a reader could take as loaded."""
+    from distillery.config import ArgumentError
     from distillery.engine.teacher import Teacher
+
+    if ckpt_path is not None:
+        raise ArgumentError(
+            "ckpt_path",
+            f"ckpt_path={ckpt_path!r} is set (by the experiment, for a local teacher), but a "
+            "remote teacher loads no checkpoint: drop it with '~teacher.ckpt_path'",
+        )
 
     endpoint = Endpoint(url, "teacher", api_key_env, timeout, max_retries, backoff, requests_per_second)  # fmt: skip
     remote = RemoteLogprobs(endpoint, model, top_k, vocab_size, cache_dir, request_rows,
