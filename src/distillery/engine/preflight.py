@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillery.config import ConfigError
-from distillery.models.hf import context_length
+from distillery.models.hf import context_length, hf_config
 from distillery.tasks.checks import vocab_align
 
 log = logging.getLogger(__name__)
@@ -124,10 +124,6 @@ def same_path(a, b) -> bool:
 def rows(net) -> int | None:
     """Logit rows of a language model (None: not known)."""
     return None if net is None else getattr(net, "vocab_size", None)
-
-
-def hf_config(net):
-    return getattr(getattr(net, "model", None), "config", None)
 
 
 def longest_sequence(datamodule, task) -> int | None:

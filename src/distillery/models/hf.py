@@ -51,16 +51,21 @@ def build_hf(
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise ValueError("config.model_type is required (e.g. bert, gpt2)")
-    hf_config = AutoConfig.for_model(model_type, **{**cfg, **overrides})
-    hf_config._attn_implementation = attn_implementation
-    model = auto_cls.from_config(hf_config)
+    built = AutoConfig.for_model(model_type, **{**cfg, **overrides})
+    built._attn_implementation = attn_implementation
+    model = auto_cls.from_config(built)
     return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def hf_config(net):
+    """The HF config of an HF-backed network (its ``model.config``); None for others."""
+    return getattr(getattr(net, "model", None), "config", None)
 
 
 def context_length(net) -> int | None:
     """The positions an HF-backed network (its ``model.config``) can attend over:
     ``n_positions`` or ``max_position_embeddings``; None when it states neither."""
-    conf = getattr(getattr(net, "model", None), "config", None)
+    conf = hf_config(net)
     return getattr(conf, "n_positions", None) or getattr(conf, "max_position_embeddings", None)
 
 
