@@ -12,7 +12,7 @@ and ``csv/version_*/metrics.csv``) this reads the monitor, its mode and the scor
 kept top-k checkpoint from those checkpoints, and the monitored values from the metrics,
 and lists the affected runs.
 
-    python benchmarks/best_checkpoint_audit.py DIR [DIR ...]
+    python benchmarks/best_checkpoint_audit.py DIR [DIR ...] [--append]
 
 Writes ``benchmarks/results/best_checkpoint_audit.md`` and ``best_checkpoint_audit.json``.
 """
@@ -114,13 +114,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the folders already in the results file (a folder audited "
+                             "again replaces its entry) and their run records")  # fmt: skip
     args = parser.parse_args()
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
         parser.error(f"not a folder: {', '.join(missing)}")
-    session = provenance.Session(__file__, [args.results_dir / "best_checkpoint_audit.json"])
-    results = [audit(f.resolve()) for f in args.folders]
-    print(provenance.write("best_checkpoint_audit", results, table(results), session.finish(),
+    results_json = args.results_dir / "best_checkpoint_audit.json"
+    session = provenance.Session(__file__, [results_json])
+    results, prov = [audit(f.resolve()) for f in args.folders], session.finish()
+    if args.append and results_json.is_file():
+        kept, kept_prov = provenance.load(results_json)
+        again = {r["folder"] for r in results}
+        results = [r for r in kept if r["folder"] not in again] + results
+        prov["runs"] = (kept_prov or {}).get("runs", []) + prov["runs"]
+    print(provenance.write("best_checkpoint_audit", results, table(results), prov,
                            args.results_dir))  # fmt: skip
 
 

@@ -58,6 +58,15 @@ ROWS = {
     "text_lm_kd_hidden": ("text_lm_teacher", "ppl", False),
 }
 
+# Rows compared with each other, paired by seed (the same teachers, data and schedule):
+# (row, other row, what their difference measures). Only rows whose every seed ran at
+# one commit, the same for both, are compared.
+BETWEEN = (
+    ("mnist1d_fitnet", "mnist1d_kd", "the FitNet hint on top of KD"),
+    ("mnist1d_dkd", "mnist1d_kd", "DKD in place of KD"),
+    ("text_lm_kd_hidden", "text_lm_kd", "hidden-state matching on top of token KD"),
+)
+
 
 def mean_std(values: list[float], fmt: str) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -163,7 +172,40 @@ def table(results: dict[str, list[dict]]) -> str:
             f"{statistics.mean(r['distilled_s'] for r in runs):.0f} s",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + between_rows(results)
+
+
+def row_commit(runs: list[dict]) -> str | None:
+    """The one commit every seed of a row ran at (clean tree); None if mixed or unknown."""
+    states = [((r.get("run") or {}).get("commit"), (r.get("run") or {}).get("dirty")) for r in runs]
+    commit, dirty = states[0]
+    return commit if commit and dirty is False and all(x == states[0] for x in states) else None
+
+
+def between_rows(results: dict[str, list[dict]]) -> str:
+    """The distilled students of two rows (:data:`BETWEEN`), paired by seed: mean
+    difference, its 95 % t interval and the verdict; rows at different or unknown commits
+    are listed as not compared."""
+    lines = ["| distilled: row - other row | what it measures | seeds | difference [95 % interval] | verdict |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, other, what in BETWEEN:
+        if name not in results or other not in results:
+            continue
+        _, metric, higher = ROWS[name]
+        commit = row_commit(results[name])
+        if commit is None or commit != row_commit(results[other]):
+            lines.append(f"| `{name}` - `{other}` | {what} | | | not compared: the rows ran at "
+                         "different or unrecorded commits |")  # fmt: skip
+            continue
+        mine = {r["seed"]: r["distilled"] for r in results[name]}
+        theirs = {r["seed"]: r["distilled"] for r in results[other]}
+        seeds = sorted(set(mine) & set(theirs))
+        diff = stats.paired([mine[s] for s in seeds], [theirs[s] for s in seeds])
+        fmt = "+.4f" if metric == "accuracy" else "+.2f"
+        verdict = stats.verdict(diff, higher, a=f"`{name}`", b=f"`{other}`")
+        lines.append(f"| `{name}` - `{other}` | {what} | {', '.join(map(str, seeds))} | "
+                     f"{stats.interval_text(diff, fmt)} | {verdict} |")  # fmt: skip
+    return stats.paired_section(lines if len(lines) > 2 else [], noun="row")
 
 
 HEADER = (

@@ -661,7 +661,7 @@ def test_teacher_precision_memory_compares_each_run_at_both_dtypes():
 
 
 def test_the_best_checkpoint_audit_flags_a_final_validation_better_than_the_tested_best(
-    train_cfg, tmp_path
+    train_cfg, tmp_path, monkeypatch
 ):
     """A real step-based run (validations at steps 2 and 4) is not affected; with its final
     logged value raised above the kept best (what the old callback left), it is."""
@@ -692,3 +692,46 @@ def test_the_best_checkpoint_audit_flags_a_final_validation_better_than_the_test
         writer.writerows(rows)
     assert best_checkpoint_audit.audit_run(run)["affected"]
     assert len(best_checkpoint_audit.audit(tmp_path)["affected"]) == 1
+
+    # --append keeps the folders audited before (one audited again replaces its entry)
+    import shutil
+
+    folders, results_dir = [tmp_path / "a", tmp_path / "b"], tmp_path / "results"
+    for folder in folders:
+        shutil.copytree(run, folder / "run")
+    for argv in ([folders[0]], [folders[1], "--append"], [folders[0], "--append"]):
+        monkeypatch.setattr(
+            sys, "argv", ["audit", *map(str, argv), "--results-dir", str(results_dir)]
+        )
+        best_checkpoint_audit.main()
+    results, prov = provenance.load(results_dir / "best_checkpoint_audit.json")
+    assert [Path(r["folder"]).name for r in results] == ["b", "a"]
+    assert len(prov["runs"]) == 3 and all(len(r["affected"]) == 1 for r in results)
+
+
+def test_controls_compares_two_rows_only_at_one_commit():
+    """The controls table pairs two rows' distilled students by seed (FitNet - KD, ...)
+    with the paired interval and verdict; rows at different or unrecorded commits are
+    listed as not compared."""
+    import controls
+
+    def row(values, commit="a" * 40):
+        run = {"commit": commit, "dirty": False} if commit else None
+        return [{"seed": s, "teacher": 0.98, "control": 0.6, "distilled": v, "control_s": 1.0,
+                 "distilled_s": 2.0, **({"run": run} if run else {})} for s, v in enumerate(values)]  # fmt: skip
+
+    kd = row([0.79, 0.80, 0.78, 0.81, 0.80])
+    results = {"mnist1d_kd": kd, "mnist1d_fitnet": row([0.80, 0.82, 0.79, 0.83, 0.81])}
+    text = controls.table(results)
+    assert ("| `mnist1d_fitnet` - `mnist1d_kd` | the FitNet hint on top of KD | 0, 1, 2, 3, 4 | "
+            "+0.0140 [+0.0072, +0.0208] | `mnist1d_fitnet` better") in text, text  # fmt: skip
+    results["mnist1d_dkd"] = row([0.7] * 5, commit="b" * 40)
+    results["text_lm_kd"], results["text_lm_kd_hidden"] = row([50.0] * 3), row([49.0] * 3, None)
+    mixed = row([0.80, 0.82, 0.79, 0.83, 0.81])
+    mixed[4]["run"] = {"commit": "b" * 40, "dirty": False}  # one seed at another commit
+    results["mnist1d_fitnet"] = mixed
+    lines = controls.table(results).splitlines()
+    assert (
+        sum("not compared: the rows ran at different or unrecorded commits" in x for x in lines)
+        == 3
+    )
