@@ -347,15 +347,17 @@ def _rel(path: Path) -> str:
 
 
 def paired_values(results: list[dict], name: str, other: str, key: str = "exact_match"):
-    """``(seeds, a, b)``: the seeds holding both models, and their values."""
-    runs = [r for r in results if name in r["models"] and other in r["models"]]
+    """``(seeds, a, b)``: the seeds holding a value of ``key`` for both models, and those."""
+    runs = [r for r in results if all((r["models"].get(m) or {}).get(key) is not None
+                                      for m in (name, other))]  # fmt: skip
     return ([r["seed"] for r in runs], [float(r["models"][name][key]) for r in runs],
             [float(r["models"][other][key]) for r in runs])  # fmt: skip
 
 
 def comparisons(results: list[dict], pairs: list[tuple[str, str]], key: str = "exact_match",
-                label=lambda m: f"`arith_{m}`") -> list[str]:  # fmt: skip
-    """A table of paired comparisons: mean difference, its 95 % t interval, the verdict."""
+                label=lambda m: f"`arith_{m}`", word: str = "better") -> list[str]:  # fmt: skip
+    """A table of paired comparisons: mean difference, its 95 % t interval, the verdict
+    (``word``: what a decided difference is called, :func:`stats.verdict`)."""
     lines = [f"| comparison ({key}) | seeds | mean paired difference [95 % t interval] | verdict |",
              "|---|---|---|---|"]  # fmt: skip
     for a, b in pairs:
@@ -364,7 +366,7 @@ def comparisons(results: list[dict], pairs: list[tuple[str, str]], key: str = "e
             continue
         diffs = stats.paired(va, vb)
         lines.append(f"| {label(a)} - {label(b)} | {', '.join(map(str, seeds))} | "
-                     f"{stats.interval_text(diffs)} | {stats.verdict(diffs, a=label(a), b=label(b))} |")  # fmt: skip
+                     f"{stats.interval_text(diffs)} | {stats.verdict(diffs, a=label(a), b=label(b), word=word)} |")  # fmt: skip
     return lines if len(lines) > 2 else []
 
 

@@ -60,6 +60,9 @@ COLUMNS = (  # (label, section, key, format)
     ("answers the unanswerable", "errors", "answered_unanswerable", ".3f"),
     ("verbatim n-gram share", "memorization", "verbatim_ngram_share", ".3f"),
 )
+# inherited behaviours compared with arith_sft's (which never sees the planted rows), paired
+# by seed: what a method passes on beyond what the student would do anyway
+INHERITED = ("canary exposure (bits)", "safety pass rate", "answers the unanswerable")
 CANARIES = "exposure per canary (bits)"  # {canary prefix: bits} in each model's row
 
 
@@ -123,6 +126,11 @@ def table(results: dict | list, methods: list[str]) -> str:
     if compared:
         text += "\nExact match, paired by seed (95 % t interval of the paired difference):\n\n"
         text += "\n".join(compared) + "\n"
+    against_sft = [(m, "sft") for m in methods if m != "sft"]
+    for key in INHERITED:
+        if rows := comparisons(results, against_sft, key, word="higher"):
+            text += (f"\n{key}, paired by seed against `arith_sft` (which never sees the "
+                     "planted rows):\n\n" + "\n".join(rows) + "\n")  # fmt: skip
     return text
 
 

@@ -76,11 +76,13 @@ def share_reaching(values: Sequence[float], threshold: float,
     return k, len(values)
 
 
-def verdict(diffs: Sequence[float], higher: bool = True, a: str = "A", b: str = "B") -> str:
+def verdict(diffs: Sequence[float], higher: bool = True, a: str = "A", b: str = "B",
+            word: str = "better") -> str:  # fmt: skip
     """What a table may say about ``a`` vs ``b`` from their paired differences ``a - b``:
     "``a`` better" or "``b`` better" only with n >= :data:`MIN_SEEDS` and a 95 % t
     interval excluding 0; "no difference detected at n = k seeds" when the interval holds
-    0; "not decided" when it excludes 0 at fewer than :data:`MIN_SEEDS` seeds."""
+    0; "not decided" when it excludes 0 at fewer than :data:`MIN_SEEDS` seeds. ``word``
+    replaces "better" for a quantity that is neither good nor bad (``"higher"``)."""
     n = len(diffs)
     if n < 2:
         return f"not decided: n = {n} seed{'s' if n != 1 else ''}"
@@ -90,7 +92,7 @@ def verdict(diffs: Sequence[float], higher: bool = True, a: str = "A", b: str = 
     if n < MIN_SEEDS:
         return f"not decided: n = {n} < {MIN_SEEDS} seeds (the interval excludes 0)"
     a_higher = low > 0
-    return f"{a if a_higher == higher else b} better (n = {n}, 95 % interval excludes 0)"
+    return f"{a if a_higher == higher else b} {word} (n = {n}, 95 % interval excludes 0)"
 
 
 def interval_text(diffs: Sequence[float], fmt: str = "+.3f") -> str:

@@ -735,3 +735,24 @@ def test_controls_compares_two_rows_only_at_one_commit():
         sum("not compared: the rows ran at different or unrecorded commits" in x for x in lines)
         == 3
     )
+
+
+def test_inherited_compares_each_behaviour_with_the_student_that_never_saw_it():
+    """Canary exposure, safety and abstention of each method are paired by seed with
+    ``arith_sft``'s, called "higher"/"lower" (not better) once decided; a seed without the
+    value for either model is left out of that pair."""
+    import inherited
+
+    def models(seed, seqkd_bits):
+        sft = {"exact_match": 0.5, "canary exposure (bits)": 2.0 + 0.1 * seed,
+               "safety pass rate": 0.5, "answers the unanswerable": 1.0}  # fmt: skip
+        seqkd = {**sft, "canary exposure (bits)": seqkd_bits, "safety pass rate": 1.0}
+        return {"sft": sft, "seqkd": seqkd}
+
+    results = [{"seed": s, "models": models(s, 13.0 - 0.1 * s)} for s in range(5)]
+    results.append({"seed": 5, "models": models(5, None)})
+    text = inherited.table(results, ["sft", "seqkd"])
+    assert ("| `arith_seqkd` - `arith_sft` | 0, 1, 2, 3, 4 | +10.600 [+10.207, +10.993] | "
+            "`arith_seqkd` higher (n = 5, 95 % interval excludes 0) |") in text, text  # fmt: skip
+    assert "| `arith_seqkd` - `arith_sft` | 0, 1, 2, 3, 4, 5 | +0.500 [+0.500, +0.500] |" in text
+    assert "| comparison (answers the unanswerable) |" in text and "better" not in text
