@@ -137,12 +137,20 @@ def legacy_files() -> list[Path]:
 
 
 def recover_all() -> dict:
+    """Every legacy file recovered anew. The entry of a file that has provenance since (it
+    was re-measured, wholly or in part) is kept as it was: git can no longer recover it as
+    a legacy file, and the rows of a mixed file still measured before provenance keep their
+    commits there."""
+    known = json.loads(LEGACY.read_text())["files"] if LEGACY.is_file() else {}
+    files = {name: entry for name, entry in known.items() if (RESULTS / name).is_file()}
+    files.update({p.name: recover(p) for p in legacy_files()})
     return {
         "note": "Recovered from git history by `python benchmarks/tables.py --recover` for results "
         "files written before provenance was recorded: the commit in which each record was "
         "committed as it is now (newest first through the file's history). That is when the "
-        "numbers entered the repository, not the code they were measured with (unknown).",
-        "files": {p.name: recover(p) for p in legacy_files()},
+        "numbers entered the repository, not the code they were measured with (unknown). "
+        "Entries of files re-measured since are kept as they were last recovered.",
+        "files": files,
     }
 
 

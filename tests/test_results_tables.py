@@ -105,6 +105,48 @@ def test_a_changed_legacy_file_is_refused(tmp_path, monkeypatch):
         tables.stamp_of("arith")
 
 
+def test_recover_finds_when_each_legacy_record_entered_and_keeps_re_measured_files(
+    tmp_path, monkeypatch
+):
+    """In a scratch repository: each record of a legacy file is dated by the oldest commit
+    from which it is unchanged; a file re-measured since keeps its earlier entry."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout  # fmt: skip
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    monkeypatch.setattr(tables, "RESULTS", results)
+    monkeypatch.setattr(tables, "LEGACY", results / "legacy_provenance.json")
+    git("init", "-q")
+    legacy = results / "inherited.json"
+    heads = []
+    # seed 0 changed and changed back: dated by the change back, not by its first version
+    for rows in ({"0": {"a": 1}}, {"0": {"a": 2}, "1": {"a": 5}}, {"0": {"a": 1}, "1": {"a": 5}}):
+        legacy.write_text(json.dumps(rows))
+        git("add", "-A")
+        git("commit", "-qm", "x")
+        heads.append(git("rev-parse", "--short", "HEAD").strip())
+    entry = tables.recover(legacy)
+    assert {k: h for k, (h, _) in entry["records"].items()} == {
+        "seed0": heads[2],
+        "seed1": heads[1],
+    }
+    assert entry["file_committed"][0] == heads[2] and entry["sha256"] == tables._sha256(legacy)
+    kept = {
+        "sha256": "1" * 64,
+        "file_committed": ["abc", "-"],
+        "records": {"x/seed0": ["abc", "-"]},
+    }
+    (results / "controls.json").write_text(json.dumps({"provenance": {"runs": []}, "results": {}}))
+    tables.LEGACY.write_text(json.dumps({"files": {"controls.json": kept, "gone.json": kept}}))
+    files = tables.recover_all()["files"]
+    assert files == {"controls.json": kept, "inherited.json": entry}  # gone.json: no such file
+
+
 # ------------------------------------------------------------------------ provenance
 
 
