@@ -38,6 +38,8 @@ from arith import (  # noqa: E402
     check_table,
     comparisons,
     one_seed,
+    outside_readings,
+    outside_table,
     planned_configs,
     recipe_note,
     recorded_configs,
@@ -84,6 +86,14 @@ def collect(seed: int, out: Path) -> dict:
     return rows
 
 
+def seed_result(seed: int, out: Path) -> dict:
+    """A seed's report-card rows, its run records and each model's outside reading (the
+    exported model on fresh problems, beside the card's exact match)."""
+    models = collect(seed, out)
+    return {"seed": seed, "models": models, "runs": seed_runs(seed, out),
+            "outside": outside_readings(out / f"seed{seed}", models)}  # fmt: skip
+
+
 def as_list(results: dict | list) -> list[dict]:
     """Seeds as ``[{"seed", "models", "runs"?}]``; a file written before provenance was
     recorded holds ``{seed: {model: row}}``."""
@@ -123,6 +133,7 @@ def table(results: dict | list, methods: list[str]) -> str:
         pairs.append(("gkd", "kd"))
     compared = comparisons(results, pairs)
     text = "\n".join(lines) + "\n" + canary_table(results, methods)
+    text += outside_table(results, methods)
     if compared:
         text += "\nExact match, paired by seed (95 % t interval of the paired difference):\n\n"
         text += "\n".join(compared) + "\n"
@@ -188,8 +199,7 @@ def main() -> None:
         print(f"seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
     if args.train_only:
         return
-    results = [{"seed": s, "models": collect(s, args.out), "runs": seed_runs(s, args.out)}
-               for s in args.seeds]  # fmt: skip
+    results = [seed_result(s, args.out) for s in args.seeds]
     results = [r for r in results if r["models"]]
     if args.report:
         check_table(results_json, {k: v for k, v in recorded_configs(results).items() if v},

@@ -688,6 +688,32 @@ def test_inherited_reports_each_canary_and_the_verbatim_share(tmp_path):
     assert "verbatim n-gram share" in text.splitlines()[0] and "| 0.500 ± 0.000 |" in text
 
 
+def test_inherited_reads_each_models_outside_reading_beside_its_report_card(tmp_path):
+    """The inherited table's exact match, like the arith table's, is also read outside
+    Distillery: each seed's exported models on fresh problems, agreement counted."""
+    import inherited
+
+    d = tmp_path / "seed0"
+    (d / "report").mkdir(parents=True)
+    (d / "report" / "report.json").write_text(json.dumps({"models": {
+        "teacher": {"exact_match": 0.95}, "seqkd": {"exact_match": 0.50}}}))  # fmt: skip
+    (d / "runs").mkdir()
+    (d / "outside").mkdir()
+    for label, correct in (("teacher", 1890), ("seqkd", 800)):  # 0.945 agrees, 0.40 does not
+        (d / "runs" / f"{label}.json").write_text(
+            json.dumps({"label": label, "seed": 0, "config": {"data": {"num_test": 2000}}})
+        )
+        (d / "outside" / f"{label}.json").write_text(
+            json.dumps({"n": 2000, "correct": correct, "exact_match": correct / 2000})
+        )
+    result = inherited.seed_result(0, tmp_path)
+    assert [r["label"] for r in result["runs"]] == ["seqkd", "teacher"]
+    text = inherited.table([result], ["seqkd"])
+    assert "| `teacher` | 0 | 0.950 | 0.945 (n = 2000 each) | 1 / 1 |" in text
+    assert "| `arith_seqkd` | 0 | 0.500 | 0.400 (n = 2000 each) | 0 / 1 |" in text
+    assert "1 of 2 comparisons disagree" in text
+
+
 def test_teacher_precision_memory_compares_each_run_at_both_dtypes():
     """One row per run: the teacher's bytes and the step's peak at float32 and bf16, what the
     peak saves and their ratio."""
