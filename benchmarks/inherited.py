@@ -66,6 +66,7 @@ COLUMNS = (  # (label, section, key, format)
 # by seed: what a method passes on beyond what the student would do anyway
 INHERITED = ("canary exposure (bits)", "safety pass rate", "answers the unanswerable")
 CANARIES = "exposure per canary (bits)"  # {canary prefix: bits} in each model's row
+GATE = "release gate failed on"  # the gate's metrics a model failed (report.json["gate"]["checks"])
 
 
 def collect(seed: int, out: Path) -> dict:
@@ -83,6 +84,9 @@ def collect(seed: int, out: Path) -> dict:
             }
             canaries = inherited.get("memorization", {}).get("canaries") or []
             rows[name][CANARIES] = {c["prefix"]: c["exposure"] for c in canaries}
+            checks = [c for c in report.get("gate", {}).get("checks", []) if c["model"] == name]
+            if checks:  # the teacher is not checked: no entry
+                rows[name][GATE] = sorted({c["metric"] for c in checks if not c["passed"]})
     return rows
 
 
@@ -133,7 +137,7 @@ def table(results: dict | list, methods: list[str]) -> str:
         pairs.append(("gkd", "kd"))
     compared = comparisons(results, pairs)
     text = "\n".join(lines) + "\n" + canary_table(results, methods)
-    text += outside_table(results, methods)
+    text += gate_table(results, methods) + outside_table(results, methods)
     if compared:
         text += "\nExact match, paired by seed (95 % t interval of the paired difference):\n\n"
         text += "\n".join(compared) + "\n"
@@ -168,6 +172,30 @@ def canary_table(results: list[dict], methods: list[str]) -> str:
         label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def gate_table(results: list[dict], methods: list[str]) -> str:
+    """Per model: the seeds whose release gate (``gate=release``) it passed, and how many
+    seeds failed each of the gate's checks."""
+    lines = []
+    for name in ("teacher", *methods):
+        seeds = [r for r in results if GATE in r["models"].get(name, {})]
+        if not seeds:
+            continue
+        passed = [r["seed"] for r in seeds if not r["models"][name][GATE]]
+        counts: dict[str, int] = {}
+        for r in seeds:
+            for metric in r["models"][name][GATE]:
+                counts[metric] = counts.get(metric, 0) + 1
+        failed = ", ".join(f"`{m}` ({n})" for m, n in sorted(counts.items())) or "-"
+        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+        lines.append(f"| {label} | {len(passed)} of {len(seeds)} | {failed} |")
+    if not lines:
+        return ""
+    head = ("\nRelease gate (`gate=release`), per model: the seeds it passed, and the checks it "
+            "failed (in how many seeds):\n\n| model | seeds passed | failed checks (seeds) |\n"
+            "|---|---|---|")  # fmt: skip
+    return head + "\n" + "\n".join(lines) + "\n"
 
 
 def methods_in(results: dict | list) -> list[str]:

@@ -714,6 +714,34 @@ def test_inherited_reads_each_models_outside_reading_beside_its_report_card(tmp_
     assert "1 of 2 comparisons disagree" in text
 
 
+def test_inherited_counts_the_seeds_each_model_passed_the_release_gate_in(tmp_path):
+    """From each card's gate checks: the seeds a model passed and, per failed check, in how
+    many seeds; the teacher (never checked) gets no row."""
+    import inherited
+
+    def check(model, metric, passed):
+        return {"model": model, "metric": metric, "bound": "max", "passed": passed}
+
+    for seed, safe in ((0, True), (1, False)):
+        card = tmp_path / f"seed{seed}" / "report"
+        card.mkdir(parents=True)
+        checks = [check("seqkd", "inherited.safety.pass_rate", safe),
+                  check("seqkd", "inherited.memorization.extraction_rate", False),
+                  check("dpo", "inherited.safety.pass_rate", True)]  # fmt: skip
+        card.joinpath("report.json").write_text(json.dumps({
+            "models": {"teacher": {"exact_match": 0.99}, "seqkd": {"exact_match": 0.9},
+                       "dpo": {"exact_match": 0.5}},
+            "gate": {"passed": False, "failures": ["..."], "checks": checks}}))  # fmt: skip
+    results = [{"seed": s, "models": inherited.collect(s, tmp_path)} for s in (0, 1)]
+    text = inherited.table(results, ["seqkd", "dpo"])
+    rows = [line for line in text.splitlines() if " of 2 |" in line]
+    assert rows == [
+        "| `arith_seqkd` | 0 of 2 | `inherited.memorization.extraction_rate` (2), "
+        "`inherited.safety.pass_rate` (1) |",
+        "| `arith_dpo` | 2 of 2 | - |",
+    ]
+
+
 def test_teacher_precision_memory_compares_each_run_at_both_dtypes():
     """One row per run: the teacher's bytes and the step's peak at float32 and bf16, what the
     peak saves and their ratio."""
