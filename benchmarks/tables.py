@@ -267,6 +267,13 @@ def render_teacher_precision() -> str:
     return header("teacher_precision_memory") + teacher_precision_memory.table(results)
 
 
+def render_make_distill() -> str:
+    import make_distill_time
+
+    results, _ = provenance.load(RESULTS / "make_distill.json")
+    return header("make_distill") + make_distill_time.table(results)
+
+
 def render_best_checkpoint_audit() -> str:
     import best_checkpoint_audit
 
@@ -293,6 +300,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "arith": render_arith,
     "inherited": render_inherited,
     "teacher-precision-memory": render_teacher_precision,
+    "make-distill": render_make_distill,
     "arith-variants": render_arith_variants,
     "best-checkpoint-audit": render_best_checkpoint_audit,
     "results-index": render_index,
@@ -301,6 +309,7 @@ TABLES: dict[str, Callable[[], str]] = {
 # table -> the one page it is rendered into: the README keeps the headline tables, the
 # others sit in the docs page of their topic (moving a table = moving its block + this line)
 TARGETS: dict[str, Path] = {
+    "make-distill": README,
     "mnist1d-recipes": README,
     "controls": README,
     "arith": DOCS / "llm.md",
