@@ -384,7 +384,7 @@ def table(results: list[dict], methods: list[str]) -> str:
             continue
         em[name] = statistics.mean(r["models"][name]["exact_match"] for r in runs)
         row = [
-            f"`{name}`" if name == "teacher" else f"`arith_{name}`",
+            model_label(name),
             ", ".join(str(r["seed"]) for r in runs),
         ]
         for col, fmt in COLUMNS:
@@ -415,6 +415,11 @@ def table(results: list[dict], methods: list[str]) -> str:
     return text + stats.paired_section(compared)
 
 
+def model_label(name: str) -> str:
+    """A model's name in a table: ``teacher``, or the method's experiment ``arith_<name>``."""
+    return f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+
+
 def outside_table(results: list[dict], methods: list[str]) -> str:
     """The outside reading beside the report card's exact match, per model: both means,
     and the seeds whose two numbers agree within sampling error. At 5 % per comparison,
@@ -429,7 +434,7 @@ def outside_table(results: list[dict], methods: list[str]) -> str:
         total, disagree = total + len(out), disagree + len(out) - agree
         em = [r["models"][name]["exact_match"] for r in runs]
         fresh = [o["exact_match"] for o in out]
-        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+        label = model_label(name)
         rows.append(f"| {label} | {', '.join(str(r['seed']) for r in runs)} | {statistics.mean(em):.3f} | "
                     f"{statistics.mean(fresh):.3f} (n = {out[0]['n']} each) | {agree} / {len(out)} |")  # fmt: skip
     if not rows:

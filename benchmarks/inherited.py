@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +38,7 @@ from arith import (  # noqa: E402
     _rel,
     check_table,
     comparisons,
+    model_label,
     one_seed,
     outside_readings,
     outside_table,
@@ -119,7 +121,7 @@ def table(results: dict | list, methods: list[str]) -> str:
         if not seeds:
             continue
         cells = [
-            f"`{name}`" if name == "teacher" else f"`arith_{name}`",
+            model_label(name),
             ", ".join(str(r["seed"]) for r in seeds),
         ]
         for label, _, _, fmt in columns:
@@ -169,7 +171,7 @@ def canary_table(results: list[dict], methods: list[str]) -> str:
             cells.append(
                 f"{statistics.mean(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})" if vals else "-"
             )
-        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
+        label = model_label(name)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -178,18 +180,14 @@ def gate_table(results: list[dict], methods: list[str]) -> str:
     """Per model: the seeds whose release gate (``gate=release``) it passed, and how many
     seeds failed each of the gate's checks."""
     lines = []
-    for name in ("teacher", *methods):
-        seeds = [r for r in results if GATE in r["models"].get(name, {})]
-        if not seeds:
+    for name in methods:  # the teacher is never checked
+        failed = [r["models"][name][GATE] for r in results if GATE in r["models"].get(name, {})]
+        if not failed:
             continue
-        passed = [r["seed"] for r in seeds if not r["models"][name][GATE]]
-        counts: dict[str, int] = {}
-        for r in seeds:
-            for metric in r["models"][name][GATE]:
-                counts[metric] = counts.get(metric, 0) + 1
-        failed = ", ".join(f"`{m}` ({n})" for m, n in sorted(counts.items())) or "-"
-        label = f"`{name}`" if name == "teacher" else f"`arith_{name}`"
-        lines.append(f"| {label} | {len(passed)} of {len(seeds)} | {failed} |")
+        passed = sum(not metrics for metrics in failed)
+        counts = Counter(metric for metrics in failed for metric in metrics)
+        cells = ", ".join(f"`{m}` ({n})" for m, n in sorted(counts.items())) or "-"
+        lines.append(f"| {model_label(name)} | {passed} of {len(failed)} | {cells} |")
     if not lines:
         return ""
     head = ("\nRelease gate (`gate=release`), per model: the seeds it passed, and the checks it "
