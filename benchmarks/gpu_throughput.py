@@ -9,8 +9,11 @@ Workloads, each a real ``distillery.train`` run built in this process:
 * ``text_lm_kd`` dense and fused (``task.fused=true distill=token_kd_fused``): GPT-2
   pair on the pydoc corpus (teacher trained here for a few steps).
 
-Each run is timed at two step counts; steady-state ms/step is the difference divided by
-the difference in steps (start-up, data set-up and the first compilations cancel).
+Each run is timed at two step counts, after a discarded warm-up run at the smaller one
+(costs paid once per process, e.g. CUDA's context and kernel caches, would otherwise
+fall on the first timed run alone); steady-state ms/step is the difference divided by
+the difference in steps (each run's start-up and data set-up cancel). A difference at or
+below zero is reported as not measured, a failed workload by its error (exit 1).
 Prints a table and writes it to ``--out`` (markdown, with the provenance stamp) and the
 raw numbers, each workload's overrides and the provenance (commit, machine, load, times)
 to the ``.json`` beside it (``provenance.py``).
@@ -93,7 +96,7 @@ def main() -> None:
     text = ["data.seq_len=64", "student.config.n_positions=64"] if small else []
     image_folder(work / "imgs", classes=10, per_class=8 if small else 64)
     vit_pth = work / "vit_s.pth"
-    rows, raw = [], []
+    raw, failed = [], []
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
 
         def cfg(overrides):
@@ -132,20 +135,40 @@ def main() -> None:
         }
         few, many = args.steps
         for name, overrides in workloads.items():
-            t_few = timed_fit(cfg, overrides, few)
-            t_many = timed_fit(cfg, overrides, many)
-            ms = 1000 * (t_many - t_few) / (many - few)
-            rows.append((name, ms))
-            raw.append({"workload": name, "ms_per_step": ms, "seconds": [t_few, t_many],
-                        "overrides": [str(o).replace(str(work), "<tmp>") for o in overrides]})  # fmt: skip
-            print(f"{name}: {ms:.1f} ms/step", flush=True)
+            entry = {"workload": name, "ms_per_step": None,
+                     "overrides": [str(o).replace(str(work), "<tmp>") for o in overrides]}  # fmt: skip
+            try:  # one broken workload is reported, and the others still run
+                timed_fit(cfg, overrides, few)  # warm-up: once-per-process costs
+                t_few = timed_fit(cfg, overrides, few)
+                t_many = timed_fit(cfg, overrides, many)
+            except Exception as error:  # noqa: BLE001 - reported in the table and the exit code
+                entry["error"] = f"{type(error).__name__}: {error}"[:500]
+                failed.append(name)
+                print(f"{name}: FAILED {entry['error']}", flush=True)
+            else:
+                ms = 1000 * (t_many - t_few) / (many - few)
+                entry.update(ms_per_step=ms, seconds=[t_few, t_many])
+                print(f"{name}: {ms:.1f} ms/step", flush=True)
+            raw.append(entry)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     lines = [f"Steady-state training step time on {device} (difference of {few}- and "
              f"{many}-step runs{', small sizes' if small else ''}).", "",
              "| workload | ms / step |", "|---|---|",
-             *(f"| {name} | {ms:.1f} |" for name, ms in rows)]  # fmt: skip
+             *(f"| {r['workload']} | {cell(r)} |" for r in raw)]  # fmt: skip
     prov = session.finish(device=device, steps=[few, many], small=small)
     print(provenance.write(args.out.stem, raw, "\n".join(lines), prov, args.out.parent))
+    if failed:
+        sys.exit(f"gpu_throughput: {len(failed)} workload(s) failed: {', '.join(failed)}")
+
+
+def cell(entry: dict) -> str:
+    """A workload's table cell: its ms/step; a difference at or below zero (start-up noise
+    larger than the extra steps' time) is not a step time and says so; a failure names
+    its error."""
+    if entry.get("error"):
+        return f"failed: {entry['error'].splitlines()[0][:120]}"
+    ms = entry["ms_per_step"]
+    return f"{ms:.1f}" if ms > 0 else f"not measured ({ms:.1f}: noise above the extra steps' time)"
 
 
 if __name__ == "__main__":

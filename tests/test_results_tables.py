@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import arith  # noqa: E402
 import arith_variants  # noqa: E402
 import embeddings  # noqa: E402
+import gpu_throughput  # noqa: E402
 import make_distill_time  # noqa: E402
 import provenance  # noqa: E402
 import stats  # noqa: E402
@@ -852,3 +853,11 @@ def test_inherited_compares_each_behaviour_with_the_student_that_never_saw_it():
             "`arith_seqkd` higher (n = 5, 95 % interval excludes 0) |") in text, text  # fmt: skip
     assert "| `arith_seqkd` - `arith_sft` | 0, 1, 2, 3, 4, 5 | +0.500 [+0.500, +0.500] |" in text
     assert "| comparison (answers the unanswerable) |" in text and "better" not in text
+
+
+def test_gpu_throughput_cells_never_print_noise_or_a_failure_as_a_step_time():
+    assert gpu_throughput.cell({"ms_per_step": 12.34}) == "12.3"
+    assert gpu_throughput.cell({"ms_per_step": -205.6}).startswith("not measured (-205.6")
+    assert gpu_throughput.cell({"ms_per_step": 0.0}).startswith("not measured")
+    failed = {"ms_per_step": None, "error": "ImportError: no module datasets\ntraceback"}
+    assert gpu_throughput.cell(failed) == "failed: ImportError: no module datasets"
