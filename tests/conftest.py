@@ -30,6 +30,12 @@ def no_process_outlives_the_session():
     import processes
 
     processes.become_subreaper()
+    # Tests never run under MPI. Lightning's MPIEnvironment.detect() initializes MPI when
+    # mpi4py is installed (a GPU image has it), and Open MPI then spawns an `orted` daemon
+    # that outlives the session; the tests' Trainers do not ask MPI.
+    import lightning.fabric.plugins.environments.mpi as lightning_mpi
+
+    lightning_mpi._MPI4PY_AVAILABLE = False
     yield
     if "wandb" in sys.modules:  # W&B runs in-process start its service; end it as W&B does
         sys.modules["wandb"].teardown()

