@@ -24,10 +24,11 @@ def test_kd_is_float32_under_bf16_autocast():
     torch.testing.assert_close(loss, ref)
 
 
+BF16_SUMMARY = "ignore:Precision bf16-mixed is not supported by the model summary:UserWarning"
+
+
 @pytest.mark.gpu
-@pytest.mark.filterwarnings(  # Lightning's summary sizes bf16-mixed models at 32 bits
-    "ignore:Precision bf16-mixed is not supported by the model summary:UserWarning"
-)
+@pytest.mark.filterwarnings(BF16_SUMMARY)  # Lightning's summary sizes bf16 at 32 bits
 def test_gpu_bf16_distillation_run(train_cfg, mnist1d_teacher_ckpt, tmp_path):
     """trainer=gpu (bf16-mixed) against the same run in float32 on the CPU (same seed,
     data and order): the first step's loss within bf16's precision (8 units of roundoff,
@@ -52,6 +53,7 @@ def test_gpu_bf16_distillation_run(train_cfg, mnist1d_teacher_ckpt, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.filterwarnings(BF16_SUMMARY)
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")  # 1 GPU
 @pytest.mark.parametrize("strategy", ["fsdp2", "fsdp", "deepspeed"])
 def test_sharded_strategies_on_one_gpu(train_cfg, mnist1d_teacher_ckpt, strategy):
