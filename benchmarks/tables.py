@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
+import importlib
 import json
 import re
 import subprocess
@@ -209,29 +210,17 @@ def header(stem: str) -> str:
 # ------------------------------------------------------------------------- tables
 
 
-def render_arith() -> str:
-    import arith
+def rendered(stem: str, module: str, body: Callable | None = None) -> Callable[[], str]:
+    """The renderer of a table written by ``benchmarks/<module>.py`` into
+    ``results/<stem>.json``: the header, then ``body(module, results)`` (by default the
+    module's ``table(results)``)."""
 
-    results, _ = provenance.load(RESULTS / "arith.json")
-    return (
-        header("arith")
-        + arith.recipe_note(results)
-        + arith.table(results, arith.methods_in(results))
-    )
+    def render() -> str:
+        script = importlib.import_module(module)
+        results, _ = provenance.load(RESULTS / f"{stem}.json")
+        return header(stem) + (body or (lambda m, r: m.table(r)))(script, results)
 
-
-def render_inherited() -> str:
-    import inherited
-
-    results, _ = provenance.load(RESULTS / "inherited.json")
-    return header("inherited") + inherited.table(results, inherited.methods_in(results))
-
-
-def render_controls() -> str:
-    import controls
-
-    results, _ = provenance.load(RESULTS / "controls.json")
-    return header("controls") + controls.table(results)
+    return render
 
 
 def render_mnist1d_recipes() -> str:
@@ -252,33 +241,9 @@ def render_mnist1d_recipes() -> str:
     )
 
 
-def render_arith_variants() -> str:
-    import arith_variants
-
-    results, _ = provenance.load(RESULTS / "arith_variants.json")
-    variants = [v for v in arith_variants.VARIANTS if any(v in r["models"] for r in results)]
-    return header("arith_variants") + arith_variants.table(results, variants)
-
-
-def render_teacher_precision() -> str:
-    import teacher_precision_memory
-
-    results, _ = provenance.load(RESULTS / "teacher_precision_memory.json")
-    return header("teacher_precision_memory") + teacher_precision_memory.table(results)
-
-
-def render_make_distill() -> str:
-    import make_distill_time
-
-    results, _ = provenance.load(RESULTS / "make_distill.json")
-    return header("make_distill") + make_distill_time.table(results)
-
-
-def render_best_checkpoint_audit() -> str:
-    import best_checkpoint_audit
-
-    results, _ = provenance.load(RESULTS / "best_checkpoint_audit.json")
-    return header("best_checkpoint_audit") + best_checkpoint_audit.table(results)
+def _variants_table(module, results) -> str:
+    shown = [v for v in module.VARIANTS if any(v in r["models"] for r in results)]
+    return module.table(results, shown)
 
 
 def render_index() -> str:
@@ -296,13 +261,15 @@ def render_index() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "mnist1d-recipes": render_mnist1d_recipes,
-    "controls": render_controls,
-    "arith": render_arith,
-    "inherited": render_inherited,
-    "teacher-precision-memory": render_teacher_precision,
-    "make-distill": render_make_distill,
-    "arith-variants": render_arith_variants,
-    "best-checkpoint-audit": render_best_checkpoint_audit,
+    "controls": rendered("controls", "controls"),
+    "arith": rendered(
+        "arith", "arith", lambda m, r: m.recipe_note(r) + m.table(r, m.methods_in(r))
+    ),
+    "inherited": rendered("inherited", "inherited", lambda m, r: m.table(r, m.methods_in(r))),
+    "teacher-precision-memory": rendered("teacher_precision_memory", "teacher_precision_memory"),
+    "make-distill": rendered("make_distill", "make_distill_time"),
+    "arith-variants": rendered("arith_variants", "arith_variants", _variants_table),
+    "best-checkpoint-audit": rendered("best_checkpoint_audit", "best_checkpoint_audit"),
     "results-index": render_index,
 }
 
