@@ -7,7 +7,8 @@
 #
 # Runs from a checkout without installing it (PYTHONPATH=src). Packages the machine's
 # image lacks travel as wheels in .whl/ (hydra-core, omegaconf, antlr4-python3-runtime,
-# wandb, mnist1d, ...; see ../.library/device/README.md) and are installed to /tmp/site.
+# mnist1d, datasets, ...: `bash scripts/gpu_wheels.sh` downloads them) and are installed to
+# /tmp/site.
 #   CPU check here: GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh   (no gpu tests run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
