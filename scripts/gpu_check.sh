@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator check: on a machine with one CUDA GPU, every test marked `gpu` plus a
 # short throughput benchmark (benchmarks/gpu_throughput.py: MNIST-1D KD, a ViT attention
-# run, text_lm_kd dense and fused). Under 8 minutes on one H100/H200-class GPU. Prints
+# run, text_lm_kd dense and fused). 75-130 s on one H200 (four runs, 2026-12-04). Prints
 # what it measured and writes it to $OUT (the device tool's output folder) or to
 # benchmarks/results/.
 #
