@@ -407,12 +407,24 @@ def table(results: list[dict], methods: list[str]) -> str:
         notes = [f"- `arith_{m}` recovers {100 * (em[m] - em['sft']) / gap:.0f} % of the "
                  f"teacher-vs-`arith_sft` exact-match gap (means)" for m in methods if m != "sft" and m in em]  # fmt: skip
     pairs = [(m, "sft") for m in methods if m != "sft"]
-    for on, off in (("gkd", "kd"), ("gkd_sft", "kd_sft"), ("gkd_sft_rkl", "kd_sft")):
-        if on in methods and off in methods:  # on-policy against off-policy
-            pairs.append((on, off))
+    for a, b in BETWEEN:
+        if a in methods and b in methods:
+            pairs.append((a, b))
     compared = comparisons(results, pairs)
     text = "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + outside_table(results, methods)
     return text + stats.paired_section(compared)
+
+
+# Methods compared with each other, paired by seed, beside each against `arith_sft`:
+# on-policy against off-policy (equal prompts and steps), and sequence KD against the
+# other from-scratch methods (the claim that it is the strongest of them).
+BETWEEN = (
+    ("gkd", "kd"),
+    ("gkd_sft", "kd_sft"),
+    ("gkd_sft_rkl", "kd_sft"),
+    ("seqkd", "kd"),
+    ("seqkd", "gkd"),
+)
 
 
 def model_label(name: str) -> str:
