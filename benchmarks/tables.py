@@ -223,6 +223,21 @@ def rendered(stem: str, module: str, body: Callable | None = None) -> Callable[[
     return render
 
 
+def as_written(stem: str) -> Callable[[], str]:
+    """The renderer of a table its script writes only as Markdown (``results/<stem>.md``,
+    stamp line first, the json beside it holding the raw numbers): the header, then the
+    file's text after its stamp line, as the script wrote it."""
+
+    def render() -> str:
+        path = RESULTS / f"{stem}.json"
+        if provenance.load(path)[1] is None:
+            raise ValueError(f"{_rel(path)}: no provenance; a legacy file is not rendered")
+        text = (RESULTS / f"{stem}.md").read_text()
+        return header(stem) + text.split("\n\n", 1)[1].strip("\n") + "\n"
+
+    return render
+
+
 def render_mnist1d_recipes() -> str:
     import mnist1d_recipes_seeds as recipes
 
@@ -270,6 +285,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "make-distill": rendered("make_distill", "make_distill_time"),
     "arith-variants": rendered("arith_variants", "arith_variants", _variants_table),
     "best-checkpoint-audit": rendered("best_checkpoint_audit", "best_checkpoint_audit"),
+    "token-kd-memory": as_written("token_kd_memory"),
     "results-index": render_index,
 }
 
@@ -284,6 +300,7 @@ TARGETS: dict[str, Path] = {
     "teacher-precision-memory": DOCS / "speed-memory.md",
     "arith-variants": DOCS / "llm.md",
     "best-checkpoint-audit": DOCS / "benchmarks.md",
+    "token-kd-memory": DOCS / "speed-memory.md",
     "results-index": DOCS / "benchmarks.md",
 }
 

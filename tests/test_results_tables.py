@@ -861,3 +861,22 @@ def test_gpu_throughput_cells_never_print_noise_or_a_failure_as_a_step_time():
     assert gpu_throughput.cell({"ms_per_step": 0.0}).startswith("not measured")
     failed = {"ms_per_step": None, "error": "ImportError: no module datasets\ntraceback"}
     assert gpu_throughput.cell(failed) == "failed: ImportError: no module datasets"
+
+
+def test_a_table_rendered_as_written_is_its_markdown_after_the_stamp_and_never_legacy(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setitem(tables.SCRIPTS, "bench", "python benchmarks/bench.py")
+    monkeypatch.setattr(tables, "ROOT", tmp_path.parent)
+    prov = {"commit": "0" * 40, "dirty": False, "started": "2026-12-04T10:00:00+00:00",
+            "load": [0.5, 0.7], "machine": {"cores": 2}, "runs": []}  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps({"provenance": prov, "results": [1]}))
+    (tmp_path / "bench.md").write_text("stamp line\n\nwhat was run\n\n| a |\n|---|\n| 1 |\n")
+    text = tables.as_written("bench")()
+    assert text.startswith("_`" + tmp_path.name + "/bench.json` (`python benchmarks/bench.py`)")
+    assert text.endswith("\n\nwhat was run\n\n| a |\n|---|\n| 1 |\n")
+    assert "stamp line" not in text
+    (tmp_path / "bench.json").write_text(json.dumps([1]))  # written before provenance
+    with pytest.raises(ValueError, match="no provenance"):
+        tables.as_written("bench")()
