@@ -286,6 +286,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "arith-variants": rendered("arith_variants", "arith_variants", _variants_table),
     "best-checkpoint-audit": rendered("best_checkpoint_audit", "best_checkpoint_audit"),
     "token-kd-memory": as_written("token_kd_memory"),
+    "compile-speedup": as_written("compile_speedup"),
     "results-index": render_index,
 }
 
@@ -301,6 +302,7 @@ TARGETS: dict[str, Path] = {
     "arith-variants": DOCS / "llm.md",
     "best-checkpoint-audit": DOCS / "benchmarks.md",
     "token-kd-memory": DOCS / "speed-memory.md",
+    "compile-speedup": DOCS / "speed-memory.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
