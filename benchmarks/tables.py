@@ -287,6 +287,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "best-checkpoint-audit": rendered("best_checkpoint_audit", "best_checkpoint_audit"),
     "token-kd-memory": as_written("token_kd_memory"),
     "compile-speedup": as_written("compile_speedup"),
+    "overhead": as_written("overhead"),
     "results-index": render_index,
 }
 
@@ -303,6 +304,7 @@ TARGETS: dict[str, Path] = {
     "best-checkpoint-audit": DOCS / "benchmarks.md",
     "token-kd-memory": DOCS / "speed-memory.md",
     "compile-speedup": DOCS / "speed-memory.md",
+    "overhead": DOCS / "speed-memory.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
