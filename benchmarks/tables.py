@@ -288,6 +288,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "token-kd-memory": as_written("token_kd_memory"),
     "compile-speedup": as_written("compile_speedup"),
     "overhead": as_written("overhead"),
+    "teacher-cache-classifier": as_written("teacher_cache_classifier"),
+    "teacher-cache-lm": as_written("teacher_cache_lm"),
     "results-index": render_index,
 }
 
@@ -305,6 +307,8 @@ TARGETS: dict[str, Path] = {
     "token-kd-memory": DOCS / "speed-memory.md",
     "compile-speedup": DOCS / "speed-memory.md",
     "overhead": DOCS / "speed-memory.md",
+    "teacher-cache-classifier": DOCS / "teacher-cache.md",
+    "teacher-cache-lm": DOCS / "teacher-cache.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
