@@ -290,6 +290,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "overhead": as_written("overhead"),
     "teacher-cache-classifier": as_written("teacher_cache_classifier"),
     "teacher-cache-lm": as_written("teacher_cache_lm"),
+    "remote-teacher": as_written("remote_teacher"),
     "results-index": render_index,
 }
 
@@ -309,6 +310,7 @@ TARGETS: dict[str, Path] = {
     "overhead": DOCS / "speed-memory.md",
     "teacher-cache-classifier": DOCS / "teacher-cache.md",
     "teacher-cache-lm": DOCS / "teacher-cache.md",
+    "remote-teacher": DOCS / "teacher-cache.md",
     "results-index": DOCS / "benchmarks.md",
 }
 
