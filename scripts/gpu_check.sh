@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accelerator check: on a machine with one CUDA GPU, every test marked `gpu` plus a
 # short throughput benchmark (benchmarks/gpu_throughput.py: MNIST-1D KD, a ViT attention
-# run, text_lm_kd dense and fused). 75-130 s on one H200 (four runs, 2026-12-04). Prints
+# run, text_lm_kd dense and fused). On one H200 (2026-12-04) the device tool timed the whole
+# script at 75-130 s (four runs; its benchmark part 49-83 s in gpu_check*.json). Prints
 # what it measured and writes it to $OUT (the device tool's output folder) or to
 # benchmarks/results/.
 #
