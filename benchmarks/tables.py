@@ -238,24 +238,6 @@ def as_written(stem: str) -> Callable[[], str]:
     return render
 
 
-def render_mnist1d_recipes() -> str:
-    import mnist1d_recipes_seeds as recipes
-
-    path = RESULTS / "mnist1d_recipes_seeds.json"
-    if path.is_file():
-        return header("mnist1d_recipes_seeds") + recipes.table(provenance.load(path)[0])
-    text = (RESULTS / "mnist1d_recipes_seeds.md").read_text()
-    return (
-        header("mnist1d_recipes_seeds")
-        + "Written by an older version of the script, as it wrote it: `student` is function "
-        "matching (`mnist1d_fm`), `baseline` the scratch MLP (`mnist1d_baseline`; the script "
-        "now calls it the control), `kd_transfer` KD + the transfer set (`mnist1d_kd`), "
-        "`kd_labeled` KD on the labeled set only. No per-seed numbers were kept, so there is "
-        "no paired interval; at 3 seeds no comparison is decided "
-        "(see `benchmarks/stats.py`).\n\n" + text
-    )
-
-
 def _variants_table(module, results) -> str:
     shown = [v for v in module.VARIANTS if any(v in r["models"] for r in results)]
     return module.table(results, shown)
@@ -275,7 +257,7 @@ def render_index() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {
-    "mnist1d-recipes": render_mnist1d_recipes,
+    "mnist1d-recipes": rendered("mnist1d_recipes_seeds", "mnist1d_recipes_seeds"),
     "controls": rendered("controls", "controls"),
     "arith": rendered(
         "arith", "arith", lambda m, r: m.recipe_note(r) + m.table(r, m.methods_in(r))
