@@ -210,15 +210,38 @@ def header(stem: str) -> str:
 # ------------------------------------------------------------------------- tables
 
 
-def rendered(stem: str, module: str, body: Callable | None = None) -> Callable[[], str]:
-    """The renderer of a table written by ``benchmarks/<module>.py`` into
-    ``results/<stem>.json``: the header, then ``body(module, results)`` (by default the
-    module's ``table(results)``)."""
+def _variants_table(module, results) -> str:
+    shown = [v for v in module.VARIANTS if any(v in r["models"] for r in results)]
+    return module.table(results, shown)
+
+
+# results file stem -> (the script module that writes it, its table body from the results;
+# None: the module's ``table(results)``), for the tables rendered from a json
+BODIES: dict[str, tuple[str, Callable | None]] = {
+    "mnist1d_recipes_seeds": ("mnist1d_recipes_seeds", None),
+    "controls": ("controls", None),
+    "arith": ("arith", lambda m, r: m.recipe_note(r) + m.table(r, m.methods_in(r))),
+    "inherited": ("inherited", lambda m, r: m.table(r, m.methods_in(r))),
+    "teacher_precision_memory": ("teacher_precision_memory", None),
+    "make_distill": ("make_distill_time", None),
+    "arith_variants": ("arith_variants", _variants_table),
+    "best_checkpoint_audit": ("best_checkpoint_audit", None),
+}
+
+
+def body(stem: str, results) -> str:
+    """The table of ``results`` (of ``results/<stem>.json``) as its script renders it."""
+    module, fn = BODIES[stem]
+    script = importlib.import_module(module)
+    return (fn or (lambda m, r: m.table(r)))(script, results)
+
+
+def rendered(stem: str) -> Callable[[], str]:
+    """The renderer of the table of ``results/<stem>.json`` (:data:`BODIES`): the header,
+    then its body."""
 
     def render() -> str:
-        script = importlib.import_module(module)
-        results, _ = provenance.load(RESULTS / f"{stem}.json")
-        return header(stem) + (body or (lambda m, r: m.table(r)))(script, results)
+        return header(stem) + body(stem, provenance.load(RESULTS / f"{stem}.json")[0])
 
     return render
 
@@ -238,11 +261,6 @@ def as_written(stem: str) -> Callable[[], str]:
     return render
 
 
-def _variants_table(module, results) -> str:
-    shown = [v for v in module.VARIANTS if any(v in r["models"] for r in results)]
-    return module.table(results, shown)
-
-
 def render_index() -> str:
     """Every results file with the script that writes it and its stamp."""
     stems = sorted({p.stem for p in RESULTS.glob("*.json") if p != LEGACY}
@@ -256,17 +274,73 @@ def render_index() -> str:
     return "\n".join(lines) + "\n"
 
 
+# what decides the numbers of a run, besides its benchmark script: the package and its
+# configs, and the pinned environment
+PACKAGE_CODE = ("src", "conf", "pyproject.toml", "constraints.txt")
+
+
+def has_history() -> bool:
+    """Whether this checkout holds the git history the evidence commits are read from (a
+    shallow clone does not)."""
+    try:
+        return _git("rev-parse", "--is-shallow-repository").strip() == "false"
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+def package_code(commit: str) -> str:
+    """A short id of :data:`PACKAGE_CODE` at ``commit`` (the git objects' hashes): equal
+    ids, the same package code, configs and pins."""
+    ids = [_git("rev-parse", f"{commit}:{path}").strip() for path in PACKAGE_CODE]
+    return hashlib.sha256(" ".join(ids).encode()).hexdigest()[:8]
+
+
+def render_code_versions() -> str:
+    """The evidence commits grouped by package code (:data:`PACKAGE_CODE`), oldest first,
+    with the results files measured at each and the paths changed since the group before:
+    files measured at different commits of one group ran the same package code."""
+    where: dict[str, list[str]] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        prov = provenance.load(path)[1] if path != LEGACY else None
+        for commit in provenance.commits(prov) if prov else []:
+            if commit:
+                where.setdefault(commit, []).append(path.stem)
+    dated = sorted((_git("show", "-s", "--format=%ct %cs", c).split() + [c] for c in where),
+                   key=lambda x: int(x[0]))  # fmt: skip
+    groups: list[tuple[str, list[tuple[str, str]]]] = []  # (code id, [(commit, date)])
+    for _, day, commit in dated:
+        code = package_code(commit)
+        if groups and groups[-1][0] == code:
+            groups[-1][1].append((commit, day))
+        else:
+            groups.append((code, [(commit, day)]))
+    lines = ["| package code | commits (date) | results files measured there | changed since "
+             "the package code above |", "|---|---|---|---|"]  # fmt: skip
+    for i, (code, commits) in enumerate(groups):
+        changed = "-"
+        if i:
+            before = groups[i - 1][1][-1][0]
+            paths = _git("diff", "--name-only", before, commits[0][0], "--", *PACKAGE_CODE).split()
+            shown = ", ".join(f"`{p}`" for p in paths[:4]) + (", ..." if len(paths) > 4 else "")
+            changed = (f"{len(paths)} file{'s' if len(paths) != 1 else ''}: {shown} "
+                       f"(`git diff {before[:7]} {commits[0][0][:7]} -- {' '.join(PACKAGE_CODE)}`)")  # fmt: skip
+        stems = dict.fromkeys(stem for c, _ in commits for stem in where[c])
+        lines.append(
+            f"| `{code}` | " + ", ".join(f"{c[:7]} ({day})" for c, day in commits)
+            + " | " + ", ".join(f"`{s}`" for s in stems) + f" | {changed} |"
+        )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
-    "mnist1d-recipes": rendered("mnist1d_recipes_seeds", "mnist1d_recipes_seeds"),
-    "controls": rendered("controls", "controls"),
-    "arith": rendered(
-        "arith", "arith", lambda m, r: m.recipe_note(r) + m.table(r, m.methods_in(r))
-    ),
-    "inherited": rendered("inherited", "inherited", lambda m, r: m.table(r, m.methods_in(r))),
-    "teacher-precision-memory": rendered("teacher_precision_memory", "teacher_precision_memory"),
-    "make-distill": rendered("make_distill", "make_distill_time"),
-    "arith-variants": rendered("arith_variants", "arith_variants", _variants_table),
-    "best-checkpoint-audit": rendered("best_checkpoint_audit", "best_checkpoint_audit"),
+    "mnist1d-recipes": rendered("mnist1d_recipes_seeds"),
+    "controls": rendered("controls"),
+    "arith": rendered("arith"),
+    "inherited": rendered("inherited"),
+    "teacher-precision-memory": rendered("teacher_precision_memory"),
+    "make-distill": rendered("make_distill"),
+    "arith-variants": rendered("arith_variants"),
+    "best-checkpoint-audit": rendered("best_checkpoint_audit"),
     "token-kd-memory": as_written("token_kd_memory"),
     "compile-speedup": as_written("compile_speedup"),
     "overhead": as_written("overhead"),
@@ -274,7 +348,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "teacher-cache-lm": as_written("teacher_cache_lm"),
     "remote-teacher": as_written("remote_teacher"),
     "results-index": render_index,
+    "code-versions": render_code_versions,
 }
+
+# tables read from git history, left unchecked and unrendered in a clone without it
+NEEDS_HISTORY = {"code-versions"}
 
 # table -> the one page it is rendered into: the README keeps the headline tables, the
 # others sit in the docs page of their topic (moving a table = moving its block + this line)
@@ -294,6 +372,7 @@ TARGETS: dict[str, Path] = {
     "teacher-cache-lm": DOCS / "teacher-cache.md",
     "remote-teacher": DOCS / "teacher-cache.md",
     "results-index": DOCS / "benchmarks.md",
+    "code-versions": DOCS / "benchmarks.md",
 }
 
 
@@ -319,6 +398,8 @@ def render(text: str, path: Path = README) -> tuple[str, list[str]]:
         if name not in TABLES:
             problems.append(f"{_rel(path)}: marker table:{name} names no table "
                             f"(known: {', '.join(TABLES)})")  # fmt: skip
+            return m[0]
+        if name in NEEDS_HISTORY and not has_history():  # a shallow clone: left as it is
             return m[0]
         if TARGETS[name] != path:
             problems.append(f"{_rel(path)}: table:{name} belongs in {_rel(TARGETS[name])} "

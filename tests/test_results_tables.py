@@ -888,3 +888,77 @@ def test_a_table_rendered_as_written_is_its_markdown_after_the_stamp_and_never_l
     (tmp_path / "bench.json").write_text(json.dumps([1]))  # written before provenance
     with pytest.raises(ValueError, match="no provenance"):
         tables.as_written("bench")()
+
+
+# ------------------------------------------------ seeds measured in several sessions
+
+
+def _split_published(stem: str, tmp_path: Path, *groups: list[int]) -> list[Path]:
+    """The published ``<stem>.json`` written back as one file per group of seeds, as the
+    sessions that measured them would have (their runs and session records)."""
+    results, prov = provenance.load(tables.RESULTS / f"{stem}.json")
+    files = []
+    for i, seeds in enumerate(groups):
+        mine = [r for r in results if r["seed"] in seeds]
+        runs = [run for run in prov["runs"] if run.get("seed") in seeds]
+        part = dict(prov, runs=runs, seeds=seeds)
+        path = tmp_path / f"part{i}" / f"{stem}.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"provenance": part, "results": mine}))
+        files.append(path)
+    return files
+
+
+@pytest.mark.parametrize("stem", ["arith", "inherited"])
+def test_seeds_of_several_sessions_join_into_the_published_table(tmp_path, stem):
+    import merge_seeds
+
+    files = _split_published(stem, tmp_path, [3, 4], [0, 1, 2])
+    results, fields = merge_seeds.merge(stem, files)
+    published, prov = provenance.load(tables.RESULTS / f"{stem}.json")
+    assert results == published
+    assert tables.body(stem, results) == tables.body(stem, published)
+    assert sorted(map(json.dumps, fields["runs"])) == sorted(map(json.dumps, prov["runs"]))
+    assert [m["seeds"] for m in fields["merged_from"]] == [[3, 4], [0, 1, 2]]
+
+
+def _rewrite(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data["provenance"], data["results"])
+    path.write_text(json.dumps(data))
+
+
+def test_seeds_are_not_joined_across_commits_recipes_machines_or_twice(tmp_path):
+    import merge_seeds
+
+    def other_commit(prov, _):
+        prov["runs"][0]["commit"] = "f" * 40
+
+    def other_budget(prov, _):
+        run = next(r for r in prov["runs"] if r["label"] == "kd" and r.get("config"))
+        run["config"]["trainer"]["max_steps"] += 1
+
+    def other_torch(prov, _):
+        prov["machine"]["torch"] = "2.4.0"
+
+    def seed_again(_, results):
+        results.append(dict(results[0], seed=0))
+
+    cases = {other_commit: "more than one commit", other_budget: "trainer.max_steps",
+             other_torch: "machine torch", seed_again: "seed 0 is in more than one file"}  # fmt: skip
+    for i, (edit, reason) in enumerate(cases.items()):
+        files = _split_published("arith", tmp_path / str(i), [0, 1], [2, 3, 4])
+        _rewrite(files[1], edit)
+        with pytest.raises(merge_seeds.MergeError, match=reason):
+            merge_seeds.merge("arith", files)
+
+
+def test_commits_share_a_package_code_id_exactly_when_src_conf_and_pins_are_equal():
+    if not tables.has_history():
+        pytest.skip("a shallow clone: no history to read the evidence commits from")
+    same = ("03e1821", "3fe6cbc")  # between them: benchmarks and docs only
+    assert tables.package_code(same[0]) == tables.package_code(same[1])
+    assert tables.package_code("3fe6cbc") != tables.package_code("c4f751f")  # pyproject.toml
+    assert tables.package_code("35e1881") != tables.package_code("08bda07")  # src/
+    table = tables.render_code_versions()
+    assert "03e1821 (2026-12-04), 3fe6cbc (2026-12-04)" in table
