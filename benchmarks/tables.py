@@ -17,7 +17,9 @@ refused until recovered again, or better, re-measured).
 
 ``--check`` reads README.md and every page under ``docs/``: a table that differs from its
 results file, a table missing from its target, a table in any other page (a copy nobody
-would re-render) and a marker naming no table are each listed.
+would re-render), a marker naming no table, and a section whose prose states numbers
+without naming their results file at its current commit (:func:`prose_problems`) are
+each listed.
 ``tests/test_results_tables.py`` runs the check.
 """
 
@@ -274,6 +276,70 @@ def render_index() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------ numbers in the prose
+
+# A section of a page whose prose states numbers names the results files they were read
+# from, at the commit the file had then: ``<!-- numbers: controls@6b4faa0, arith@541db6f -->``
+# (``none: <why>`` for numbers that are not measurements). A results file re-measured
+# since (its commits differ) flags the section until its prose is re-read and the
+# marker updated: the prose cannot silently keep the old numbers beside the new table.
+NUMBERS = re.compile(r"<!-- numbers: (?P<spec>.*?) -->")
+DECIMAL = re.compile(r"(?<![\w.])[+-]?\d+\.\d+(?![\w.])")
+FENCED = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """``(heading, body)`` of each section of a page (the text before the first heading
+    under ``(top)``), table blocks and fenced code left out."""
+    text = FENCED.sub("", MARKER.sub("", text))
+    found, heading, lines = [], "(top)", []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            found.append((heading, "\n".join(lines)))
+            heading, lines = line.lstrip("# ").strip(), []
+        else:
+            lines.append(line)
+    return [*found, (heading, "\n".join(lines))]
+
+
+def file_commits(stem: str) -> str | None:
+    """``a+b``: the short commits of ``results/<stem>.json``'s runs (None: no such file
+    with provenance)."""
+    path = RESULTS / f"{stem}.json"
+    prov = provenance.load(path)[1] if path.is_file() else None
+    return "+".join(provenance.short(c) for c in provenance.commits(prov)) if prov else None
+
+
+def prose_problems(text: str, path: Path) -> list[str]:
+    """The sections of a page whose prose states decimal numbers without naming their
+    results files, or naming one at a commit it no longer has."""
+    problems = []
+    for heading, body in sections(text):
+        specs = NUMBERS.findall(INLINE_CODE.sub("", body))  # an example in `code` is not one
+        numbers = DECIMAL.findall(INLINE_CODE.sub("", NUMBERS.sub("", body)))
+        where = f"{_rel(path)} § {heading}"
+        if numbers and not specs:
+            problems.append(f"{where}: its prose states {len(numbers)} numbers "
+                            f"({', '.join(numbers[:4])}, ...) and names no results file: add "
+                            "<!-- numbers: <stem>@<commit>, ... --> (the files they were read "
+                            "from, at their commits) or <!-- numbers: none: <why> -->")  # fmt: skip
+        for spec in specs:
+            if spec.startswith("none: "):
+                continue
+            for item in (x.strip() for x in spec.split(",")):
+                stem, _, commit = item.partition("@")
+                now = file_commits(stem)
+                if now is None:
+                    problems.append(f"{where}: <!-- numbers --> names {item!r}: there is no "
+                                    f"results file {stem}.json with provenance")  # fmt: skip
+                elif now != commit:
+                    problems.append(f"{where}: its numbers were read from {stem}.json at "
+                                    f"{commit}, which is now at {now}: re-read the prose against "
+                                    "the file, then update the marker")  # fmt: skip
+    return problems
+
+
 # what decides the numbers of a run, besides its benchmark script: the package and its
 # configs, and the pinned environment
 PACKAGE_CODE = ("src", "conf", "pyproject.toml", "constraints.txt")
@@ -421,7 +487,7 @@ def check(texts: dict[Path, str] | None = None) -> list[str]:
     for path in dict.fromkeys([*pages(), *texts, *TARGETS.values()]):
         text = texts[path] if path in texts else path.read_text() if path.is_file() else ""
         rendered, found = render(text, path)
-        problems += found
+        problems += found + prose_problems(text, path)
         now = {m["name"]: m["body"] for m in MARKER.finditer(text)}
         want = {m["name"]: m["body"] for m in MARKER.finditer(rendered)}
         for name, body in want.items():

@@ -962,3 +962,25 @@ def test_commits_share_a_package_code_id_exactly_when_src_conf_and_pins_are_equa
     assert tables.package_code("35e1881") != tables.package_code("08bda07")  # src/
     table = tables.render_code_versions()
     assert "03e1821 (2026-12-04), 3fe6cbc (2026-12-04)" in table
+
+
+def test_prose_numbers_name_their_results_file_at_its_current_commit():
+    page = ROOT / "docs" / "x.md"
+    now = tables.file_commits("controls")
+    assert now and "+" not in now
+
+    def found(body: str) -> list[str]:
+        return tables.prose_problems(
+            f"# Page\n\n## Section\n\n{body}\n\n## Next\n\nNo numbers.\n", page
+        )
+
+    assert "names no results file" in found("KD is 11.6 points above its control.")[0]
+    assert not found(f"<!-- numbers: controls@{now} -->\nKD is 11.6 points above its control.")
+    stale = found("<!-- numbers: controls@0000000 -->\nKD is 11.6 points above its control.")
+    assert len(stale) == 1 and f"now at {now}" in stale[0] and "§ Section" in stale[0]
+    assert "no results file nosuch.json" in found("<!-- numbers: nosuch@abc -->\n1.5")[0]
+    assert not found("<!-- numbers: none: a config default -->\nA tolerance of 0.05.")
+    # what is not prose: the rendered tables, code, and integers
+    table = "<!-- table:controls -->\n| 0.5 |\n<!-- /table:controls -->"
+    assert not found(f"{table}\n`lr: 0.001`\n```\nx = 2.5\n```\n3000 steps on 2 cores")
+    assert "names no results file" in found("`<!-- numbers: controls@1234567 -->` 1.5")[0]
