@@ -129,7 +129,9 @@ def test_the_preflight_command_prints_its_table_and_exits_2_on_an_error(
     assert "2 of 54 shared ids mean another token" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("experiment", ["arith_kd", "mnist1d_kd", "text_lm_kd"])
+@pytest.mark.parametrize(
+    "experiment", ["arith_kd", "mnist1d_kd", "text_lm_kd", "bert_hidden_attention"]
+)
 def test_memory_estimate_is_within_a_quarter_of_one_steps_peak(
     request, train_cfg, arith_tok, experiment
 ):
@@ -149,6 +151,10 @@ def test_memory_estimate_is_within_a_quarter_of_one_steps_peak(
         cfg = train_cfg(f"experiment={experiment}", *overrides, "data.batch_size=16",
                         f"teacher.ckpt_path={request.getfixturevalue('text_teacher_ckpt')}")  # fmt: skip
         rows = None
+    elif experiment == "bert_hidden_attention":  # feature taps: hidden states, an attention map
+        cfg = train_cfg(f"experiment={experiment}", "data.batch_size=32",
+                        f"teacher.ckpt_path={request.getfixturevalue('bert_teacher_ckpt')}")  # fmt: skip
+        rows = 32
     else:  # make distill's student: a CNN teacher, 64 labeled + 256 transfer rows a step
         cfg = train_cfg(f"experiment={experiment}", *SMALL_MNIST1D, "data.transfer_size=1024",
                         f"teacher.ckpt_path={request.getfixturevalue('mnist1d_teacher_ckpt')}")  # fmt: skip

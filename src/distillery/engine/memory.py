@@ -173,17 +173,27 @@ def activation_bytes(module, row: dict) -> tuple[int, int]:
 
     was = module.training
     module.train()
-    with (
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-    ):
-        out = module.task.training_outputs(module, row, 0.0)
-        if module.task.reduction == "token":  # step-normalised: the step's token count
-            count = module.task.count(row)
-            total, _ = module.objective(out, count if isinstance(count, dict) else {"token": count})
-        else:  # per-sample means (classification, embeddings)
-            total, _ = module.objective(out)
-    module.train(was)
+    # the features the taps capture are part of the step (Lightning attaches the taps in
+    # the module's ``setup``; the preflight estimates before any trainer has run)
+    taps = [t for t in (module.student_taps, module.teacher_taps) if t]
+    for t in taps:
+        t.attach()
+    try:
+        with (
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = module.task.training_outputs(module, row, 0.0)
+            if module.task.reduction == "token":  # step-normalised: the step's token count
+                count = module.task.count(row)
+                counts = count if isinstance(count, dict) else {"token": count}
+                total, _ = module.objective(out, counts)
+            else:  # per-sample means (classification, embeddings)
+                total, _ = module.objective(out)
+    finally:
+        for t in taps:
+            t.remove()
+        module.train(was)
     outputs = [o for o in (out.student, out.teacher) if torch.is_tensor(o)]
     tensors = [*saved, *outputs]
     size = tensor_bytes(tensors)
