@@ -67,6 +67,7 @@ SCRIPTS = {
     "arith_variants": "python benchmarks/arith_variants.py",
     "embeddings": "python benchmarks/embeddings.py",
     "make_distill": "python benchmarks/make_distill_time.py",
+    "make_test": "python benchmarks/make_distill_time.py --target test",
     "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
     "best_checkpoint_audit": "python benchmarks/best_checkpoint_audit.py <run folders>",
 }
@@ -228,6 +229,7 @@ BODIES: dict[str, tuple[str, Callable | None]] = {
     "teacher_precision_memory": ("teacher_precision_memory", None),
     "memory_estimate": ("memory_estimate", None),
     "make_distill": ("make_distill_time", None),
+    "make_test": ("make_distill_time", None),
     "arith_variants": ("arith_variants", _variants_table),
     "best_checkpoint_audit": ("best_checkpoint_audit", None),
 }

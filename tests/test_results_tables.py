@@ -632,6 +632,25 @@ def test_make_distill_timing_reads_the_stages_and_tabulates_the_repeats(tmp_path
         make_distill_time.stage_seconds(tmp_path / "nothing")
 
 
+def test_make_test_timing_reads_pytests_summary_line(tmp_path):
+    log = tmp_path / "test.log"
+    log.write_text("....\n662 passed, 5 skipped, 2 xfailed in 331.25s (0:05:31)\n")
+    assert make_distill_time.pytest_summary(log) == {
+        "passed": 662, "skipped": 5, "xfailed": 2, "seconds": 331.25}  # fmt: skip
+    log.write_text("==== 1 failed, 3 passed in 2.50s ====\n")
+    assert make_distill_time.pytest_summary(log) == {"failed": 1, "passed": 3, "seconds": 2.5}
+    runs = [{"load": [1.0, 1.5]}]
+    results = [{"install_s": 100.0, "job_s": 400.0, "stages_s": {}, "runs": runs,
+                "pytest": {"passed": 662, "skipped": 5, "seconds": 331.25}}]  # fmt: skip
+    text = make_distill_time.table(results)
+    assert "| job (`make test` once installed) | 400 s |" in text
+    assert "| pytest's own time (its summary line) | 331 s |" in text
+    assert "Tests per repeat: 662 passed, 5 skipped." in text
+    log.write_text("nothing ran\n")
+    with pytest.raises(SystemExit, match="no pytest summary"):
+        make_distill_time.pytest_summary(log)
+
+
 @pytest.mark.parametrize("name", list(embeddings.STUDENTS))
 def test_every_embedding_student_composes(name):
     overrides, _ = embeddings.STUDENTS[name]
