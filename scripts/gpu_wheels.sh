@@ -15,9 +15,12 @@ mkdir -p .whl
 for name in $NEEDED; do
     pin=$(grep -i "^${name}==" constraints.txt) || { echo "no pin for $name in constraints.txt" >&2; exit 2; }
     # binary wheels for CPython 3.12 where they exist; a pure-Python sdist is built here
-    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    if ! $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform any -d .whl "$pin" 2>/dev/null \
-        || $PY -m pip wheel -q --no-deps -w .whl "$pin"
+        --platform manylinux2014_x86_64 --platform any -d .whl "$pin" 2>.whl/download.err; then
+        echo "no CPython 3.12 binary wheel of $pin ($(tail -n 1 .whl/download.err)); building it here" >&2
+        $PY -m pip wheel -q --no-deps -w .whl "$pin"
+    fi
 done
+rm -f .whl/download.err
 ls .whl
