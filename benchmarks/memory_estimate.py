@@ -106,7 +106,7 @@ def table(results: dict) -> str:
     for name, r in results.items():
         ms = " / ".join(f"{s * 1e3:.1f}" for s in r["checks_seconds"])
         lines.append(f"| `{name}` | {r['estimate'] / MiB:.1f} | {r['measured'] / MiB:.1f} | "
-                     f"{r['error'] * 100:+.0f} % | {ms} |")  # fmt: skip
+                     f"{round(r['error'] * 100) + 0:+d} % | {ms} |")  # fmt: skip
     return ("`python -m distillery.preflight experiment=<name> measure=true` on the shipped "
             "configs, single device (the estimate of `engine/memory.py`; the measured peak of "
             "the second real training step on this CPU; the checks of `engine/preflight.py`, "

@@ -418,6 +418,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "teacher-cache-lm": as_written("teacher_cache_lm"),
     "remote-teacher": as_written("remote_teacher"),
     "results-index": render_index,
+    "memory-estimate": rendered("memory_estimate"),
     "code-versions": render_code_versions,
 }
 
@@ -442,6 +443,7 @@ TARGETS: dict[str, Path] = {
     "teacher-cache-lm": DOCS / "teacher-cache.md",
     "remote-teacher": DOCS / "teacher-cache.md",
     "results-index": DOCS / "benchmarks.md",
+    "memory-estimate": DOCS / "preflight-health.md",
     "code-versions": DOCS / "benchmarks.md",
 }
 

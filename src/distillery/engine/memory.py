@@ -35,17 +35,11 @@ RSS high-water mark of the step (``/proc/self/status`` VmHWM after resetting it)
 reported beside it, not compared.
 
 Activations are measured at 1 and 4 rows and extrapolated (a fixed part, such as
-workspaces, plus a part per row). Read from one run of
-``tests/test_preflight.py::test_memory_estimate_is_within_a_quarter_of_one_steps_peak``
-on this CPU (2 cores, torch 2.14; the test's sizes; the test checks each within 25 %),
-not from a results file, estimate vs the second step's peak, single device: arith_kd
-(batch 64 x 21 tokens) 25.1 vs 26.9 MiB (7 % under); mnist1d_kd (CNN teacher, 64
-labeled + 256 transfer rows) 4.4 vs 5.1 MiB (14 % under); text_lm_kd (batch 16 x 32
-tokens, a 512-token vocabulary) 25.75 vs 25.75 MiB.
-Counting saved tensors alone (before the allocator's peak was taken) left mnist1d_kd at
-0.7 MiB: its CNN teacher's layer outputs are never saved but are alive during the
-forward. The RSS high-water delta of those steps was 0-1.6 MiB: the allocator reused
-pages the first step had made resident, so RSS says nothing about a step's peak.
+workspaces, plus a part per row). How close the estimate comes to the measured peak on
+the shipped experiments, and what the checks cost: ``benchmarks/results/memory_estimate.json``
+(``python benchmarks/memory_estimate.py``; the table in ``docs/preflight-health.md``).
+RSS says nothing about a step's peak: the allocator reuses pages an earlier step made
+resident.
 """
 
 from __future__ import annotations
