@@ -18,6 +18,11 @@ Files whose results are lists of per-seed rows (``{"seed": ..., ...}``) can be j
 ``arith``, ``arith_variants``, ``inherited``.
 
     python benchmarks/merge_seeds.py arith part1/arith.json part2/arith.json [--results-dir DIR]
+    python benchmarks/merge_seeds.py arith part1/arith.json --compare benchmarks/results/arith.json
+
+``--compare`` joins nothing: it lists, per seed, every number the files compute
+differently from the same seed of a published file (times, speeds, paths and run
+records aside): whether a re-measurement at another commit reproduces a table.
 """
 
 from __future__ import annotations
@@ -78,6 +83,35 @@ def merge(stem: str, files: list[Path]) -> tuple[list[dict], dict]:
     return results, fields
 
 
+# keys that hold times, speeds, paths or run records: not what a run computes
+NOT_COMPUTED = ("second", "latency", "throughput", "tokens_per_second", "export", "runs",
+                "started", "ended", "load", "cost_per_million")  # fmt: skip
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """``path: a != b`` for every value two per-seed rows compute differently (keys naming
+    times, speeds, paths and run records, :data:`NOT_COMPUTED`, left out)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                if not any(n in str(k) for n in NOT_COMPUTED)
+                for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]  # fmt: skip
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def compare(stem: str, files: list[Path], published: Path) -> dict[int, list[str]]:
+    """``{seed: differences}`` of each seed in ``files`` against the same seed of the
+    ``published`` results file (seeds it lacks are left out)."""
+    theirs = {r["seed"]: r for r in provenance.load(published)[0]}
+    found = {}
+    for path in files:
+        for row in provenance.load(path)[0]:
+            if row["seed"] in theirs:
+                found[row["seed"]] = differences(theirs[row["seed"]], row)
+    return found
+
+
 def _commit_problems(parts) -> list[str]:
     found: dict[tuple, list[str]] = {}
     for path, _, prov in parts:
@@ -118,7 +152,15 @@ def main() -> None:
     parser.add_argument("stem", choices=MERGEABLE, help="the results file to write")
     parser.add_argument("files", type=Path, nargs="+", help="per-seed files of that table")
     parser.add_argument("--results-dir", type=Path, default=provenance.RESULTS)
+    parser.add_argument("--compare", type=Path, metavar="PUBLISHED",
+                        help="join nothing: print, per seed, what the files compute differently "
+                        "from the same seeds of this results file")  # fmt: skip
     args = parser.parse_args()
+    if args.compare:
+        for seed, diffs in sorted(compare(args.stem, args.files, args.compare).items()):
+            print(f"seed {seed}: " + (f"{len(diffs)} differences\n  " + "\n  ".join(diffs)
+                                      if diffs else "the same numbers"))  # fmt: skip
+        return
     out = args.results_dir / f"{args.stem}.json"
     if any(f.resolve() == out.resolve() for f in args.files):
         parser.error(f"{out} is one of the inputs: write the merge elsewhere (--results-dir)")

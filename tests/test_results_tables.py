@@ -1003,3 +1003,19 @@ def test_prose_numbers_name_their_results_file_at_its_current_commit():
     table = "<!-- table:controls -->\n| 0.5 |\n<!-- /table:controls -->"
     assert not found(f"{table}\n`lr: 0.001`\n```\nx = 2.5\n```\n3000 steps on 2 cores")
     assert "names no results file" in found("`<!-- numbers: controls@1234567 -->` 1.5")[0]
+
+
+def test_a_remeasured_seed_is_compared_number_by_number_with_the_published_table(tmp_path):
+    import merge_seeds
+
+    published = tables.RESULTS / "arith.json"
+    (part,) = _split_published("arith", tmp_path, [1])
+    assert merge_seeds.compare("arith", [part], published) == {1: []}
+
+    def other(_, results):
+        results[0]["models"]["kd"]["exact_match"] += 0.001
+        results[0]["seconds"]["kd"] += 100.0  # a time: not a computed number
+
+    _rewrite(part, other)
+    (found,) = merge_seeds.compare("arith", [part], published)[1]
+    assert found.startswith("models.kd.exact_match: ")
