@@ -96,7 +96,11 @@ def differences(a, b, path: str = "") -> list[str]:
                 if not any(n in str(k) for n in NOT_COMPUTED)
                 for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]  # fmt: skip
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{path}[{i}]")
+        ]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
