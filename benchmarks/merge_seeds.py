@@ -7,7 +7,10 @@ checking that they can be one table:
 
 * every run of every file ran at the same commit, with no uncommitted changes;
 * no seed is in two files;
-* the machines are alike (cores, python, torch / transformers / lightning / hydra);
+* the machines are alike (cores, python, torch / transformers / lightning / hydra); the
+  CPU and platform may differ (seeds are independent; a seed's methods, which are
+  compared, ran in one session): the joined ``machine`` keeps what all files share, and
+  ``merged_from`` each file's own where they differ;
 * each method's resolved config is the same at every seed, across files
   (``provenance.recipe_differences``, each run's own seed aside).
 
@@ -73,6 +76,9 @@ def merge(stem: str, files: list[Path]) -> tuple[list[dict], dict]:
     differing = [k for k in fields if any(p.get(k) != fields[k] for _, _, p in parts[1:])]
     for key in differing:  # e.g. the output folder of each session: kept per file below
         fields.pop(key)
+    machines = [prov["machine"] for _, _, prov in parts]  # alike in SAME_MACHINE's keys
+    fields["machine"] = {k: v for k, v in machines[0].items()
+                         if all(m.get(k) == v for m in machines[1:])}  # fmt: skip
     fields["seeds"] = [r["seed"] for r in results]
     fields["merged_from"] = [
         {"file": str(path), "seeds": [r["seed"] for r in rs], "session": prov["session"],
@@ -162,7 +168,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare:
         for seed, diffs in sorted(compare(args.stem, args.files, args.compare).items()):
-            print(f"seed {seed}: " + (f"{len(diffs)} differences\n  " + "\n  ".join(diffs)
+            print(f"seed {seed}: " + (f"{len(diffs)} differences (published != re-measured)\n  "
+                                      + "\n  ".join(diffs)
                                       if diffs else "the same numbers"))  # fmt: skip
         return
     out = args.results_dir / f"{args.stem}.json"

@@ -105,8 +105,30 @@ def _relative(path: str | Path, root: Path = ROOT) -> str:
         return str(path)
 
 
+# instruction sets that change which CPU kernels torch and its BLAS run, so the rounding
+# of a run: the same seed and commit computed different numbers on an AMD EPYC with AVX2
+# than on the machine that measured the arith table at 541db6f (docs/benchmarks.md)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU's model name and which of :data:`ISA_FLAGS` it has (``None`` where
+    ``cpuinfo`` cannot be read, e.g. not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {"cpu": platform.processor() or None, "cpu_isa": None}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name"), "cpu_isa": [f for f in ISA_FLAGS if f in flags]}
+
+
 def machine() -> dict[str, Any]:
-    """Cores, platform, python and package versions (no package is imported)."""
+    """Cores, CPU model and instruction sets, platform, python and package versions (no
+    package is imported)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -115,6 +137,7 @@ def machine() -> dict[str, Any]:
             versions[name] = None
     return {
         "cpu_count": os.cpu_count(),
+        **cpu(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         **versions,

@@ -972,6 +972,29 @@ def test_seeds_are_not_joined_across_commits_recipes_machines_or_twice(tmp_path)
             merge_seeds.merge("arith", files)
 
 
+def test_seeds_of_machines_with_other_cpus_join_each_keeping_its_own_machine(tmp_path):
+    import merge_seeds
+
+    files = _split_published("arith", tmp_path, [0, 1], [2, 3, 4])
+    _rewrite(files[1], lambda prov, _: prov["machine"].update(cpu="AMD EPYC", platform="p2"))
+    results, fields = merge_seeds.merge("arith", files)
+    assert [r["seed"] for r in results] == [0, 1, 2, 3, 4]
+    assert "platform" not in fields["machine"] and "cpu" not in fields["machine"]
+    assert fields["machine"]["torch"] == provenance.load(files[0])[1]["machine"]["torch"]
+    assert [m["machine"].get("cpu") for m in fields["merged_from"]] == [None, "AMD EPYC"]
+
+
+def test_the_machine_record_names_the_cpu_and_its_instruction_sets(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 fma\n")  # fmt: skip
+    assert provenance.cpu(info) == {"cpu": "AMD EPYC", "cpu_isa": ["avx2"]}
+    info.write_text("model name\t: Xeon\nflags\t: avx2 avx512f avx512_vnni amx_tile\n")
+    assert provenance.cpu(info)["cpu_isa"] == ["avx2", "avx512f", "avx512_vnni", "amx_tile"]
+    assert provenance.cpu(tmp_path / "absent")["cpu_isa"] is None
+    assert {"cpu", "cpu_isa"} <= set(provenance.machine())
+
+
 def test_commits_share_a_package_code_id_exactly_when_src_conf_and_pins_are_equal():
     if not tables.has_history():
         pytest.skip("a shallow clone: no history to read the evidence commits from")
