@@ -280,3 +280,58 @@ def test_exported_student_read_from_outside(outside, arith_teacher_ckpt, arith_t
     assert again["exact_match"] == pytest.approx(project)
     far = "1.0" if project < 0.5 else "0.0"
     assert outside.main([*args, "--compare", far, "64", "--fail-on-disagreement"]) == 1
+
+
+@pytest.fixture(scope="module")
+def audit():
+    path = PROJECT_ROOT / "benchmarks" / "outside_reading_audit.py"
+    spec = importlib.util.spec_from_file_location("outside_reading_audit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_rebuilds_the_test_split_a_model_card_describes(audit):
+    """benchmarks/outside_reading_audit.py reads models on the test split their run built:
+    every data key of the card that shapes the split counts (seed, sizes, digits, ops,
+    padding); a card without one is refused by name."""
+    from distillery.data.arith import ArithDataModule
+
+    card = {"num_train": 40, "num_val": 5, "num_test": 12, "max_digits": 2,
+            "ops": ["add", "sub"], "pad_operands": False, "seed": 3, "labeled": 7}  # fmt: skip
+    split = ArithDataModule("unused", **{k: v for k, v in card.items() if k != "labeled"})
+    expected = [(p["prompt"], p["answer"]) for p in split.splits()["test"]]
+    assert [(p["prompt"], p["answer"]) for p in audit.test_split(card)] == expected
+    assert [p["prompt"] for p in audit.test_split(card | {"seed": 0})] != [e[0] for e in expected]
+    with pytest.raises(ValueError, match="seed"):
+        audit.test_split({k: v for k, v in card.items() if k != "seed"})
+
+
+def test_audit_summary_by_hand(audit):
+    """The Wald interval of a difference of two proportions, and the summary's counts."""
+    d = audit.difference(60, 100, 50, 100)
+    half = 1.959963984540054 * (0.6 * 0.4 / 100 + 0.5 * 0.5 / 100) ** 0.5
+    assert d["difference"] == pytest.approx(0.1) and not d["excludes_0"]
+    assert d["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert audit.difference(900, 1000, 100, 1000)["excludes_0"]
+
+    def row(card_em, gap, fresh_minus_test, bpe=False):
+        return {"bpe": bpe, "report_card": {"exact_match": card_em},
+                "test_split_minus_report_card": gap,
+                "fresh_minus_test": {"difference": fresh_minus_test, "excludes_0": False}}  # fmt: skip
+
+    s = audit.summarise(
+        [row(0.3, 0, 0.02), row(0.95, 1, -0.01), row(0.1, 28, 0.04, bpe=True), row(0.5, 0, 0.0)]
+    )
+    assert (s["char_models"], s["char_test_split_equals_report_card"]) == (3, 2)
+    assert s["bpe_test_split_minus_report_card"] == [28]
+    assert s["fresh_minus_test"] | {"mean": round(s["fresh_minus_test"]["mean"], 6)} == {
+        "models": 4,
+        "mean": 0.0125,
+        "min": -0.01,
+        "max": 0.04,
+        "positive": 2,
+        "negative": 1,
+    }
+    assert s["fresh_minus_test_weak"]["models"] == 3 and s["fresh_minus_test_weak"]["negative"] == 0
+    assert s["table_outside_minus_fresh"] == {"models": 0}
