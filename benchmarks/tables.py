@@ -70,6 +70,7 @@ SCRIPTS = {
     "make_test": "python benchmarks/make_distill_time.py --target test",
     "gpu_check": "bash scripts/gpu_check.sh (benchmarks/gpu_throughput.py)",
     "best_checkpoint_audit": "python benchmarks/best_checkpoint_audit.py <run folders>",
+    "outside_reading_audit": "python benchmarks/outside_reading_audit.py <arith --out folder>",
 }
 
 
@@ -232,6 +233,7 @@ BODIES: dict[str, tuple[str, Callable | None]] = {
     "make_test": ("make_distill_time", None),
     "arith_variants": ("arith_variants", _variants_table),
     "best_checkpoint_audit": ("best_checkpoint_audit", None),
+    "outside_reading_audit": ("outside_reading_audit", None),
 }
 
 
@@ -411,6 +413,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "make-distill": rendered("make_distill"),
     "arith-variants": rendered("arith_variants"),
     "best-checkpoint-audit": rendered("best_checkpoint_audit"),
+    "outside-reading-audit": rendered("outside_reading_audit"),
     "token-kd-memory": as_written("token_kd_memory"),
     "compile-speedup": as_written("compile_speedup"),
     "overhead": as_written("overhead"),
@@ -435,6 +438,7 @@ TARGETS: dict[str, Path] = {
     "inherited": DOCS / "report-card.md",
     "teacher-precision-memory": DOCS / "speed-memory.md",
     "arith-variants": DOCS / "llm.md",
+    "outside-reading-audit": DOCS / "llm.md",
     "best-checkpoint-audit": DOCS / "benchmarks.md",
     "token-kd-memory": DOCS / "speed-memory.md",
     "compile-speedup": DOCS / "speed-memory.md",
