@@ -453,13 +453,16 @@ def other_seed_differences(recorded: Mapping, planned: Mapping, seed_was: Any,
                            seed_now: Any) -> list[str]:  # fmt: skip
     """The differences of two runs' configs at different seeds, leaving out keys that
     hold each run's own seed (``seed``, ``data.seed: ${seed}``) and strings that differ
-    only by it (``.../seed0/...`` vs ``.../seed3/...``)."""
+    only by it (``.../seed0/...`` vs ``.../seed3/...``). A value equal in both runs is
+    the same recipe, even where it names a seed: the control table's shared teacher
+    (``teachers/text_lm_teacher_seed0.ckpt`` at every student seed) is not seed 0's own."""
 
     def own(value: Any, seed: Any) -> Any:
         return value.replace(f"seed{seed}", "seed<seed>") if isinstance(value, str) else value
 
-    a = {k: own(v, seed_was) for k, v in flatten(recorded).items()}
-    b = {k: own(v, seed_now) for k, v in flatten(planned).items()}
+    raw_a, raw_b = flatten(recorded), flatten(planned)
+    a = {k: v if raw_b.get(k) == v else own(v, seed_was) for k, v in raw_a.items()}
+    b = {k: v if raw_a.get(k) == v else own(v, seed_now) for k, v in raw_b.items()}
     for k in set(a) & set(b):  # ints that are each run's own seed
         if type(a[k]) is int and type(b[k]) is int and (a[k], b[k]) == (seed_was, seed_now):
             a[k] = b[k] = "<seed>"

@@ -460,6 +460,24 @@ def test_a_new_seed_of_a_control_row_compares_its_recipe_modulo_the_seed(tmp_pat
     assert problem.endswith("trainer.max_epochs: recorded 150, now 7")
 
 
+def test_a_new_seed_of_a_shared_teacher_row_is_not_refused_for_seed_0s_teacher(tmp_path):
+    """The language-model and BERT rows train one teacher (seed 0) for every student seed:
+    seed 3's path to it names seed0 like seed 0's own, and is the same recipe."""
+    import controls
+
+    assert "text_lm_teacher" in controls.SHARED_TEACHER
+    seed0 = controls.stage_configs("text_lm_kd_hidden", 0, tmp_path)
+    seed3 = controls.stage_configs("text_lm_kd_hidden", 3, tmp_path)
+    assert seed3["distilled"]["teacher"]["ckpt_path"].endswith("text_lm_teacher_seed0.ckpt")
+    recorded = {("text_lm_kd_hidden", 0): seed0["distilled"]}
+    planned = {("text_lm_kd_hidden", 3): seed3["distilled"]}
+    assert provenance.recipe_differences(recorded, planned, "t") == []
+    teacher = seed3["distilled"]["teacher"]
+    teacher["ckpt_path"] = teacher["ckpt_path"].replace("text_lm_teacher", "other_teacher")
+    (problem,) = provenance.recipe_differences(recorded, planned, "t")
+    assert "teacher.ckpt_path" in problem
+
+
 def test_arith_learning_curves_are_read_from_each_runs_log_and_plotted(tmp_path):
     """finished() records each run's validation exact match against steps (a resumed run's
     CSV versions merged, the later value kept); plot_curves draws them into a PNG."""
