@@ -100,6 +100,12 @@ def finished(seed: int, out: Path, students: list[str]) -> dict | None:
     return {"seed": seed, "models": models, "seconds": seconds, "runs": runs}
 
 
+def students_in(results: list[dict]) -> list[str]:
+    """The students of :data:`STUDENTS` some seed of ``results`` has, in its order (the
+    first is the one its report cards were written for)."""
+    return [s for s in STUDENTS if any(s in r["models"] for r in results)]
+
+
 def table(results: list[dict], students: list[str]) -> str:
     """Each model's columns (mean ± std over its seeds), train time, then the paired
     comparisons of :data:`PAIRS` (cosine and nearest-neighbour agreement)."""

@@ -1,6 +1,6 @@
 """One results file from per-seed files measured in different sessions at one commit.
 
-A table of 5 seeds takes longer than one session here, and each session starts on a fresh
+A table of 5 seeds takes longer than one session here, and a session may start on a fresh
 machine: the seeds a session finishes are written (``--report`` of the table's script)
 into a file of their own, and this script joins those files into the table's file, after
 checking that they can be one table:
@@ -10,7 +10,9 @@ checking that they can be one table:
 * the machines are alike (cores, python, torch / transformers / lightning / hydra); the
   CPU and platform may differ (seeds are independent; a seed's methods, which are
   compared, ran in one session): the joined ``machine`` keeps what all files share, and
-  ``merged_from`` each file's own where they differ;
+  ``merged_from`` each file's own where they differ, so the table's stamp names each
+  file's CPU (``provenance.cpu_text``; a file of a checkout that records none is given
+  it by ``stamp_cpu.py`` in the session that measured it);
 * each method's resolved config is the same at every seed, across files
   (``provenance.recipe_differences``, each run's own seed aside).
 
@@ -18,7 +20,7 @@ The joined file's provenance holds every run record as it was written, the machi
 ran on, and under ``merged_from`` each input file's own session record (and this merge's
 session as ``session``); its table is rendered as ``benchmarks/tables.py`` renders it.
 Files whose results are lists of per-seed rows (``{"seed": ..., ...}``) can be joined:
-``arith``, ``arith_variants``, ``inherited``.
+``arith``, ``arith_variants``, ``inherited``, ``embeddings``.
 
     python benchmarks/merge_seeds.py arith part1/arith.json part2/arith.json [--results-dir DIR]
     python benchmarks/merge_seeds.py arith part1/arith.json --compare benchmarks/results/arith.json
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 import tables  # noqa: E402
 
-MERGEABLE = ("arith", "arith_variants", "inherited")
+MERGEABLE = ("arith", "arith_variants", "inherited", "embeddings")
 SAME_MACHINE = ("cpu_count", "python", *provenance.PACKAGES)
 
 

@@ -4,15 +4,15 @@ Every script under ``benchmarks/`` that writes into ``benchmarks/results/`` writ
 results through :func:`write`: ``<stem>.json`` holds ``{"provenance": ..., "results":
 ...}`` and ``<stem>.md`` starts with a stamp line (:func:`stamp`), e.g.
 
-    measured at commit 1a2b3c4 (dirty) on 2026-12-02, load 0.4→1.9, 2 cores
+    measured at commit 1a2b3c4 (dirty) on 2026-12-02, load 0.4→1.9, 2 cores, AMD EPYC with AVX-512
 
 The provenance holds:
 
 * ``session``: the process that wrote the file: its command line, start and end (UTC),
   wall seconds, 1-minute load average at start and end, and the git state (commit and a
   dirty flag: ``git status --porcelain`` non-empty, the results files left out);
-* ``machine``: cores, platform, python, and the torch / transformers / lightning /
-  hydra versions;
+* ``machine``: cores, the CPU's model and instruction sets (:func:`cpu`), platform,
+  python, and the torch / transformers / lightning / hydra versions;
 * ``runs``: one record per measured run (a subprocess, or an in-process measurement):
   its label and seed, the exact command line or config overrides, its own commit and
   dirty flag (taken when it ran: a resumable benchmark's seeds may span sessions and
@@ -274,15 +274,44 @@ def _unknown(runs: list[Mapping[str, Any]]) -> str:
     return "commit unknown: outside git"
 
 
-def stamp(prov: Mapping[str, Any]) -> str:
-    """One line: the commit(s), date(s), load and cores of a results file's measurements.
+def cpu_name(machine: Mapping[str, Any]) -> str:
+    """``AMD EPYC with AVX-512`` (or ``AVX2``, ``neither AVX2 nor AVX-512``) from a
+    machine record; ``CPU not recorded`` where it has no ``cpu_isa`` (a file written
+    before the CPU was recorded, 5cdf2f8, and not stamped since by ``stamp_cpu.py``)."""
+    isa = machine.get("cpu_isa")
+    if isa is None:
+        return "CPU not recorded"
+    name = (
+        "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "neither AVX2 nor AVX-512"
+    )
+    return f"{machine.get('cpu') or 'CPU'} with {name}"
 
-    One commit: ``measured at commit <short> (dirty) on <date>, load <a>→<b>, <n> cores``
+
+def cpu_text(prov: Mapping[str, Any]) -> str:
+    """The CPU a results file's runs ran on; for a file joined from per-seed files
+    (``merge_seeds.py``) on different CPUs, each file's: ``CPUs differ: ... (seeds 0,
+    1); ... (seeds 2, 3, 4)``. The same seed and commit compute different numbers on
+    CPUs of different instruction sets (docs/benchmarks.md)."""
+    machine = prov.get("machine") or {}
+    parts = [p for p in prov.get("merged_from") or [] if p.get("machine")]
+    if "cpu_isa" in machine or not parts:
+        return cpu_name(machine)
+    return "CPUs differ: " + "; ".join(
+        f"{cpu_name(p['machine'])} (seed{'s' if len(p['seeds']) > 1 else ''} "
+        f"{', '.join(map(str, p['seeds']))})" for p in parts)  # fmt: skip
+
+
+def stamp(prov: Mapping[str, Any]) -> str:
+    """One line: the commit(s), date(s), load, cores and CPU of a results file's
+    measurements.
+
+    One commit: ``measured at commit <short> (dirty) on <date>, load <a>→<b>, <n> cores,
+    <CPU>`` (:func:`cpu_text`)
     (several runs: the load at the first run's start and the last run's end, and the
     range over all runs). Several commits: **MIXED COMMITS**, each with its runs."""
     runs = list(prov.get("runs") or [])
     cores = (prov.get("machine") or {}).get("cpu_count")
-    cores_text = f"{cores} cores" if cores else "cores unknown"
+    cores_text = (f"{cores} cores" if cores else "cores unknown") + ", " + cpu_text(prov)
     if not runs:
         return "no measured runs recorded"
     found = commits(prov)

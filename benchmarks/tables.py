@@ -5,7 +5,7 @@ tables, a page under ``docs/`` for the others), between ``<!-- table:<name> -->`
 ``<!-- /table:<name> -->``, and is rendered from its results file in
 ``benchmarks/results/`` by the script's own table function, under a stamp line saying
 where and when it was measured (``provenance.stamp``: commit, dirty flag, date, load,
-cores; **MIXED COMMITS** when its runs ran at several commits). A results file written before provenance was recorded is
+cores, CPU; **MIXED COMMITS** when its runs ran at several commits). A results file written before provenance was recorded is
 stamped "measured before provenance was recorded (commit unknown)", with the commit in
 which its numbers were committed, recovered from git history into
 ``benchmarks/results/legacy_provenance.json`` (``--recover``; a file changed since is
@@ -234,6 +234,7 @@ BODIES: dict[str, tuple[str, Callable | None]] = {
     "arith_variants": ("arith_variants", _variants_table),
     "best_checkpoint_audit": ("best_checkpoint_audit", None),
     "outside_reading_audit": ("outside_reading_audit", None),
+    "embeddings": ("embeddings", lambda m, r: m.table(r, m.students_in(r))),
 }
 
 

@@ -238,7 +238,7 @@ def test_a_table_mixing_commits_is_stamped_loudly():
     one = provenance.stamp({"runs": [runs[0], dict(runs[1], commit="a" * 40)],
                             "machine": {"cpu_count": 2}})  # fmt: skip
     assert one == ("measured at commit aaaaaaa (dirty) on 2026-12-01 to 2026-12-02, "
-                   "load 0.5→3.0 (range 0.5-3.0 over 2 runs), 2 cores")  # fmt: skip
+                   "load 0.5→3.0 (range 0.5-3.0 over 2 runs), 2 cores, CPU not recorded")  # fmt: skip
     unknown = provenance.stamp({"runs": [runs[0], dict(runs[1], commit=None)]})
     assert "MIXED COMMITS" in unknown and "unknown" in unknown
 
@@ -1012,6 +1012,67 @@ def test_the_machine_record_names_the_cpu_and_its_instruction_sets(tmp_path):
     assert provenance.cpu(info)["cpu_isa"] == ["avx2", "avx512f", "avx512_vnni", "amx_tile"]
     assert provenance.cpu(tmp_path / "absent")["cpu_isa"] is None
     assert {"cpu", "cpu_isa"} <= set(provenance.machine())
+
+
+def test_a_stamp_names_the_cpu_and_each_seed_files_cpu_where_they_differ():
+    epyc = {"cpu_count": 2, "cpu": "AMD EPYC", "cpu_isa": ["avx2", "avx512f"]}
+    old = dict(epyc, cpu_isa=["avx2"])
+    run = {"label": "kd", "seed": 0, "commit": "a" * 40, "dirty": False,
+           "started": "2026-12-01T00:00:00+00:00", "ended": "2026-12-01T00:10:00+00:00",
+           "load": [0.5, 1.0]}  # fmt: skip
+    assert provenance.stamp({"runs": [run], "machine": epyc}).endswith(
+        ", 2 cores, AMD EPYC with AVX-512"
+    )
+    assert provenance.stamp({"runs": [run], "machine": old}).endswith("AMD EPYC with AVX2")
+    merged = {"runs": [run], "machine": {"cpu_count": 2},
+              "merged_from": [{"seeds": [0, 1], "machine": old},
+                              {"seeds": [2, 3, 4], "machine": epyc}]}  # fmt: skip
+    assert provenance.stamp(merged).endswith(
+        "2 cores, CPUs differ: AMD EPYC with AVX2 (seeds 0, 1); "
+        "AMD EPYC with AVX-512 (seeds 2, 3, 4)")  # fmt: skip
+    # joined from files of one CPU: merge_seeds keeps it in the joined machine
+    assert provenance.cpu_text(dict(merged, machine=epyc)) == "AMD EPYC with AVX-512"
+
+
+def _measured(tmp_path: Path, started: str, machine: dict) -> Path:
+    """A results file (json and md) as a checkout that records no CPU writes it."""
+    run = {"label": "kd", "seed": 0, "commit": "a" * 40, "dirty": False, "started": started,
+           "ended": started, "load": [0.5, 1.0]}  # fmt: skip
+    prov = {
+        "machine": {k: v for k, v in machine.items() if k not in ("cpu", "cpu_isa")},
+        "runs": [run],
+    }
+    provenance.write("bench", [{"seed": 0, "x": 1}], "| x |\n|---|\n| 1 |\n", prov, tmp_path)
+    return tmp_path / "bench.json"
+
+
+def test_stamp_cpu_adds_the_cpu_only_to_a_file_measured_on_this_boot_of_this_machine(tmp_path):
+    import datetime as dt
+
+    import stamp_cpu
+
+    here = provenance.machine() | {"cpu": "AMD EPYC", "cpu_isa": ["avx2", "avx512f"]}
+    booted = dt.datetime(2026, 12, 5, 20, 31, tzinfo=dt.timezone.utc)
+    path = _measured(tmp_path, "2026-12-05T21:50:03+00:00", here)
+    assert "CPU not recorded" in path.with_suffix(".md").read_text()
+    stamp_cpu.stamp_cpu(path, here, booted, "python benchmarks/stamp_cpu.py bench.json")
+    results, prov = provenance.load(path)
+    assert results == [{"seed": 0, "x": 1}]
+    assert prov["machine"]["cpu_isa"] == ["avx2", "avx512f"]
+    assert prov["machine"]["cpu_stamped"]["booted"] == "2026-12-05T20:31:00+00:00"
+    md = path.with_suffix(".md").read_text()
+    assert md.splitlines()[0].endswith("AMD EPYC with AVX-512") and md.endswith("| 1 |\n")
+    assert "already records" in stamp_cpu.stamp_cpu(path, here, booted, "again")
+    with pytest.raises(SystemExit, match="records AMD EPYC with AVX-512, this machine is"):
+        stamp_cpu.stamp_cpu(path, here | {"cpu_isa": ["avx2"]}, booted, "elsewhere")
+    # measured before this machine booted (an earlier session's machine), or elsewhere
+    before = _measured(tmp_path / "before", "2026-12-05T07:02:12+00:00", here)
+    with pytest.raises(SystemExit, match="not after this machine booted"):
+        stamp_cpu.stamp_cpu(before, here, booted, "")
+    other = _measured(tmp_path / "other", "2026-12-05T21:50:03+00:00", here | {"torch": "2.4.0"})
+    with pytest.raises(SystemExit, match="machine torch: '2.4.0' in the file"):
+        stamp_cpu.stamp_cpu(other, here, booted, "")
+    assert provenance.load(before)[1]["machine"].get("cpu_isa") is None  # left as it was
 
 
 def test_commits_share_a_package_code_id_exactly_when_src_conf_and_pins_are_equal():
