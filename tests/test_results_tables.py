@@ -960,6 +960,26 @@ def test_seeds_of_several_sessions_join_into_the_published_table(tmp_path, stem)
     assert [m["seeds"] for m in fields["merged_from"]] == [[3, 4], [0, 1, 2]]
 
 
+def test_the_embeddings_seeds_measured_so_far_join_into_one_table():
+    """The per-seed embeddings files of ``results/pending`` (a table not yet whole) join,
+    and the joined table pairs every student with its baseline at each seed."""
+    import merge_seeds
+
+    files = sorted((tables.RESULTS / "pending").glob("embeddings_6b2f659_seed*.json"))
+    assert len(files) >= 2
+    results, fields = merge_seeds.merge("embeddings", files)
+    seeds = [r["seed"] for r in results]
+    assert seeds == sorted(seeds) and len(set(seeds)) == len(files)
+    assert embeddings.students_in(results) == list(embeddings.STUDENTS)
+    text = tables.body("embeddings", results)
+    listed = ", ".join(map(str, seeds))
+    for name in ("teacher", *embeddings.STUDENTS):
+        assert f"| `{name}` |" in text and f"| {listed} |" in text
+    for a, b in embeddings.PAIRS:
+        assert text.count(f"| `{a}` - `{b}` | ") == 2  # cosine and neighbour agreement
+    assert provenance.cpu_text(dict(fields, runs=[])) == "AMD EPYC with AVX-512"
+
+
 def _rewrite(path: Path, edit) -> None:
     data = json.loads(path.read_text())
     edit(data["provenance"], data["results"])
