@@ -12,6 +12,10 @@ that the file was measured here:
   or one carried from another machine of an earlier session, is refused);
 * the file's cores, platform, python and package versions are this machine's.
 
+These guard against the usual mistake, a later session on another machine; they cannot
+tell a file copied in from a machine of the same kernel and packages, measured since
+this one booted.
+
 What was checked is kept beside the CPU, as ``machine.cpu_stamped`` (when, the boot
 time, the command). The ``.md`` beside the json gets the new stamp line; nothing else
 in either file changes. A file that already records a CPU is left as it is (a different
