@@ -41,7 +41,7 @@ import provenance  # noqa: E402
 import tables  # noqa: E402
 
 MERGEABLE = ("arith", "arith_variants", "inherited", "embeddings")
-SAME_MACHINE = ("cpu_count", "python", *provenance.PACKAGES)
+SAME_MACHINE = provenance.SAME_MACHINE
 
 
 class MergeError(ValueError):

@@ -44,6 +44,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PACKAGES = ("torch", "transformers", "lightning", "hydra-core")
+# the machine keys two results files must share to be one table (merge_seeds.py) or to
+# be stamped with this machine's CPU (stamp_cpu.py, which also compares the platform)
+SAME_MACHINE = ("cpu_count", "python", *PACKAGES)
 SCHEMA = 1
 RESULTS_PREFIX = "benchmarks/results/"
 # Nothing downloads at run time: in the environment of every run a benchmark starts, and

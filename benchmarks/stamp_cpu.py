@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402
 
-SAME = ("cpu_count", "platform", "python", *provenance.PACKAGES)
+SAME = (*provenance.SAME_MACHINE, "platform")
 
 
 def boot_time(uptime: Path = Path("/proc/uptime")) -> dt.datetime:
