@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -73,6 +72,10 @@ def stamp_cpu(path: Path, here: dict, booted: dt.datetime, command: str) -> str:
             raise SystemExit(f"{path}: records {provenance.cpu_name(machine)}, "
                              f"this machine is {provenance.cpu_name(here)}")  # fmt: skip
         return f"{path}: already records {provenance.cpu_name(machine)}"
+    md = path.with_suffix(".md")
+    if not md.is_file():
+        raise SystemExit(f"{path}: no {md.name} beside it (provenance.write writes both): "
+                         "its stamp line cannot be rewritten")  # fmt: skip
     found = problems(prov, here, booted)
     if found:
         raise SystemExit(f"{path} was not measured on this boot of this machine:\n- "
@@ -80,11 +83,8 @@ def stamp_cpu(path: Path, here: dict, booted: dt.datetime, command: str) -> str:
     machine.update(cpu=here["cpu"], cpu_isa=here["cpu_isa"])
     machine["cpu_stamped"] = {"at": provenance.now(), "booted": booted.isoformat(timespec="seconds"),
                               "command": command}  # fmt: skip
-    md = path.with_suffix(".md")
-    if md.is_file():  # its stamp line, then the table as written
-        provenance.write(path.stem, results, md.read_text().split("\n\n", 1)[1], prov, path.parent)
-    else:
-        path.write_text(json.dumps({"provenance": prov, "results": results}, indent=2) + "\n")
+    # the new stamp line, then the table as written
+    provenance.write(path.stem, results, md.read_text().split("\n\n", 1)[1], prov, path.parent)
     return f"{path}: {provenance.cpu_name(machine)}"
 
 

@@ -1093,6 +1093,11 @@ def test_stamp_cpu_adds_the_cpu_only_to_a_file_measured_on_this_boot_of_this_mac
     with pytest.raises(SystemExit, match="machine torch: '2.4.0' in the file"):
         stamp_cpu.stamp_cpu(other, here, booted, "")
     assert provenance.load(before)[1]["machine"].get("cpu_isa") is None  # left as it was
+    alone = _measured(tmp_path / "alone", "2026-12-05T21:50:03+00:00", here)
+    alone.with_suffix(".md").unlink()
+    with pytest.raises(SystemExit, match=r"no bench\.md beside it"):
+        stamp_cpu.stamp_cpu(alone, here, booted, "")
+    assert provenance.load(alone)[1]["machine"].get("cpu_isa") is None
 
 
 def test_commits_share_a_package_code_id_exactly_when_src_conf_and_pins_are_equal():
