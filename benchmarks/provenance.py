@@ -299,9 +299,12 @@ def cpu_text(prov: Mapping[str, Any]) -> str:
     parts = [p for p in prov.get("merged_from") or [] if p.get("machine")]
     if "cpu_isa" in machine or not parts:
         return cpu_name(machine)
+    seeds: dict[str, list] = {}  # CPU -> its seeds, files of one CPU together
+    for p in parts:
+        seeds.setdefault(cpu_name(p["machine"]), []).extend(p["seeds"])
     return "CPUs differ: " + "; ".join(
-        f"{cpu_name(p['machine'])} (seed{'s' if len(p['seeds']) > 1 else ''} "
-        f"{', '.join(map(str, p['seeds']))})" for p in parts)  # fmt: skip
+        f"{cpu} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
+        for cpu, s in seeds.items())  # fmt: skip
 
 
 def stamp(prov: Mapping[str, Any]) -> str:

@@ -1045,8 +1045,9 @@ def test_a_stamp_names_the_cpu_and_each_seed_files_cpu_where_they_differ():
     )
     assert provenance.stamp({"runs": [run], "machine": old}).endswith("AMD EPYC with AVX2")
     merged = {"runs": [run], "machine": {"cpu_count": 2},
-              "merged_from": [{"seeds": [0, 1], "machine": old},
-                              {"seeds": [2, 3, 4], "machine": epyc}]}  # fmt: skip
+              "merged_from": [{"seeds": [0], "machine": old}, {"seeds": [1], "machine": old},
+                              {"seeds": [2, 3], "machine": epyc},
+                              {"seeds": [4], "machine": epyc}]}  # fmt: skip
     assert provenance.stamp(merged).endswith(
         "2 cores, CPUs differ: AMD EPYC with AVX2 (seeds 0, 1); "
         "AMD EPYC with AVX-512 (seeds 2, 3, 4)")  # fmt: skip
