@@ -424,6 +424,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "results-index": render_index,
     "memory-estimate": rendered("memory_estimate"),
     "code-versions": render_code_versions,
+    "embeddings": rendered("embeddings"),
 }
 
 # tables read from git history, left unchecked and unrendered in a clone without it
@@ -450,6 +451,7 @@ TARGETS: dict[str, Path] = {
     "results-index": DOCS / "benchmarks.md",
     "memory-estimate": DOCS / "preflight-health.md",
     "code-versions": DOCS / "benchmarks.md",
+    "embeddings": DOCS / "embeddings.md",
 }
 
 

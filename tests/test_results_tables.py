@@ -960,34 +960,54 @@ def test_seeds_of_several_sessions_join_into_the_published_table(tmp_path, stem)
     assert [m["seeds"] for m in fields["merged_from"]] == [[3, 4], [0, 1, 2]]
 
 
-def test_the_embeddings_seeds_measured_so_far_join_into_one_table():
-    """The per-seed embeddings files of ``results/pending`` (a table not yet whole) join,
-    and the joined table pairs every student with its baseline at each seed."""
+JOINED = sorted(
+    path.stem
+    for path in tables.RESULTS.glob("*.json")
+    if "merged_from" in (provenance.load(path)[1] or {})
+)
+
+
+def test_the_published_tables_joined_from_several_sessions_are_named():
+    # the tables joined by merge_seeds.py; a new one joins this list by itself
+    assert {"arith", "arith_variants", "inherited", "embeddings"} <= set(JOINED)
+
+
+@pytest.mark.parametrize("stem", JOINED)
+def test_a_joined_table_is_the_join_of_the_files_it_names(stem):
+    """Joining the per-seed files a published table's ``merged_from`` names again gives
+    its numbers, its run records and its stamp's CPUs (each file's own, with its seeds):
+    a number edited by hand, a seed file replaced or a CPU misattributed fails here."""
     import merge_seeds
 
-    files = sorted((tables.RESULTS / "pending").glob("embeddings_6b2f659_seed*.json"))
-    assert len(files) >= 2
-    results, fields = merge_seeds.merge("embeddings", files)
-    seeds = [r["seed"] for r in results]
-    assert seeds == sorted(seeds) and len(set(seeds)) == len(files)
-    assert embeddings.students_in(results) == list(embeddings.STUDENTS)
-    text = tables.body("embeddings", results)
-    listed = ", ".join(map(str, seeds))
-    for name in ("teacher", *embeddings.STUDENTS):
-        assert f"| `{name}` |" in text and f"| {listed} |" in text
-    for a, b in embeddings.PAIRS:
-        assert text.count(f"| `{a}` - `{b}` | ") == 2  # cosine and neighbour agreement
+    published, prov = provenance.load(tables.RESULTS / f"{stem}.json")
+    files = [ROOT / m["file"] for m in prov["merged_from"]]
+    results, fields = merge_seeds.merge(stem, files)
+    assert results == published
+    assert tables.body(stem, results) == tables.body(stem, published)
+    assert sorted(map(json.dumps, fields["runs"])) == sorted(map(json.dumps, prov["runs"]))
+    assert [m["seeds"] for m in fields["merged_from"]] == [m["seeds"] for m in prov["merged_from"]]
     cpus = {}  # each file's own recorded CPU -> its seeds
     for path in files:
         part_results, part = provenance.load(path)
         cpus.setdefault(provenance.cpu_name(part["machine"]), []).extend(
-            sorted({r["seed"] for r in part_results}))
-    if len(cpus) == 1:
-        assert provenance.cpu_text(dict(fields, runs=[])) == next(iter(cpus))
-    else:
-        assert provenance.cpu_text(dict(fields, runs=[])) == "CPUs differ: " + "; ".join(
-            f"{cpu} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
-            for cpu, s in cpus.items())  # fmt: skip
+            sorted({r["seed"] for r in part_results}))  # fmt: skip
+    expected = next(iter(cpus)) if len(cpus) == 1 else "CPUs differ: " + "; ".join(
+        f"{cpu} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
+        for cpu, s in cpus.items())  # fmt: skip
+    assert provenance.cpu_text(dict(prov, runs=[])) == expected
+
+
+def test_the_embeddings_table_pairs_every_student_with_its_baseline_at_each_seed():
+    results, _ = provenance.load(tables.RESULTS / "embeddings.json")
+    seeds = [r["seed"] for r in results]
+    assert seeds == [0, 1, 2, 3, 4]
+    assert embeddings.students_in(results) == list(embeddings.STUDENTS)
+    text = tables.body("embeddings", results)
+    for name in ("teacher", *embeddings.STUDENTS):
+        assert f"| `{name}` | " in text
+    for a, b in embeddings.PAIRS:
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{a}` - `{b}` | ")]
+        assert len(rows) == 2 and all("| 0, 1, 2, 3, 4 |" in row for row in rows)
 
 
 def _rewrite(path: Path, edit) -> None:
