@@ -148,9 +148,6 @@ def text_teacher_ckpt(tmp_path_factory, data_dir, tokenizer_dir):
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if str(item.fspath).endswith(".ipynb"):
-            item.add_marker(pytest.mark.slow)  # notebooks run whole pipelines
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
