@@ -2,7 +2,8 @@
 
 Every child a test starts goes through :func:`start` (or :func:`run`, which waits for it):
 it runs in a process group of its own (``start_new_session``), so ending it ends what it
-started too (a DDP run's second rank, data-loader workers). :func:`stop` ends a group:
+started too (a DDP run's second rank, data-loader workers); a group a library starts (a
+Jupyter kernel) is recorded by :func:`adopt`. :func:`stop` ends a group:
 SIGTERM, then SIGKILL after a grace period. The ``ended_processes`` fixture in
 ``conftest.py`` stops every group a test left running, whatever the test's outcome, and the
 session fails if a process started under it is still alive at its end
@@ -34,6 +35,12 @@ def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
     GROUPS.add(proc.pid)  # a new session's group id is its leader's pid
     return proc
+
+
+def adopt(pgid: int) -> None:
+    """Record a process group a library started in a session of its own (a Jupyter
+    kernel, ``tests/test_notebooks.py``), so that it is ended like one :func:`start` made."""
+    GROUPS.add(pgid)
 
 
 def group_alive(pgid: int) -> bool:

@@ -4,9 +4,12 @@ The kernel is reached over IPC (unix sockets named after a connection file in th
 test's own directory), not TCP. Over TCP the kernel manager picks five free ports and
 the kernel binds them a second or two later, once it has started; with two test workers
 another process (a gloo group, the other worker's kernel client) can take one of them in
-between, and the kernel dies on ``Address already in use``: CI saw it as "Kernel didn't
-respond in 60 seconds". Socket paths of one test's directory cannot be taken by another.
-nbclient shuts the kernel down when the notebook ends, whatever its outcome.
+between. CI saw a kernel fail in that bind (its message cut from the log, most likely
+``Address already in use``) as "Kernel didn't respond in 60 seconds". Socket paths of
+one test's directory cannot be taken by another. nbclient shuts the kernel down when the
+notebook ends, whatever its outcome; the kernel's process group (jupyter_client starts it
+in a session of its own) is also adopted by ``tests/processes.py``, which ends it with
+the test if anything leaves it running.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import nbformat
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
+
+import processes
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300  # a cell that runs longer fails the test
@@ -38,6 +43,7 @@ def test_the_notebooks_are_found():
 def test_the_kernel_listens_on_unix_sockets_not_tcp_ports(tmp_path):
     async def run_one_cell(km: AsyncKernelManager) -> list[str]:
         await km.start_kernel(cwd=str(tmp_path))
+        processes.adopt(km.provisioner.pgid)
         try:
             info = km.get_connection_info()
             assert info["transport"] == "ipc" and info["ip"].startswith(str(tmp_path))
@@ -64,7 +70,8 @@ def test_the_kernel_listens_on_unix_sockets_not_tcp_ports(tmp_path):
 def test_the_notebook_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     km = kernel_manager(tmp_path, nb.metadata.kernelspec.name)
-    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=STARTUP_TIMEOUT_S)
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=STARTUP_TIMEOUT_S,
+                            on_notebook_start=lambda **_: processes.adopt(km.provisioner.pgid))  # fmt: skip
     # raises CellExecutionError naming the cell; cleanup_kc: the kernel is shut down and
     # its channels closed however the notebook ends (nbclient leaves a kernel it did not
     # start running otherwise)
